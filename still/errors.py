@@ -1,0 +1,18 @@
+"""The one exception type for user mistakes.
+
+Anything the user can fix (a recipe key, a data row, a path, an incompatible pair of models)
+raises `StillError`. The CLI prints it as one line plus an optional hint and exits 2; every
+other exception is a bug and keeps its traceback.
+"""
+
+
+class StillError(Exception):
+    """A user-fixable problem: `message` says what is wrong, `hint` how to fix it."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
