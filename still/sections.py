@@ -1,0 +1,273 @@
+"""The typed sections of a recipe. Every field documents itself (`still schema` prints them).
+
+`extra="forbid"` everywhere: an unknown key is an error with a did-you-mean, never ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- model
+class ModelSection(Section):
+    ref: str = Field(
+        description="Model reference: hub id, local HF dir, .gguf file, run dir, or builtin:NAME "
+        "(see `still models`)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = bf16 on a GPU that supports it, else fp32."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model. Off unless you trust it."
+    )
+    allow_pickle: bool = Field(
+        False, description="Allow pickled (.bin/.pt) weights; safetensors only by default."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; default lets transformers choose (sdpa)."
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank: higher = more capacity and memory.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="'all-linear' or module names, e.g. [q_proj, v_proj]."
+    )
+    rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) (rsLoRA).")
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained fully and saved with the adapter."
+    )
+
+
+# --------------------------------------------------------------------------- data
+class DataSource(Section):
+    path: str | None = Field(
+        None, description="Local file or glob (.jsonl/.json/.csv/.parquet), relative to the YAML."
+    )
+    hf: str | None = Field(None, description="A Hugging Face datasets id (online users).")
+    subset: str | None = Field(None, description="Dataset config name for `hf`.")
+    split: str = Field("train", description="Split to read for `hf` datasets.")
+    format: Literal["chat", "instruction", "completion"] | None = Field(
+        None,
+        description="chat (messages), instruction (prompt/response), completion (raw text). "
+        "Eval sources default to the train source's format and fields.",
+    )
+    messages: str | None = Field(None, description="chat: field with the message list.")
+    prompt: str | None = Field(None, description="instruction: field with the prompt.")
+    input: str | None = Field(None, description="instruction: optional alpaca-style input field.")
+    response: str | None = Field(None, description="instruction: field with the response.")
+    system: str | None = Field(None, description="instruction: optional per-row system field.")
+    text: str | None = Field(None, description="completion: field with the text.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of 'path' (local files) or 'hf' (a dataset id)")
+        return self
+
+
+FORMAT_FIELDS = {
+    "chat": {"messages": "messages"},
+    "instruction": {"prompt": "prompt", "response": "response"},
+    "completion": {"text": "text"},
+}
+
+
+class DataSection(Section):
+    train: DataSource = Field(description="Training data.")
+    eval: DataSource | None = Field(None, description="Held-out data for the periodic eval loss.")
+    max_len: int = Field(512, ge=8, description="Max tokens per example.")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with examples longer than max_len."
+    )
+    packing: bool = Field(
+        True,
+        description="Padding-free batches: a step's examples are flattened into one row with a "
+        "block-diagonal causal mask, so no pad tokens are computed and no example attends to "
+        "another. Off: plain right padding.",
+    )
+    train_on: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant",
+        description="Which tokens carry loss: every assistant turn, only the last one, or all.",
+    )
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template to use instead of the tokenizer's."
+    )
+    system_prompt: str | None = Field(None, description="System message added to every example.")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="error: stop at the first bad row; skip: drop bad rows and report."
+    )
+    num_proc: int | None = Field(None, ge=1, description="Processes for tokenisation.")
+
+    @model_validator(mode="after")
+    def _defaults(self):
+        train = self.train
+        if train.format is None:
+            train.format = "chat"
+        for name, default in FORMAT_FIELDS[train.format].items():
+            if getattr(train, name) is None:
+                setattr(train, name, default)
+        if self.eval is not None:
+            for name in ("format", "messages", "prompt", "input", "response", "system", "text"):
+                if getattr(self.eval, name) is None:
+                    setattr(self.eval, name, getattr(train, name))
+        return self
+
+
+# --------------------------------------------------------------------------- training
+class TrainSection(Section):
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, description="Examples per device per micro-step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is unset.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps for LR warmup.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit"] = (
+        "adamw_torch"
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
+    seed: int = Field(0, description="Seed for init, data order and dropout.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = False
+    eval_steps: int | None = Field(None, ge=1, description="Eval loss every N steps (and at end).")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    logging_steps: int = Field(1, ge=1)
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="Stop after this many non-finite losses in a row."
+    )
+
+
+class WandbSection(Section):
+    project: str = Field("still", description="W&B project.")
+    entity: str | None = None
+    group: str | None = Field(None, description="Run group; default: the recipe's directory.")
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online if an API key is set, else offline."
+    )
+
+
+class TrackSection(Section):
+    wandb: WandbSection | None = Field(None, description="Weights & Biases tracking.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
+
+
+# --------------------------------------------------------------------------- distillation
+class StudentInit(Section):
+    from_: Literal["teacher"] = Field("teacher", alias="from", description="Carve from the teacher.")
+    keep_layers: list[int] | None = Field(
+        None, description="Exact decoder layer indices to keep (0-based)."
+    )
+    keep_ratio: float | None = Field(
+        None, gt=0, le=1, description="Share of layers to keep when keep_layers is not given."
+    )
+    strategy: Literal["uniform", "importance"] = Field(
+        "uniform",
+        description="uniform: every k-th layer, first and last kept; importance: drop the layers "
+        "whose output is most similar to their input on a calibration sample.",
+    )
+    calibration_samples: int = Field(32, ge=1, description="Examples for importance scores.")
+
+    @model_validator(mode="after")
+    def _some_layers(self):
+        if self.keep_layers is None and self.keep_ratio is None:
+            raise ValueError("give keep_layers (a list of indices) or keep_ratio (e.g. 0.5)")
+        return self
+
+
+class StudentSection(ModelSection):
+    ref: str | None = Field(None, description="A smaller model with the teacher's tokenizer.")
+    init: StudentInit | None = Field(None, description="Carve the student out of the teacher.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.ref is None) == (self.init is None):
+            raise ValueError("give exactly one of 'ref' (a model) or 'init' (carve from teacher)")
+        return self
+
+
+class DistillSection(Section):
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = Field(
+        "forward_kl", description="Divergence between teacher and student token distributions."
+    )
+    temperature: float = Field(1.0, gt=0, description="Both logits are divided by T; KD × T².")
+    beta: float = Field(0.5, ge=0, le=1, description="jsd: 0 = forward KL, 1 = reverse KL.")
+    alpha: float = Field(0.1, ge=0, le=1, description="skew_kl: teacher share in the mixture.")
+    kd_weight: float = Field(1.0, ge=0, description="Weight of the KD term.")
+    ce_weight: float = Field(0.0, ge=0, description="Weight of hard-label cross entropy.")
+    chunk_size: int = Field(1024, ge=1, description="Tokens per chunk in the fused KD loss.")
+
+    @model_validator(mode="after")
+    def _some_loss(self):
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight are both 0: nothing to train on")
+        return self
+
+
+# --------------------------------------------------------------------------- recipes
+class RecipeBase(Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Run name: the run dir is output_dir/name.",
+    )
+    output_dir: str = Field("runs", description="Parent of the run dir (relative to the cwd).")
+    track: TrackSection = Field(default_factory=TrackSection)
+    _source: str | None = PrivateAttr(None)
+
+
+class FinetuneRecipe(RecipeBase):
+    kind: Literal["finetune"]
+    model: ModelSection
+    method: Literal["lora", "dora", "qlora", "full"] = Field(
+        "lora", description="lora / dora / qlora (4-bit base, GPU only) / full fine-tuning."
+    )
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
+
+
+class DistillRecipe(RecipeBase):
+    kind: Literal["distill"]
+    teacher: ModelSection
+    student: StudentSection
+    method: Literal["full", "lora"] = Field("full", description="Train the student fully or LoRA.")
+    lora: LoraSection = Field(default_factory=LoraSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
+
+
+class EvalRecipe(RecipeBase):
+    kind: Literal["eval"]
+    models: list[str] = Field(min_length=1, description="Model references or run dirs to score.")
+    tasks: list[str] = Field(min_length=1, description="Task YAML files.")
+    batch_size: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1, description="Score only the first N rows of each task.")
+    reference: str | None = Field(None, description="Model the comparison is made against.")
+    teacher: str | None = Field(None, description="Teacher, for teacher-retention %.")
+
+
+Recipe = FinetuneRecipe | DistillRecipe | EvalRecipe
+RECIPE_KINDS: dict[str, type[Section]] = {
+    "finetune": FinetuneRecipe,
+    "distill": DistillRecipe,
+    "eval": EvalRecipe,
+}
