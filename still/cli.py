@@ -1,0 +1,182 @@
+"""`still` command line. User mistakes print one line and exit 2; bugs keep their traceback.
+
+Heavy imports (torch, transformers) happen inside the verbs, so `still validate` and
+`still schema` answer instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from still.errors import StillError
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_validate(args) -> int:
+    from still import recipe as recipe_module
+
+    recipe = recipe_module.load(args.recipe, args.overrides)
+    print(recipe_module.to_yaml(recipe), end="")
+    return 0
+
+
+def _cmd_schema(args) -> int:
+    from still.recipe import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from still.models import cache_dir, describe_builtins
+
+    for row in describe_builtins():
+        state = f"installed {row['installed']}" if row["installed"] else f"not installed: {row['install']}"
+        cached = f"converted: {row['cached']}" if row["cached"] else "not converted yet"
+        print(f"{row['ref']:32} {row['description']}\n{'':32} {state}; {cached}; license {row['license']}")
+    print(f"cache: {cache_dir()}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from still import recipe as recipe_module
+    from still.rundir import open_run_dir
+
+    recipe = recipe_module.load(args.recipe, args.overrides)
+    if recipe.kind == "eval":
+        from eval.run import run_eval_recipe
+
+        return run_eval_recipe(recipe, force=args.force)
+    with open_run_dir(recipe, resume=args.resume, force=args.force) as run_dir:
+        if recipe.kind == "finetune":
+            from finetune.sft import run
+        else:
+            from distill.kd import run
+        run(recipe, run_dir, resume=args.resume)
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from still import recipe as recipe_module
+    from still.preflight import check
+
+    recipe = recipe_module.load(args.recipe, args.overrides)
+    if recipe.kind == "eval":
+        raise StillError("`still check` inspects finetune and distill recipes; this one is kind: eval")
+    check(recipe)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from eval.run import run_eval_cli
+
+    return run_eval_cli(args)
+
+
+def _cmd_compare(args) -> int:
+    from eval.compare import compare
+
+    out = Path(args.out) if args.out else Path(args.inputs[0]).parent
+    compare(
+        [Path(p) for p in args.inputs], reference=args.reference, teacher=args.teacher, out_dir=out
+    )
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from still.merge import merge_run
+
+    merge_run(args.run, Path(args.out), force=args.force)
+    return 0
+
+
+def _not_built(verb: str, issue: str):
+    def handler(args) -> int:
+        raise StillError(f"`still {verb}` is not built yet", hint=f"tracked in the {issue} issue")
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="still", description="Fine-tune, distill, evaluate and publish small domain models."
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def with_recipe(name: str, help_text: str):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("recipe", help="recipe YAML")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
+        return p
+
+    p = with_recipe("run", "run a recipe (finetune, distill or eval)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--force", action="store_true", help="delete an existing run dir first")
+    p.set_defaults(handler=_cmd_run)
+    with_recipe("validate", "resolve a recipe (extends, overrides) and print it").set_defaults(
+        handler=_cmd_validate
+    )
+    with_recipe("check", "preflight: data, loss mask, parameters, memory and time").set_defaults(
+        handler=_cmd_check
+    )
+
+    p = sub.add_parser("eval", help="score models on task YAMLs")
+    p.add_argument("recipe", nargs="?", help="an eval recipe (or use --model/--task)")
+    p.add_argument("--model", action="append", default=[], help="model reference (repeatable)")
+    p.add_argument("--task", action="append", default=[], help="task YAML (repeatable)")
+    p.add_argument("--limit", type=int, help="score only the first N rows of each task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", help="results dir (default: the run dir's eval/, or runs/eval/...)")
+    p.add_argument("--force", action="store_true", help="ignore cached results")
+    p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("compare", help="compare eval results of several runs side by side")
+    p.add_argument("inputs", nargs="+", help="run dirs or eval result dirs")
+    p.add_argument("--reference", help="name of the model differences are taken against")
+    p.add_argument("--teacher", help="name of the teacher, for retention %%")
+    p.add_argument("--out", help="where compare.md and compare.png go")
+    p.set_defaults(handler=_cmd_compare)
+
+    p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model")
+    p.add_argument("run", help="run dir with an adapter/")
+    p.add_argument("--out", required=True, help="output dir for the merged model")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.set_defaults(handler=_cmd_merge)
+
+    sub.add_parser("publish", help="merge, card, GGUF, hub (not built yet)").set_defaults(
+        handler=_not_built("publish", "publishing")
+    )
+    sub.add_parser("cache", help="teacher logit cache (not built yet)").set_defaults(
+        handler=_not_built("cache", "teacher cache")
+    )
+    sub.add_parser("schema", help="print the recipe JSON schema").set_defaults(handler=_cmd_schema)
+    sub.add_parser("models", help="list built-in models and the conversion cache").set_defaults(
+        handler=_cmd_models
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # `still publish ...` with arguments must still reach the one-line "not built" message.
+    known_verbs = {"publish", "cache"}
+    if argv and argv[0] in known_verbs:
+        argv = argv[:1]
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except StillError as exc:
+        print(f"still: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("still: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
