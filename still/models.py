@@ -157,9 +157,8 @@ def _resolve_dir(ref: str, path: Path) -> ResolvedModel:
         base = json.loads(lineage.read_text()).get("base")
         if not base:
             raise StillError(f"run dir {ref}: lineage.json does not name its base model")
-        base_resolved = resolve(base)
         adapter_dir = path / "adapter"
-        return ResolvedModel(ref, "run", base_resolved.weights, adapter_dir, str(adapter_dir))
+        return ResolvedModel(ref, "run", resolve(base).weights, adapter_dir, _tokenizer_in(adapter_dir))
     if lineage.exists():
         raise StillError(
             f"run dir {ref} holds no finished model (no model/ or adapter/)",
@@ -170,14 +169,17 @@ def _resolve_dir(ref: str, path: Path) -> ResolvedModel:
         base = config.get("base_model_name_or_path")
         if not base:
             raise StillError(f"adapter {ref}: adapter_config.json has no base_model_name_or_path")
-        base_resolved = resolve(base)
-        tokenizer = str(path) if (path / "tokenizer_config.json").exists() else None
-        return ResolvedModel(ref, "adapter", base_resolved.weights, path, tokenizer)
+        return ResolvedModel(ref, "adapter", resolve(base).weights, path, _tokenizer_in(path))
     if (path / "config.json").exists():
         return ResolvedModel(ref, "dir", str(path))
     raise StillError(
         f"{ref} is a directory but not a model: no config.json, adapter_config.json or run files"
     )
+
+
+def _tokenizer_in(adapter_dir: Path) -> str | None:
+    """Training saves the tokenizer next to the adapter; otherwise the base's is used."""
+    return str(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else None
 
 
 def _resolve_hub(ref: str) -> ResolvedModel:
