@@ -1,0 +1,32 @@
+# Every target creates .venv itself (scripts/setup.sh) on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test test-all bench setup clean
+
+setup:
+	bash scripts/setup.sh dev
+
+# The quickstart on the built-in SmolLM2, offline: fine-tune a LoRA teacher on the bundled
+# Python-docs domain (and, as they land, eval / distill / compare / publish).
+demo:
+	bash scripts/setup.sh dev
+	bash scripts/quickstart.sh
+
+# The default suite: fast tests, plus one run of the real built-in SmolLM2 for a few steps.
+test:
+	bash scripts/setup.sh dev
+	$(PY) -m pytest -q
+
+# Everything, including tests marked slow.
+test-all:
+	bash scripts/setup.sh dev
+	$(PY) -m pytest -q -m "not gpu"
+
+bench:
+	bash scripts/setup.sh dev,bench
+	$(PY) benchmarks/kd_memory.py
+	$(PY) benchmarks/eval_vs_lm_eval.py
+
+clean:
+	rm -rf $(VENV) runs
