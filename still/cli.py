@@ -167,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     known_verbs = {"publish", "cache"}
     if argv and argv[0] in known_verbs:
         argv = argv[:1]
-    args = parser.parse_args(argv)
+    # Overrides may come after flags too (`still run r.yaml --force train.lr=1e-4`).
+    args, extras = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [e for e in extras if "=" in e and not e.startswith("-")]
+        extras = [e for e in extras if e not in args.overrides]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return args.handler(args)
     except StillError as exc:

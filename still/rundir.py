@@ -67,6 +67,22 @@ def _has_saved_state(run_dir: Path) -> bool:
     )
 
 
+def absolute_ref(ref: str) -> str:
+    """A model reference that still resolves when read from another directory."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
+def run_group(recipe: Recipe) -> str:
+    """Runs of one pipeline (e.g. recipes/quickstart/*) share a tracking group."""
+    source = getattr(recipe, "_source", None)
+    return Path(source).parent.name if source else recipe.name
+
+
+def format_summary(summary: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:

@@ -76,6 +76,9 @@ def build_tiny_llama(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        # With the default 0.02 the tied output layer gives near-uniform logits that a LoRA
+        # (which cannot touch embeddings) is unable to sharpen; 0.2 gives logits of std ~1.
+        initializer_range=0.2,
     )
     return LlamaForCausalLM(config)
 

@@ -1,0 +1,210 @@
+"""Supervised fine-tuning: LoRA / DoRA / rsLoRA / QLoRA / full, on HF Trainer + PEFT.
+
+Reads top to bottom: config → setup (tokenizer, data, preflight, model) → train → save.
+The loss is the model's own token-level cross entropy over the label mask that
+`still.data` built; Trainer normalises it by the number of loss tokens across accumulation
+steps and processes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
+
+from still import data as data_module
+from still import models
+from still.errors import StillError
+from still.preflight import print_report
+from still.checkpoint import resume_checkpoint
+from still.rundir import absolute_ref, format_summary, run_group, write_lineage
+from still.sections import DataSection, FinetuneRecipe, LoraSection, TrainSection
+from still.tracking import MetricsJsonl, report_to
+
+
+# --------------------------------------------------------------------------- config
+def precision_flags(train: TrainSection) -> dict:
+    """bf16 on a GPU that supports it, fp32 on CPU, unless the recipe says otherwise."""
+    precision = train.precision
+    on_gpu = torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if precision in ("bf16", "fp16") and not on_gpu:
+        raise StillError(
+            f"train.precision: {precision} needs a GPU; this machine has none",
+            hint="use precision: auto (fp32 on CPU)",
+        )
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def training_arguments(
+    recipe, run_dir: Path, *, has_eval: bool, total_steps: int, report: list[str]
+) -> TrainingArguments:
+    train = recipe.train
+    # Fractions below 1 are read by Trainer as a share of the total steps.
+    save_steps = train.save_steps or 0.25
+    eval_steps = train.eval_steps
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        max_steps=train.max_steps or -1,
+        num_train_epochs=train.epochs,
+        warmup_steps=math.ceil(train.warmup_ratio * total_steps),
+        lr_scheduler_type=train.scheduler,
+        optim=train.optimizer,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        data_seed=train.seed,
+        gradient_checkpointing=train.gradient_checkpointing,
+        eval_strategy="steps" if (has_eval and eval_steps) else "no",
+        eval_steps=eval_steps,
+        eval_on_start=has_eval,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=train.save_total_limit,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        # Packed batches hold no padding, and their attention_mask is an additive 4-D float
+        # mask that Trainer's "non_padding" count would sum; count every input token there.
+        include_num_input_tokens_seen="all" if recipe.data.packing else "non_padding",
+        report_to=report,
+        run_name=recipe.name,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        **precision_flags(train),
+    )
+
+
+def planned_steps(recipe, n_train: int) -> int:
+    """Optimizer steps for this run (per process world of one; Trainer recounts under DDP)."""
+    train = recipe.train
+    if train.max_steps:
+        return train.max_steps
+    per_step = train.batch_size * train.grad_accum
+    return max(1, math.ceil(train.epochs * math.ceil(n_train / per_step)))
+
+
+# --------------------------------------------------------------------------- setup
+def lora_config(lora: LoraSection, method: str):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target,
+        use_rslora=lora.rslora,
+        use_dora=lora.dora or method == "dora",
+        modules_to_save=lora.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def quantization_config(method: str):
+    if method != "qlora":
+        return None
+    if not torch.cuda.is_available():
+        raise StillError(
+            "method: qlora needs a CUDA GPU (bitsandbytes 4-bit); this machine has none",
+            hint="use method: lora on CPU",
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def build_model(recipe: FinetuneRecipe):
+    """The base model with a fresh trainable adapter (or all weights trainable for `full`)."""
+    spec = recipe.model
+    model, _ = models.load_model(
+        spec.ref,
+        dtype=spec.dtype,
+        trust_remote_code=spec.trust_remote_code,
+        allow_pickle=spec.allow_pickle,
+        attn_implementation=spec.attn_implementation,
+        revision=spec.revision,
+        quantization_config=quantization_config(recipe.method),
+        trainable_adapter=True,
+    )
+    if recipe.method == "full":
+        if hasattr(model, "peft_config"):
+            raise StillError("method: full cannot train on top of an adapter", hint="merge it first: `still merge`")
+        return model
+    if hasattr(model, "peft_config"):
+        # A run dir with an adapter as the base: keep training that adapter.
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if recipe.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing
+        )
+    return get_peft_model(model, lora_config(recipe.lora, recipe.method))
+
+
+def collator_for(data: DataSection, tokenizer, attn_implementation: str | None):
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if not data.packing:
+        return data_module.PaddedCollator(pad_id)
+    # flash-attention varlen isolates packed examples from position_ids alone; sdpa/eager
+    # need the block-diagonal mask (see DESIGN.md, measured traps).
+    attention = "position_ids" if attn_implementation == "flash_attention_2" else "block_mask"
+    return data_module.PackedCollator(pad_id, attention=attention)
+
+
+# --------------------------------------------------------------------------- train + save
+def run(recipe: FinetuneRecipe, run_dir: Path, *, resume: bool = False) -> dict:
+    tokenizer = models.load_tokenizer(recipe.model.ref, trust_remote_code=recipe.model.trust_remote_code)
+    train_data = data_module.prepare(recipe.data, tokenizer, split="train")
+    eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
+    # Trainer seeds only when it is created; the adapter's random init happens before that.
+    set_seed(recipe.train.seed)
+    model = build_model(recipe)
+    if recipe.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    total_steps = planned_steps(recipe, len(train_data.dataset))
+    print_report(recipe, tokenizer, train_data, eval_data, model=model, total_steps=total_steps)
+
+    lineage = write_lineage(run_dir, recipe, base=absolute_ref(recipe.model.ref), method=recipe.method)
+    report = report_to(recipe.track, run_dir=run_dir, group=run_group(recipe), job_type="finetune")
+    args = training_arguments(
+        recipe, run_dir, has_eval=eval_data is not None, total_steps=total_steps, report=report
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_data.dataset,
+        eval_dataset=eval_data.dataset if eval_data else None,
+        data_collator=collator_for(recipe.data, tokenizer, recipe.model.attn_implementation),
+        processing_class=tokenizer,
+        callbacks=[MetricsJsonl(run_dir / "metrics.jsonl")],
+    )
+    checkpoint = resume_checkpoint(run_dir) if resume else None
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    final_eval = trainer.evaluate() if eval_data is not None else {}
+    save_final(trainer, tokenizer, run_dir, full=recipe.method == "full")
+    summary = {"train_loss": result.training_loss, **final_eval, "steps": trainer.state.global_step}
+    if trainer.is_world_process_zero():
+        print(f"still: done: {run_dir} ({format_summary(summary)})")
+    return {"summary": summary, "lineage": lineage}
+
+
+def save_final(trainer: Trainer, tokenizer, run_dir: Path, *, full: bool) -> Path:
+    """The adapter (PEFT format) or the full model, with its tokenizer, in the run dir."""
+    target = run_dir / ("model" if full else "adapter")
+    trainer.save_model(str(target))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(target)
+    return target

@@ -1,0 +1,162 @@
+"""Preflight (`still check`, and the first thing `still run` prints): what the data looks like
+to the model, what will train, and what it will cost — before any step is spent.
+
+The refusals (no token carries loss, every example truncated away) are raised by
+`still.data.prepare`; this module reports and estimates.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import torch
+
+from still import data as data_module
+from still import models
+
+# Achieved share of the measured matmul throughput during training on CPU. Calibrated on the
+# 2-core CI machine with LoRA on SmolLM2-135M (see docs/finetuning.md); a rough guide only.
+CPU_EFFICIENCY = 0.35
+GPU_EFFICIENCY = 0.35
+
+
+def check(recipe) -> None:
+    """`still check`: prepare the data and describe the run without loading any weights."""
+    if recipe.kind == "distill":
+        from distill.kd import preflight as distill_preflight
+
+        distill_preflight(recipe)
+        return
+    tokenizer = models.load_tokenizer(recipe.model.ref, trust_remote_code=recipe.model.trust_remote_code)
+    train = data_module.prepare(recipe.data, tokenizer, split="train")
+    eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
+    model = meta_model(recipe)
+    from finetune.sft import planned_steps
+
+    print_report(recipe, tokenizer, train, eval_data, model=model, total_steps=planned_steps(recipe, len(train.dataset)))
+
+
+def meta_model(recipe):
+    """The model (with its adapter, if any) on the meta device: shapes and counts, no weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    resolved = models.resolve(recipe.model.ref)
+    config = AutoConfig.from_pretrained(resolved.weights, trust_remote_code=recipe.model.trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    model.tie_weights()  # on the meta device ties are not applied by from_config
+    if getattr(recipe, "method", "full") != "full":
+        from peft import get_peft_model
+
+        from finetune.sft import lora_config
+
+        model = get_peft_model(model, lora_config(recipe.lora, recipe.method))
+    return model
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+@lru_cache(maxsize=1)
+def measured_matmul_flops() -> tuple[float, str]:
+    """FLOP/s of a plain fp32 (CPU) or bf16 (GPU) matmul on this machine, measured in ~0.3 s."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    size = 4096 if device == "cuda" else 768
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.3:
+        a @ b
+        reps += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return 2 * size**3 * reps / seconds, name
+
+
+def estimate(recipe, model, train, total_steps: int) -> dict:
+    """Memory per device and time for the configured steps (rough, stated as such)."""
+    total, trainable = parameter_counts(model)
+    config = model.config
+    hidden = getattr(config, "hidden_size", 0)
+    layers = getattr(config, "num_hidden_layers", 0)
+    vocab = getattr(config, "vocab_size", 0)
+    stats = train.stats
+    tokens_per_example = stats.tokens / max(stats.examples, 1)
+    micro_tokens = tokens_per_example * recipe.train.batch_size
+    weight_bytes = 2 if recipe.train.precision in ("bf16", "fp16") else 4
+    # Adam: fp32 gradient + two moments per trainable parameter.
+    memory = {
+        "weights": total * weight_bytes,
+        "grads_optimizer": trainable * 12,
+        # ~34 bytes per token per hidden unit per layer in 16-bit (Korthikanti et al.), ×2 fp32.
+        "activations": micro_tokens * hidden * layers * 34 * (weight_bytes / 2),
+        # logits, their log-softmax and gradient, in fp32.
+        "logits": micro_tokens * vocab * 4 * 3,
+    }
+    flops_per_token = (6 if trainable == total else 4) * total
+    tokens = micro_tokens * recipe.train.grad_accum * total_steps
+    peak, device = measured_matmul_flops()
+    efficiency = GPU_EFFICIENCY if torch.cuda.is_available() else CPU_EFFICIENCY
+    tokens_per_s = peak * efficiency / flops_per_token
+    return {
+        "params": total,
+        "trainable": trainable,
+        "memory": memory,
+        "tokens": tokens,
+        "tokens_per_s": tokens_per_s,
+        "seconds": tokens / tokens_per_s,
+        "device": device,
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def print_report(recipe, tokenizer, train, eval_data, *, model, total_steps: int) -> dict:
+    lines = [f"still check: {recipe.name} ({recipe.kind})"]
+    for label, prepared in (("train", train), ("eval", eval_data)):
+        if prepared is None:
+            continue
+        s = prepared.stats
+        share = 100 * s.loss_tokens / max(s.tokens, 1)
+        lines.append(
+            f"  data {label:5} {s.examples:,} examples from {s.rows:,} rows, {s.tokens:,} tokens "
+            f"({share:.1f}% carry loss); truncated {s.truncated}, dropped {s.dropped_too_long} too "
+            f"long + {s.dropped_no_loss} without loss tokens, bad rows {s.bad_rows}"
+        )
+        for example in s.bad_row_examples[:3]:
+            lines.append(f"             skipped: {example}")
+    lines.append(f"  eos trained: {'yes' if train.stats.eos_trained else 'NO: the model may not learn to stop'}")
+    first = train.dataset[0]
+    rendered = data_module.render_loss_mask(tokenizer, first["input_ids"], first["labels"])
+    lines.append("  example (loss-carrying tokens marked):")
+    lines.extend("    " + line for line in rendered.splitlines())
+    est = estimate(recipe, model, train, total_steps)
+    share = 100 * est["trainable"] / max(est["params"], 1)
+    lines.append(
+        f"  model {est['params'] / 1e6:.1f}M parameters, {est['trainable'] / 1e6:.2f}M trainable "
+        f"({share:.2f}%), method {getattr(recipe, 'method', 'full')}"
+    )
+    mem = est["memory"]
+    lines.append(
+        f"  memory ~{_gib(sum(mem.values()))} GiB per device (weights {_gib(mem['weights'])}, "
+        f"grads+optimizer {_gib(mem['grads_optimizer'])}, activations {_gib(mem['activations'])}, "
+        f"logits {_gib(mem['logits'])}); rough estimate"
+    )
+    lines.append(
+        f"  time ~{est['seconds'] / 60:.1f} min for {total_steps} steps "
+        f"(~{est['tokens']:,.0f} tokens at ~{est['tokens_per_s']:.0f} tokens/s on {est['device']}); "
+        f"rough estimate"
+    )
+    print("\n".join(lines), flush=True)
+    return est

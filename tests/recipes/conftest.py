@@ -1,0 +1,57 @@
+"""Helpers for running whole recipes on the tiny models: data files and recipe YAMLs in tmp."""
+
+import json
+import textwrap
+
+import pytest
+
+QA = [
+    ("What does json.dumps do?", "Serialize obj to a JSON formatted str."),
+    ("What does os.path.join do?", "Join two or more pathname components."),
+    ("What does sorted do?", "Return a new list containing all items in ascending order."),
+    ("What does abs do?", "Return the absolute value of the argument."),
+    ("What does len do?", "Return the number of items in a container."),
+    ("What does min do?", "Return the smallest item of an iterable."),
+    ("What does max do?", "Return the largest item of an iterable."),
+    ("What does repr do?", "Return the canonical string representation of the object."),
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def qa_files(tmp_path):
+    rows = [{"question": q, "answer": a} for q, a in QA]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", rows[:4])
+    return train, val
+
+
+@pytest.fixture
+def finetune_recipe(tmp_path, qa_files, tiny_model_dir):
+    """Write a finetune recipe for the tiny model; keyword args become extra YAML text."""
+
+    def make(name="tiny-ft", extra=""):
+        text = textwrap.dedent(
+            f"""\
+            # Run: still run {name}.yaml
+            kind: finetune
+            name: {name}
+            output_dir: {tmp_path / 'runs'}
+            model: {{ref: "{tiny_model_dir}"}}
+            lora: {{r: 4, alpha: 8, dropout: 0.0}}
+            data:
+              train: {{path: train.jsonl, format: instruction, prompt: question, response: answer}}
+              eval: {{path: val.jsonl}}
+              max_len: 64
+            train: {{lr: 5.0e-3, batch_size: 4, max_steps: 6, save_steps: 2, warmup_ratio: 0.0, seed: 3}}
+            """
+        )
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text + textwrap.dedent(extra))
+        return path
+
+    return make

@@ -1,0 +1,113 @@
+"""The finetune recipe kind, end to end on the tiny model (a few CPU steps each)."""
+
+import json
+
+import pytest
+import torch
+
+from still import cli, models
+from still.tracking import read_metrics
+
+
+def train_losses(run_dir):
+    return {row["step"]: row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row}
+
+
+def test_lora_run_writes_a_complete_run_dir_and_learns(finetune_recipe, tmp_path):
+    recipe = finetune_recipe(extra="")
+    assert cli.main(["run", str(recipe), "train.max_steps=12", "train.lr=2e-2"]) == 0
+    run_dir = tmp_path / "runs" / "tiny-ft"
+    for name in ("recipe.resolved.yaml", "lineage.json", "metrics.jsonl", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/tokenizer_config.json"):
+        assert (run_dir / name).exists(), name
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    assert lineage["base"] and len(lineage["data"][0]["sha256"]) == 64
+    losses = train_losses(run_dir)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    # the same 8 examples every epoch: the loss must fall clearly
+    assert losses[12] < 0.8 * losses[1]
+    evals = [row["eval_loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in row]
+    assert len(evals) >= 2 and evals[-1] < evals[0]  # eval_on_start gives the base model's loss
+
+    model, tokenizer = models.load_model(str(run_dir))
+    assert hasattr(model, "peft_config")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What does abs do?"}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True,
+    )
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_same_seed_same_losses(finetune_recipe, tmp_path):
+    recipe = finetune_recipe()
+    assert cli.main(["run", str(recipe), "train.max_steps=3", "name=a"]) == 0
+    assert cli.main(["run", str(recipe), "train.max_steps=3", "name=b"]) == 0
+    a, b = train_losses(tmp_path / "runs" / "a"), train_losses(tmp_path / "runs" / "b")
+    assert a == b and len(a) == 3
+
+
+def test_resume_continues_from_the_last_checkpoint(finetune_recipe, tmp_path):
+    import shutil
+
+    recipe = finetune_recipe()
+    assert cli.main(["run", str(recipe), "name=straight"]) == 0
+    assert cli.main(["run", str(recipe), "name=cut"]) == 0
+    cut = tmp_path / "runs" / "cut"
+    # pretend the run died after step 4: drop what came later
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(cut / "adapter")
+    rows = [r for r in read_metrics(cut / "metrics.jsonl") if r["step"] <= 4]
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    assert cli.main(["run", str(recipe), "name=cut", "--resume"]) == 0
+    straight, resumed = train_losses(tmp_path / "runs" / "straight"), train_losses(cut)
+    assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-5)
+    assert (cut / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["full", "dora"])
+def test_full_and_dora(finetune_recipe, tmp_path, method):
+    recipe = finetune_recipe()
+    assert cli.main(["run", str(recipe), f"method={method}", "train.max_steps=2", "train.lr=1e-3"]) == 0
+    run_dir = tmp_path / "runs" / "tiny-ft"
+    saved = run_dir / ("model" if method == "full" else "adapter")
+    assert saved.exists()
+    if method == "dora":
+        assert json.loads((saved / "adapter_config.json").read_text())["use_dora"] is True
+    model, _ = models.load_model(str(run_dir))
+    assert model(torch.tensor([[3, 4, 5]])).logits.isfinite().all()
+
+
+def test_padding_instead_of_packing_trains_too(finetune_recipe, tmp_path):
+    recipe = finetune_recipe()
+    assert cli.main(["run", str(recipe), "data.packing=false", "train.max_steps=2"]) == 0
+    assert len(train_losses(tmp_path / "runs" / "tiny-ft")) == 2
+
+
+def test_check_refuses_when_no_token_carries_loss(finetune_recipe, tmp_path, capsys):
+    # max_len 8 cuts every example before its response starts
+    recipe = finetune_recipe()
+    assert cli.main(["check", str(recipe), "data.max_len=8"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("still: error:")]
+    assert len(errors) == 1 and "no loss token" in errors[0] and "Traceback" not in err
+    assert cli.main(["run", str(recipe), "data.max_len=8"]) == 2
+    assert not (tmp_path / "runs" / "tiny-ft").exists()
+
+
+def test_check_reports_without_training(finetune_recipe, tmp_path, capsys):
+    assert cli.main(["check", str(finetune_recipe())]) == 0
+    out = capsys.readouterr().out
+    assert "8 examples" in out and "eos trained: yes" in out and "trainable" in out
+    assert "«Serialize obj to a JSON formatted str.<|im_end|>»" in out or "«" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_qlora_on_cpu_is_a_one_line_error(finetune_recipe, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert cli.main(["run", str(finetune_recipe()), "method=qlora"]) == 2
+    assert "qlora needs a CUDA GPU" in capsys.readouterr().err
