@@ -1,0 +1,330 @@
+"""Distillation losses: divergences between teacher and student next-token distributions.
+
+Pure functions on tensors. With p_T the teacher's and p_S the student's distribution over the
+vocabulary (the last dim), each divergence returns one value per token:
+
+    forward_kl      KL(p_T ‖ p_S)                                covers every teacher mode
+    reverse_kl      KL(p_S ‖ p_T)                                seeks the teacher's main mode
+    jsd(beta)       β·KL(p_T ‖ M) + (1-β)·KL(p_S ‖ M), M = (1-β)·p_S + β·p_T  (TRL's GKD)
+    skew_kl(alpha)  KL(p_T ‖ α·p_T + (1-α)·p_S)                  DistiLLM's skew forward KL
+    tvd             ½·Σ|p_T − p_S|                               bounded in [0, 1]
+
+Temperature: both logits are divided by T before the softmax, so the two models are compared
+at the same softness; the divergence functions return the divergence of those softened
+distributions. The losses (`kd_loss`, `fused_kd_loss`) multiply it by T², as Hinton et al.
+(2015) do: the gradient with respect to the logits shrinks like 1/T² as T grows, so without the
+factor a change of T would silently rescale the KD term against the hard-label cross entropy
+and the learning rate. With it, changing T changes only how soft the target is.
+
+Numerics: log-probabilities come from log_softmax in at least fp32 (bf16/fp16 are upcast, fp64
+is kept). -inf logits (masked vocab entries) are raised to the smallest finite float first, and
+a mixture probability that underflows to 0 to the smallest normal one, so an entry with
+probability 0 adds an exact 0 to every sum instead of 0·(-inf) = NaN, in value and gradient.
+Sums over the vocabulary are batched dot products (einsum), so no elementwise product is stored.
+
+The chunked form (`fused_kd_loss`) starts from hidden states and the two output heads and never
+holds the full [tokens × vocab] logits. It walks the tokens in chunks; for each it builds the
+logits, the loss and the loss's gradient with respect to those logits, folds that gradient
+into the gradients of the student's hidden states and head at once (as Liger's fused linear
+cross-entropy does) and drops the chunk. Backward only scales the stored gradients, so the peak
+is one chunk's logits and their autograd intermediates.
+"""
+
+import difflib
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from still.errors import StillError
+
+DivergenceName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
+Reduction = Literal["mean", "sum"]
+IGNORE_INDEX = -100
+
+
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """log_softmax(logits / T) in at least fp32, finite even where a logit is -inf."""
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    scaled = logits.to(compute_dtype) / temperature  # a fresh copy: safe to change in place
+    # The floor only moves -inf entries, whose probability is 0 either way, so it is done
+    # outside autograd, which would otherwise keep a [tokens × vocab] copy for backward.
+    with torch.no_grad():
+        scaled.clamp_(min=torch.finfo(compute_dtype).min)
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ a·b over the last dim as a batched matmul: the [tokens × vocab] product never exists."""
+    return torch.einsum("...v,...v->...", a, b)
+
+
+def _kl(p_log_probs: Tensor, q_log_probs: Tensor) -> Tensor:
+    """KL(p ‖ q) = Σ p·(log p − log q) over the last dim."""
+    return _dot(p_log_probs.exp(), p_log_probs - q_log_probs)
+
+
+def _mixture_log_probs(a_probs: Tensor, b_probs: Tensor, weight_b: float) -> Tensor:
+    """log((1 − w)·a + w·b), mixed in probability space from probabilities the KL terms need
+    anyway: fewer [tokens × vocab] tensors than logaddexp, and as exact for p ≥ 1e-38."""
+    mixture = torch.lerp(a_probs, b_probs, weight_b)
+    # Where both probabilities underflow, log 0 would give 0·inf = NaN; the floor moves only
+    # entries whose weight in every sum is 0, and lerp keeps nothing for backward to corrupt.
+    with torch.no_grad():
+        mixture.clamp_(min=torch.finfo(mixture.dtype).tiny)
+    return mixture.log()
+
+
+# The divergences on log-probs. The chunked loss calls these on log-probs it builds inline, so
+# full-size logits are dropped before a divergence's own intermediates exist.
+def _jsd(student: Tensor, teacher: Tensor, beta: float) -> Tensor:
+    if beta == 0:
+        return _kl(teacher, student)
+    if beta == 1:
+        return _kl(student, teacher)
+    student_probs, teacher_probs = student.exp(), teacher.exp()
+    mixture = _mixture_log_probs(student_probs, teacher_probs, weight_b=beta)
+    to_teacher = _dot(teacher_probs, teacher - mixture)
+    return beta * to_teacher + (1 - beta) * _dot(student_probs, student - mixture)
+
+
+def _skew_kl(student: Tensor, teacher: Tensor, alpha: float) -> Tensor:
+    if alpha == 0:
+        return _kl(teacher, student)
+    teacher_probs = teacher.exp()
+    mixture = _mixture_log_probs(student.exp(), teacher_probs, weight_b=alpha)
+    return _dot(teacher_probs, teacher - mixture)
+
+
+def _tvd(student: Tensor, teacher: Tensor) -> Tensor:
+    return 0.5 * (teacher.exp() - student.exp()).abs().sum(-1)
+
+
+_ON_LOG_PROBS = {
+    "forward_kl": lambda student, teacher: _kl(teacher, student),
+    "reverse_kl": lambda student, teacher: _kl(student, teacher),
+    "jsd": _jsd,
+    "skew_kl": _skew_kl,
+    "tvd": _tvd,
+}
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p_T ‖ p_S) per token."""
+    return _kl(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature))
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p_S ‖ p_T) per token."""
+    return _kl(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature))
+
+
+def jsd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+        beta: float = 0.5) -> Tensor:
+    """Generalized Jensen-Shannon divergence per token, exactly as TRL's GKD trainer defines it.
+
+    M = (1-β)·p_S + β·p_T and the value is β·KL(p_T ‖ M) + (1-β)·KL(p_S ‖ M). That formula
+    tends to 0 at both ends; like TRL, β=0 is *defined* as forward KL and β=1 as reverse KL.
+    """
+    _check_unit_interval("beta", beta)
+    student = _log_probs(student_logits, temperature)
+    return _jsd(student, _log_probs(teacher_logits, temperature), beta)
+
+
+def skew_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+            alpha: float = 0.1) -> Tensor:
+    """DistiLLM's skew forward KL per token: KL(p_T ‖ α·p_T + (1-α)·p_S); α=0 is forward KL.
+
+    Mixing some teacher into the student keeps the divergence bounded where the student puts
+    almost no mass, which steadies early training.
+    """
+    _check_unit_interval("alpha", alpha)
+    student = _log_probs(student_logits, temperature)
+    return _skew_kl(student, _log_probs(teacher_logits, temperature), alpha)
+
+
+def tvd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Total variation distance per token: ½·Σ|p_T − p_S|, in [0, 1]."""
+    student = _log_probs(student_logits, temperature)
+    return _tvd(student, _log_probs(teacher_logits, temperature))
+
+
+DIVERGENCES = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "skew_kl": skew_kl,
+    "tvd": tvd,
+}
+
+
+def _check_unit_interval(name: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise StillError(f"{name}={value} is outside [0, 1]", hint=f"{name} is a mixing weight")
+
+
+def _divergence_params(divergence: str, temperature: float, beta: float, alpha: float) -> dict:
+    """Validate a divergence and its settings; return the keyword params that divergence takes."""
+    if divergence not in DIVERGENCES:
+        close = difflib.get_close_matches(divergence, DIVERGENCES, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose from {sorted(DIVERGENCES)}"
+        raise StillError(f"unknown divergence '{divergence}'", hint=hint)
+    if not temperature > 0:
+        raise StillError(f"temperature={temperature} must be > 0", hint="1.0 leaves logits as is")
+    _check_unit_interval("beta", beta)
+    _check_unit_interval("alpha", alpha)
+    return {"jsd": {"beta": beta}, "skew_kl": {"alpha": alpha}}.get(divergence, {})
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *,
+            divergence: DivergenceName = "forward_kl", temperature: float = 1.0,
+            beta: float = 0.5, alpha: float = 0.1, reduction: Reduction = "mean") -> Tensor:
+    """T² · divergence, summed or averaged over the tokens where `mask` is True.
+
+    `mask` has the logits' shape without the vocab dim. An all-False mask gives exactly 0 with
+    zero gradients (the mean divides by max(count, 1)). Masked-out positions must still hold
+    finite logits; their values are dropped with `where`, never multiplied by 0.
+    """
+    params = _divergence_params(divergence, temperature, beta, alpha)
+    if reduction not in ("mean", "sum"):
+        raise StillError(f"unknown reduction '{reduction}'", hint="use 'mean' or 'sum'")
+    if mask.shape != student_logits.shape[:-1]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} is not the logits' shape without "
+                         f"the vocab dim, {tuple(student_logits.shape[:-1])}")
+    per_token = DIVERGENCES[divergence](student_logits, teacher_logits, temperature, **params)
+    mask = mask.to(torch.bool)
+    total = torch.where(mask, per_token, 0.0).sum() * temperature**2
+    return total if reduction == "sum" else total / mask.sum().clamp(min=1)
+
+
+class FusedKDLoss(NamedTuple):
+    """Sums over loss-carrying tokens, so callers can normalise by a global token count."""
+
+    loss: Tensor  # kd_weight·kd_sum + ce_weight·ce_sum; differentiable w.r.t. the student only
+    kd_sum: Tensor  # Σ T²·divergence, detached
+    ce_sum: Tensor  # Σ cross entropy of the student against labels at T=1, detached
+    n_tokens: Tensor  # how many labels were not IGNORE_INDEX
+
+
+class _ChunkSettings(NamedTuple):
+    divergence: str
+    params: dict
+    temperature: float
+    kd_weight: float
+    ce_weight: float
+    chunk_size: int
+
+
+def _chunk_loss_and_logit_grad(student_rows, student_weight, student_bias, teacher_rows,
+                               teacher_weight, teacher_bias, labels, settings: _ChunkSettings):
+    """One chunk's KD and CE sums, and the gradient of the weighted loss w.r.t. its logits."""
+    compute_dtype = torch.promote_types(student_rows.dtype, torch.float32)
+    # The head matmul runs in the input dtype, as the model's own lm_head would; only the
+    # chunk's logits are upcast, so a bf16 head is never copied whole into fp32.
+    student_logits = F.linear(student_rows, student_weight, student_bias).to(compute_dtype)
+    student_logits.requires_grad_()
+    with torch.enable_grad():
+        # Cross entropy as logsumexp − label logit keeps nothing [chunk × vocab] for backward
+        # but the logits themselves. It comes first so that backward, which runs in reverse,
+        # frees the divergence's saved tensors before it builds the CE gradient.
+        label_logits = student_logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        ce_sum = (torch.logsumexp(student_logits, dim=-1) - label_logits).sum()
+        # Log-probs built inline: no local name keeps them, or the teacher's logits, alive
+        # once the divergence has saved what its backward needs.
+        per_token = _ON_LOG_PROBS[settings.divergence](
+            _log_probs(student_logits, settings.temperature),
+            _log_probs(F.linear(teacher_rows, teacher_weight, teacher_bias), settings.temperature),
+            **settings.params,
+        )
+        kd_sum = per_token.sum() * settings.temperature**2
+        weighted = settings.kd_weight * kd_sum + settings.ce_weight * ce_sum
+        (grad_logits,) = torch.autograd.grad(weighted, student_logits)
+    return kd_sum.detach(), ce_sum.detach(), grad_logits
+
+
+class _FusedKDFunction(torch.autograd.Function):
+    """Forward computes the loss and its gradients chunk by chunk; backward only rescales them."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden,
+                teacher_weight, teacher_bias, labels, settings: _ChunkSettings):
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        compute_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+        grad_hidden = torch.zeros_like(student_hidden) if want_hidden else None
+        # fp32 accumulators: a bf16 running sum over many chunks would lose the small ones.
+        grad_weight = torch.zeros_like(student_weight, dtype=compute_dtype) if want_weight else None
+        grad_bias = torch.zeros_like(student_bias, dtype=compute_dtype) if want_bias else None
+        kd_total = student_hidden.new_zeros((), dtype=compute_dtype)
+        ce_total = student_hidden.new_zeros((), dtype=compute_dtype)
+        for start in range(0, student_hidden.shape[0], settings.chunk_size):
+            rows = slice(start, start + settings.chunk_size)
+            kd_sum, ce_sum, grad_logits = _chunk_loss_and_logit_grad(
+                student_hidden[rows], student_weight, student_bias, teacher_hidden[rows],
+                teacher_weight, teacher_bias, labels[rows], settings,
+            )
+            kd_total += kd_sum
+            ce_total += ce_sum
+            if want_bias:
+                grad_bias += grad_logits.sum(0)
+            if want_weight:  # straight into the accumulator: no [vocab × hidden] temporary
+                grad_weight.addmm_(grad_logits.T, student_hidden[rows].to(compute_dtype))
+            if want_hidden:
+                grad_hidden[rows] = grad_logits.to(student_weight.dtype) @ student_weight
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.input_dtypes = (student_hidden.dtype, student_weight.dtype,
+                            None if student_bias is None else student_bias.dtype)
+        ctx.mark_non_differentiable(kd_total, ce_total)
+        loss = settings.kd_weight * kd_total + settings.ce_weight * ce_total
+        return loss, kd_total, ce_total
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd_total, _grad_ce_total):
+        grads = [None if grad is None else (grad * grad_loss).to(dtype)
+                 for grad, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)]
+        return *grads, None, None, None, None, None
+
+
+def _shared_vocab(student_rows: int, teacher_rows: int, vocab_size: int | None) -> int:
+    """How many head rows both models score: all of them, or the first `vocab_size`, which
+    drops rows a checkpoint pads its vocab with (they never see a softmax)."""
+    if vocab_size is None and student_rows != teacher_rows:
+        raise StillError(f"student head has {student_rows} vocab rows, teacher head {teacher_rows}",
+                         hint="pass vocab_size= the shared tokenizer's size to drop padded rows")
+    if vocab_size is not None and not 0 < vocab_size <= min(student_rows, teacher_rows):
+        raise StillError(f"vocab_size={vocab_size} does not fit heads of {student_rows} (student) "
+                         f"and {teacher_rows} (teacher) rows", hint="use at most the smaller")
+    return student_rows if vocab_size is None else vocab_size
+
+
+def fused_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_hidden: Tensor,
+                  teacher_head_weight: Tensor, labels: Tensor, *,
+                  divergence: DivergenceName = "forward_kl", temperature: float = 1.0,
+                  beta: float = 0.5, alpha: float = 0.1, ce_weight: float, kd_weight: float,
+                  vocab_size: int | None = None, chunk_size: int = 1024,
+                  student_head_bias: Tensor | None = None,
+                  teacher_head_bias: Tensor | None = None) -> FusedKDLoss:
+    """KD + hard-label CE from hidden states, never materialising the full logits.
+
+    Hidden states are [N, H] (or [..., H], flattened); logits at position i must already be
+    aligned to predict labels[i]. Tokens labelled IGNORE_INDEX (-100) carry no loss of either
+    kind and are dropped before any matmul. Gradients reach the student's hidden states, head
+    weight and bias; the teacher's inputs are constants. Values and gradients equal full logits
+    through `kd_loss(..., reduction="sum")` plus summed cross entropy, weighted.
+    """
+    params = _divergence_params(divergence, temperature, beta, alpha)
+    if chunk_size < 1:
+        raise StillError(f"chunk_size={chunk_size} must be >= 1", hint="1024 is a good default")
+    vocab = _shared_vocab(student_head_weight.shape[0], teacher_head_weight.shape[0], vocab_size)
+    labels = labels.reshape(-1)
+    keep = labels != IGNORE_INDEX
+    student_rows = student_hidden.reshape(-1, student_hidden.shape[-1])[keep]
+    teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[keep].detach()
+    teacher_bias = None if teacher_head_bias is None else teacher_head_bias[:vocab].detach()
+    student_bias = None if student_head_bias is None else student_head_bias[:vocab]
+    settings = _ChunkSettings(divergence, params, temperature, kd_weight, ce_weight, chunk_size)
+    loss, kd_sum, ce_sum = _FusedKDFunction.apply(
+        student_rows, student_head_weight[:vocab], student_bias,
+        teacher_rows, teacher_head_weight[:vocab].detach(), teacher_bias, labels[keep], settings,
+    )
+    return FusedKDLoss(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=keep.sum())
