@@ -1,0 +1,230 @@
+"""Logit distillation: a frozen teacher's token distributions taught to a (smaller) student.
+
+Reads top to bottom: config → setup (teacher, tokenizer check, student, data) → loss → train
+→ save. The loss never materialises [tokens × vocab] logits for the whole batch: both models
+return their final hidden states and `fused_kd_loss` applies each lm_head chunk by chunk.
+Same data pipeline and masks as fine-tuning: KD and CE count only loss-carrying tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import Trainer, set_seed
+
+from distill.losses import fused_kd_loss
+from distill.student import carve_student
+from finetune.sft import collator_for, lora_config, planned_steps, save_final, training_arguments
+from still import data as data_module
+from still import models
+from still.errors import StillError
+from still.preflight import print_report
+from still.checkpoint import resume_checkpoint
+from still.rundir import absolute_ref, format_summary, run_group, write_lineage
+from still.sections import DistillRecipe
+from still.tracking import MetricsJsonl, report_to
+
+
+# --------------------------------------------------------------------------- setup
+def load_teacher(recipe: DistillRecipe):
+    """Frozen, eval mode, adapter merged (fp32 merge is exact enough and makes it faster)."""
+    spec = recipe.teacher
+    teacher, tokenizer = models.load_model(
+        spec.ref,
+        dtype=spec.dtype,
+        trust_remote_code=spec.trust_remote_code,
+        allow_pickle=spec.allow_pickle,
+        attn_implementation=spec.attn_implementation,
+        revision=spec.revision,
+    )
+    if hasattr(teacher, "merge_and_unload"):
+        teacher = teacher.merge_and_unload()
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher, tokenizer
+
+
+def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher, student) -> int:
+    """Logit KD needs one vocabulary. Embedding rows past the tokenizer (padding) are ignored."""
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise StillError(
+            f"teacher and student tokenizers differ ({len(teacher_tokenizer)} vs "
+            f"{len(student_tokenizer)} tokens): logit KD needs one vocabulary",
+            hint="use sequence-level KD (teacher-written data + finetune) for different tokenizers",
+        )
+    vocab = len(teacher_tokenizer)
+    teacher_rows = teacher.get_output_embeddings().weight.shape[0]
+    student_rows = student.get_output_embeddings().weight.shape[0]
+    if min(teacher_rows, student_rows) < vocab:
+        raise StillError(f"an output layer has fewer rows ({min(teacher_rows, student_rows)}) than the tokenizer ({vocab})")
+    if teacher_rows != student_rows:
+        print(f"still: vocab padding differs (teacher {teacher_rows}, student {student_rows} rows); KD uses the {vocab} real tokens")
+    return vocab
+
+
+def build_student(recipe: DistillRecipe, teacher, tokenizer, calibration):
+    """A model reference, or a student carved from the teacher's layers; then LoRA or full."""
+    spec = recipe.student
+    if spec.init is not None:
+        student, report = carve_student(teacher, spec.init, calibration)
+        student_tokenizer = tokenizer
+        print(f"still: {report.summary()}")
+    else:
+        student, student_tokenizer = models.load_model(
+            spec.ref,
+            dtype=spec.dtype,
+            trust_remote_code=spec.trust_remote_code,
+            allow_pickle=spec.allow_pickle,
+            attn_implementation=spec.attn_implementation,
+            revision=spec.revision,
+        )
+        report = None
+    if recipe.method == "lora":
+        from peft import get_peft_model
+
+        student = get_peft_model(student, lora_config(recipe.lora, "lora"))
+    return student, student_tokenizer, report
+
+
+def calibration_batches(recipe: DistillRecipe, train_data):
+    """A few training examples for layer-importance scores (only when they are needed)."""
+    init = recipe.student.init
+    if init is None or init.strategy != "importance":
+        return None
+    count = min(init.calibration_samples, len(train_data.dataset))
+    rows = train_data.dataset.select(range(count))
+    return [{"input_ids": torch.tensor([row["input_ids"]])} for row in rows]
+
+
+# --------------------------------------------------------------------------- loss
+class KDTrainer(Trainer):
+    """Trainer whose loss is KD (+ optional hard-label CE) against a frozen teacher."""
+
+    # compute_loss normalises by the global number of loss tokens itself.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, teacher, distill, vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device)
+        self.distill = distill
+        self.vocab_size = vocab_size
+        self._component_sums = {"kd": 0.0, "ce": 0.0, "tokens": 0.0}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        inputs.pop("length", None)
+        # logits_to_keep=1: the models skip their own full-vocab projection; we do it chunked.
+        student_out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+        with torch.no_grad():
+            teacher_out = self.teacher(**inputs, logits_to_keep=1, output_hidden_states=True)
+        # position i predicts token i + 1
+        student_hidden = student_out.hidden_states[-1][:, :-1].reshape(-1, student_out.hidden_states[-1].shape[-1])
+        teacher_hidden = teacher_out.hidden_states[-1][:, :-1].reshape(-1, teacher_out.hidden_states[-1].shape[-1])
+        target = labels[:, 1:].reshape(-1)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        teacher_head = self.teacher.get_output_embeddings()
+        d = self.distill
+        out = fused_kd_loss(
+            student_hidden,
+            head.weight,
+            teacher_hidden.to(student_hidden.dtype),
+            teacher_head.weight.to(head.weight.dtype),
+            target,
+            divergence=d.loss,
+            temperature=d.temperature,
+            beta=d.beta,
+            alpha=d.alpha,
+            kd_weight=d.kd_weight,
+            ce_weight=d.ce_weight,
+            vocab_size=self.vocab_size,
+            chunk_size=d.chunk_size,
+            student_head_bias=getattr(head, "bias", None),
+            teacher_head_bias=getattr(teacher_head, "bias", None),
+        )
+        if num_items_in_batch is not None:
+            loss = out.loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                # DDP averages gradients over ranks; the divisor above already counts every rank.
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = out.loss / out.n_tokens.clamp(min=1)
+            if model.training:
+                loss = loss / self.current_gradient_accumulation_steps
+        if model.training:
+            self._component_sums["kd"] += float(out.kd_sum)
+            self._component_sums["ce"] += float(out.ce_sum)
+            self._component_sums["tokens"] += float(out.n_tokens)
+        return (loss, student_out) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        sums = self._component_sums
+        if sums["tokens"] and "loss" in logs:
+            logs["kd_loss"] = sums["kd"] / sums["tokens"]
+            logs["ce_loss"] = sums["ce"] / sums["tokens"]
+            self._component_sums = {"kd": 0.0, "ce": 0.0, "tokens": 0.0}
+        super().log(logs, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------- train + save
+def preflight(recipe: DistillRecipe) -> None:
+    """`still check` for distill: data report, the student that would be built, estimates."""
+    teacher, tokenizer = load_teacher(recipe)
+    train_data = data_module.prepare(recipe.data, tokenizer, split="train")
+    eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
+    student, student_tokenizer, _ = build_student(recipe, teacher, tokenizer, calibration_batches(recipe, train_data))
+    shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
+    print_report(recipe, tokenizer, train_data, eval_data, model=student, total_steps=planned_steps(recipe, len(train_data.dataset)))
+
+
+def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
+    # Trainer seeds only when it is created; carving and adapter init happen before that.
+    set_seed(recipe.train.seed)
+    teacher, tokenizer = load_teacher(recipe)
+    train_data = data_module.prepare(recipe.data, tokenizer, split="train")
+    eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
+    student, student_tokenizer, carve = build_student(recipe, teacher, tokenizer, calibration_batches(recipe, train_data))
+    vocab_size = shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
+    if recipe.train.gradient_checkpointing:
+        student.enable_input_require_grads()
+    total_steps = planned_steps(recipe, len(train_data.dataset))
+    print_report(recipe, tokenizer, train_data, eval_data, model=student, total_steps=total_steps)
+
+    lineage = write_lineage(
+        run_dir,
+        recipe,
+        teacher=absolute_ref(recipe.teacher.ref),
+        student=absolute_ref(recipe.student.ref) if recipe.student.ref else None,
+        base=absolute_ref(recipe.student.ref) if recipe.student.ref and recipe.method == "lora" else None,
+        carved=None if carve is None else {"kept_layers": carve.kept_layers, "param_fraction": carve.param_fraction},
+        method=recipe.method,
+    )
+    report = report_to(recipe.track, run_dir=run_dir, group=run_group(recipe), job_type="distill")
+    args = training_arguments(recipe, run_dir, has_eval=eval_data is not None, total_steps=total_steps, report=report)
+    trainer = KDTrainer(
+        model=student,
+        args=args,
+        train_dataset=train_data.dataset,
+        eval_dataset=eval_data.dataset if eval_data else None,
+        data_collator=collator_for(recipe.data, tokenizer, recipe.student.attn_implementation),
+        processing_class=tokenizer,
+        callbacks=[MetricsJsonl(run_dir / "metrics.jsonl")],
+        teacher=teacher,
+        distill=recipe.distill,
+        vocab_size=vocab_size,
+    )
+    checkpoint = resume_checkpoint(run_dir) if resume else None
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    final_eval = trainer.evaluate() if eval_data is not None else {}
+    # A carved student has no saved base for an adapter to point at: save it merged.
+    if recipe.method == "lora" and carve is not None:
+        trainer.model = trainer.model.merge_and_unload()
+    save_final(trainer, tokenizer, run_dir, full=recipe.method == "full" or carve is not None)
+    summary = {"train_loss": result.training_loss, **final_eval, "steps": trainer.state.global_step}
+    if trainer.is_world_process_zero():
+        print(f"still: done: {run_dir} ({format_summary(summary)})")
+        if recipe.eval_tasks:
+            from eval.run import evaluate_run
+
+            evaluate_run(run_dir, recipe.eval_tasks)
+    return {"summary": summary, "lineage": lineage}

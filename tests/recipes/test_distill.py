@@ -1,0 +1,107 @@
+"""The distill recipe kind on tiny models: a carved student learns from a frozen teacher."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from still import cli, models
+from still.tracking import read_metrics
+
+
+@pytest.fixture
+def distill_recipe(tmp_path, qa_files, tiny_model_dir_4layers):
+    def make(name="tiny-kd", student="init: {keep_layers: [0, 3]}", extra=""):
+        text = textwrap.dedent(
+            f"""\
+            # Run: still run {name}.yaml
+            kind: distill
+            name: {name}
+            output_dir: {tmp_path / 'runs'}
+            teacher: {{ref: "{tiny_model_dir_4layers}"}}
+            student: {{{student}}}
+            distill: {{loss: forward_kl, temperature: 2.0, kd_weight: 1.0, ce_weight: 0.0, chunk_size: 16}}
+            data:
+              train: {{path: train.jsonl, format: instruction, prompt: question, response: answer}}
+              eval: {{path: val.jsonl}}
+              max_len: 64
+            train: {{lr: 1.0e-2, batch_size: 4, max_steps: 10, save_steps: 5, warmup_ratio: 0.0, seed: 1}}
+            """
+        )
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text + textwrap.dedent(extra))
+        return path
+
+    return make
+
+
+def logged(run_dir, key):
+    return [row[key] for row in read_metrics(run_dir / "metrics.jsonl") if key in row]
+
+
+def test_carved_student_learns_from_teacher(distill_recipe, tmp_path, tiny_model_dir_4layers):
+    assert cli.main(["run", str(distill_recipe())]) == 0
+    run_dir = tmp_path / "runs" / "tiny-kd"
+    kd = logged(run_dir, "kd_loss")
+    assert len(kd) == 10 and all(v == v for v in kd)
+    assert sum(kd[-3:]) / 3 < 0.7 * sum(kd[:3]) / 3
+    evals = logged(run_dir, "eval_loss")
+    assert evals[-1] < evals[0]
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    assert lineage["carved"]["kept_layers"] == [0, 3] and lineage["teacher"] == str(tiny_model_dir_4layers)
+    student, _ = models.load_model(str(run_dir))
+    assert student.config.num_hidden_layers == 2
+
+
+def test_hard_label_only_baseline_and_lora_student(distill_recipe, tmp_path):
+    recipe = distill_recipe()
+    assert cli.main(["run", str(recipe), "name=ce-only", "distill.kd_weight=0", "distill.ce_weight=1", "train.max_steps=3"]) == 0
+    ce = logged(tmp_path / "runs" / "ce-only", "ce_loss")
+    assert len(ce) == 3 and ce[-1] < ce[0]
+    assert cli.main(["run", str(recipe), "name=lora-kd", "method=lora", "train.max_steps=2"]) == 0
+    # a carved student has no saved base for an adapter: it is saved merged
+    assert (tmp_path / "runs" / "lora-kd" / "model" / "config.json").exists()
+
+
+def test_student_reference_with_other_tokenizer_is_refused(distill_recipe, tmp_path, tiny_model_dir, capsys):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other_student"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<extra_token>"])
+    tokenizer.save_pretrained(other)
+    recipe = distill_recipe(student=f'ref: "{other}"')
+    assert cli.main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "teacher and student tokenizers differ" in err and "sequence-level KD" in err
+    assert not (tmp_path / "runs" / "tiny-kd").exists()
+
+
+def test_teacher_weights_unchanged_and_only_student_trains(tiny_model_dir_4layers, tmp_path):
+    from distill.kd import KDTrainer
+    from distill.student import carve_student
+    from still.data import PackedCollator
+    from still.sections import DistillSection, StudentInit
+    from transformers import TrainingArguments
+    import datasets
+
+    teacher, tokenizer = models.load_model(str(tiny_model_dir_4layers))
+    teacher.requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student, _ = carve_student(teacher, StudentInit(keep_layers=[0, 3]))
+    rows = [{"input_ids": list(range(5, 25)), "labels": [-100] * 5 + list(range(10, 25))}] * 8
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = KDTrainer(model=student, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                        data_collator=PackedCollator(tokenizer.pad_token_id), teacher=teacher,
+                        distill=DistillSection(), vocab_size=len(tokenizer))
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer.train()
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    changed = [k for k, v in student.state_dict().items() if not torch.equal(v, student_before[k])]
+    assert changed
