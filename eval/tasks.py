@@ -1,0 +1,512 @@
+"""Eval tasks: a YAML file in, a typed `TaskSpec` out, plus the rows and prompts it describes.
+
+A task says where its rows live, how a row becomes a prompt (Jinja2 over the row's fields), what
+the reference answer is, and which metrics score it. The three task types follow
+lm-evaluation-harness: `generate` (free text scored against `target`), `multiple_choice`
+(log-likelihood of each choice after the prompt) and `perplexity` (loss on `target` given
+`prompt`).
+
+A mistake in a task file is reported as one line naming the file, the line, the key path and,
+for an unknown key or value, the closest valid one: `qa.yaml:7: unknown key 'promt' in task (did
+you mean 'prompt'?)`.
+
+Path rule: `data.path` and `fewshot.path` are relative to the task YAML's directory, so a task
+file can ship next to its data and be run from anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import json
+import random
+import typing
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from still.errors import StillError
+
+TaskType = Literal["generate", "multiple_choice", "perplexity"]
+MetricName = Literal[
+    "exact_match", "token_f1", "rouge_l", "regex_match", "acc", "acc_norm", "loss", "perplexity"
+]
+
+# Which metrics make sense for which task type, and what a task gets when it names none.
+METRICS_BY_TYPE: dict[str, tuple[str, ...]] = {
+    "generate": ("exact_match", "token_f1", "rouge_l", "regex_match"),
+    "multiple_choice": ("acc", "acc_norm"),
+    "perplexity": ("loss", "perplexity"),
+}
+DEFAULT_METRICS: dict[str, list[str]] = {
+    "generate": ["exact_match", "token_f1"],
+    "multiple_choice": ["acc", "acc_norm"],
+    "perplexity": ["loss", "perplexity"],
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HubData(_Section):
+    name: str = Field(description="Dataset id on the Hugging Face hub (or a local datasets dir).")
+    config: str | None = Field(None, description="Dataset configuration name, if it has several.")
+    split: str = Field("test", description="Which split holds the questions.")
+
+
+class DataSource(_Section):
+    path: str | None = Field(
+        None, description="Local .json/.jsonl/.csv/.parquet file, relative to the task YAML."
+    )
+    hf: HubData | None = Field(None, description="A datasets-hub dataset instead of a local file.")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self):
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of data.path (a local file) or data.hf")
+        return self
+
+
+class FewShot(_Section):
+    n: int = Field(0, ge=0, description="How many solved examples go before each question.")
+    path: str | None = Field(
+        None, description="Local file to draw examples from (relative to the YAML)."
+    )
+    split: str | None = Field(
+        None, description="Hub split to draw examples from (with data.hf), e.g. 'validation'."
+    )
+    seed: int = Field(1234, description="Seeds the draw; each question gets its own draw.")
+
+
+class Generation(_Section):
+    max_new_tokens: int = Field(64, gt=0, description="Longest answer generated.")
+    stop: list[str] = Field(
+        default_factory=list,
+        description="Cut the answer at the first of these strings (generation also stops there).",
+    )
+    do_sample: bool = Field(False, description="False: greedy decoding, the reproducible default.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (do_sample only).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (do_sample only).")
+    seed: int = Field(0, description="Seeds sampling (do_sample only).")
+
+
+class Normalize(_Section):
+    """SQuAD-style answer normalisation applied before exact match (all on by default)."""
+
+    lowercase: bool = Field(True, description="Compare case-insensitively.")
+    strip_punctuation: bool = Field(True, description="Drop ASCII punctuation.")
+    strip_articles: bool = Field(True, description="Drop the words a, an, the.")
+    whitespace: bool = Field(True, description="Collapse runs of whitespace, trim the ends.")
+
+
+class TaskSpec(_Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Names the output files <name>.json and <name>.samples.jsonl.",
+    )
+    type: TaskType = Field(description="generate | multiple_choice | perplexity.")
+    data: DataSource = Field(description="Where the rows come from.")
+    prompt: str = Field(
+        "", description="Jinja2 template over a row, e.g. '{{ question }}'. Empty: no context."
+    )
+    target: str | None = Field(
+        None, description="Jinja2 template for the reference answer, e.g. '{{ answer }}'."
+    )
+    choices: str | None = Field(
+        None, description="multiple_choice: Jinja2 expression giving the list, e.g. 'choices'."
+    )
+    label: str | None = Field(
+        None, description="multiple_choice: expression giving the gold choice index, e.g. 'label'."
+    )
+    target_delimiter: str | None = Field(
+        None,
+        description="Between context and continuation; default ' ', or '' with chat_template "
+        "(lm-eval's rule).",
+    )
+    fewshot_delimiter: str = Field("\n\n", description="Between few-shot examples.")
+    chat_template: bool = Field(
+        False, description="Wrap the prompt as a user message with the tokenizer's chat template."
+    )
+    system: str | None = Field(None, description="System message (chat_template) or preamble.")
+    fewshot: FewShot = Field(default_factory=FewShot, description="Solved examples in the prompt.")
+    generation: Generation = Field(default_factory=Generation, description="generate tasks only.")
+    metrics: list[MetricName] = Field(
+        default_factory=list, description="Metrics to report; empty: the type's defaults."
+    )
+    normalize: Normalize = Field(default_factory=Normalize, description="Exact-match normalisation.")
+    regex: str | None = Field(
+        None, description="regex_match: pattern whose group 1 (or whole match) is the answer."
+    )
+    limit: int | None = Field(None, gt=0, description="Score only the first N rows.")
+
+    # The directory relative paths are resolved against (the YAML's); not part of the spec.
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @field_validator("prompt", "target", "system")
+    @classmethod
+    def _template_compiles(cls, template: str | None) -> str | None:
+        if template is not None:
+            try:
+                _environment().parse(template)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ValueError(f"invalid Jinja2 template: {exc.message}") from None
+        return template
+
+    @field_validator("choices", "label")
+    @classmethod
+    def _expression_compiles(cls, expression: str | None) -> str | None:
+        if expression is not None:
+            try:
+                _environment().compile_expression(expression)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ValueError(f"invalid Jinja2 expression: {exc.message}") from None
+        return expression
+
+    @model_validator(mode="after")
+    def _type_rules(self):
+        if self.type == "multiple_choice":
+            if self.choices is None:
+                raise ValueError(
+                    "a multiple_choice task needs `choices` (an expression giving the list, "
+                    "e.g. choices: choices)"
+                )
+            if self.label is None and self.target is None:
+                raise ValueError("a multiple_choice task needs `label` (the gold index field)")
+        elif self.target is None:
+            raise ValueError(f"a {self.type} task needs `target`, e.g. target: '{{{{ answer }}}}'")
+        if not self.metrics:
+            self.metrics = list(DEFAULT_METRICS[self.type])
+        wrong = [m for m in self.metrics if m not in METRICS_BY_TYPE[self.type]]
+        if wrong:
+            raise ValueError(
+                f"metric {wrong[0]!r} does not apply to a {self.type} task "
+                f"(use {', '.join(METRICS_BY_TYPE[self.type])})"
+            )
+        if "regex_match" in self.metrics and not self.regex:
+            raise ValueError("metric regex_match needs `regex`")
+        if self.fewshot.split and not self.data.hf:
+            raise ValueError("fewshot.split needs data.hf; for a local file use fewshot.path")
+        return self
+
+    @property
+    def delimiter(self) -> str:
+        if self.target_delimiter is not None:
+            return self.target_delimiter
+        return "" if self.chat_template else " "
+
+    def resolve(self, relative: str) -> Path:
+        return (self._base_dir / relative).resolve()
+
+
+# --------------------------------------------------------------------------- loading YAML
+def load_task(path: str | Path) -> TaskSpec:
+    """Read and validate a task YAML; any mistake is one `StillError` line with file:line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        raise StillError(f"task file not found: {path}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise StillError(f"{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise StillError(f"{path}:1: a task file must be a mapping of keys")
+    try:
+        task = TaskSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise _one_line_error(path, root, exc) from None
+    task._base_dir = path.resolve().parent
+    for keys, relative in (("data", "path"), ("fewshot", "path")):
+        value = getattr(getattr(task, keys), relative)
+        if value is not None and not task.resolve(value).is_file():
+            line = _line_of(root, (keys, relative))
+            raise StillError(
+                f"{path}:{line}: {keys}.{relative}: file not found: {value} "
+                f"(looked at {task.resolve(value)})"
+            )
+    return task
+
+
+def _one_line_error(path: Path, root, exc: ValidationError) -> StillError:
+    error = exc.errors()[0]
+    loc = tuple(error["loc"])
+    # Whole-task rules (a multiple_choice task needs choices, ...) hinge on `type`: point there.
+    line = _line_of(root, loc or ("type",))
+    where = ".".join(str(part) for part in loc[:-1]) or "task"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if error["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        known = list(_model_at(TaskSpec, loc[:-1]).model_fields)
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+        return StillError(f"{path}:{line}: unknown key {key!r} in {where}{more}", hint=hint)
+    key_path = ".".join(str(part) for part in loc) or "task"
+    message = error["msg"].removeprefix("Value error, ")
+    hint = None
+    if error["type"] == "literal_error":
+        allowed = typing.get_args(_annotation_at(TaskSpec, loc))
+        close = difflib.get_close_matches(str(error["input"]), [str(a) for a in allowed], n=1)
+        hint = f"did you mean {close[0]!r}?" if close else None
+    return StillError(f"{path}:{line}: {key_path}: {message}{more}", hint=hint)
+
+
+def _line_of(root, loc: tuple) -> int:
+    """1-based line of the deepest YAML node on `loc` that exists (the key, for mappings)."""
+    line = root.start_mark.line + 1 if root is not None else 1
+    node = root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(part)]
+            if not match:
+                break
+            line, node = match[0][0].start_mark.line + 1, match[0][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _annotation_at(model: type[BaseModel], loc: tuple) -> Any:
+    annotation: Any = model
+    for part in loc:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if part not in annotation.model_fields:
+                return None
+            annotation = annotation.model_fields[part].annotation
+        else:  # list[...] / X | None: step into the one non-None argument
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = args[0] if args else None
+            if isinstance(part, str) and isinstance(annotation, type) and issubclass(
+                annotation, BaseModel
+            ):
+                annotation = annotation.model_fields.get(part, None)
+                annotation = annotation.annotation if annotation else None
+    return annotation
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    annotation = _annotation_at(model, loc)
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return model
+
+
+# --------------------------------------------------------------------------- rows
+def load_rows(task: TaskSpec) -> list[dict]:
+    """All rows of the task's data, in file order (callers slice for `limit`)."""
+    if task.data.hf is not None:
+        return _hub_rows(task.data.hf.name, task.data.hf.config, task.data.hf.split)
+    return _read_file_rows(task.resolve(task.data.path))
+
+
+def _read_file_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise StillError(f"task data file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                rows = [json.loads(line) for line in handle if line.strip()]
+        elif suffix == ".json":
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            rows = loaded.get("data", loaded) if isinstance(loaded, dict) else loaded
+        elif suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        else:
+            raise StillError(f"{path}: unsupported data format {suffix!r}", hint="use .jsonl, .json, .csv or .parquet")
+    except json.JSONDecodeError as exc:
+        raise StillError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise StillError(f"{path}: expected a list of objects (one row per question)")
+    return rows
+
+
+def _hub_rows(name: str, config: str | None, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(name, config, split=split))
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for "not available"
+        raise StillError(f"cannot load dataset {name!r} split {split!r}: {exc}") from None
+
+
+def fewshot_rows(task: TaskSpec, rows: list[dict]) -> tuple[list[dict], bool]:
+    """The pool shots are drawn from, and whether it is the evaluated rows themselves."""
+    if task.fewshot.path:
+        return _read_file_rows(task.resolve(task.fewshot.path)), False
+    if task.fewshot.split:
+        hub = task.data.hf
+        return _hub_rows(hub.name, hub.config, task.fewshot.split), False
+    return rows, True
+
+
+def select_shots(
+    pool: list[dict], n: int, seed: int, query_index: int, query: dict, same_pool: bool
+) -> list[dict]:
+    """`n` examples for one question: seeded per question, never the question itself.
+
+    Each question gets its own `random.Random(seed, index)` so a question's shots do not
+    depend on `limit` or on which other questions are scored.
+    """
+    if n == 0:
+        return []
+
+    def is_query(j: int) -> bool:
+        return j == query_index if same_pool else _same_row(pool[j], query)
+
+    rng = random.Random(f"{seed}:{query_index}")
+    picks = [j for j in rng.sample(range(len(pool)), min(len(pool), n + 1)) if not is_query(j)]
+    if len(picks) < n:  # the query appeared more than once in a separate pool
+        picks = [j for j in rng.sample(range(len(pool)), len(pool)) if not is_query(j)]
+    if len(picks) < n:
+        raise StillError(f"fewshot.n is {n} but only {len(picks)} other rows are available")
+    return [pool[j] for j in picks[:n]]
+
+
+def _same_row(a: dict, b: dict) -> bool:
+    if "id" in a and "id" in b:
+        return a["id"] == b["id"]
+    return a == b
+
+
+# --------------------------------------------------------------------------- rendering
+@lru_cache(maxsize=None)
+def _environment() -> jinja2.Environment:
+    # StrictUndefined: a typo in a field name must fail, not render as an empty prompt.
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+@lru_cache(maxsize=64)
+def _compiled(template: str) -> jinja2.Template:
+    return _environment().from_string(template)
+
+
+def render(template: str, row: dict) -> str:
+    try:
+        return _compiled(template).render(**row)
+    except jinja2.TemplateError as exc:
+        raise StillError(f"cannot render template {template!r} on row {_row_name(row)}: {exc}") from None
+
+
+def evaluate_expression(expression: str, row: dict) -> Any:
+    """A Jinja2 expression (`choices`, `options[:4]`, `label`) evaluated on a row."""
+    try:
+        return _environment().compile_expression(expression, undefined_to_none=False)(**row)
+    except jinja2.TemplateError as exc:
+        raise StillError(f"cannot evaluate {expression!r} on row {_row_name(row)}: {exc}") from None
+
+
+def _row_name(row: dict) -> str:
+    return repr(row["id"]) if "id" in row else repr(sorted(row))
+
+
+def row_choices(task: TaskSpec, row: dict) -> list[str]:
+    choices = evaluate_expression(task.choices, row)
+    if isinstance(choices, str):  # a template like "{{ choices }}" renders a list as text
+        try:
+            choices = json.loads(choices)
+        except json.JSONDecodeError:
+            choices = None
+    if not isinstance(choices, list) or not choices:
+        raise StillError(f"choices {task.choices!r} is not a non-empty list on row {_row_name(row)}")
+    return [str(choice) for choice in choices]
+
+
+def row_gold(task: TaskSpec, row: dict, choices: list[str]) -> int:
+    """The gold choice index: from `label`, or else `target` matched against the choices."""
+    if task.label is not None:
+        gold = evaluate_expression(task.label, row)
+        if isinstance(gold, str) and gold.strip().lstrip("-").isdigit():
+            gold = int(gold)
+    else:
+        gold = render(task.target, row)
+    if isinstance(gold, str):
+        gold = choices.index(gold) if gold in choices else -1
+    if not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise StillError(f"gold label {gold!r} is not a valid choice index on row {_row_name(row)}")
+    return gold
+
+
+def row_target(task: TaskSpec, row: dict) -> str:
+    if task.type == "multiple_choice":
+        choices = row_choices(task, row)
+        return choices[row_gold(task, row, choices)]
+    return render(task.target, row)
+
+
+def build_context(task: TaskSpec, row: dict, shots: list[dict], tokenizer) -> str:
+    """The text the model sees before its answer: system, solved shots, then the question.
+
+    With `chat_template`, shots become user/assistant turns (lm-eval's fewshot_as_multiturn)
+    and the tokenizer's template adds the assistant header; otherwise shots are joined by
+    `fewshot_delimiter` as lm-eval does.
+    """
+    if task.chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise StillError(
+                f"task {task.name} sets chat_template: true but the tokenizer has no chat template",
+                hint="set chat_template: false in the task, or use an instruct model",
+            )
+        messages = [{"role": "system", "content": task.system}] if task.system else []
+        for shot in shots:
+            messages.append({"role": "user", "content": render(task.prompt, shot)})
+            messages.append({"role": "assistant", "content": row_target(task, shot)})
+        messages.append({"role": "user", "content": render(task.prompt, row)})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    parts = [task.system] if task.system else []
+    parts += [render(task.prompt, shot) + task.delimiter + row_target(task, shot) for shot in shots]
+    parts.append(render(task.prompt, row))
+    return task.fewshot_delimiter.join(parts)
+
+
+# --------------------------------------------------------------------------- hashing
+def task_hash(task: TaskSpec) -> str:
+    """sha256 over the validated spec and the content of every data file (or hub split) it reads.
+
+    Paths enter as written, so the same task and data checked out elsewhere hash the same; the
+    file contents enter too, so editing the data changes the hash.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(task.model_dump(mode="json"), sort_keys=True).encode())
+    for relative in (task.data.path, task.fewshot.path):
+        if relative is None:
+            continue
+        file = task.resolve(relative)
+        if not file.is_file():
+            raise StillError(f"task data file not found: {file}")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    if task.data.hf is not None:  # no file to read: hash the rows themselves
+        hub = task.data.hf
+        for split in (hub.split, task.fewshot.split):
+            for row in _hub_rows(hub.name, hub.config, split) if split else []:
+                digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
