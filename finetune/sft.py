@@ -154,14 +154,15 @@ def build_model(recipe: FinetuneRecipe):
     return get_peft_model(model, lora_config(recipe.lora, recipe.method))
 
 
-def collator_for(data: DataSection, tokenizer, attn_implementation: str | None):
+def collator_for(data: DataSection, tokenizer, attn_implementation: str | None, dtype=torch.float32):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not data.packing:
         return data_module.PaddedCollator(pad_id)
     # flash-attention varlen isolates packed examples from position_ids alone; sdpa/eager
     # need the block-diagonal mask (see DESIGN.md, measured traps).
     attention = "position_ids" if attn_implementation == "flash_attention_2" else "block_mask"
-    return data_module.PackedCollator(pad_id, attention=attention)
+    # The additive mask must match the query dtype: CUDA sdpa refuses fp32 masks with bf16.
+    return data_module.PackedCollator(pad_id, attention=attention, mask_dtype=dtype)
 
 
 # --------------------------------------------------------------------------- train + save
@@ -187,7 +188,7 @@ def run(recipe: FinetuneRecipe, run_dir: Path, *, resume: bool = False) -> dict:
         args=args,
         train_dataset=train_data.dataset,
         eval_dataset=eval_data.dataset if eval_data else None,
-        data_collator=collator_for(recipe.data, tokenizer, recipe.model.attn_implementation),
+        data_collator=collator_for(recipe.data, tokenizer, recipe.model.attn_implementation, model.dtype),
         processing_class=tokenizer,
         callbacks=[MetricsJsonl(run_dir / "metrics.jsonl")],
     )
@@ -198,6 +199,10 @@ def run(recipe: FinetuneRecipe, run_dir: Path, *, resume: bool = False) -> dict:
     summary = {"train_loss": result.training_loss, **final_eval, "steps": trainer.state.global_step}
     if trainer.is_world_process_zero():
         print(f"still: done: {run_dir} ({format_summary(summary)})")
+        if recipe.eval_tasks:
+            from eval.run import evaluate_run
+
+            evaluate_run(run_dir, recipe.eval_tasks)
     return {"summary": summary, "lineage": lineage}
 
 

@@ -1,0 +1,138 @@
+"""Where models meet tasks: `still eval`, eval recipes, and the eval at the end of a training run.
+
+Each model is loaded once (fp32, adapters unmerged) and scored on every task; results go to
+the model's run dir (`runs/<name>/eval/`) when the model is a run dir, otherwise under the
+eval run's dir, one folder per model. Results are cached by the model's content hash, so
+re-scoring an unchanged checkpoint is free.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+from pathlib import Path
+
+from eval.harness import evaluate, model_content_hash
+from eval.tasks import load_task
+from still import models
+from still.errors import StillError
+from still.rundir import LINEAGE, RESOLVED_RECIPE
+
+
+def display_name(ref: str) -> str:
+    """A short, file-safe name for a model reference (run dir name, built-in name, ...)."""
+    ref = str(ref).rstrip("/")
+    if ref.startswith("builtin:"):
+        name = ref.removeprefix("builtin:")
+    elif Path(ref).expanduser().exists():
+        name = Path(ref).expanduser().resolve().name
+    else:
+        name = ref.replace("/", "__")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def is_run_dir(ref: str) -> bool:
+    path = Path(ref).expanduser()
+    return path.is_dir() and (path / LINEAGE).exists() and (path / RESOLVED_RECIPE).exists()
+
+
+def eval_cache_dir() -> Path:
+    return models.cache_dir() / "eval"
+
+
+def evaluate_model(
+    ref: str,
+    task_paths: list[str],
+    *,
+    out_dir: Path,
+    batch_size: int = 8,
+    limit: int | None = None,
+    use_cache: bool = True,
+    name: str | None = None,
+) -> list[dict]:
+    """Score one model on several tasks; returns one summary per task."""
+    tasks = [load_task(path) for path in task_paths]  # all task errors before any model load
+    model, tokenizer = models.load_model(ref, dtype="float32")
+    model_hash = model_content_hash(model, tokenizer)
+    name = name or display_name(ref)
+    summaries = []
+    for task in tasks:
+        summary = evaluate(
+            model,
+            tokenizer,
+            task,
+            batch_size=batch_size,
+            limit=limit,
+            out_dir=out_dir,
+            cache_dir=eval_cache_dir() if use_cache else None,
+            model_hash=model_hash,
+            model_name=name,
+        )
+        summaries.append(summary)
+        cached = " (cached)" if summary.get("cache_hit") else ""
+        metrics = ", ".join(f"{k} {v['mean']:.4f} ± {v['stderr']:.4f}" for k, v in summary["metrics"].items())
+        print(f"still: {name} on {task.name}{cached}: {metrics}")
+    del model
+    gc.collect()
+    return summaries
+
+
+def run_eval_recipe(recipe, *, force: bool = False, limit: int | None = None, batch_size: int | None = None) -> int:
+    """`still run` / `still eval` on an eval recipe: every model × every task, then compare."""
+    from eval.compare import compare
+
+    out_root = Path(recipe.output_dir) / recipe.name
+    names = [display_name(ref) for ref in recipe.models]
+    if len(set(names)) < len(names):
+        raise StillError(f"two models in {recipe.name} share the name {names}; give distinct paths")
+    result_dirs = []
+    for ref, name in zip(recipe.models, names):
+        out_dir = out_root / name
+        evaluate_model(
+            ref,
+            recipe.tasks,
+            out_dir=out_dir,
+            batch_size=batch_size or recipe.batch_size,
+            limit=limit or recipe.limit,
+            use_cache=not force,
+            name=name,
+        )
+        result_dirs.append(out_dir)
+    if len(result_dirs) > 1:
+        reference = display_name(recipe.reference) if recipe.reference else None
+        teacher = display_name(recipe.teacher) if recipe.teacher else None
+        compare(result_dirs, reference=reference, teacher=teacher, out_dir=out_root)
+    return 0
+
+
+def run_eval_cli(args) -> int:
+    """`still eval RECIPE` or `still eval --model REF --task T.yaml [...]`."""
+    if args.recipe:
+        from still import recipe as recipe_module
+
+        recipe = recipe_module.load(args.recipe, [])
+        if recipe.kind != "eval":
+            raise StillError(f"{args.recipe} is a {recipe.kind} recipe", hint="`still eval` takes an eval recipe or --model/--task")
+        return run_eval_recipe(recipe, force=args.force, limit=args.limit, batch_size=args.batch_size)
+    if not args.model or not args.task:
+        raise StillError("`still eval` needs an eval recipe, or at least one --model and one --task")
+    for ref in args.model:
+        if args.out and len(args.model) > 1:
+            out_dir = Path(args.out) / display_name(ref)
+        elif args.out:
+            out_dir = Path(args.out)
+        elif is_run_dir(ref):
+            out_dir = Path(ref) / "eval"
+        else:
+            out_dir = Path("runs") / "eval" / display_name(ref)
+        evaluate_model(
+            ref, args.task, out_dir=out_dir, batch_size=args.batch_size, limit=args.limit, use_cache=not args.force
+        )
+        print(f"still: results in {out_dir}")
+    return 0
+
+
+def evaluate_run(run_dir: Path, task_paths: list[str]) -> None:
+    """The eval at the end of a finetune/distill run: the saved run dir on the recipe's tasks."""
+    if task_paths:
+        evaluate_model(str(run_dir), task_paths, out_dir=Path(run_dir) / "eval", name=Path(run_dir).name)
