@@ -20,7 +20,7 @@ from still import data as data_module
 from still import models
 from still.errors import StillError
 from still.preflight import print_report
-from still.checkpoint import resume_checkpoint
+from still.checkpoint import reliability_callbacks, resume_checkpoint, stopped_by_signal
 from still.rundir import absolute_ref, format_summary, run_group, write_lineage
 from still.sections import DistillRecipe
 from still.tracking import MetricsJsonl, report_to
@@ -29,15 +29,7 @@ from still.tracking import MetricsJsonl, report_to
 # --------------------------------------------------------------------------- setup
 def load_teacher(recipe: DistillRecipe):
     """Frozen, eval mode, adapter merged (fp32 merge is exact enough and makes it faster)."""
-    spec = recipe.teacher
-    teacher, tokenizer = models.load_model(
-        spec.ref,
-        dtype=spec.dtype,
-        trust_remote_code=spec.trust_remote_code,
-        allow_pickle=spec.allow_pickle,
-        attn_implementation=spec.attn_implementation,
-        revision=spec.revision,
-    )
+    teacher, tokenizer = models.load_from_section(recipe.teacher)
     if hasattr(teacher, "merge_and_unload"):
         teacher = teacher.merge_and_unload()
     teacher.eval()
@@ -71,14 +63,7 @@ def build_student(recipe: DistillRecipe, teacher, tokenizer, calibration):
         student_tokenizer = tokenizer
         print(f"still: {report.summary()}")
     else:
-        student, student_tokenizer = models.load_model(
-            spec.ref,
-            dtype=spec.dtype,
-            trust_remote_code=spec.trust_remote_code,
-            allow_pickle=spec.allow_pickle,
-            attn_implementation=spec.attn_implementation,
-            revision=spec.revision,
-        )
+        student, student_tokenizer = models.load_from_section(spec)
         report = None
     if recipe.method == "lora":
         from peft import get_peft_model
@@ -208,13 +193,15 @@ def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
         eval_dataset=eval_data.dataset if eval_data else None,
         data_collator=collator_for(recipe.data, tokenizer, recipe.student.attn_implementation, student.dtype),
         processing_class=tokenizer,
-        callbacks=[MetricsJsonl(run_dir / "metrics.jsonl")],
+        callbacks=[MetricsJsonl(run_dir / "metrics.jsonl"), *reliability_callbacks(recipe.train)],
         teacher=teacher,
         distill=recipe.distill,
         vocab_size=vocab_size,
     )
     checkpoint = resume_checkpoint(run_dir) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stopped_by_signal(trainer, recipe):  # saved a complete checkpoint; --resume continues
+        return {"summary": {"steps": trainer.state.global_step, "stopped": True}, "lineage": lineage}
     final_eval = trainer.evaluate() if eval_data is not None else {}
     # A carved student has no saved base for an adapter to point at: save it merged.
     if recipe.method == "lora" and carve is not None:

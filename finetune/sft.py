@@ -18,7 +18,7 @@ from still import data as data_module
 from still import models
 from still.errors import StillError
 from still.preflight import print_report
-from still.checkpoint import resume_checkpoint
+from still.checkpoint import reliability_callbacks, resume_checkpoint, stopped_by_signal
 from still.rundir import absolute_ref, format_summary, run_group, write_lineage
 from still.sections import DataSection, FinetuneRecipe, LoraSection, TrainSection
 from still.tracking import MetricsJsonl, report_to
@@ -67,7 +67,7 @@ def training_arguments(
         eval_on_start=has_eval,
         save_strategy="steps",
         save_steps=save_steps,
-        save_total_limit=train.save_total_limit,
+        save_total_limit=None,  # still.checkpoint prunes, and only once a newer one is complete
         logging_steps=train.logging_steps,
         logging_first_step=True,
         # Packed batches hold no padding, and their attention_mask is an additive 4-D float
@@ -127,16 +127,8 @@ def quantization_config(method: str):
 
 def build_model(recipe: FinetuneRecipe):
     """The base model with a fresh trainable adapter (or all weights trainable for `full`)."""
-    spec = recipe.model
-    model, _ = models.load_model(
-        spec.ref,
-        dtype=spec.dtype,
-        trust_remote_code=spec.trust_remote_code,
-        allow_pickle=spec.allow_pickle,
-        attn_implementation=spec.attn_implementation,
-        revision=spec.revision,
-        quantization_config=quantization_config(recipe.method),
-        trainable_adapter=True,
+    model, _ = models.load_from_section(
+        recipe.model, quantization_config=quantization_config(recipe.method), trainable_adapter=True
     )
     if recipe.method == "full":
         if hasattr(model, "peft_config"):
@@ -190,10 +182,12 @@ def run(recipe: FinetuneRecipe, run_dir: Path, *, resume: bool = False) -> dict:
         eval_dataset=eval_data.dataset if eval_data else None,
         data_collator=collator_for(recipe.data, tokenizer, recipe.model.attn_implementation, model.dtype),
         processing_class=tokenizer,
-        callbacks=[MetricsJsonl(run_dir / "metrics.jsonl")],
+        callbacks=[MetricsJsonl(run_dir / "metrics.jsonl"), *reliability_callbacks(recipe.train)],
     )
     checkpoint = resume_checkpoint(run_dir) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stopped_by_signal(trainer, recipe):  # saved a complete checkpoint; --resume continues
+        return {"summary": {"steps": trainer.state.global_step, "stopped": True}, "lineage": lineage}
     final_eval = trainer.evaluate() if eval_data is not None else {}
     save_final(trainer, tokenizer, run_dir, full=recipe.method == "full")
     summary = {"train_loss": result.training_loss, **final_eval, "steps": trainer.state.global_step}

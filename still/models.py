@@ -333,6 +333,19 @@ def load_model(
     return model, tokenizer
 
 
+def load_from_section(spec, **kwargs):
+    """`load_model` with the options of a recipe's model/teacher/student section."""
+    return load_model(
+        spec.ref,
+        dtype=spec.dtype,
+        trust_remote_code=spec.trust_remote_code,
+        allow_pickle=spec.allow_pickle,
+        attn_implementation=spec.attn_implementation,
+        revision=spec.revision,
+        **kwargs,
+    )
+
+
 def attach_adapter(model, adapter_dir: Path, *, trainable: bool = False):
     from peft import PeftModel
 

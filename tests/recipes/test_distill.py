@@ -105,3 +105,20 @@ def test_teacher_weights_unchanged_and_only_student_trains(tiny_model_dir_4layer
         assert torch.equal(value, before[name]), name
     changed = [k for k, v in student.state_dict().items() if not torch.equal(v, student_before[k])]
     assert changed
+
+
+def test_student_with_padded_vocab_rows_is_reconciled(distill_recipe, tmp_path, tiny_model_dir, capsys):
+    """Same tokenizer, but the student's embedding has 8 extra (padding) rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    padded = tmp_path / "padded_student"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tokenizer) + 8)
+    model.save_pretrained(padded)
+    tokenizer.save_pretrained(padded)
+    recipe = distill_recipe(name="padded", student=f'ref: "{padded}"')
+    assert cli.main(["run", str(recipe), "train.max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert f"vocab padding differs (teacher {len(tokenizer)}, student {len(tokenizer) + 8} rows)" in out
+    assert len(logged(tmp_path / "runs" / "padded", "kd_loss")) == 2
