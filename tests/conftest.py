@@ -15,72 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-CORPUS = [
-    "What does json.dumps do? Serialize obj to a JSON formatted str.",
-    "What does os.path.join do? Join two or more pathname components.",
-    "The quick brown fox jumps over the lazy dog.",
-    "Return a new list containing all items from the iterable in ascending order.",
-    "system user assistant question answer response instruction input output",
-    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;!?()[]{}'\"-_=+/\\*&^%$#@",
-]
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-
-
-def build_tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE with ChatML specials; eos is <|im_end|>, pad is a separate <pad>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(CORPUS * 4, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<pad>",
-    )
-    tokenizer.chat_template = CHATML_TEMPLATE
-    return tokenizer
-
-
-def build_tiny_llama(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        # With the default 0.02 the tied output layer gives near-uniform logits that a LoRA
-        # (which cannot touch embeddings) is unable to sharpen; 0.2 gives logits of std ~1.
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config)
+from tiny_models import build_tiny_llama, build_tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

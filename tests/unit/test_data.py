@@ -11,7 +11,7 @@ from still.errors import StillError
 from still.formats import IGNORE_INDEX
 from still.sections import DataSection
 
-from conftest import CHATML_TEMPLATE
+from tiny_models import CHATML_TEMPLATE
 
 SYSTEM = "Answer in one line."
 Q1, A1 = "What does json.dumps do?", "Serialize obj to a JSON formatted str."

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from tiny_models import build_tiny_llama, build_tiny_tokenizer
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
