@@ -208,6 +208,8 @@ def apply_override(data: dict, origins: dict[KeyPath, Origin], override: str) ->
         child = node.get(key)
         if child is None:
             child = node[key] = {}
+            # a section the override created is reported at the override, not the file
+            origins[tuple(keys[: depth + 1])] = (f"override '{override}'", None)
         elif not isinstance(child, dict):
             where = ".".join(keys[: depth + 1])
             raise StillError(f"bad override '{override}': '{where}' is not a section")
@@ -274,7 +276,11 @@ def _where(origins: dict[KeyPath, Origin], loc: KeyPath, default_file: str) -> s
 
 
 def _describe(error: dict, recipe_cls: type[BaseModel]) -> tuple[KeyPath, str]:
-    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # pydantic names union branches in the path (`function-after[...]`, `literal['all-linear']`,
+    # `list[str]`); users know only their keys.
+    loc = tuple(
+        p for p in error["loc"] if not (isinstance(p, str) and (p.startswith("function-") or "[" in p))
+    )
     section = ".".join(str(p) for p in loc[:-1]) or "the recipe"
     key = loc[-1] if loc else ""
     kind = error["type"]

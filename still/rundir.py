@@ -36,6 +36,7 @@ def _is_main_process() -> bool:
 def open_run_dir(recipe: Recipe, *, resume: bool = False, force: bool = False):
     """Yield the run dir, created (or reopened for --resume). Cleans up if nothing was saved."""
     run_dir = run_dir_for(recipe)
+    parent_existed = run_dir.parent.exists()
     existed = run_dir.exists() and any(run_dir.iterdir())
     if existed and not resume and not force:
         raise StillError(
@@ -57,6 +58,10 @@ def open_run_dir(recipe: Recipe, *, resume: bool = False, force: bool = False):
     except BaseException:
         if _is_main_process() and not (existed and resume) and not _has_saved_state(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
+            if not parent_existed:
+                # the `runs/` we made for it, unless another run has appeared there meanwhile
+                with contextlib.suppress(OSError):
+                    run_dir.parent.rmdir()
         raise
 
 
