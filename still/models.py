@@ -28,6 +28,7 @@ from typing import Callable
 from filelock import FileLock
 
 from still.errors import StillError
+from still.rundir import file_sha256
 
 CONVERTED_MARKER = ".still-converted"
 
@@ -210,14 +211,6 @@ def resolve_model_dir(ref: str) -> Path:
 
 
 # --------------------------------------------------------------------------- GGUF conversion
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert_gguf(gguf_path: Path) -> Path:
     """Dequantize a GGUF file to a transformers dir (safetensors), once, under a file lock.
 
@@ -238,7 +231,7 @@ def convert_gguf(gguf_path: Path) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
         try:
             _dequantize_to(gguf_path, staging)
-            marker = {"gguf": str(gguf_path), "sha256": _file_digest(gguf_path)}
+            marker = {"gguf": str(gguf_path), "sha256": file_sha256(gguf_path)}
             (staging / CONVERTED_MARKER).write_text(json.dumps(marker, indent=1))
             if target.exists():
                 shutil.rmtree(target)
@@ -363,8 +356,11 @@ def describe_builtins() -> list[dict]:
     """What `still models` prints: each built-in, whether installed, and what is cached."""
     rows = []
     converted = {}
-    for marker in (cache_dir() / "models").glob(f"*/{CONVERTED_MARKER}"):
-        converted[Path(json.loads(marker.read_text())["gguf"]).name] = marker.parent
+    for marker in sorted((cache_dir() / "models").glob(f"*/{CONVERTED_MARKER}")):
+        gguf = Path(json.loads(marker.read_text())["gguf"])
+        # Only dirs named by the current scheme (<gguf stem>-<key>) are what resolve() uses.
+        if marker.parent.name.startswith(f"{gguf.stem}-"):
+            converted[gguf.name] = marker.parent
     for builtin in BUILTINS.values():
         try:
             version = metadata.version(builtin.distribution)
