@@ -37,7 +37,9 @@ def open_run_dir(recipe: Recipe, *, resume: bool = False, force: bool = False):
     """Yield the run dir, created (or reopened for --resume). Cleans up if nothing was saved."""
     run_dir = run_dir_for(recipe)
     parent_existed = run_dir.parent.exists()
-    existed = run_dir.exists() and any(run_dir.iterdir())
+    # Only the main process judges and creates the dir: under a multi-process launch the other
+    # ranks would otherwise find the dir rank 0 just made and refuse it as "already exists".
+    existed = _is_main_process() and run_dir.exists() and any(run_dir.iterdir())
     if existed and not resume and not force:
         raise StillError(
             f"run dir {run_dir} already exists",
