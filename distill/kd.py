@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, set_seed
 
-from distill.losses import fused_kd_loss
+from distill.losses import FusedKDLoss, fused_kd_loss, kd_loss
 from distill.student import carve_student
 from finetune.sft import collator_for, lora_config, planned_steps, save_final, training_arguments
 from still import data as data_module
@@ -109,8 +109,29 @@ class KDTrainer(Trainer):
         target = labels[:, 1:].reshape(-1)
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         teacher_head = self.teacher.get_output_embeddings()
+        if head.weight.numel() == 0:
+            # ZeRO-3 partitions the student's head; only a call of the module gathers it.
+            out = self._unfused_loss(head, teacher_head, student_hidden, teacher_hidden, target)
+        else:
+            out = self._fused_loss(head, teacher_head, student_hidden, teacher_hidden, target)
+        if num_items_in_batch is not None:
+            loss = out.loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                # DDP averages gradients over ranks; the divisor above already counts every rank.
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = out.loss / out.n_tokens.clamp(min=1)
+            if model.training:
+                loss = loss / self.current_gradient_accumulation_steps
+        if model.training:
+            self._component_sums["kd"] += float(out.kd_sum)
+            self._component_sums["ce"] += float(out.ce_sum)
+            self._component_sums["tokens"] += float(out.n_tokens)
+        return (loss, student_out) if return_outputs else loss
+
+    def _fused_loss(self, head, teacher_head, student_hidden, teacher_hidden, target) -> FusedKDLoss:
         d = self.distill
-        out = fused_kd_loss(
+        return fused_kd_loss(
             student_hidden,
             head.weight,
             teacher_hidden.to(student_hidden.dtype),
@@ -127,20 +148,21 @@ class KDTrainer(Trainer):
             student_head_bias=getattr(head, "bias", None),
             teacher_head_bias=getattr(teacher_head, "bias", None),
         )
-        if num_items_in_batch is not None:
-            loss = out.loss / num_items_in_batch
-            if self.args.average_tokens_across_devices:
-                # DDP averages gradients over ranks; the divisor above already counts every rank.
-                loss = loss * self.accelerator.num_processes
-        else:
-            loss = out.loss / out.n_tokens.clamp(min=1)
-            if model.training:
-                loss = loss / self.current_gradient_accumulation_steps
-        if model.training:
-            self._component_sums["kd"] += float(out.kd_sum)
-            self._component_sums["ce"] += float(out.ce_sum)
-            self._component_sums["tokens"] += float(out.n_tokens)
-        return (loss, student_out) if return_outputs else loss
+
+    def _unfused_loss(self, head, teacher_head, student_hidden, teacher_hidden, target) -> FusedKDLoss:
+        """Same sums from full logits: costs [tokens x vocab] memory, used only under ZeRO-3."""
+        d, vocab = self.distill, self.vocab_size
+        student_logits = head(student_hidden)[:, :vocab].float()
+        with torch.no_grad():
+            teacher_logits = teacher_head(teacher_hidden)[:, :vocab].float()
+        mask = target != -100
+        kd_sum = kd_loss(
+            student_logits, teacher_logits, mask, divergence=d.loss, temperature=d.temperature,
+            beta=d.beta, alpha=d.alpha, reduction="sum",
+        )
+        ce_sum = torch.nn.functional.cross_entropy(student_logits, target, ignore_index=-100, reduction="sum")
+        loss = d.kd_weight * kd_sum + d.ce_weight * ce_sum
+        return FusedKDLoss(loss, kd_sum.detach(), ce_sum.detach(), mask.sum())
 
     def log(self, logs, *args, **kwargs):
         sums = self._component_sums
