@@ -206,4 +206,23 @@ def save_final(trainer: Trainer, tokenizer, run_dir: Path, *, full: bool) -> Pat
     trainer.save_model(str(target))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(target)
+        if (target / "latest").exists():
+            consolidate_zero3(trainer, target)
     return target
+
+
+def consolidate_zero3(trainer: Trainer, target: Path) -> None:
+    """ZeRO-3 saves a full model as DeepSpeed shards; rewrite it as a plain HF model dir.
+
+    DeepSpeed's own reader rebuilds the fp32 weights from the shards on this (main) process,
+    so no rank needs the whole model in accelerator memory.
+    """
+    import shutil
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(target))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
+    for leftover in [*target.glob("global_step*"), target / "latest", *target.glob("zero_to_*.py")]:
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
