@@ -82,3 +82,36 @@ def test_two_processes_match_one(single, kind, strategy):
     ours, _ = models.load_model(str(run_dir))
     reference, _ = models.load_model(str(baseline))
     assert torch.allclose(ours(ids).logits, reference(ids).logits, atol=1e-3)
+
+
+def test_sigterm_to_one_rank_stops_both_with_a_complete_checkpoint(single):
+    """A preemption signal that reaches one rank: all ranks agree, save, exit 0, resume."""
+    import signal
+    import time
+
+    from still.checkpoint import checkpoint_problem
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    args = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "-m", "still.cli", "run",
+            "finetune.yaml", "name=preempted", "train.max_steps=400", "train.save_steps=100", "train.batch_size=1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = subprocess.Popen(args, cwd=single, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    metrics = single / "runs" / "preempted" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    workers = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGTERM)  # only the second rank hears it
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, output[-3000:]
+    assert output.count("still: stopped by SIGTERM at step") == 1  # printed by the main process
+    checkpoints = sorted((single / "runs" / "preempted" / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and checkpoint_problem(checkpoints[0]) is None
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert stopped_at < 400
+
+    _run(single, args + ["--resume"])
+    steps = [row["step"] for row in read_metrics(single / "runs" / "preempted" / "metrics.jsonl") if "loss" in row]
+    assert steps == list(range(1, 401))
