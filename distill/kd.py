@@ -15,13 +15,20 @@ from transformers import Trainer, set_seed
 
 from distill.losses import FusedKDLoss, fused_kd_loss, kd_loss
 from distill.student import carve_student
-from finetune.sft import collator_for, lora_config, planned_steps, save_final, training_arguments
+from finetune.sft import (
+    collator_for,
+    finish_run,
+    lora_config,
+    planned_steps,
+    save_final,
+    training_arguments,
+)
 from still import data as data_module
 from still import models
 from still.errors import StillError
 from still.preflight import print_report
 from still.checkpoint import reliability_callbacks, resume_checkpoint, stopped_by_signal
-from still.rundir import absolute_ref, format_summary, run_group, write_lineage
+from still.rundir import absolute_ref, run_group, write_lineage
 from still.sections import DistillRecipe
 from still.tracking import MetricsJsonl, report_to
 
@@ -229,11 +236,4 @@ def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
     if recipe.method == "lora" and carve is not None:
         trainer.model = trainer.model.merge_and_unload()
     save_final(trainer, tokenizer, run_dir, full=recipe.method == "full" or carve is not None)
-    summary = {"train_loss": result.training_loss, **final_eval, "steps": trainer.state.global_step}
-    if trainer.is_world_process_zero():
-        print(f"still: done: {run_dir} ({format_summary(summary)})")
-        if recipe.eval_tasks:
-            from eval.run import evaluate_run
-
-            evaluate_run(run_dir, recipe.eval_tasks)
-    return {"summary": summary, "lineage": lineage}
+    return {"summary": finish_run(trainer, recipe, run_dir, result, final_eval), "lineage": lineage}

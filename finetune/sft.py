@@ -190,6 +190,11 @@ def run(recipe: FinetuneRecipe, run_dir: Path, *, resume: bool = False) -> dict:
         return {"summary": {"steps": trainer.state.global_step, "stopped": True}, "lineage": lineage}
     final_eval = trainer.evaluate() if eval_data is not None else {}
     save_final(trainer, tokenizer, run_dir, full=recipe.method == "full")
+    return {"summary": finish_run(trainer, recipe, run_dir, result, final_eval), "lineage": lineage}
+
+
+def finish_run(trainer: Trainer, recipe, run_dir: Path, result, final_eval: dict) -> dict:
+    """The closing summary line, then the recipe's eval_tasks on the saved run (main process)."""
     summary = {"train_loss": result.training_loss, **final_eval, "steps": trainer.state.global_step}
     if trainer.is_world_process_zero():
         print(f"still: done: {run_dir} ({format_summary(summary)})")
@@ -197,7 +202,7 @@ def run(recipe: FinetuneRecipe, run_dir: Path, *, resume: bool = False) -> dict:
             from eval.run import evaluate_run
 
             evaluate_run(run_dir, recipe.eval_tasks)
-    return {"summary": summary, "lineage": lineage}
+    return summary
 
 
 def save_final(trainer: Trainer, tokenizer, run_dir: Path, *, full: bool) -> Path:
