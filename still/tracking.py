@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -49,6 +50,14 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def stable_run_id(run_dir: Path) -> str | None:
+    """The run dir's tracker id, made once by the main process and reused on --resume."""
+    path = Path(run_dir) / "wandb_run_id"
+    if not path.exists() and int(os.environ.get("RANK", "0")) == 0:
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip() if path.exists() else None
+
+
 def report_to(track: TrackSection, *, run_dir: Path, group: str, job_type: str) -> list[str]:
     """Trainer `report_to` list; configures W&B through its env vars (offline when no key)."""
     targets = []
@@ -68,6 +77,11 @@ def report_to(track: TrackSection, *, run_dir: Path, group: str, job_type: str) 
         if wandb_cfg.tags:
             os.environ["WANDB_TAGS"] = ",".join(wandb_cfg.tags)
         os.environ.setdefault("WANDB_DIR", str(run_dir))
+        # One W&B run per run dir: --resume continues it instead of starting a new one.
+        run_id = stable_run_id(run_dir)
+        if run_id:
+            os.environ["WANDB_RUN_ID"] = run_id
+            os.environ["WANDB_RESUME"] = "allow"
         if os.environ["WANDB_MODE"] == "offline":
             print(f"still: W&B is offline; sync later with `wandb sync {run_dir}/wandb/offline-run-*`")
         targets.append("wandb")

@@ -111,3 +111,27 @@ def test_qlora_on_cpu_is_a_one_line_error(finetune_recipe, capsys):
         pytest.skip("this machine has a GPU")
     assert cli.main(["run", str(finetune_recipe()), "method=qlora"]) == 2
     assert "qlora needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_resume_continues_the_same_wandb_run(finetune_recipe, tmp_path):
+    """Each `still run` is its own process, as a real resume is: both log to one W&B run id."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    recipe = finetune_recipe(extra="track: {wandb: {project: still-test}}\n")
+    run = [sys.executable, "-m", "still.cli", "run", str(recipe), "train.max_steps=4"]
+    assert subprocess.run(run, env=env, capture_output=True, timeout=300).returncode == 0
+    run_dir = tmp_path / "runs" / "tiny-ft"
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(run_dir / "adapter")
+    first = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert subprocess.run(run + ["--resume"], env=env, capture_output=True, timeout=300).returncode == 0
+    run_id = (run_dir / "wandb_run_id").read_text()
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(first) == 1 and len(runs) == 2, runs
+    assert all(path.name.endswith(f"-{run_id}") for path in runs)
