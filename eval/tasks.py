@@ -39,6 +39,7 @@ from pydantic import (
 )
 
 from still.errors import StillError
+from still.recipe import parse_yaml
 
 TaskType = Literal["generate", "multiple_choice", "perplexity"]
 MetricName = Literal[
@@ -220,14 +221,7 @@ def load_task(path: str | Path) -> TaskSpec:
         text = path.read_text(encoding="utf-8")
     except OSError:
         raise StillError(f"task file not found: {path}") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise StillError(f"{where}: invalid YAML: {problem}") from None
+    root, raw = parse_yaml(text, path)
     if not isinstance(raw, dict):
         raise StillError(f"{path}:1: a task file must be a mapping of keys")
     try:

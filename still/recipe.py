@@ -73,6 +73,17 @@ KNOWN_SYNONYMS = {
 
 
 # --------------------------------------------------------------------------- YAML with lines
+def parse_yaml(text: str, path: Path) -> tuple[yaml.Node | None, object]:
+    """(node tree for line numbers, data); a syntax error is one line at its file:line."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise StillError(f"{where}: invalid YAML: {problem}") from None
+
+
 def _read_yaml(path: Path) -> tuple[dict, dict[KeyPath, Origin]]:
     """Parse one YAML file into (data, {key path: (file, line)})."""
     try:
@@ -81,14 +92,7 @@ def _read_yaml(path: Path) -> tuple[dict, dict[KeyPath, Origin]]:
         raise StillError(f"recipe file not found: {path}") from None
     except OSError as exc:
         raise StillError(f"cannot read recipe {path}: {exc.strerror}") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise StillError(f"{where}: invalid YAML: {problem}") from None
+    node, data = parse_yaml(text, path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
