@@ -211,6 +211,13 @@ def resolve_model_dir(ref: str) -> Path:
 
 
 # --------------------------------------------------------------------------- GGUF conversion
+def _conversion_target(gguf_path: Path) -> Path:
+    """Where the conversion of this exact file (path, size, mtime) lives in the cache."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir() / "models" / f"{gguf_path.stem}-{key[:12]}"
+
+
 def convert_gguf(gguf_path: Path) -> Path:
     """Dequantize a GGUF file to a transformers dir (safetensors), once, under a file lock.
 
@@ -218,9 +225,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     the same .gguf share one conversion; the file's full sha256 is recorded in the marker.
     """
     gguf_path = Path(gguf_path).resolve()
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    target = cache_dir() / "models" / f"{gguf_path.stem}-{key[:12]}"
+    target = _conversion_target(gguf_path)
     if (target / CONVERTED_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -358,8 +363,9 @@ def describe_builtins() -> list[dict]:
     converted = {}
     for marker in sorted((cache_dir() / "models").glob(f"*/{CONVERTED_MARKER}")):
         gguf = Path(json.loads(marker.read_text())["gguf"])
-        # Only dirs named by the current scheme (<gguf stem>-<key>) are what resolve() uses.
-        if marker.parent.name.startswith(f"{gguf.stem}-"):
+        # A conversion is what resolve() would use only while its GGUF is still there, unchanged;
+        # an earlier install of the same package (another venv, a reinstall) leaves stale ones.
+        if gguf.exists() and _conversion_target(gguf) == marker.parent:
             converted[gguf.name] = marker.parent
     for builtin in BUILTINS.values():
         try:

@@ -153,6 +153,23 @@ def test_gguf_path_shares_the_builtin_conversion():
     assert listed["builtin:smollm2-135m-instruct"]["cached"] == builtin.weights
 
 
+def test_models_lists_the_conversion_resolve_uses_not_a_stale_one(tmp_path, monkeypatch):
+    # A reinstall (a new venv) changes the GGUF's mtime; the old conversion stays in the cache.
+    monkeypatch.setenv("STILL_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    current = models._conversion_target(gguf.resolve())
+    stale = current.parent / f"{gguf.stem}-ffffffffffff"  # sorts after the current one
+    for directory in (current, stale):
+        directory.mkdir(parents=True)
+        (directory / models.CONVERTED_MARKER).write_text(json.dumps({"gguf": str(gguf.resolve())}))
+    listed = {row["ref"]: row for row in models.describe_builtins()}
+    assert listed["builtin:smollm2-135m-instruct"]["cached"] == str(current)
+    os.utime(gguf, ns=(1, 1))  # the file changed: neither conversion is current any more
+    listed = {row["ref"]: row for row in models.describe_builtins()}
+    assert listed["builtin:smollm2-135m-instruct"]["cached"] is None
+
+
 def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
     import threading
 
