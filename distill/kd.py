@@ -24,11 +24,12 @@ from finetune.sft import (
     training_arguments,
 )
 from still import data as data_module
+from still import launch
 from still import models
 from still.errors import StillError
 from still.preflight import print_report
 from still.checkpoint import reliability_callbacks, resume_checkpoint, stopped_by_signal
-from still.rundir import absolute_ref, run_group, write_lineage
+from still.rundir import absolute_ref, is_main_process, run_group, write_lineage
 from still.sections import DistillRecipe
 from still.tracking import MetricsJsonl, report_to
 
@@ -57,7 +58,7 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher, student) ->
     student_rows = student.get_output_embeddings().weight.shape[0]
     if min(teacher_rows, student_rows) < vocab:
         raise StillError(f"an output layer has fewer rows ({min(teacher_rows, student_rows)}) than the tokenizer ({vocab})")
-    if teacher_rows != student_rows:
+    if teacher_rows != student_rows and is_main_process():
         print(f"still: vocab padding differs (teacher {teacher_rows}, student {student_rows} rows); KD uses the {vocab} real tokens")
     return vocab
 
@@ -68,7 +69,8 @@ def build_student(recipe: DistillRecipe, teacher, tokenizer, calibration):
     if spec.init is not None:
         student, report = carve_student(teacher, spec.init, calibration)
         student_tokenizer = tokenizer
-        print(f"still: {report.summary()}")
+        if is_main_process():
+            print(f"still: {report.summary()}")
     else:
         student, student_tokenizer = models.load_from_section(spec)
         report = None
@@ -96,12 +98,33 @@ class KDTrainer(Trainer):
     # compute_loss normalises by the global number of loss tokens itself.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, teacher, distill, vocab_size: int, **kwargs):
+    def __init__(self, *args, teacher, distill, vocab_size: int, teacher_placement: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device)
+        self.teacher = self._place_teacher(teacher, teacher_placement)
         self.distill = distill
         self.vocab_size = vocab_size
         self._component_sums = {"kd": 0.0, "ce": 0.0, "tokens": 0.0}
+
+    def _place_teacher(self, teacher, choice: str):
+        """A copy per process, or sharded like the student under ZeRO-3 / FSDP (see launch.py)."""
+        if self.is_deepspeed_enabled:
+            stage = self.accelerator.state.deepspeed_plugin.zero_stage
+            strategy = f"zero{stage}"
+        else:
+            strategy = "fsdp" if self.is_fsdp_enabled else ("ddp" if self.accelerator.num_processes > 1 else "single")
+        teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+        device_bytes = launch.device_memory_bytes(self.args.device)
+        placement = launch.teacher_placement(choice, strategy, teacher_bytes, device_bytes)
+        if strategy in ("zero3", "fsdp") and is_main_process():
+            done = {"replicate": "replicated", "shard": "sharded"}[placement]
+            print(f"still: teacher ({launch.describe_bytes(teacher_bytes)} of weights) {done} "
+                  f"across {self.accelerator.num_processes} process(es) "
+                  f"[{launch.describe_bytes(device_bytes)} per device; distributed.teacher: {choice}]")
+        if placement == "replicate":
+            return teacher.to(self.args.device)
+        if strategy == "zero3":
+            return launch.shard_teacher_deepspeed(teacher, self.accelerator.state.deepspeed_plugin)
+        return launch.shard_teacher_fsdp(teacher, self.args.device, self.accelerator.state.fsdp_plugin)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
@@ -115,9 +138,9 @@ class KDTrainer(Trainer):
         teacher_hidden = teacher_out.hidden_states[-1][:, :-1].reshape(-1, teacher_out.hidden_states[-1].shape[-1])
         target = labels[:, 1:].reshape(-1)
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        teacher_head = self.teacher.get_output_embeddings()
-        if head.weight.numel() == 0:
-            # ZeRO-3 partitions the student's head; only a call of the module gathers it.
+        teacher_head = getattr(self.teacher, "module", self.teacher).get_output_embeddings()
+        if head.weight.numel() == 0 or teacher_head.weight.numel() == 0:
+            # ZeRO-3 partitions the heads; only a call of the module gathers them.
             out = self._unfused_loss(head, teacher_head, student_hidden, teacher_hidden, target)
         else:
             out = self._fused_loss(head, teacher_head, student_hidden, teacher_hidden, target)
@@ -226,6 +249,7 @@ def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
         teacher=teacher,
         distill=recipe.distill,
         vocab_size=vocab_size,
+        teacher_placement=recipe.distributed.teacher,
     )
     checkpoint = resume_checkpoint(run_dir) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)

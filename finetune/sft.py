@@ -199,8 +199,13 @@ def finish_run(trainer: Trainer, recipe, run_dir: Path, result, final_eval: dict
     if trainer.is_world_process_zero():
         print(f"still: done: {run_dir} ({format_summary(summary)})")
         if recipe.eval_tasks:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
             from eval.run import evaluate_run
 
+            # Training is over: the saved model loads whole here. Left set, ZeRO-3's config would
+            # partition that load across ranks that have already finished.
+            unset_hf_deepspeed_config()
             evaluate_run(run_dir, recipe.eval_tasks)
     return summary
 

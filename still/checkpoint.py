@@ -27,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from still.errors import StillError
-from still.rundir import file_sha256
+from still.rundir import file_sha256, is_main_process
 
 MARKER = "still-complete.json"
 # In checkpoints/ from the start of training: this run writes markers, so a checkpoint without
@@ -37,10 +37,6 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # A new checkpoint is roughly the size of the last one; the margin covers optimizer state
 # that grows (e.g. the first save after resume) and the filesystem's own overhead.
 DISK_MARGIN = 1.5
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _dist_ready() -> bool:
@@ -126,7 +122,7 @@ def resume_checkpoint(run_dir: Path) -> str | None:
     """
     checkpoints = Path(run_dir) / "checkpoints"
     candidates = list_checkpoints(checkpoints)
-    say = print if _is_main_process() else (lambda *a, **k: None)
+    say = print if is_main_process() else (lambda *a, **k: None)
     legacy = not (checkpoints / USES_MARKERS).exists()
     if legacy and candidates and not any((c / MARKER).exists() for c in candidates):
         # Runs from before completion markers existed: trust Trainer's newest, say so.
@@ -143,14 +139,14 @@ def resume_checkpoint(run_dir: Path) -> str | None:
     if ignored:
         names = ", ".join(f"{c.name} ({why})" for c, why in ignored)
         say(f"still: --resume: ignored incomplete checkpoints: {names}")
-        if _is_main_process():
+        if is_main_process():
             for candidate, _ in ignored:
                 shutil.rmtree(candidate, ignore_errors=True)
     if chosen is None:
         say(f"still: --resume: no complete checkpoint in {checkpoints}; starting from step 0")
         return None
     say(f"still: resuming from {chosen}")
-    if _is_main_process():
+    if is_main_process():
         _truncate_metrics(Path(run_dir) / "metrics.jsonl", int(_CHECKPOINT_RE.match(chosen.name).group(1)))
     return str(chosen)
 

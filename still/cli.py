@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from still.errors import StillError
+from still.launch import LaunchFailed
 
 EXIT_USER_ERROR = 2
 
@@ -51,12 +52,56 @@ def _cmd_run(args) -> int:
         from eval.run import run_eval_recipe
 
         return run_eval_recipe(recipe, force=args.force)
+    from still import launch
+
+    if launch.inside_launch():
+        if args.nproc:
+            raise StillError("--nproc under `accelerate launch`: the launcher already set the processes",
+                             hint="drop --nproc, or run `still run` without accelerate launch")
+        launch.note_launcher_mismatch(recipe.distributed)
+    else:
+        plan = launch.plan(recipe.distributed, args.nproc)
+        if plan.needs_launcher:
+            return _launch(recipe, plan, args)
     with open_run_dir(recipe, resume=args.resume, force=args.force) as run_dir:
         if recipe.kind == "finetune":
             from finetune.sft import run
         else:
             from distill.kd import run
         run(recipe, run_dir, resume=args.resume)
+    return 0
+
+
+def _launch(recipe, plan, args) -> int:
+    """Open the run dir here, write the launch configs into it, and start the processes."""
+    import tempfile
+
+    from finetune.sft import precision_flags
+    from still import launch
+    from still.rundir import open_run_dir
+
+    flags = precision_flags(recipe.train)
+    mixed_precision = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
+    dist = recipe.distributed
+    if dist.machine_rank > 0:
+        # Machine 0 opens the run dir (on the shared filesystem) and writes the run; the others
+        # only start their processes, from configs kept outside the run dir.
+        launch_dir = Path(tempfile.mkdtemp(prefix=f"still-launch-{recipe.name}-"))
+        config = launch.write_configs(dist, plan, launch_dir, mixed_precision=mixed_precision, command=[])
+        code = launch.launch(config, args.recipe, args.overrides, None, resume=args.resume)
+        if code != 0:
+            raise launch.LaunchFailed(code)
+        return 0
+    with open_run_dir(recipe, resume=args.resume, force=args.force) as run_dir:
+        launch_dir = run_dir.resolve() / "launch"
+        config_file = launch_dir / "accelerate.yaml"
+        by_hand = launch.command(config_file, args.recipe, args.overrides)
+        launch.write_configs(dist, plan, launch_dir, mixed_precision=mixed_precision, command=by_hand)
+        print(f"still: launching {plan.total_processes} process(es) with {plan.strategy}; "
+              f"configs in {launch_dir}")
+        code = launch.launch(config_file, args.recipe, args.overrides, run_dir, resume=args.resume)
+        if code != 0:
+            raise launch.LaunchFailed(code)  # cleans up the run dir unless it saved something
     return 0
 
 
@@ -116,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_recipe("run", "run a recipe (finetune, distill or eval)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--force", action="store_true", help="delete an existing run dir first")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="processes on this machine (one per GPU), launched through accelerate")
     p.set_defaults(handler=_cmd_run)
     with_recipe("validate", "resolve a recipe (extends, overrides) and print it").set_defaults(
         handler=_cmd_validate
@@ -179,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     except StillError as exc:
         print(f"still: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except LaunchFailed as exc:
+        return exc.code
     except KeyboardInterrupt:
         print("still: interrupted", file=sys.stderr)
         return 130

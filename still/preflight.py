@@ -14,6 +14,7 @@ import torch
 
 from still import data as data_module
 from still import models
+from still.rundir import is_main_process
 
 # Achieved share of the measured matmul throughput during training. CPU: on the idle 2-core
 # CI machine a 768x768 fp32 matmul ran at 188 GFLOP/s and LoRA on SmolLM2-135M trained at
@@ -159,5 +160,6 @@ def print_report(recipe, tokenizer, train, eval_data, *, model, total_steps: int
         f"(~{est['tokens']:,.0f} tokens at ~{est['tokens_per_s']:.0f} tokens/s on {est['device']}); "
         f"rough estimate"
     )
-    print("\n".join(lines), flush=True)
+    if is_main_process():
+        print("\n".join(lines), flush=True)
     return est

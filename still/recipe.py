@@ -69,6 +69,15 @@ KNOWN_SYNONYMS = {
     "base_model": "ref",
     "path_or_id": "ref",
     "temp": "temperature",
+    "deepspeed": "distributed",
+    "fsdp": "distributed",
+    "nproc": "num_processes",
+    "nproc_per_node": "num_processes",
+    "num_gpus": "num_processes",
+    "nnodes": "num_machines",
+    "node_rank": "machine_rank",
+    "master_addr": "main_process_ip",
+    "master_port": "main_process_port",
 }
 
 

@@ -21,6 +21,8 @@ from still.errors import StillError
 from still.recipe import Recipe, recipe_hash, to_yaml
 
 RESOLVED_RECIPE = "recipe.resolved.yaml"
+# Set by `still run` for the processes it launches (still.launch): the run dir it opened for them.
+LAUNCHED_RUN_DIR_ENV = "STILL_LAUNCHED_RUN_DIR"
 LINEAGE = "lineage.json"
 
 
@@ -28,7 +30,8 @@ def run_dir_for(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / recipe.name
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """Rank 0 of a launch (or the only process): the one that writes, logs and prints."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -36,10 +39,14 @@ def _is_main_process() -> bool:
 def open_run_dir(recipe: Recipe, *, resume: bool = False, force: bool = False):
     """Yield the run dir, created (or reopened for --resume). Cleans up if nothing was saved."""
     run_dir = run_dir_for(recipe)
+    if os.environ.get(LAUNCHED_RUN_DIR_ENV) == str(run_dir.resolve()):
+        # `still run` opened this dir and launched us into it; it judges, and cleans up on failure.
+        yield run_dir
+        return
     parent_existed = run_dir.parent.exists()
     # Only the main process judges and creates the dir: under a multi-process launch the other
     # ranks would otherwise find the dir rank 0 just made and refuse it as "already exists".
-    existed = _is_main_process() and run_dir.exists() and any(run_dir.iterdir())
+    existed = is_main_process() and run_dir.exists() and any(run_dir.iterdir())
     if existed and not resume and not force:
         raise StillError(
             f"run dir {run_dir} already exists",
@@ -47,7 +54,7 @@ def open_run_dir(recipe: Recipe, *, resume: bool = False, force: bool = False):
         )
     if existed and resume and not (run_dir / RESOLVED_RECIPE).exists():
         raise StillError(f"--resume: {run_dir} is not a still run dir (no {RESOLVED_RECIPE})")
-    if _is_main_process():
+    if is_main_process():
         if existed and force and not resume:
             shutil.rmtree(run_dir)
         try:
@@ -58,7 +65,7 @@ def open_run_dir(recipe: Recipe, *, resume: bool = False, force: bool = False):
     try:
         yield run_dir
     except BaseException:
-        if _is_main_process() and not (existed and resume) and not _has_saved_state(run_dir):
+        if is_main_process() and not (existed and resume) and not _has_saved_state(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
             if not parent_existed:
                 # the `runs/` we made for it, unless another run has appeared there meanwhile
@@ -127,6 +134,6 @@ def write_lineage(run_dir: Path, recipe: Recipe, **fields) -> dict:
         "still_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    if _is_main_process():
+    if is_main_process():
         (run_dir / LINEAGE).write_text(json.dumps(lineage, indent=2))
     return lineage

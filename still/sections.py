@@ -165,7 +165,80 @@ class WandbSection(Section):
 
 class TrackSection(Section):
     wandb: WandbSection | None = Field(None, description="Weights & Biases tracking.")
-    tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
+    tensorboard: bool = Field(
+        False, description="Also write TensorBoard event files to <run dir>/tensorboard."
+    )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Other trackers Trainer supports, by its report_to names (e.g. mlflow, "
+        "trackio); configured through their own environment variables.",
+    )
+
+    @model_validator(mode="after")
+    def _no_duplicates(self):
+        for name in ("wandb", "tensorboard"):
+            if name in self.report_to:
+                raise ValueError(f"report_to: set '{name}' with track.{name}, not in report_to")
+        return self
+
+
+# --------------------------------------------------------------------------- several processes
+class DistributedSection(Section):
+    """How `still run` launches: one process, or several through `accelerate launch`."""
+
+    strategy: Literal["auto", "single", "ddp", "zero2", "zero3", "fsdp"] = Field(
+        "auto",
+        description="auto: one process, or DDP when there are several. ddp: a model copy per "
+        "process. zero2: DeepSpeed shards optimizer state and gradients. zero3 / fsdp: also shard "
+        "the parameters (DeepSpeed ZeRO-3 / PyTorch FSDP2).",
+    )
+    num_processes: int | None = Field(
+        None, ge=1, description="Processes per machine (one per GPU); `--nproc` overrides. "
+        "Default: every visible GPU, or 1 on a CPU-only machine.",
+    )
+    num_machines: int = Field(1, ge=1, description="Machines (nodes) in the job.")
+    machine_rank: int = Field(0, ge=0, description="This machine's index, 0 .. num_machines-1.")
+    main_process_ip: str | None = Field(None, description="Address of machine 0 (several machines).")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on machine 0.")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="zero2/zero3: keep optimizer state in CPU memory or on NVMe."
+    )
+    offload_params: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="zero3: parameters in CPU memory or on NVMe; fsdp: cpu offloads "
+        "parameters, gradients and optimizer state together.",
+    )
+    nvme_path: str | None = Field(None, description="A fast local dir for NVMe offload.")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.offload_optimizer != "none" and self.strategy not in ("zero2", "zero3"):
+            hint = " (FSDP offloads it with offload_params: cpu)" if self.strategy == "fsdp" else ""
+            raise ValueError(f"offload_optimizer needs strategy zero2 or zero3{hint}")
+        if self.offload_params != "none" and self.strategy not in ("zero3", "fsdp"):
+            raise ValueError("offload_params needs strategy zero3 or fsdp (they shard parameters)")
+        if self.strategy == "fsdp" and self.offload_params == "nvme":
+            raise ValueError("FSDP offloads to CPU only; use strategy zero3 for NVMe")
+        if "nvme" in (self.offload_params, self.offload_optimizer) and not self.nvme_path:
+            raise ValueError("NVMe offload needs nvme_path (a fast local dir)")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("several machines need main_process_ip (the address of machine 0)")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} is not below num_machines {self.num_machines}")
+        return self
+
+
+class DistillDistributedSection(DistributedSection):
+    teacher: Literal["auto", "replicate", "shard"] = Field(
+        "auto", description="Under zero3/fsdp: a full teacher copy per process, or sharded like "
+        "the student. auto: replicate while the teacher's weights take at most a quarter of one "
+        "device's memory, else shard.",
+    )
+
+    @model_validator(mode="after")
+    def _shardable(self):
+        if self.teacher == "shard" and self.strategy not in ("zero3", "fsdp"):
+            raise ValueError("teacher: shard needs strategy zero3 or fsdp")
+        return self
 
 
 # --------------------------------------------------------------------------- distillation
@@ -240,6 +313,7 @@ class FinetuneRecipe(RecipeBase):
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
 
 
@@ -252,6 +326,7 @@ class DistillRecipe(RecipeBase):
     distill: DistillSection = Field(default_factory=DistillSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
+    distributed: DistillDistributedSection = Field(default_factory=DistillDistributedSection)
     eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
 
 

@@ -1,0 +1,360 @@
+"""Several processes: the recipe's `distributed:` section → accelerate (+ DeepSpeed) configs → a
+launch, and the teacher's placement once the processes run.
+
+`still run R.yaml --nproc N` (or a recipe whose strategy needs it) writes `launch/accelerate.yaml`,
+`launch/deepspeed.json` (zero2/zero3) and `launch/launch.sh` into the run dir, then starts
+`accelerate launch --config_file launch/accelerate.yaml -m still.cli run R.yaml ...`. The files
+are plain accelerate/DeepSpeed configs, so the same job can be started by hand or from a
+scheduler script. A process started by `accelerate launch` (ours or the user's) never launches
+again: the launcher's settings are what that process runs under.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from still.errors import StillError
+from still.rundir import LAUNCHED_RUN_DIR_ENV
+from still.sections import DistributedSection
+
+# A teacher copy per process is fine while it takes at most this share of one device's memory.
+REPLICATE_TEACHER_MAX_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    strategy: str  # single | ddp | zero2 | zero3 | fsdp (never auto)
+    per_machine: int
+    num_machines: int
+
+    @property
+    def total_processes(self) -> int:
+        return self.per_machine * self.num_machines
+
+    @property
+    def needs_launcher(self) -> bool:
+        return self.total_processes > 1 or self.strategy in ("zero2", "zero3", "fsdp")
+
+
+def inside_launch() -> bool:
+    """True in a process that `accelerate launch` (or torchrun) started."""
+    env = os.environ
+    return (
+        "LOCAL_RANK" in env
+        or env.get("ACCELERATE_USE_DEEPSPEED") == "true"
+        or env.get("ACCELERATE_USE_FSDP") == "true"
+        or LAUNCHED_RUN_DIR_ENV in env
+    )
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plan(dist: DistributedSection, nproc: int | None = None) -> LaunchPlan:
+    """Processes and strategy for this machine: `--nproc`, else the recipe, else every GPU."""
+    if nproc is not None and nproc < 1:
+        raise StillError(f"--nproc {nproc}: needs at least 1 process")
+    per_machine = nproc or dist.num_processes or max(1, _visible_gpus())
+    total = per_machine * dist.num_machines
+    strategy = dist.strategy
+    if strategy == "auto":
+        strategy = "ddp" if total > 1 else "single"
+    if strategy == "single" and total > 1:
+        raise StillError(
+            f"distributed.strategy is single but {total} processes were asked for",
+            hint="set distributed.strategy (ddp, zero2, zero3, fsdp) or drop --nproc",
+        )
+    if strategy == "fsdp" and not _visible_gpus():
+        # accelerate turns FSDP on only for GPU process groups; on CPU it would silently be DDP.
+        raise StillError("distributed.strategy fsdp needs GPUs; this machine has none",
+                         hint="use zero3 to shard on CPU")
+    return LaunchPlan(strategy, per_machine, dist.num_machines)
+
+
+# --------------------------------------------------------------------------- config files
+def _offload(device: str, nvme_path: str | None) -> dict:
+    if device == "nvme":
+        return {"device": "nvme", "nvme_path": nvme_path, "pin_memory": True}
+    return {"device": "cpu", "pin_memory": True}
+
+
+def deepspeed_config(dist: DistributedSection, stage: int) -> dict:
+    """A DeepSpeed JSON whose "auto" values HF Trainer fills from the recipe's train section."""
+    zero: dict = {"stage": stage, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
+    if stage == 3:
+        zero |= {
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            # the final save writes one normal model file, not only ZeRO shards
+            "stage3_gather_16bit_weights_on_model_save": True,
+        }
+    config = {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "steps_per_print": 1_000_000,  # Trainer logs; DeepSpeed's own step lines are noise
+        "wall_clock_breakdown": False,
+    }
+    if dist.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(dist.offload_optimizer, dist.nvme_path)
+        # DeepSpeed's CPU Adam steps the offloaded optimizer state far faster than torch's.
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
+    if dist.offload_params != "none":
+        zero["offload_param"] = _offload(dist.offload_params, dist.nvme_path)
+    return config
+
+
+def accelerate_config(dist: DistributedSection, launch: LaunchPlan, *, mixed_precision: str,
+                      deepspeed_file: Path | None) -> dict:
+    config: dict = {
+        "compute_environment": "LOCAL_MACHINE",
+        "num_processes": launch.total_processes,  # accelerate counts every machine's processes
+        "num_machines": launch.num_machines,
+        "machine_rank": dist.machine_rank,
+        "main_process_port": dist.main_process_port,
+        "use_cpu": False,  # Trainer picks CPU itself when there is no GPU
+    }
+    if launch.num_machines > 1:
+        config |= {"main_process_ip": dist.main_process_ip, "same_network": True, "rdzv_backend": "static"}
+    if launch.strategy in ("zero2", "zero3"):
+        # With a DeepSpeed file, precision lives in the file ("auto" = the recipe's precision).
+        config["distributed_type"] = "DEEPSPEED"
+        config["deepspeed_config"] = {
+            "deepspeed_config_file": str(deepspeed_file),
+            "zero3_init_flag": launch.strategy == "zero3",
+        }
+        return config
+    config["mixed_precision"] = mixed_precision
+    if launch.strategy == "fsdp":
+        config["distributed_type"] = "FSDP"
+        config["fsdp_config"] = {
+            "fsdp_version": 2,
+            # one shard unit per decoder layer, found from the model's _no_split_modules
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_reshard_after_forward": True,
+            "fsdp_state_dict_type": "FULL_STATE_DICT",
+            "fsdp_offload_params": dist.offload_params == "cpu",
+            # carving a student and adding LoRA need the real weights on every process
+            "fsdp_cpu_ram_efficient_loading": False,
+        }
+    else:
+        config["distributed_type"] = "MULTI_GPU" if launch.total_processes > 1 else "NO"
+    return config
+
+
+def write_configs(dist: DistributedSection, launch: LaunchPlan, launch_dir: Path, *,
+                  mixed_precision: str, command: list[str]) -> Path:
+    """Write the configs and a launch.sh that reruns this job by hand; returns accelerate.yaml."""
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    deepspeed_file = None
+    if launch.strategy in ("zero2", "zero3"):
+        deepspeed_file = launch_dir / "deepspeed.json"
+        deepspeed_file.write_text(json.dumps(deepspeed_config(dist, int(launch.strategy[-1])), indent=2) + "\n")
+    config_file = launch_dir / "accelerate.yaml"
+    config = accelerate_config(dist, launch, mixed_precision=mixed_precision, deepspeed_file=deepspeed_file)
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    if command:
+        script = launch_dir / "launch.sh"
+        script.write_text(
+            "#!/bin/sh\n# Written by `still run`: the same job with plain accelerate.\n"
+            + " ".join(shlex.quote(part) for part in command) + "\n"
+        )
+        script.chmod(0o755)
+    return config_file
+
+
+def command(config_file: Path, recipe_path: str, overrides: list[str], *, resume: bool = False) -> list[str]:
+    """The `accelerate launch` command line that runs this recipe in every process."""
+    child = ["-m", "still.cli", "run", str(Path(recipe_path).resolve()), *overrides]
+    return ["accelerate", "launch", "--config_file", str(config_file), *child, *(["--resume"] if resume else [])]
+
+
+class LaunchFailed(Exception):
+    """The launched processes exited with `code`; they have printed their own error."""
+
+    def __init__(self, code: int):
+        super().__init__(f"launched processes exited with {code}")
+        self.code = code
+
+
+def launch(config_file: Path, recipe_path: str, overrides: list[str], run_dir: Path | None, *,
+           resume: bool) -> int:
+    """Run `accelerate launch`; returns 2 when a process stopped on a user error, else its code.
+
+    SIGTERM/SIGINT are passed on (the workers stop with a checkpoint). stderr is passed through
+    as it comes, up to the first `still: error:` line: the same error from the other ranks and
+    the launcher's report of the failed child (a traceback) are not the user's problem.
+    """
+    argv = [sys.executable, "-m", "accelerate.commands.launch",
+            *command(config_file, recipe_path, overrides, resume=resume)[2:]]
+    env = dict(os.environ)
+    if run_dir is not None:  # the processes take this already opened run dir as theirs
+        env[LAUNCHED_RUN_DIR_ENV] = str(Path(run_dir).resolve())
+    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+
+    def forward(signum, _frame):
+        # To the workers themselves: they stop after the current step with a checkpoint and exit
+        # 0. The launcher, if signalled, would give them only 30 s before killing them.
+        for pid in _children(process.pid) or [process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        user_error = _pass_stderr_through(process.stderr.fileno())
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 2 if user_error and code != 0 else code
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):  # not Linux, or already gone
+        return []
+
+
+def _pass_stderr_through(fd: int) -> bool:
+    marker, pending, silenced = b"still: error:", b"", False
+    while chunk := os.read(fd, 1 << 16):
+        if silenced:
+            continue
+        pending += chunk
+        at = pending.find(marker)
+        if at >= 0 and b"\n" in pending[at:]:
+            sys.stderr.buffer.write(pending[: pending.index(b"\n", at) + 1])
+            silenced = True
+        elif at < 0:
+            # keep a tail that could be the start of the marker; write the rest now
+            keep = len(marker) - 1
+            sys.stderr.buffer.write(pending[:-keep] if len(pending) > keep else b"")
+            pending = pending[-keep:] if len(pending) > keep else pending
+        sys.stderr.buffer.flush()
+    if not silenced:
+        sys.stderr.buffer.write(pending)
+        sys.stderr.buffer.flush()
+    return silenced
+
+
+def launched_as() -> str:
+    """The strategy this process was started under, read from accelerate's environment."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP") == "true":
+        return "fsdp"
+    if env.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if config_file and Path(config_file).is_file():
+            stage = str(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage", stage))
+        return f"zero{stage}" if stage in ("2", "3") else "deepspeed"
+    return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def note_launcher_mismatch(dist: DistributedSection) -> None:
+    actual = launched_as()
+    if dist.strategy not in ("auto", actual) and int(os.environ.get("RANK", "0")) == 0:
+        print(f"still: note: this process was launched as {actual}; the recipe's "
+              f"distributed.strategy {dist.strategy} applies only when `still run` launches")
+
+
+# --------------------------------------------------------------------------- the teacher
+def device_memory_bytes(device) -> int:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    # CPU: the machine's memory, shared by the processes on it
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local, 1)
+
+
+def teacher_placement(choice: str, strategy: str, teacher_bytes: int, device_bytes: int) -> str:
+    """replicate | shard. Only ZeRO-3 and FSDP can shard; a copy per process costs no traffic."""
+    if strategy not in ("zero3", "fsdp"):
+        if choice == "shard":
+            raise StillError(
+                f"distributed.teacher: shard needs a zero3 or fsdp launch; this one is {strategy}",
+                hint="set distributed.strategy: zero3 (or fsdp), or teacher: replicate",
+            )
+        return "replicate"
+    if choice != "auto":
+        return choice
+    return "replicate" if teacher_bytes <= REPLICATE_TEACHER_MAX_SHARE * device_bytes else "shard"
+
+
+def shard_teacher_deepspeed(teacher, deepspeed_plugin):
+    """The frozen teacher in its own ZeRO-3 engine: parameters partitioned, gathered per layer."""
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    zero["stage"] = 3
+    config = _drop_auto(config)
+    config.setdefault("train_micro_batch_size_per_gpu", 1)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
+
+
+def _drop_auto(value):
+    """DeepSpeed's own defaults for what Trainer would only fill for the model it trains."""
+    if isinstance(value, dict):
+        return {key: _drop_auto(item) for key, item in value.items() if item != "auto"}
+    return value
+
+
+def shard_teacher_fsdp(teacher, device, fsdp_plugin):
+    """FSDP2 over the teacher's decoder layers, offloaded when the student is; embeddings and
+    head stay whole after the first forward (the root unit is not resharded), which the chunked
+    KD loss reads directly."""
+    import torch.distributed as torch_dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (torch_dist.get_world_size(),))
+    offload = isinstance(fsdp_plugin.cpu_offload, CPUOffloadPolicy)
+    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    layer_classes = set(getattr(teacher, "_no_split_modules", None) or ())
+    if not layer_classes:
+        raise StillError(f"cannot shard teacher {type(teacher).__name__}: it names no decoder layer class",
+                         hint="set distributed.teacher: replicate")
+    for module in teacher.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, mesh=mesh, reshard_after_forward=True, offload_policy=policy)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=False, offload_policy=policy)
+    return teacher
+
+
+def describe_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1024 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TB"
