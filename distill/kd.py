@@ -29,9 +29,9 @@ from still import models
 from still.errors import StillError
 from still.preflight import print_report
 from still.checkpoint import reliability_callbacks, resume_checkpoint, stopped_by_signal
-from still.rundir import absolute_ref, is_main_process, run_group, write_lineage
+from still.rundir import absolute_ref, is_main_process, write_lineage
 from still.sections import DistillRecipe
-from still.tracking import MetricsJsonl, report_to
+from still.tracking import start_tracking
 
 
 # --------------------------------------------------------------------------- setup
@@ -236,8 +236,8 @@ def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
         carved=None if carve is None else {"kept_layers": carve.kept_layers, "param_fraction": carve.param_fraction},
         method=recipe.method,
     )
-    report = report_to(recipe.track, run_dir=run_dir, group=run_group(recipe), job_type="distill")
-    args = training_arguments(recipe, run_dir, has_eval=eval_data is not None, total_steps=total_steps, report=report)
+    tracking = start_tracking(recipe, run_dir, job_type="distill", lineage=lineage)
+    args = training_arguments(recipe, run_dir, has_eval=eval_data is not None, total_steps=total_steps, report=tracking.report_to)
     trainer = KDTrainer(
         model=student,
         args=args,
@@ -245,7 +245,7 @@ def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
         eval_dataset=eval_data.dataset if eval_data else None,
         data_collator=collator_for(recipe.data, tokenizer, recipe.student.attn_implementation, student.dtype),
         processing_class=tokenizer,
-        callbacks=[MetricsJsonl(run_dir / "metrics.jsonl"), *reliability_callbacks(recipe.train)],
+        callbacks=[*tracking.callbacks, *reliability_callbacks(recipe.train)],
         teacher=teacher,
         distill=recipe.distill,
         vocab_size=vocab_size,

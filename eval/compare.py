@@ -2,8 +2,9 @@
 
 Input: eval output dirs (each holds `<task>.json` + `<task>.samples.jsonl` for one model, as
 `evaluate` writes them; a run dir whose `eval/` holds them works too). Output: `compare.md`
-(the table and one line per caveat) and `compare.png` (one panel per task metric, a bar per
-model with its bootstrap error bar).
+(the table and one line per caveat), `compare.json` (the same table with numbers, which a W&B
+comparison run logs) and `compare.png` (one panel per task metric, a bar per model with its
+bootstrap error bar).
 
 The difference to the reference model is a *paired* bootstrap over the question ids both
 models answered: question difficulty is shared, so pairing shows differences that two
@@ -58,10 +59,13 @@ def compare(
     header = ["task", "metric", "model", "score ± stderr", f"Δ vs {reference_model.name} [95% paired CI]"]
     if teacher_model:
         header.append(f"% of {teacher_model.name}")
-    table = []
+    table, numbers = [], []
     for task, metric in _task_metrics(models):
         for model in models:
-            table.append(_table_row(task, metric, model, reference_model, teacher_model))
+            row = _table_row(task, metric, model, reference_model, teacher_model)
+            table.append(row)
+            score = model.summaries.get(task, {}).get("metrics", {}).get(metric) or {}
+            numbers.append([task, metric, model.name, score.get("mean"), score.get("stderr"), *row[4:]])
     caveats += _caveats(models)
     caveats.append(
         f"Δ is the mean per-question difference to {reference_model.name}; its CI resamples the same "
@@ -77,6 +81,15 @@ def compare(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(markdown, encoding="utf-8")
+    # The same table with numbers, for trackers (a W&B comparison run logs it as a table).
+    comparison = {
+        "reference": reference_model.name,
+        "teacher": teacher_model.name if teacher_model else None,
+        "columns": ["task", "metric", "model", "mean", "stderr", *header[4:]],
+        "rows": numbers,
+        "caveats": caveats,
+    }
+    (out_dir / "compare.json").write_text(json.dumps(comparison, indent=1, ensure_ascii=False), encoding="utf-8")
     _plot(models, _task_metrics(models), out_dir / "compare.png")
     print(markdown)
     return markdown

@@ -9,12 +9,13 @@ re-scoring an unchanged checkpoint is free.
 from __future__ import annotations
 
 import gc
+import json
 import re
 from pathlib import Path
 
 from eval.harness import evaluate, model_content_hash
 from eval.tasks import load_task
-from still import models
+from still import models, tracking
 from still.errors import StillError
 from still.rundir import LINEAGE, RESOLVED_RECIPE
 
@@ -69,6 +70,8 @@ def evaluate_model(
             model_name=name,
         )
         summaries.append(summary)
+        # into the active W&B run, if any: an eval run, or the training run this eval ends
+        tracking.log_eval_task(summary, Path(out_dir) / f"{task.name}.samples.jsonl", model_name=name)
         cached = " (cached)" if summary.get("cache_hit") else ""
         metrics = ", ".join(f"{k} {v['mean']:.4f} ± {v['stderr']:.4f}" for k, v in summary["metrics"].items())
         print(f"still: {name} on {task.name}{cached}: {metrics}")
@@ -88,21 +91,45 @@ def run_eval_recipe(recipe, *, force: bool = False, limit: int | None = None, ba
     result_dirs = []
     for ref, name in zip(recipe.models, names):
         out_dir = out_root / name
-        evaluate_model(
-            ref,
-            recipe.tasks,
-            out_dir=out_dir,
-            batch_size=batch_size or recipe.batch_size,
-            limit=limit or recipe.limit,
-            use_cache=not force,
-            name=name,
-        )
+        # One W&B eval run per model (when the recipe tracks), so runs compare side by side.
+        run = tracking.start_wandb(recipe, out_root, job_type="eval", name=f"eval-{name}",
+                                   config={"model": _model_config(ref, name)})
+        model_artifact = tracking.still_run_artifact(ref)
+        tracking.use_artifacts(run, [model_artifact] if model_artifact else [])  # online: a lineage edge
+        try:
+            evaluate_model(
+                ref,
+                recipe.tasks,
+                out_dir=out_dir,
+                batch_size=batch_size or recipe.batch_size,
+                limit=limit or recipe.limit,
+                use_cache=not force,
+                name=name,
+            )
+        except BaseException:
+            tracking.finish_wandb(exit_code=1)  # marked failed in W&B
+            raise
+        tracking.finish_wandb()
         result_dirs.append(out_dir)
     if len(result_dirs) > 1:
         reference = display_name(recipe.reference) if recipe.reference else None
         teacher = display_name(recipe.teacher) if recipe.teacher else None
         compare(result_dirs, reference=reference, teacher=teacher, out_dir=out_root)
+        if tracking.start_wandb(recipe, out_root, job_type="compare", name=recipe.name) is not None:
+            tracking.log_comparison(out_root)
+            tracking.finish_wandb()
     return 0
+
+
+def _model_config(ref: str, name: str) -> dict:
+    """What an eval run records about its model: the reference, and its lineage if a run dir."""
+    config = {"ref": ref, "name": name}
+    if is_run_dir(ref):
+        config["lineage"] = json.loads((Path(ref) / LINEAGE).read_text())
+        run_id = Path(ref) / tracking.RUN_ID_FILE
+        if run_id.is_file():
+            config["training_run_id"] = run_id.read_text().strip()
+    return config
 
 
 def run_eval_cli(args) -> int:

@@ -19,9 +19,9 @@ from still import models
 from still.errors import StillError
 from still.preflight import print_report
 from still.checkpoint import reliability_callbacks, resume_checkpoint, stopped_by_signal
-from still.rundir import absolute_ref, format_summary, run_group, write_lineage
+from still.rundir import absolute_ref, format_summary, write_lineage
 from still.sections import DataSection, FinetuneRecipe, LoraSection, TrainSection
-from still.tracking import MetricsJsonl, report_to
+from still.tracking import finish_training_run, start_tracking
 
 
 # --------------------------------------------------------------------------- config
@@ -171,9 +171,9 @@ def run(recipe: FinetuneRecipe, run_dir: Path, *, resume: bool = False) -> dict:
     print_report(recipe, tokenizer, train_data, eval_data, model=model, total_steps=total_steps)
 
     lineage = write_lineage(run_dir, recipe, base=absolute_ref(recipe.model.ref), method=recipe.method)
-    report = report_to(recipe.track, run_dir=run_dir, group=run_group(recipe), job_type="finetune")
+    tracking = start_tracking(recipe, run_dir, job_type="finetune", lineage=lineage)
     args = training_arguments(
-        recipe, run_dir, has_eval=eval_data is not None, total_steps=total_steps, report=report
+        recipe, run_dir, has_eval=eval_data is not None, total_steps=total_steps, report=tracking.report_to
     )
     trainer = Trainer(
         model=model,
@@ -182,7 +182,7 @@ def run(recipe: FinetuneRecipe, run_dir: Path, *, resume: bool = False) -> dict:
         eval_dataset=eval_data.dataset if eval_data else None,
         data_collator=collator_for(recipe.data, tokenizer, recipe.model.attn_implementation, model.dtype),
         processing_class=tokenizer,
-        callbacks=[MetricsJsonl(run_dir / "metrics.jsonl"), *reliability_callbacks(recipe.train)],
+        callbacks=[*tracking.callbacks, *reliability_callbacks(recipe.train)],
     )
     checkpoint = resume_checkpoint(run_dir) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -207,6 +207,7 @@ def finish_run(trainer: Trainer, recipe, run_dir: Path, result, final_eval: dict
             # partition that load across ranks that have already finished.
             unset_hf_deepspeed_config()
             evaluate_run(run_dir, recipe.eval_tasks)
+        finish_training_run(run_dir, summary)  # model artifact + lineage, then the W&B run ends
     return summary
 
 

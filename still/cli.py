@@ -129,6 +129,10 @@ def _cmd_compare(args) -> int:
     compare(
         [Path(p) for p in args.inputs], reference=args.reference, teacher=args.teacher, out_dir=out
     )
+    if args.wandb:
+        from still.tracking import log_comparison_run
+
+        log_comparison_run(out, project=args.wandb, group=args.wandb_group, inputs=args.inputs)
     return 0
 
 
@@ -186,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="name of the model differences are taken against")
     p.add_argument("--teacher", help="name of the teacher, for retention %%")
     p.add_argument("--out", help="where compare.md and compare.png go")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log the table and chart to a W&B comparison run")
+    p.add_argument("--wandb-group", metavar="GROUP", help="W&B group of that run (e.g. the pipeline's)")
     p.set_defaults(handler=_cmd_compare)
 
     p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -155,12 +155,28 @@ class TrainSection(Section):
 
 class WandbSection(Section):
     project: str = Field("still", description="W&B project.")
-    entity: str | None = None
-    group: str | None = Field(None, description="Run group; default: the recipe's directory.")
-    tags: list[str] = Field(default_factory=list)
-    mode: Literal["auto", "online", "offline", "disabled"] = Field(
-        "auto", description="auto: online if an API key is set, else offline."
+    entity: str | None = Field(None, description="W&B team or user; default: your default entity.")
+    group: str | None = Field(
+        None, description="Run group; default: the recipe's directory (one pipeline, e.g. quickstart)."
     )
+    tags: list[str] = Field(default_factory=list, description="Extra run tags (the kind is always one).")
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto",
+        description="auto: online if an API key is set and W&B is reachable, else offline "
+        "(sync later with `wandb sync`). The WANDB_MODE environment variable wins.",
+    )
+    log_model: Literal["end", "checkpoint", "false"] = Field(
+        "end",
+        description="end: the final adapter/model as a `model` artifact with its lineage; "
+        "checkpoint: also every Trainer checkpoint (Trainer's WANDB_LOG_MODEL=checkpoint); "
+        "false: no model files in W&B.",
+    )
+
+    @field_validator("log_model", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value):
+        # `log_model: false` in YAML is a boolean, as in Trainer's WANDB_LOG_MODEL=false
+        return {False: "false", True: "end"}.get(value, value) if isinstance(value, bool) else value
 
 
 class TrackSection(Section):

@@ -1,23 +1,46 @@
-"""Tracking: `metrics.jsonl` in every run dir, plus W&B / TensorBoard through Trainer's own
-callbacks. With no W&B key or network, W&B runs offline and says how to sync later; tracking
-problems never stop training.
+"""Tracking: `metrics.jsonl` in every run dir, W&B runs for training, eval and comparison, and
+TensorBoard or any other Trainer tracker, all from the recipe's `track:` section.
+
+One W&B run per run dir. Its config is the resolved recipe (secrets redacted), the run dir
+path and lineage.json; its group is the recipe family (the recipe's directory, so every step
+of recipes/quickstart/ lands in one group) and its job_type the kind. Training metrics come
+from Trainer's own WandbCallback. The final adapter or model becomes a `model` artifact whose
+metadata (and a lineage.json inside it) says what it was made from. With no API key, or no
+route to W&B, runs are offline and a line says how to `wandb sync` them. A tracking failure
+prints one warning and the run goes on without W&B.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
+import sys
 import time
+import urllib.parse
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback, WandbCallback
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, WandbLogModel
 
-from still.sections import TrackSection
+from still.errors import StillError
+from still.rundir import is_main_process
+from still.sections import TrackSection, WandbSection
 
 SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# Recipe keys whose values are never sent to a tracker, whatever section they are in.
+SECRET_KEY = re.compile(r"token|secret|passw|api_?key|credential", re.IGNORECASE)
+REDACTED = "<redacted>"
+RUN_ID_FILE = "wandb_run_id"
+# Parents in lineage.json that can be W&B model artifacts of earlier still runs.
+LINEAGE_PARENT_KEYS = ("base", "teacher", "student", "source_run")
 
 
+# --------------------------------------------------------------------------- metrics.jsonl
 class MetricsJsonl(TrainerCallback):
     """Appends every Trainer log (loss, lr, grad norm, eval loss) with throughput to a file."""
 
@@ -50,39 +73,440 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+# --------------------------------------------------------------------------- helpers
+def warn(what: str, exc: BaseException) -> None:
+    """The one line a tracking failure costs: the run itself goes on."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    print(f"still: warning: W&B {what} failed, continuing without it ({type(exc).__name__}: {message})",
+          file=sys.stderr)
+
+
+def redact(value, secrets: tuple[str, ...] | None = None):
+    """A copy of a config value with secret-named keys and known secret values replaced."""
+    if secrets is None:
+        secrets = tuple(v for v in (os.environ.get(name) for name in SECRET_ENV_VARS) if v)
+    if isinstance(value, dict):
+        return {
+            key: REDACTED if SECRET_KEY.search(str(key)) and item else redact(item, secrets)
+            for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact(item, secrets) for item in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
 def stable_run_id(run_dir: Path) -> str | None:
     """The run dir's tracker id, made once by the main process and reused on --resume."""
-    path = Path(run_dir) / "wandb_run_id"
-    if not path.exists() and int(os.environ.get("RANK", "0")) == 0:
+    path = Path(run_dir) / RUN_ID_FILE
+    if not path.exists() and is_main_process():
         path.write_text(uuid.uuid4().hex[:12])
     return path.read_text().strip() if path.exists() else None
 
 
-def report_to(track: TrackSection, *, run_dir: Path, group: str, job_type: str) -> list[str]:
-    """Trainer `report_to` list; configures W&B through its env vars (offline when no key)."""
-    targets = []
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    return netrc.is_file() and bool(host) and host in netrc.read_text(errors="ignore")
+
+
+def _reachable(timeout: float = 3.0) -> bool:
+    url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def wandb_mode(configured: str) -> str:
+    """online / offline / disabled. WANDB_MODE wins; auto is online only with a key and a route."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if configured != "auto":
+        return configured
+    if not _has_api_key():
+        return "offline"
+    if not _reachable():
+        print("still: W&B is not reachable from here; logging offline instead")
+        return "offline"
+    return "online"
+
+
+# --------------------------------------------------------------------------- W&B runs
+def start_wandb(recipe, run_dir: Path, *, job_type: str, name: str | None = None,
+                run_id: str | None = None, config: dict | None = None):
+    """Open the W&B run of a recipe's run dir (main process only); None when off or failed.
+
+    The config is the resolved recipe plus `config`; `run_id` resumes that run (--resume).
+    """
+    from still.rundir import run_group
+
+    settings = recipe.track.wandb
+    if settings is None:
+        return None
+    dumped = recipe.model_dump(mode="json", exclude_none=True, by_alias=True)
+    return open_wandb(settings, run_dir, job_type=job_type, name=name or recipe.name,
+                      group=settings.group or run_group(recipe), run_id=run_id,
+                      config={"recipe": dumped, **(config or {})})
+
+
+def open_wandb(settings: WandbSection, run_dir: Path, *, job_type: str, name: str, group: str | None,
+               run_id: str | None = None, config: dict | None = None):
+    """`wandb.init` with still's conventions: files under `run_dir/wandb`, tags, notes, redacted
+    config, offline when W&B can't be reached. Never raises: a failure is one warning."""
+    if not is_main_process():
+        return None
+    mode = wandb_mode(settings.mode)
+    if mode == "disabled":
+        return None
+    run_dir = Path(run_dir).resolve()
+    try:
+        import wandb
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if wandb.run is not None:  # one left open by an earlier run in this process
+            wandb.run.finish()
+        run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            name=name,
+            id=run_id,
+            resume="allow" if run_id else None,
+            group=group,
+            job_type=job_type,
+            tags=redact([job_type, *settings.tags]),
+            dir=str(run_dir),
+            notes=f"still run dir: {run_dir}",
+            mode=mode,
+            config=redact({**(config or {}), "run_dir": str(run_dir)}),
+        )
+    except Exception as exc:  # noqa: BLE001 — no tracking problem may stop a run
+        warn("init", exc)
+        return None
+    if mode == "offline":
+        print(f"still: W&B is offline; sync later with `wandb sync {Path(run.dir).parent}`")
+    _save_files(run, run_dir)
+    return run
+
+
+def _save_files(run, run_dir: Path) -> None:
+    """Redacted copies of the resolved recipe and lineage.json as files of the run."""
+    import yaml
+
+    from still.rundir import LINEAGE, RESOLVED_RECIPE
+
+    for name, load, dump in (
+        (RESOLVED_RECIPE, yaml.safe_load, lambda data: yaml.safe_dump(data, sort_keys=False, allow_unicode=True)),
+        (LINEAGE, json.loads, lambda data: json.dumps(data, indent=2)),
+    ):
+        if not (run_dir / name).is_file():
+            continue
+        try:
+            # a copy inside the run's files dir: what the run had, not what the dir holds later
+            text = (run_dir / name).read_text()
+            header = "".join(f"{line}\n" for line in text.splitlines() if line.startswith("# Resolved from"))
+            copy = Path(run.dir) / name
+            copy.write_text(redact(header) + dump(redact(load(text))))
+            run.save(str(copy), base_path=run.dir, policy="now")
+        except Exception as exc:  # noqa: BLE001
+            warn(f"saving {name}", exc)
+
+
+def finish_wandb(summary: dict | None = None, *, exit_code: int | None = None) -> None:
+    """Close the active W&B run (if any) after adding `summary` to its summary."""
+    import wandb
+
+    if wandb.run is None:
+        return
+    try:
+        if summary:
+            wandb.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        wandb.run.finish(exit_code=exit_code)
+    except Exception as exc:  # noqa: BLE001
+        warn("finish", exc)
+
+
+class ResilientWandbCallback(WandbCallback):
+    """Trainer's W&B callback (metrics, TrainingArguments and model config into the run that
+    `start_wandb` opened); a W&B error warns once and turns W&B off instead of ending training."""
+
+    def __init__(self, log_model: str = "false"):
+        super().__init__()
+        # "end" is logged by `finish_training_run` with lineage; Trainer only does checkpoints.
+        self._log_model = WandbLogModel.CHECKPOINT if log_model == "checkpoint" else WandbLogModel.FALSE
+
+    def _guard(self, event: str, *args, **kwargs):
+        if self._wandb is None:
+            return
+        try:
+            getattr(super(), event)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            warn(f"logging ({event})", exc)
+            self._wandb, self._initialized = None, False
+
+    def on_train_begin(self, *args, **kwargs):
+        self._guard("on_train_begin", *args, **kwargs)
+
+    def on_log(self, *args, **kwargs):
+        self._guard("on_log", *args, **kwargs)
+
+    def on_save(self, *args, **kwargs):
+        self._guard("on_save", *args, **kwargs)
+
+    def on_train_end(self, *args, **kwargs):
+        self._guard("on_train_end", *args, **kwargs)
+
+    def on_predict(self, *args, **kwargs):
+        self._guard("on_predict", *args, **kwargs)
+
+
+@dataclass
+class Tracking:
+    """What a training runner hands to Trainer: `report_to` and `callbacks`."""
+
+    report_to: list[str] = field(default_factory=list)
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+
+
+def start_tracking(recipe, run_dir: Path, *, job_type: str, lineage: dict | None = None) -> Tracking:
+    """metrics.jsonl always; W&B, TensorBoard and other Trainer trackers as the recipe says."""
+    track: TrackSection = recipe.track
+    unknown = [name for name in track.report_to if name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise StillError(
+            f"track.report_to: unknown tracker {unknown[0]!r}",
+            hint=f"Trainer supports: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}",
+        )
+    tracking = Tracking(report_to=list(track.report_to), callbacks=[MetricsJsonl(Path(run_dir) / "metrics.jsonl")])
     if track.tensorboard:
-        targets.append("tensorboard")
-    wandb_cfg = track.wandb
-    if wandb_cfg is not None and wandb_cfg.mode != "disabled":
-        mode = wandb_cfg.mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        os.environ.setdefault("WANDB_MODE", mode)
-        os.environ["WANDB_PROJECT"] = wandb_cfg.project
-        if wandb_cfg.entity:
-            os.environ["WANDB_ENTITY"] = wandb_cfg.entity
-        os.environ["WANDB_RUN_GROUP"] = wandb_cfg.group or group
-        os.environ["WANDB_JOB_TYPE"] = job_type
-        if wandb_cfg.tags:
-            os.environ["WANDB_TAGS"] = ",".join(wandb_cfg.tags)
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
-        # One W&B run per run dir: --resume continues it instead of starting a new one.
-        run_id = stable_run_id(run_dir)
-        if run_id:
-            os.environ["WANDB_RUN_ID"] = run_id
-            os.environ["WANDB_RESUME"] = "allow"
-        if os.environ["WANDB_MODE"] == "offline":
-            print(f"still: W&B is offline; sync later with `wandb sync {run_dir}/wandb/offline-run-*`")
-        targets.append("wandb")
-    return targets
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise StillError("track.tensorboard needs the tensorboard package",
+                             hint="pip install tensorboard") from None
+        board = TensorBoardCallback()
+        board.logging_dir = str(Path(run_dir) / "tensorboard")
+        tracking.callbacks.append(board)
+    if track.wandb is not None:
+        run = start_wandb(recipe, run_dir, job_type=job_type, run_id=stable_run_id(run_dir),
+                          config={"lineage": lineage} if lineage else None)
+        if run is not None:
+            tracking.callbacks.append(ResilientWandbCallback(track.wandb.log_model))
+    return tracking
+
+
+# --------------------------------------------------------------------------- model artifacts
+def artifact_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def still_run_artifact(ref) -> str | None:
+    """`<name>:latest` when `ref` is a still run dir (whose final model is artifact <name>)."""
+    if isinstance(ref, str) and (Path(ref) / "lineage.json").is_file():
+        return f"{artifact_name(Path(ref).resolve().name)}:latest"
+    return None
+
+
+def lineage_parents(lineage: dict) -> list[str]:
+    """The model artifacts of the parents (base, teacher, student, source_run) that are still runs."""
+    parents = [still_run_artifact(lineage.get(key)) for key in LINEAGE_PARENT_KEYS]
+    return list(dict.fromkeys(parent for parent in parents if parent))
+
+
+def use_artifacts(run, names: list[str]) -> None:
+    """Online only: mark artifacts as inputs of `run` (W&B draws lineage from these edges)."""
+    if run is None or run.offline:
+        return
+    for name in names:
+        try:
+            run.use_artifact(name)
+        except Exception as exc:  # noqa: BLE001 — e.g. a parent that was never tracked in W&B
+            warn(f"use_artifact {name}", exc)
+
+
+def log_model_artifact(path: Path, *, name: str, lineage: dict, aliases: tuple[str, ...] = (),
+                       metadata: dict | None = None, run=None):
+    """Log a model dir as a W&B `model` artifact carrying its lineage; None if not logged.
+
+    Online, parents that are artifacts of earlier still runs are also marked as used, which
+    draws the base → teacher → student → published graph. Offline runs cannot do that; the
+    lineage rides along in the metadata and `python -m still.tracking link` adds it after sync.
+    """
+    import wandb
+
+    run = run or wandb.run
+    if run is None:
+        return None
+    try:
+        artifact = wandb.Artifact(artifact_name(name), type="model",
+                                  metadata=redact({"lineage": lineage, **(metadata or {})}))
+        artifact.add_dir(str(path))
+        with artifact.new_file("lineage.json", mode="w", encoding="utf-8") as handle:
+            json.dump(redact(lineage), handle, indent=2)
+        use_artifacts(run, lineage_parents(lineage))
+        return run.log_artifact(artifact, aliases=list(aliases))
+    except Exception as exc:  # noqa: BLE001
+        warn("model artifact", exc)
+        return None
+
+
+def finish_training_run(run_dir: Path, summary: dict) -> None:
+    """After the final save: the model artifact (unless `log_model: false`), the summary, finish."""
+    import wandb
+
+    run = wandb.run
+    if run is None:
+        return
+    run_dir = Path(run_dir)
+    saved = next((run_dir / sub for sub in ("adapter", "model") if (run_dir / sub).is_dir()), None)
+    lineage_path = run_dir / "lineage.json"
+    lineage = json.loads(lineage_path.read_text()) if lineage_path.is_file() else {}
+    settings = _wandb_settings(run_dir)
+    if saved is not None and settings.get("log_model", "end") != "false":
+        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+        log_model_artifact(saved, name=run_dir.name, lineage=lineage, aliases=("final",),
+                           metadata={"kind": lineage.get("kind"), "format": saved.name, "summary": numbers})
+    # Trainer already logged the final eval as eval/*; add what it did not (e.g. steps).
+    finish_wandb({k: v for k, v in summary.items() if not k.startswith("eval_")})
+
+
+def log_published_model(out_dir: Path, lineage: dict, *, source_run_dir: Path) -> None:
+    """For `still publish`: if the source run was tracked in W&B, a `publish` run in its project
+    and group that logs the published dir as a `model` artifact (alias `published`)."""
+    settings = _wandb_settings(source_run_dir)
+    if not settings:
+        return
+    resolved = (Path(source_run_dir) / "recipe.resolved.yaml").read_text().splitlines()[0]
+    source = resolved.removeprefix("# Resolved from ") if resolved.startswith("# Resolved from ") else None
+    wandb_settings = WandbSection(**{k: v for k, v in settings.items() if k in WandbSection.model_fields})
+    group = wandb_settings.group or (Path(source).parent.name if source else Path(source_run_dir).name)
+    # W&B's files go next to the source run's, never into the published dir itself
+    run = open_wandb(wandb_settings, source_run_dir, job_type="publish", name=f"publish-{Path(out_dir).name}",
+                     group=group, config={"lineage": lineage, "published_dir": str(Path(out_dir).resolve())})
+    if run is not None:
+        log_model_artifact(out_dir, name=Path(out_dir).name, lineage=lineage, aliases=("published",),
+                           metadata={"kind": "published"}, run=run)
+        finish_wandb()
+
+
+def _wandb_settings(run_dir: Path) -> dict:
+    import yaml
+
+    from still.rundir import RESOLVED_RECIPE
+
+    path = Path(run_dir) / RESOLVED_RECIPE
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    return (data.get("track") or {}).get("wandb") or {}
+
+
+# --------------------------------------------------------------------------- eval + compare
+def log_eval_task(summary: dict, samples_path: Path, *, model_name: str | None = None) -> None:
+    """Per-task summary metrics and a table of per-sample predictions, into the active run."""
+    import wandb
+
+    if wandb.run is None:
+        return
+    try:
+        task = summary["task"]
+        values = {f"eval/{task}/n": summary.get("n")}
+        for metric, score in summary["metrics"].items():
+            values[f"eval/{task}/{metric}"] = score["mean"]
+            values[f"eval/{task}/{metric}_stderr"] = score["stderr"]
+        wandb.run.summary.update(values)
+        wandb.run.log({f"eval/{task}/samples": samples_table(samples_path, model_name)})
+    except Exception as exc:  # noqa: BLE001
+        warn("eval logging", exc)
+
+
+def samples_table(samples_path: Path, model_name: str | None = None):
+    """`<task>.samples.jsonl` as a wandb.Table: one row per question, one column per metric."""
+    import wandb
+
+    rows = [json.loads(line) for line in Path(samples_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    fields = list(dict.fromkeys(key for row in rows for key in row if key != "metrics"))
+    metrics = list(dict.fromkeys(name for row in rows for name in row.get("metrics", {})))
+    columns = ["model", *fields, *metrics]
+    data = []
+    for row in rows:
+        cells = [_cell(row.get(key)) for key in fields] + [row.get("metrics", {}).get(name) for name in metrics]
+        data.append([model_name, *cells])
+    return wandb.Table(columns=columns, data=data)
+
+
+def _cell(value):
+    return value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
+
+
+def log_comparison(out_dir: Path) -> None:
+    """compare.json as a table and compare.png as an image, into the active run."""
+    import wandb
+
+    if wandb.run is None:
+        return
+    try:
+        comparison = json.loads((Path(out_dir) / "compare.json").read_text(encoding="utf-8"))
+        table = wandb.Table(columns=comparison["columns"], data=comparison["rows"])
+        logged = {"compare/table": table}
+        if (Path(out_dir) / "compare.png").is_file():
+            logged["compare/plot"] = wandb.Image(str(Path(out_dir) / "compare.png"))
+        wandb.run.log(logged)
+        wandb.run.summary.update({"compare/reference": comparison.get("reference")})
+    except Exception as exc:  # noqa: BLE001
+        warn("comparison logging", exc)
+
+
+def log_comparison_run(out_dir: Path, *, project: str, group: str | None = None, inputs=()) -> None:
+    """`still compare --wandb PROJECT`: a comparison run holding compare.json and compare.png."""
+    settings = WandbSection(project=project, group=group)
+    run = open_wandb(settings, out_dir, job_type="compare", name=Path(out_dir).resolve().name, group=group,
+                     config={"inputs": [str(Path(path).resolve()) for path in inputs]})
+    if run is not None:
+        log_comparison(out_dir)
+        finish_wandb()
+
+
+# --------------------------------------------------------------------------- after `wandb sync`
+def link_lineage(run_dir: Path) -> list[str]:
+    """Online, after `wandb sync`: mark the run's parent model artifacts as used by it."""
+    import wandb
+
+    run_dir = Path(run_dir)
+    settings = _wandb_settings(run_dir)
+    lineage_path = run_dir / "lineage.json"
+    if not (run_dir / RUN_ID_FILE).is_file() or not lineage_path.is_file():
+        raise StillError(f"{run_dir}: not a W&B-tracked still run dir (no {RUN_ID_FILE} or lineage.json)")
+    if wandb_mode("auto") != "online":
+        raise StillError("linking lineage needs W&B online", hint="wandb login, then run this again")
+    parents = lineage_parents(json.loads(lineage_path.read_text()))
+    run = wandb.init(project=settings.get("project", "still"), entity=settings.get("entity"),
+                     id=(run_dir / RUN_ID_FILE).read_text().strip(), resume="must", mode="online")
+    use_artifacts(run, parents)
+    run.finish()
+    return parents
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2 or argv[0] != "link":
+        print("usage: python -m still.tracking link RUN_DIR [RUN_DIR ...]", file=sys.stderr)
+        return 2
+    try:
+        for run_dir in argv[1:]:
+            parents = link_lineage(Path(run_dir))
+            print(f"still: {run_dir}: linked {', '.join(parents) or 'no still-run parents'}")
+    except StillError as exc:
+        print(f"still: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
