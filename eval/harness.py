@@ -468,6 +468,8 @@ def model_content_hash(model, tokenizer=None) -> str:
         digest.update(memoryview(tensor.view(torch.uint8).numpy()))
     for adapter_name, config in sorted(getattr(model, "peft_config", {}).items()):
         settings = {k: v for k, v in config.to_dict().items() if "path" not in k and "revision" not in k}
+        # PEFT keeps target_modules as a set, whose order changes with PYTHONHASHSEED
+        settings = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in settings.items()}
         digest.update(f"adapter {adapter_name}: {json.dumps(settings, sort_keys=True, default=str)}".encode())
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)

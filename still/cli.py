@@ -143,6 +143,36 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+def _cmd_publish(args) -> int:
+    import shlex
+
+    from still.publish import publish
+
+    gguf_types = [t for value in args.gguf for t in value.split(",") if t]
+    publish(
+        args.run,
+        Path(args.out),
+        gguf_types=gguf_types,
+        hub=args.hub,
+        force=args.force,
+        quick=args.quick,
+        evaluate=not args.no_eval,
+        compare=not args.no_compare,
+        dry_run=args.dry_run,
+        private=args.private,
+        tasks=args.task,
+        command=shlex.join(["still", "publish", args.run, "--out", args.out, *_publish_flags(args)]),
+    )
+    return 0
+
+
+def _publish_flags(args) -> list[str]:
+    flags = [f"--gguf={t}" for t in args.gguf] + ([f"--hub={args.hub}"] if args.hub else [])
+    flags += [f"--task={t}" for t in args.task]
+    names = ("dry_run", "private", "quick", "no_eval", "no_compare", "force")
+    return flags + ["--" + name.replace("_", "-") for name in names if getattr(args, name)]
+
+
 def _not_built(verb: str, issue: str):
     def handler(args) -> int:
         raise StillError(f"`still {verb}` is not built yet", hint=f"tracked in the {issue} issue")
@@ -200,9 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.set_defaults(handler=_cmd_merge)
 
-    sub.add_parser("publish", help="merge, card, GGUF, hub (not built yet)").set_defaults(
-        handler=_not_built("publish", "publishing")
+    p = sub.add_parser(
+        "publish",
+        help="merge, verify, eval, model card, GGUF, hub upload",
+        description="Ship a run: merged safetensors + tokenizer + model card (+ GGUF, + hub).",
     )
+    p.add_argument("run", help="run dir (adapter/ or model/)")
+    p.add_argument("--out", required=True, help="output dir (refused if it exists, unless --force)")
+    p.add_argument("--gguf", action="append", default=[], metavar="TYPE",
+                   help="also write GGUF: f16, q8_0 (repeatable or comma-separated)")
+    p.add_argument("--hub", metavar="ORG/NAME", help="upload to this hub repo (token from $HF_TOKEN)")
+    p.add_argument("--dry-run", action="store_true", help="with --hub: build locally, show what would upload")
+    p.add_argument("--private", action="store_true", help="with --hub: create the repo private")
+    p.add_argument("--task", action="append", default=[], metavar="T.yaml",
+                   help="score on this task YAML (repeatable; default: the recipe's eval_tasks)")
+    p.add_argument("--quick", action="store_true", help="score only the first 32 rows of each eval task")
+    p.add_argument("--no-eval", action="store_true", help="do not re-run the recipe's eval tasks")
+    p.add_argument("--no-compare", action="store_true", help="do not score the base / teacher for the card")
+    p.add_argument("--force", action="store_true", help="replace --out and upload over an existing hub repo")
+    p.set_defaults(handler=_cmd_publish)
     sub.add_parser("cache", help="teacher logit cache (not built yet)").set_defaults(
         handler=_not_built("cache", "teacher cache")
     )
@@ -216,9 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    # `still publish ...` with arguments must still reach the one-line "not built" message.
-    known_verbs = {"publish", "cache"}
-    if argv and argv[0] in known_verbs:
+    # `still cache ...` with arguments must still reach the one-line "not built" message.
+    if argv and argv[0] == "cache":
         argv = argv[:1]
     # Overrides may come after flags too (`still run r.yaml --force train.lr=1e-4`).
     args, extras = parser.parse_known_args(argv)

@@ -163,6 +163,8 @@ def _resolve_dir(ref: str, path: Path) -> ResolvedModel:
             raise StillError(f"run dir {ref}: lineage.json does not name its base model")
         adapter_dir = path / "adapter"
         return ResolvedModel(ref, "run", resolve(base).weights, adapter_dir, _tokenizer_in(adapter_dir))
+    if lineage.exists() and (path / "config.json").exists():
+        return ResolvedModel(ref, "dir", str(path))  # a `still publish` output: a plain model dir
     if lineage.exists():
         raise StillError(
             f"run dir {ref} holds no finished model (no model/ or adapter/)",

@@ -153,6 +153,16 @@ def test_gguf_path_shares_the_builtin_conversion():
     assert listed["builtin:smollm2-135m-instruct"]["cached"] == builtin.weights
 
 
+def test_a_published_dir_resolves_as_a_plain_model_dir(tiny_model_dir, tmp_path):
+    import shutil
+
+    published = tmp_path / "published"
+    shutil.copytree(tiny_model_dir, published)
+    (published / "lineage.json").write_text(json.dumps({"kind": "published"}))
+    resolved = models.resolve(str(published))
+    assert resolved.kind == "dir" and resolved.weights == str(published) and resolved.adapter is None
+
+
 def test_models_lists_the_conversion_resolve_uses_not_a_stale_one(tmp_path, monkeypatch):
     # A reinstall (a new venv) changes the GGUF's mtime; the old conversion stays in the cache.
     monkeypatch.setenv("STILL_CACHE", str(tmp_path / "cache"))

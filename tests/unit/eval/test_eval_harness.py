@@ -188,6 +188,26 @@ def test_model_hash_covers_adapter_weights_and_settings(model_and_tokenizer):
     assert model_content_hash(adapted) != adapter_hash
 
 
+def test_adapter_hash_is_the_same_in_every_process(tiny_model_dir):
+    """PEFT keeps target_modules as a set: its order must not reach the hash (eval cache keys)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, peft; from transformers import AutoModelForCausalLM; from eval.harness import model_content_hash\n"
+        "torch.manual_seed(0); base = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "config = peft.LoraConfig(r=2, target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj'])\n"
+        "print(model_content_hash(peft.get_peft_model(base, config)))\n"
+    )
+    hashes = set()
+    for seed in ("1", "2", "3"):
+        result = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir)], capture_output=True, text=True,
+                                env={**__import__("os").environ, "PYTHONHASHSEED": seed}, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        hashes.add(result.stdout.strip().splitlines()[-1])
+    assert len(hashes) == 1
+
+
 def test_packed_scoring_respects_sliding_window_layers(model_and_tokenizer):
     """Gemma 3 style: a window shorter than the context must cut attention as in an unpacked pass."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig

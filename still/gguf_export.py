@@ -1,0 +1,367 @@
+"""Write a transformers causal LM as a GGUF file (f16 or q8_0) and check it loads back.
+
+Written with the `gguf` package (GGUFWriter, the tensor-name map of the architecture,
+`gguf.quants.quantize`), for the two architectures the built-ins use:
+
+  llama        q and k projections are stored with llama.cpp's rotary row order (the two
+               halves of each head interleaved); transformers' GGUF loader undoes it.
+  gemma3_text  Gemma's RMSNorm scales by (1 + w); llama.cpp stores the (1 + w) itself and the
+               loader subtracts one again, so every norm weight is written plus one.
+
+The tokenizer travels as GGUF metadata (`tokenizer.ggml.*`: tokens, token types, merges,
+special ids, chat template), which is all llama.cpp and transformers read from the file.
+
+`verify_gguf` is the proof: it loads the file with `AutoModelForCausalLM.from_pretrained(dir,
+gguf_file=...)` and compares logits with the model it came from, within `TOLERANCES`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from still.errors import StillError
+
+# Drift from the fp32 model: rms(Δ logit) / std(logits) on a sample, per type. Measured on tiny
+# random Llama/Gemma-3 models and SmolLM2-135M (docs/publishing.md), set with headroom.
+TOLERANCES = {"f16": 0.01, "q8_0": 0.10}
+# The loaded GGUF against the source with the same rounding applied in torch: only float
+# summation order may differ.
+EXACT_TOLERANCE = 1e-4
+GGUF_TYPES = tuple(TOLERANCES)
+_QK8_0 = 32  # elements per q8_0 block: a row must be a multiple of it
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    gguf_arch: str  # the name in gguf.MODEL_ARCH_NAMES
+    permute_qk: bool  # llama.cpp's rotary row order for q/k projections
+    norm_offset: float  # added to every norm weight on the way out
+
+
+ARCHS = {
+    "llama": ArchSpec("llama", permute_qk=True, norm_offset=0.0),
+    "gemma3_text": ArchSpec("gemma3", permute_qk=False, norm_offset=1.0),
+}
+
+
+def arch_spec(config) -> ArchSpec:
+    spec = ARCHS.get(config.model_type)
+    if spec is None:
+        raise StillError(
+            f"GGUF export supports {sorted(ARCHS)} models; this one is '{config.model_type}'",
+            hint="publish without --gguf, or convert with llama.cpp's converter",
+        )
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise StillError("GGUF export: projections with bias terms are not supported")
+    rope = _rope_parameters(config)
+    if rope.get("rope_type", "default") != "default":
+        raise StillError(f"GGUF export: rope scaling '{rope['rope_type']}' is not supported")
+    return spec
+
+
+# --------------------------------------------------------------------------- export
+def export_gguf(model, tokenizer, path: Path, gguf_type: str, *, name: str, license: str | None = None) -> Path:
+    """Write `model` (+ tokenizer) to `path` as `gguf_type` ("f16" or "q8_0")."""
+    import gguf
+
+    if gguf_type not in TOLERANCES:
+        raise StillError(f"unknown GGUF type '{gguf_type}'", hint=f"choose from {', '.join(GGUF_TYPES)}")
+    config = model.config
+    spec = arch_spec(config)
+    writer = gguf.GGUFWriter(str(path), spec.gguf_arch)
+    writer.add_name(name)
+    if license:
+        writer.add_license(license)
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_hparams(writer, config, spec)
+    vocab_rows = model.get_input_embeddings().weight.shape[0]
+    _write_tokenizer(writer, tokenizer, vocab_rows)
+    for gguf_name, array in _gguf_tensors(model, spec):
+        data, raw_dtype = _encode(array, gguf_name, gguf_type)
+        writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _rope_parameters(config, layer_type: str = "full_attention") -> dict:
+    rope = getattr(config, "rope_parameters", None) or {}
+    if layer_type in rope:  # per-layer-type parameters (Gemma-3: full and sliding attention)
+        rope = rope[layer_type]
+    if "rope_theta" not in rope and getattr(config, "rope_theta", None) is not None:
+        rope = {**rope, "rope_theta": config.rope_theta}
+    return rope
+
+
+def _write_hparams(writer, config, spec: ArchSpec) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(_rope_parameters(config)["rope_theta"]))
+    writer.add_vocab_size(config.vocab_size)
+    if spec.gguf_arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    else:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_sliding_window(config.sliding_window)
+        local = _rope_parameters(config, "sliding_attention").get("rope_theta")
+        if local is not None:
+            writer.add_rope_freq_base_swa(float(local))
+
+
+def _gguf_tensors(model, spec: ArchSpec):
+    """(gguf name, fp32 array in the file's layout) for every weight the file needs."""
+    import gguf
+    import torch
+
+    config = model.config
+    arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == spec.gguf_arch)
+    name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    state = model.state_dict()
+    tied = getattr(config, "tie_word_embeddings", False)
+    for hf_name, tensor in state.items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp ties output to token_embd when `output.weight` is absent
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_base = name_map.get_name(base)
+        if gguf_base is None:
+            raise StillError(f"GGUF export: no GGUF name for tensor '{hf_name}' ({spec.gguf_arch})")
+        array = tensor.detach().to("cpu", torch.float32).numpy()
+        if spec.permute_qk and gguf_base.endswith(".attn_q"):
+            array = _to_rotary_row_order(array, config.num_attention_heads)
+        elif spec.permute_qk and gguf_base.endswith(".attn_k"):
+            array = _to_rotary_row_order(array, config.num_key_value_heads)
+        if spec.norm_offset and gguf_base.endswith("norm"):
+            array = array + spec.norm_offset
+        yield f"{gguf_base}.{suffix}", array
+
+
+def _to_rotary_row_order(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF keeps each head's rotary pairs as two halves; llama.cpp interleaves them."""
+    half = weight.shape[0] // n_heads // 2
+    return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _encode(array: np.ndarray, name: str, gguf_type: str):
+    """Norms and other vectors stay f32 (as llama.cpp keeps them); matrices become the type."""
+    import gguf
+
+    if array.ndim < 2:
+        return np.ascontiguousarray(array, dtype=np.float32), None
+    if gguf_type == "q8_0" and array.shape[-1] % _QK8_0 == 0:
+        quantized = gguf.quants.quantize(np.ascontiguousarray(array), gguf.GGMLQuantizationType.Q8_0)
+        return quantized, gguf.GGMLQuantizationType.Q8_0
+    # f16, or a q8_0 row that is not a whole number of blocks
+    return np.ascontiguousarray(array, dtype=np.float16), None
+
+
+# --------------------------------------------------------------------------- tokenizer
+def _write_tokenizer(writer, tokenizer, vocab_rows: int) -> None:
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise StillError("GGUF export needs a fast (tokenizers) tokenizer")
+    spec = json.loads(backend.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise StillError(f"GGUF export: {spec['model']['type']} tokenizers are not supported (BPE only)")
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(
+        spec.get("decoder")
+    )
+    by_id = {index: token for token, index in backend.get_vocab(with_added_tokens=True).items()}
+    if max(by_id) >= vocab_rows:
+        raise StillError(f"tokenizer has ids up to {max(by_id)} but the model only {vocab_rows} embedding rows")
+    added = {entry["id"]: entry for entry in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    for index in range(vocab_rows):
+        token = by_id.get(index)
+        if token is None:  # embedding rows beyond the tokenizer (padded vocab)
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(token)
+        types.append(_token_type(token, added.get(index), tokenizer, byte_level))
+    writer.add_tokenizer_model("gpt2" if byte_level else "llama")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")) if byte_level else "default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    if not byte_level:  # sentencepiece-style: llama.cpp ranks merges by score
+        writer.add_token_scores([-float(index) for index in range(vocab_rows)])
+    merges = spec["model"].get("merges") or []
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for token_id, add in (
+        (tokenizer.bos_token_id, writer.add_bos_token_id),
+        (tokenizer.eos_token_id, writer.add_eos_token_id),
+        (tokenizer.unk_token_id, writer.add_unk_token_id),
+        (tokenizer.pad_token_id, writer.add_pad_token_id),
+    ):
+        if token_id is not None:
+            add(token_id)
+    probe = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(bool(probe) and len(probe) > 1 and probe[-1] == tokenizer.eos_token_id)
+    writer.add_add_space_prefix(False)
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _token_type(token: str, added: dict | None, tokenizer, byte_level: bool):
+    import gguf
+
+    if added is not None:
+        return gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    if token == tokenizer.unk_token:
+        return gguf.TokenType.UNKNOWN
+    if not byte_level and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        return gguf.TokenType.BYTE
+    return gguf.TokenType.NORMAL
+
+
+def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
+    """llama.cpp's name for how text is split before BPE (`gpt-2` for plain ByteLevel)."""
+    text = json.dumps(pre_tokenizer)
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:
+        GGUF_PRE_TOKENIZER_SPLITS = {}
+    for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
+        if json.dumps(regex)[1:-1] in text:
+            return name
+    if '"Digits"' in text and '"individual_digits": true' in text:
+        return "smollm"
+    return "gpt-2"
+
+
+# --------------------------------------------------------------------------- verify
+# Config fields that change outputs; transformers rebuilds the config from GGUF metadata, and
+# those it does not read (e.g. Gemma-3's query_pre_attn_scalar) come back as class defaults.
+CONFIG_KEYS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings",
+    "rope_parameters", "hidden_act", "hidden_activation", "query_pre_attn_scalar",
+    "sliding_window", "layer_types", "final_logit_softcapping", "attn_logit_softcapping",
+)
+
+
+def check_config(path: Path, config) -> None:
+    """Refuse a file whose config would load back different: name the field, not a logit."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    loaded = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+    ours = config.to_dict()
+    for key in CONFIG_KEYS:
+        if key in ours and not _same(ours[key], loaded.get(key)):
+            raise StillError(
+                f"GGUF cannot carry {key}={ours[key]!r}: transformers' GGUF loader reads it back as "
+                f"{loaded.get(key)!r}",
+                hint="publish without --gguf for this model",
+            )
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-6)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def rounded_copy(model, gguf_type: str):
+    """A copy of `model` whose weights carry exactly the rounding the GGUF file applies."""
+    import copy
+
+    import gguf
+    import torch
+
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in rounded.parameters():  # tied weights appear once
+            array = parameter.detach().to("cpu", torch.float32).numpy()
+            data, raw_dtype = _encode(array, "", gguf_type)
+            if raw_dtype is not None:
+                data = gguf.quants.dequantize(data, raw_dtype).reshape(array.shape)
+            parameter.copy_(torch.from_numpy(np.asarray(data, dtype=np.float32)))
+    return rounded
+
+
+def verify_gguf(path: Path, reference_model, tokenizer, gguf_type: str, texts: list[str], *, check_tokenizer=True) -> dict:
+    """Load `path` back with transformers and compare it with the model it was written from.
+
+    Two checks. Exactness: the loaded logits equal those of the source with the file's own
+    rounding applied in torch (`rounded_copy`), to `EXACT_TOLERANCE`; this catches any layout,
+    name or metadata mistake. Drift: how far the file is from the fp32 source, as
+    rms(Δ logit) / std(logits) against `TOLERANCES[gguf_type]`, with top-1 agreement and the
+    mean per-token KL(fp32 ‖ gguf) reported. Raises StillError when either fails.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    if check_tokenizer:
+        gguf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        for text in texts:
+            ours, theirs = tokenizer(text)["input_ids"], gguf_tokenizer(text)["input_ids"]
+            if ours != theirs:
+                raise StillError(
+                    f"GGUF {path.name}: its tokenizer splits {text[:40]!r} differently ({theirs[:12]} vs {ours[:12]})"
+                )
+    reference_model.eval()
+    rounded = rounded_copy(reference_model, gguf_type).eval()
+    exact, drift_max, rms, kl, agree, total = 0.0, 0.0, 0.0, 0.0, 0, 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            reference = reference_model(input_ids=ids).logits.float()[0]
+            got = loaded(input_ids=ids).logits.float()[0]
+            exact = max(exact, (rounded(input_ids=ids).logits.float()[0] - got).abs().max().item())
+            delta = reference - got
+            drift_max = max(drift_max, delta.abs().max().item())
+            rms = max(rms, (delta.pow(2).mean().sqrt() / reference.std()).item())
+            kl += torch.nn.functional.kl_div(
+                got.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="sum"
+            ).item()
+            agree += (reference.argmax(-1) == got.argmax(-1)).sum().item()
+            total += ids.shape[1]
+    del loaded, rounded
+    result = {
+        "type": gguf_type,
+        "exact_max_abs_diff": exact,
+        "max_abs_diff": drift_max,
+        "rms_relative_diff": rms,
+        "mean_kl": kl / total,
+        "top1_agreement": agree / total,
+        "tolerance": TOLERANCES[gguf_type],
+        "tokens": total,
+    }
+    if exact > EXACT_TOLERANCE:
+        raise StillError(
+            f"GGUF {path.name} loads back different from the model it was written from "
+            f"(max |Δlogit| {exact:.3g} > {EXACT_TOLERANCE} beyond {gguf_type} rounding)",
+            hint="a bug in the GGUF export for this architecture; publish without --gguf meanwhile",
+        )
+    if rms > TOLERANCES[gguf_type]:
+        raise StillError(
+            f"GGUF {path.name}: {gguf_type} rounding moves the logits by {rms:.3g} of their std "
+            f"(tolerance {TOLERANCES[gguf_type]})",
+            hint="use --gguf f16 for this model",
+        )
+    return result

@@ -1,0 +1,360 @@
+"""`still publish` on tiny run dirs: merge equality, the card, lineage, GGUF, refusals, hub."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from still import cli, models
+from still.errors import StillError
+from still.publish import publish
+from still.rundir import file_sha256
+
+ROWS = [
+    ("What does abs do?", "Return the absolute value."),
+    ("What does len do?", "Return the number of items."),
+    ("What does min do?", "Return the smallest item."),
+    ("What does max do?", "Return the largest item."),
+    ("What does repr do?", "Return the canonical string."),
+    ("What does sorted do?", "Return a new sorted list."),
+]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("STILL_CACHE", str(tmp_path / "cache"))  # eval results cache
+
+
+@pytest.fixture
+def base_dir(tmp_path, tiny_model_dir):
+    """The tiny Llama with a model card that states a license, as a hub base would."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# tiny base\n")
+    return base
+
+
+@pytest.fixture
+def tasks(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in ROWS))
+    choice = tmp_path / "choice.jsonl"
+    choice.write_text("".join(
+        json.dumps({"question": q, "choices": [a, "Join paths.", "Sort it."], "label": 0}) + "\n" for q, a in ROWS
+    ))
+    qa = tmp_path / "qa.yaml"
+    qa.write_text("name: qa\ntype: generate\ndata: {path: qa.jsonl}\nprompt: '{{ question }}'\n"
+                  "target: '{{ answer }}'\nchat_template: true\ngeneration: {max_new_tokens: 4}\n"
+                  "metrics: [rouge_l, exact_match]\n")
+    mc = tmp_path / "mc.yaml"
+    mc.write_text("name: mc\ntype: multiple_choice\ndata: {path: choice.jsonl}\nprompt: '{{ question }}'\n"
+                  "choices: choices\nlabel: label\nchat_template: true\nmetrics: [acc]\n")
+    return [str(qa), str(mc)], data
+
+
+def write_run(run_dir, lineage, tasks=(), kind="finetune"):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe = {"kind": kind, "name": run_dir.name, "train": {"lr": 0.001, "max_steps": 2, "seed": 0},
+              "eval_tasks": list(tasks)}
+    (run_dir / "recipe.resolved.yaml").write_text(f"# Resolved from /recipes/{run_dir.name}.yaml\n" + yaml.safe_dump(recipe))
+    (run_dir / "lineage.json").write_text(json.dumps({"kind": kind, "name": run_dir.name, **lineage}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 1.5, "eval_loss": 1.7}) + "\n")
+    return run_dir
+
+
+@pytest.fixture
+def lora_run(tmp_path, base_dir, tasks):
+    """A finetune run dir with a LoRA adapter whose B is non-zero, so merging changes weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    task_paths, data = tasks
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    adapted = get_peft_model(model, config)
+    run = tmp_path / "runs" / "tiny-ft"
+    adapted.save_pretrained(run / "adapter")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run / "adapter")
+    lineage = {"base": str(base_dir), "method": "lora", "data": [{"path": str(data), "sha256": file_sha256(data)}],
+               "recipe_sha256": "abc123"}
+    return write_run(run, lineage, task_paths)
+
+
+def logits(model, tokenizer, text="What does abs do?"):
+    with torch.inference_mode():
+        return model(**tokenizer(text, return_tensors="pt")).logits
+
+
+def test_lora_run_publishes_a_merged_dir_that_loads_and_generates(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = publish(lora_run, tmp_path / "published", compare=False)
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "chat_template.jinja", "README.md", "lineage.json", "recipe.yaml", "eval/qa.json", "eval/mc.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert not hasattr(merged, "peft_config")
+    adapter_model, _ = models.load_model(str(lora_run), dtype="float32")
+    base, _ = models.load_model(str(tmp_path / "base"), dtype="float32")
+    expected = logits(adapter_model.eval(), tokenizer)
+    assert torch.allclose(logits(merged, tokenizer), expected, atol=1e-4)
+    assert (logits(base.eval(), tokenizer) - expected).abs().max() > 1e-2  # the adapter mattered
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What does abs do?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = merged.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["merge"]["merged"] and lineage["merge"]["max_abs_logit_diff"] <= lineage["merge"]["tolerance"]
+
+
+def test_card_holds_license_base_data_hashes_and_real_eval_numbers(lora_run, tmp_path, tasks):
+    from huggingface_hub import ModelCard
+
+    out = publish(lora_run, tmp_path / "published", quick=True)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "mit"  # carried from the base's card
+    assert card.data.base_model is None  # a local path is not a hub id
+    assert "fine-tuned" in card.data.tags and "lora" in card.data.tags
+    results = {(r.dataset_name, r.metric_type): r for r in card.data.eval_results}
+    assert set(results) == {("qa", "rouge_l"), ("qa", "exact_match"), ("mc", "acc")}
+    for task in ("qa", "mc"):
+        summary = json.loads((out / "eval" / f"{task}.json").read_text())
+        for metric, value in summary["metrics"].items():
+            result = results[(task, metric)]
+            assert result.metric_value == pytest.approx(value["mean"], abs=1e-6)
+            assert result.metric_args["stderr"] == pytest.approx(value["stderr"], abs=1e-6)
+            assert result.metric_args["n"] == summary["n"] == len(ROWS)
+            assert f"{value['mean']:.4f} ± {value['stderr']:.4f}" in card.text
+        base_summary = json.loads((out / "eval" / "base" / f"{task}.json").read_text())
+        assert base_summary["n"] == summary["n"]  # compared on the same rows
+    assert "model-index" in (out / "README.md").read_text()
+    _, data = tasks
+    assert file_sha256(data) in card.text and str(tmp_path / "base") in card.text
+    assert "| base |" in card.text and "(Δ " in card.text and "first 32 rows" in card.text
+    assert "still run /recipes/tiny-ft.yaml" in card.text and "Intended use and limits" in card.text
+    assert "max_steps: 2" in card.text  # the resolved recipe
+
+
+@pytest.fixture
+def distill_run(tmp_path, base_dir, tiny_model_dir_4layers):
+    """A teacher run (adapter on the base) and a distilled student saved as full weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = tmp_path / "runs" / "teacher"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, target_modules="all-linear"))
+    model.save_pretrained(teacher / "adapter")
+    write_run(teacher, {"base": str(base_dir), "method": "lora"})
+    student = tmp_path / "runs" / "student"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir_4layers).save_pretrained(student / "model")
+    AutoTokenizer.from_pretrained(tiny_model_dir_4layers).save_pretrained(student / "model")
+    lineage = {"teacher": str(teacher), "student": None, "base": None, "method": "full",
+               "carved": {"kept_layers": [0, 3], "param_fraction": 0.5}}
+    return write_run(student, lineage, kind="distill")
+
+
+def test_distilled_full_model_publishes_with_teacher_in_lineage(distill_run, tmp_path, tiny_model_dir_4layers):
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+
+    out = publish(distill_run, tmp_path / "published-student")
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert [link["role"] for link in lineage["chain"]] == ["base", "teacher", "student", "published"]
+    assert lineage["chain"][0]["ref"] == str(tmp_path / "base")  # found through the teacher's lineage
+    assert lineage["teacher"] == str(tmp_path / "runs" / "teacher")
+    assert lineage["merge"]["merged"] is False
+    ours, theirs = load_file(out / "model.safetensors"), load_file(distill_run / "model" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "mit" and "distillation" in card.data.tags
+    assert "| teacher |" in card.text and "2 layers, 50.0%" in card.text
+
+
+def test_existing_output_dir_is_refused_and_kept(lora_run, tmp_path, capsys):
+    out = tmp_path / "published"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(StillError, match="already exists"):
+        publish(lora_run, out)
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert cli.main(["publish", str(lora_run), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"still: error: output dir {out} already exists (add --force to replace it)"
+    ]
+    assert cli.main(["publish", str(lora_run), "--out", str(out), "--force", "--no-eval"]) == 0
+    assert not (out / "mine.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_a_failure_midway_leaves_nothing_behind(lora_run, tmp_path, monkeypatch):
+    import still.publish
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(still.publish, "_write_lineage", broken)
+    with pytest.raises(RuntimeError):
+        publish(lora_run, tmp_path / "out" / "published", evaluate=False)
+    assert list((tmp_path / "out").iterdir()) == []  # no staging dir, no half output
+
+
+def test_not_a_run_dir_and_unknown_gguf_type(tmp_path, tiny_model_dir, lora_run):
+    with pytest.raises(StillError, match="not a still run dir"):
+        publish(tiny_model_dir, tmp_path / "x")
+    with pytest.raises(StillError, match="unknown GGUF type 'q4_0'"):
+        publish(lora_run, tmp_path / "x", gguf_types=["q4_0"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_publish_with_gguf_records_the_round_trip(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = publish(lora_run, tmp_path / "published", gguf_types=["f16", "q8_0"], evaluate=False)
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert [g["file"] for g in lineage["gguf"]] == ["published-f16.gguf", "published-q8_0.gguf"]
+    for report in lineage["gguf"]:
+        assert report["exact_max_abs_diff"] <= 1e-4 and report["rms_relative_diff"] <= report["tolerance"]
+        assert lineage["files"][report["file"]] == file_sha256(out / report["file"])
+    reloaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="published-f16.gguf")
+    assert reloaded.config.num_hidden_layers == 2
+    assert "published-q8_0.gguf" in (out / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- hub
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi: records calls, never touches the network."""
+
+    def __init__(self, existing_files=()):
+        self.existing_files = list(existing_files)
+        self.calls = []
+
+    def repo_exists(self, repo_id):
+        self.calls.append(("repo_exists", repo_id))
+        return bool(self.existing_files)
+
+    def list_repo_files(self, repo_id):
+        self.calls.append(("list_repo_files", repo_id))
+        return self.existing_files
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        return SimpleCommit()
+
+
+class SimpleCommit:
+    commit_url = "https://huggingface.co/org/tiny/commit/1"
+
+
+def test_hub_upload_creates_the_repo_and_uploads_the_folder(lora_run, tmp_path):
+    hub = FakeHub()
+    out = publish(lora_run, tmp_path / "published", hub="org/tiny", evaluate=False, api=hub)
+    names = [call[0] for call in hub.calls]
+    assert names == ["repo_exists", "create_repo", "upload_folder"]
+    upload = hub.calls[-1][1]
+    assert upload["repo_id"] == "org/tiny" and upload["folder_path"] == str(out)
+
+
+def test_hub_repo_with_files_is_refused_before_any_work(lora_run, tmp_path):
+    hub = FakeHub(existing_files=[".gitattributes", "model.safetensors"])
+    with pytest.raises(StillError, match="already has files"):
+        publish(lora_run, tmp_path / "published", hub="org/tiny", api=hub)
+    assert not (tmp_path / "published").exists()
+    assert all(call[0] in ("repo_exists", "list_repo_files") for call in hub.calls)
+    publish(lora_run, tmp_path / "published", hub="org/tiny", api=hub, force=True, evaluate=False)
+    assert hub.calls[-1][0] == "upload_folder"
+
+
+def test_dry_run_shows_the_files_and_calls_nothing(lora_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    hub = FakeHub()
+    out = publish(lora_run, tmp_path / "published", hub="org/tiny", dry_run=True, evaluate=False, api=hub)
+    assert hub.calls == []
+    printed = capsys.readouterr().out
+    assert "dry run: would create repo org/tiny" in printed
+    for name in ("model.safetensors", "README.md", "lineage.json", "tokenizer.json"):
+        assert name in printed and (out / name).exists()
+    assert "no HF_TOKEN" in printed
+
+
+def test_token_comes_from_the_environment_only(lora_run, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    seen = {}
+
+    class RecordingApi(FakeHub):
+        def __init__(self, token=None):
+            super().__init__()
+            seen["token"] = token
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    with pytest.raises(StillError, match="needs a token in the environment"):
+        publish(lora_run, tmp_path / "published", hub="org/tiny", evaluate=False)
+    assert not (tmp_path / "published").exists()
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    publish(lora_run, tmp_path / "published", hub="org/tiny", evaluate=False)
+    assert seen["token"] == "hf_test_token"
+
+
+def test_offline_hub_is_a_one_line_error(lora_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    with pytest.raises(StillError, match="HF_HUB_OFFLINE"):
+        publish(lora_run, tmp_path / "published", hub="org/tiny")
+
+
+def test_cli_flags_reach_publish(monkeypatch, tmp_path):
+    import still.publish
+
+    seen = {}
+    monkeypatch.setattr(still.publish, "publish", lambda run, out, **kwargs: seen.update(kwargs, run=run, out=out))
+    assert cli.main(["publish", "runs/x", "--out", str(tmp_path / "o"), "--gguf", "f16,q8_0", "--hub", "org/x",
+                     "--dry-run", "--quick", "--task", "t.yaml", "--no-compare"]) == 0
+    assert seen["gguf_types"] == ["f16", "q8_0"] and seen["hub"] == "org/x" and seen["dry_run"]
+    assert seen["quick"] and seen["tasks"] == ["t.yaml"] and not seen["compare"] and seen["evaluate"]
+    assert not seen["force"] and seen["command"].startswith("still publish runs/x --out ")
+
+
+def test_task_flag_scores_a_run_whose_recipe_names_no_tasks(distill_run, tasks, tmp_path):
+    task_paths, _ = tasks
+    assert cli.main(["publish", str(distill_run), "--out", str(tmp_path / "p"), "--task", task_paths[1],
+                     "--no-compare"]) == 0
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "p" / "README.md")
+    assert [(r.dataset_name, r.metric_type) for r in card.data.eval_results] == [("mc", "acc")]
+    lineage = json.loads((tmp_path / "p" / "lineage.json").read_text())
+    assert "--task=" + task_paths[1] in lineage["command"]
+
+
+def test_merge_verb_writes_the_merged_model_and_refuses_a_full_model(lora_run, distill_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert cli.main(["merge", str(lora_run), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    adapter_model, _ = models.load_model(str(lora_run), dtype="float32")
+    assert torch.allclose(logits(merged, tokenizer), logits(adapter_model.eval(), tokenizer), atol=1e-4)
+    assert (tmp_path / "merged" / "generation_config.json").exists()
+    with pytest.raises(StillError, match="no LoRA adapter"):
+        from still.merge import merge_run
+
+        merge_run(str(distill_run), tmp_path / "merged2")
+
+
+def test_a_missing_task_is_refused_before_any_model_loads(lora_run, tmp_path, monkeypatch):
+    import still.publish
+
+    monkeypatch.setattr(still.publish, "merged_model", lambda *a: pytest.fail("loaded a model"))
+    with pytest.raises(StillError, match="eval task .*nope.yaml not found"):
+        publish(lora_run, tmp_path / "p", tasks=[str(tmp_path / "nope.yaml")])
+    assert not (tmp_path / "p").exists()
