@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, set_seed
 
-from distill.losses import FusedKDLoss, fused_kd_loss, kd_loss
+from distill.cache import TeacherCache
+from distill.losses import FusedKDLoss, cached_kd_loss, fused_kd_loss, kd_loss
 from distill.student import carve_student
 from finetune.sft import (
     collator_for,
@@ -54,7 +55,8 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher, student) ->
             hint="use sequence-level KD (teacher-written data + finetune) for different tokenizers",
         )
     vocab = len(teacher_tokenizer)
-    teacher_rows = teacher.get_output_embeddings().weight.shape[0]
+    # from a teacher cache, the teacher's head is the tokenizer's vocabulary as cached
+    teacher_rows = vocab if teacher is None else teacher.get_output_embeddings().weight.shape[0]
     student_rows = student.get_output_embeddings().weight.shape[0]
     if min(teacher_rows, student_rows) < vocab:
         raise StillError(f"an output layer has fewer rows ({min(teacher_rows, student_rows)}) than the tokenizer ({vocab})")
@@ -91,6 +93,25 @@ def calibration_batches(recipe: DistillRecipe, train_data):
     return [{"input_ids": torch.tensor([row["input_ids"]])} for row in rows]
 
 
+def open_caches(recipe: DistillRecipe, tokenizer) -> dict:
+    """The teacher cache's splits this recipe trains and evaluates on, checked to fit it."""
+    caches = {"train": TeacherCache.open(recipe, tokenizer, "train")}
+    if recipe.data.eval is not None:
+        caches["eval"] = TeacherCache.open(recipe, tokenizer, "eval")
+    return caches
+
+
+def with_example_ids(collator):
+    """A collator that also hands the batch's dataset indices on (to find cached teacher rows)."""
+
+    def collate(features: list[dict]) -> dict:
+        batch = collator([{k: v for k, v in f.items() if k != "example_id"} for f in features])
+        batch["example_ids"] = torch.tensor([f["example_id"] for f in features])
+        return batch
+
+    return collate
+
+
 # --------------------------------------------------------------------------- loss
 class KDTrainer(Trainer):
     """Trainer whose loss is KD (+ optional hard-label CE) against a frozen teacher."""
@@ -98,9 +119,15 @@ class KDTrainer(Trainer):
     # compute_loss normalises by the global number of loss tokens itself.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, teacher, distill, vocab_size: int, teacher_placement: str = "auto", **kwargs):
+    def __init__(self, *args, teacher, distill, vocab_size: int, teacher_placement: str = "auto",
+                 teacher_cache: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = self._place_teacher(teacher, teacher_placement)
+        self.teacher_cache = teacher_cache  # split -> TeacherCache, instead of a teacher model
+        if teacher_cache is not None and self.is_deepspeed_enabled and \
+                self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise StillError("distill.teacher_cache does not work under zero3 yet (the student's head "
+                             "is partitioned)", hint="use strategy ddp or zero2 with a teacher cache")
+        self.teacher = None if teacher is None else self._place_teacher(teacher, teacher_placement)
         self.distill = distill
         self.vocab_size = vocab_size
         self._component_sums = {"kd": 0.0, "ce": 0.0, "tokens": 0.0}
@@ -129,8 +156,12 @@ class KDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         inputs.pop("length", None)
+        example_ids = inputs.pop("example_ids", None)
         # logits_to_keep=1: the models skip their own full-vocab projection; we do it chunked.
         student_out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+        if self.teacher_cache is not None:
+            out = self._cached_loss(model, student_out, labels, example_ids)
+            return self._normalise(out, model, num_items_in_batch, student_out, return_outputs)
         with torch.no_grad():
             teacher_out = self.teacher(**inputs, logits_to_keep=1, output_hidden_states=True)
         # position i predicts token i + 1
@@ -144,6 +175,10 @@ class KDTrainer(Trainer):
             out = self._unfused_loss(head, teacher_head, student_hidden, teacher_hidden, target)
         else:
             out = self._fused_loss(head, teacher_head, student_hidden, teacher_hidden, target)
+        return self._normalise(out, model, num_items_in_batch, student_out, return_outputs)
+
+    def _normalise(self, out: FusedKDLoss, model, num_items_in_batch, student_out, return_outputs):
+        """Loss sums → the loss Trainer backpropagates, normalised by the global token count."""
         if num_items_in_batch is not None:
             loss = out.loss / num_items_in_batch
             if self.args.average_tokens_across_devices:
@@ -158,6 +193,20 @@ class KDTrainer(Trainer):
             self._component_sums["ce"] += float(out.ce_sum)
             self._component_sums["tokens"] += float(out.n_tokens)
         return (loss, student_out) if return_outputs else loss
+
+    def _cached_loss(self, model, student_out, labels, example_ids) -> FusedKDLoss:
+        """KD against the teacher cache's rows for this batch's examples (see distill/cache.py)."""
+        cache = self.teacher_cache["train" if model.training else "eval"]
+        log_probs, ids, rest_log = cache.rows(example_ids.tolist())
+        hidden = student_out.hidden_states[-1][:, :-1]
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        d = self.distill
+        return cached_kd_loss(
+            hidden.reshape(-1, hidden.shape[-1]), head.weight, log_probs, ids, rest_log,
+            labels[:, 1:].reshape(-1), divergence=d.loss, temperature=d.temperature, beta=d.beta,
+            alpha=d.alpha, kd_weight=d.kd_weight, ce_weight=d.ce_weight, vocab_size=self.vocab_size,
+            chunk_size=d.chunk_size, student_head_bias=getattr(head, "bias", None),
+        )
 
     def _fused_loss(self, head, teacher_head, student_hidden, teacher_hidden, target) -> FusedKDLoss:
         d = self.distill
@@ -217,10 +266,21 @@ def preflight(recipe: DistillRecipe) -> None:
 def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
     # Trainer seeds only when it is created; carving and adapter init happen before that.
     set_seed(recipe.train.seed)
-    teacher, tokenizer = load_teacher(recipe)
+    cached = recipe.distill.teacher_cache is not None
+    if cached and recipe.student.init is None:  # the teacher's weights are not needed at all
+        teacher = None
+        tokenizer = models.load_tokenizer(recipe.teacher.ref, trust_remote_code=recipe.teacher.trust_remote_code)
+    else:
+        teacher, tokenizer = load_teacher(recipe)
+    caches = open_caches(recipe, tokenizer) if cached else None
     train_data = data_module.prepare(recipe.data, tokenizer, split="train")
     eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
     student, student_tokenizer, carve = build_student(recipe, teacher, tokenizer, calibration_batches(recipe, train_data))
+    if cached:
+        teacher = None  # carved from it if asked; the loss reads the cache
+        for prepared in (train_data, eval_data):
+            if prepared is not None:
+                prepared.dataset = prepared.dataset.add_column("example_id", list(range(len(prepared.dataset))))
     vocab_size = shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
     if recipe.train.gradient_checkpointing:
         student.enable_input_require_grads()
@@ -243,13 +303,15 @@ def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
         args=args,
         train_dataset=train_data.dataset,
         eval_dataset=eval_data.dataset if eval_data else None,
-        data_collator=collator_for(recipe.data, tokenizer, recipe.student.attn_implementation, student.dtype),
+        data_collator=with_example_ids(collator_for(recipe.data, tokenizer, recipe.student.attn_implementation, student.dtype)) if cached
+        else collator_for(recipe.data, tokenizer, recipe.student.attn_implementation, student.dtype),
         processing_class=tokenizer,
         callbacks=[*tracking.callbacks, *reliability_callbacks(recipe.train)],
         teacher=teacher,
         distill=recipe.distill,
         vocab_size=vocab_size,
         teacher_placement=recipe.distributed.teacher,
+        teacher_cache=caches,
     )
     checkpoint = resume_checkpoint(run_dir) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -42,6 +42,8 @@ from still.errors import StillError
 DivergenceName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
 Reduction = Literal["mean", "sum"]
 IGNORE_INDEX = -100
+# A mass outside a cached top k below this counts as this much: its log must stay finite.
+MIN_REST_MASS = 1e-12
 
 
 def _log_probs(logits: Tensor, temperature: float) -> Tensor:
@@ -216,8 +218,50 @@ class _ChunkSettings(NamedTuple):
     chunk_size: int
 
 
-def _chunk_loss_and_logit_grad(student_rows, student_weight, student_bias, teacher_rows,
-                               teacher_weight, teacher_bias, labels, settings: _ChunkSettings):
+class _TeacherHead(NamedTuple):
+    """The teacher as hidden states + output head: its logits are built chunk by chunk."""
+
+    rows: Tensor  # [N, H]
+    weight: Tensor
+    bias: Tensor | None
+
+
+class _TeacherTopK(NamedTuple):
+    """The teacher as cached top-k log-probs (at the temperature) plus the rest mass."""
+
+    log_probs: Tensor  # [N, k]
+    ids: Tensor  # [N, k]
+    rest_log: Tensor  # [N]
+
+
+def _rest_bucket(log_probs_topk: Tensor, rest_log: Tensor) -> Tensor:
+    """[N, k] + [N] → [N, k + 1]: the top k and one bucket for all other tokens."""
+    return torch.cat([log_probs_topk, rest_log.unsqueeze(-1)], dim=-1)
+
+
+def _student_rest_log(picked: Tensor) -> Tensor:
+    """log(1 − Σ p) of the student's mass outside the teacher's top k, floored like the cache's."""
+    covered = torch.logsumexp(picked, dim=-1).exp()
+    return torch.log((1.0 - covered).clamp(min=MIN_REST_MASS))
+
+
+def _chunk_divergence(student_logits: Tensor, teacher, rows: slice, settings) -> Tensor:
+    """Per token divergence of one chunk, against teacher logits or cached top-k + rest."""
+    student_log_probs = _log_probs(student_logits, settings.temperature)
+    divergence = _ON_LOG_PROBS[settings.divergence]
+    if isinstance(teacher, _TeacherHead):
+        return divergence(student_log_probs,
+                          _log_probs(F.linear(teacher.rows[rows], teacher.weight, teacher.bias),
+                                     settings.temperature),
+                          **settings.params)
+    ids = teacher.ids[rows]
+    picked = student_log_probs.gather(-1, ids)
+    return divergence(_rest_bucket(picked, _student_rest_log(picked)),
+                      _rest_bucket(teacher.log_probs[rows], teacher.rest_log[rows]), **settings.params)
+
+
+def _chunk_loss_and_logit_grad(student_rows, student_weight, student_bias, teacher, rows: slice,
+                               labels, settings: _ChunkSettings):
     """One chunk's KD and CE sums, and the gradient of the weighted loss w.r.t. its logits."""
     compute_dtype = torch.promote_types(student_rows.dtype, torch.float32)
     # The head matmul runs in the input dtype, as the model's own lm_head would; only the
@@ -230,13 +274,7 @@ def _chunk_loss_and_logit_grad(student_rows, student_weight, student_bias, teach
         # frees the divergence's saved tensors before it builds the CE gradient.
         label_logits = student_logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         ce_sum = (torch.logsumexp(student_logits, dim=-1) - label_logits).sum()
-        # Log-probs built inline: no local name keeps them, or the teacher's logits, alive
-        # once the divergence has saved what its backward needs.
-        per_token = _ON_LOG_PROBS[settings.divergence](
-            _log_probs(student_logits, settings.temperature),
-            _log_probs(F.linear(teacher_rows, teacher_weight, teacher_bias), settings.temperature),
-            **settings.params,
-        )
+        per_token = _chunk_divergence(student_logits, teacher, rows, settings)
         kd_sum = per_token.sum() * settings.temperature**2
         weighted = settings.kd_weight * kd_sum + settings.ce_weight * ce_sum
         (grad_logits,) = torch.autograd.grad(weighted, student_logits)
@@ -247,8 +285,8 @@ class _FusedKDFunction(torch.autograd.Function):
     """Forward computes the loss and its gradients chunk by chunk; backward only rescales them."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden,
-                teacher_weight, teacher_bias, labels, settings: _ChunkSettings):
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher, labels,
+                settings: _ChunkSettings):
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         compute_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
         grad_hidden = torch.zeros_like(student_hidden) if want_hidden else None
@@ -260,8 +298,7 @@ class _FusedKDFunction(torch.autograd.Function):
         for start in range(0, student_hidden.shape[0], settings.chunk_size):
             rows = slice(start, start + settings.chunk_size)
             kd_sum, ce_sum, grad_logits = _chunk_loss_and_logit_grad(
-                student_hidden[rows], student_weight, student_bias, teacher_hidden[rows],
-                teacher_weight, teacher_bias, labels[rows], settings,
+                student_hidden[rows], student_weight, student_bias, teacher, rows, labels[rows], settings,
             )
             kd_total += kd_sum
             ce_total += ce_sum
@@ -282,7 +319,7 @@ class _FusedKDFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kd_total, _grad_ce_total):
         grads = [None if grad is None else (grad * grad_loss).to(dtype)
                  for grad, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)]
-        return *grads, None, None, None, None, None
+        return *grads, None, None, None
 
 
 def _shared_vocab(student_rows: int, teacher_rows: int, vocab_size: int | None) -> int:
@@ -323,8 +360,41 @@ def fused_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_h
     teacher_bias = None if teacher_head_bias is None else teacher_head_bias[:vocab].detach()
     student_bias = None if student_head_bias is None else student_head_bias[:vocab]
     settings = _ChunkSettings(divergence, params, temperature, kd_weight, ce_weight, chunk_size)
+    teacher = _TeacherHead(teacher_rows, teacher_head_weight[:vocab].detach(), teacher_bias)
     loss, kd_sum, ce_sum = _FusedKDFunction.apply(
-        student_rows, student_head_weight[:vocab], student_bias,
-        teacher_rows, teacher_head_weight[:vocab].detach(), teacher_bias, labels[keep], settings,
+        student_rows, student_head_weight[:vocab], student_bias, teacher, labels[keep], settings,
+    )
+    return FusedKDLoss(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=keep.sum())
+
+
+def cached_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_log_probs: Tensor,
+                   teacher_ids: Tensor, teacher_rest_log: Tensor, labels: Tensor, *,
+                   divergence: DivergenceName = "forward_kl", temperature: float = 1.0,
+                   beta: float = 0.5, alpha: float = 0.1, ce_weight: float, kd_weight: float,
+                   vocab_size: int, chunk_size: int = 1024,
+                   student_head_bias: Tensor | None = None) -> FusedKDLoss:
+    """`fused_kd_loss` against a teacher cache: the teacher's top-k log-probs (at `temperature`),
+    their ids and the log of the rest mass, one row per loss-carrying label in order.
+
+    Both distributions are compared on k + 1 buckets: the teacher's top k tokens, and one
+    bucket for everything else (teacher: the stored rest mass; student: 1 − its mass on those
+    k tokens). With k = vocab this is the full divergence; for smaller k the student is not
+    told how the teacher spreads its rest mass, only how much there is.
+    """
+    params = _divergence_params(divergence, temperature, beta, alpha)
+    if chunk_size < 1:
+        raise StillError(f"chunk_size={chunk_size} must be >= 1", hint="1024 is a good default")
+    labels = labels.reshape(-1)
+    keep = labels != IGNORE_INDEX
+    if int(keep.sum()) != teacher_log_probs.shape[0]:
+        raise StillError(f"the teacher cache holds {teacher_log_probs.shape[0]} tokens for this batch "
+                         f"but it has {int(keep.sum())} loss tokens", hint="rebuild it with `still cache`")
+    student_rows = student_hidden.reshape(-1, student_hidden.shape[-1])[keep]
+    student_bias = None if student_head_bias is None else student_head_bias[:vocab_size]
+    device = student_rows.device
+    teacher = _TeacherTopK(teacher_log_probs.to(device), teacher_ids.to(device), teacher_rest_log.to(device))
+    settings = _ChunkSettings(divergence, params, temperature, kd_weight, ce_weight, chunk_size)
+    loss, kd_sum, ce_sum = _FusedKDFunction.apply(
+        student_rows, student_head_weight[:vocab_size], student_bias, teacher, labels[keep], settings,
     )
     return FusedKDLoss(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=keep.sum())

@@ -105,6 +105,18 @@ def _launch(recipe, plan, args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    from distill.cache import build_cache
+    from still import recipe as recipe_module
+
+    recipe = recipe_module.load(args.recipe, args.overrides)
+    if recipe.kind != "distill":
+        raise StillError(f"still cache needs a distill recipe; {args.recipe} is kind: {recipe.kind}")
+    for report in build_cache(recipe):
+        print(f"still: teacher cache {recipe.distill.teacher_cache} {report.summary()}")
+    return 0
+
+
 def _cmd_check(args) -> int:
     from still import recipe as recipe_module
     from still.preflight import check
@@ -171,13 +183,6 @@ def _publish_flags(args) -> list[str]:
     flags += [f"--task={t}" for t in args.task]
     names = ("dry_run", "private", "quick", "no_eval", "no_compare", "force")
     return flags + ["--" + name.replace("_", "-") for name in names if getattr(args, name)]
-
-
-def _not_built(verb: str, issue: str):
-    def handler(args) -> int:
-        raise StillError(f"`still {verb}` is not built yet", hint=f"tracked in the {issue} issue")
-
-    return handler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compare", action="store_true", help="do not score the base / teacher for the card")
     p.add_argument("--force", action="store_true", help="replace --out and upload over an existing hub repo")
     p.set_defaults(handler=_cmd_publish)
-    sub.add_parser("cache", help="teacher logit cache (not built yet)").set_defaults(
-        handler=_not_built("cache", "teacher cache")
+    with_recipe("cache", "run a distill recipe's teacher once; store its top-k log-probs").set_defaults(
+        handler=_cmd_cache
     )
     sub.add_parser("schema", help="print the recipe JSON schema").set_defaults(handler=_cmd_schema)
     sub.add_parser("models", help="list built-in models and the conversion cache").set_defaults(
@@ -262,9 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    # `still cache ...` with arguments must still reach the one-line "not built" message.
-    if argv and argv[0] == "cache":
-        argv = argv[:1]
     # Overrides may come after flags too (`still run r.yaml --force train.lr=1e-4`).
     args, extras = parser.parse_known_args(argv)
     if hasattr(args, "overrides"):

@@ -164,7 +164,7 @@ def load_rows(source, *, bad_rows: list[str] | None = None) -> list[tuple[str, d
 
 
 # --------------------------------------------------------------------------- fingerprints
-def _tokenizer_hash(tokenizer) -> str:
+def tokenizer_hash(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(
         sorted(tokenizer.get_vocab().items()))
@@ -191,15 +191,15 @@ def _settings_json(data) -> str:
 
 def data_fingerprint(data, tokenizer) -> str:
     """sha256 of the data files (or dataset ids), the tokenizer and the data section."""
-    parts = [CACHE_VERSION, _settings_json(data), _tokenizer_hash(tokenizer),
+    parts = [CACHE_VERSION, _settings_json(data), tokenizer_hash(tokenizer),
              _source_hash(data.train), _source_hash(data.eval) if data.eval else ""]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def _split_fingerprint(data, tokenizer, split: str) -> str:
+def split_fingerprint(data, tokenizer, split: str) -> str:
     # Per split, so that editing the eval file does not re-tokenize the training set.
     source = data.train if split == "train" else data.eval
-    parts = [CACHE_VERSION, split, _settings_json(data), _tokenizer_hash(tokenizer),
+    parts = [CACHE_VERSION, split, _settings_json(data), tokenizer_hash(tokenizer),
              _source_hash(source)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
@@ -363,7 +363,7 @@ def prepare(data, tokenizer, *, split: Literal["train", "eval"] = "train",
                          _no_examples_hint(data, stats))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _split_fingerprint(data, tokenizer, split)
+    fingerprint = split_fingerprint(data, tokenizer, split)
     cache_file = cache_dir / f"{fingerprint[:40]}-{split}.arrow"
     with PartialState().main_process_first():
         mapped = _tokenize(data, tokenizer, records, cache_file, fingerprint, split, progress)

@@ -36,6 +36,7 @@ KeyPath = tuple[str | int, ...]
 PATH_KEYS: tuple[KeyPath, ...] = (
     ("data", "train", "path"),
     ("data", "eval", "path"),
+    ("distill", "teacher_cache"),
     ("eval_tasks", "*"),
     ("tasks", "*"),
 )

@@ -301,6 +301,14 @@ class DistillSection(Section):
     kd_weight: float = Field(1.0, ge=0, description="Weight of the KD term.")
     ce_weight: float = Field(0.0, ge=0, description="Weight of hard-label cross entropy.")
     chunk_size: int = Field(1024, ge=1, description="Tokens per chunk in the fused KD loss.")
+    teacher_cache: str | None = Field(
+        None, description="A teacher cache dir (`still cache R.yaml` builds it): distill from the "
+        "teacher's stored top-k log-probs instead of running the teacher.",
+    )
+    cache_top_k: int = Field(
+        64, ge=1, description="Teacher log-probs kept per token in the cache; the rest of the "
+        "mass is one bucket. k = vocabulary size is exact KD.",
+    )
 
     @model_validator(mode="after")
     def _some_loss(self):

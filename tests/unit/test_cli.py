@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 
-
 def still(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "still.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
@@ -51,12 +50,13 @@ def test_schema_is_json():
     assert "oneOf" in json.loads(result.stdout)
 
 
-def test_unbuilt_verbs_say_so():
-    result = still("cache", "anything", "--flag")
+def test_cache_needs_a_distill_recipe_with_a_cache_dir(tmp_path, tiny_model_dir):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"kind: finetune\nname: x\nmodel: {{ref: \"{tiny_model_dir}\"}}\n"
+                      "data: {train: {path: t.jsonl, format: completion}}\n")
+    result = still("cache", str(recipe))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "still: error: `still cache` is not built yet (tracked in the teacher cache issue)"
-    ]
+    assert result.stderr.strip().splitlines() == [f"still: error: still cache needs a distill recipe; {recipe} is kind: finetune"]
 
 
 def test_publish_of_a_missing_run_is_one_line(tmp_path):

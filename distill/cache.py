@@ -1,0 +1,273 @@
+"""Offline teacher cache: run the teacher once, distill many students (and epochs) from disk.
+
+`still cache R.yaml` runs the distill recipe's teacher over its training (and eval) data and
+stores, for every loss-carrying token, the teacher's top-k log-probabilities at the recipe's
+temperature, their token ids, and the log of the probability mass outside the top k:
+
+    <distill.teacher_cache>/
+      manifest.json                teacher, tokenizer and data hashes, k, temperature, dtypes,
+                                   per split: shards, tokens, bytes/token, fidelity
+      train/shard-00000.safetensors   log_probs [T, k] fp16, ids [T, k] uint16 (int32 for a
+      train/...                       vocab over 65536), rest_log [T] fp16, offsets [E + 1]
+      eval/...
+
+Rows follow the prepared dataset's example order; `offsets[i]:offsets[i+1]` are example i's
+loss tokens in sequence order, which is also the order the KD loss visits them in a batch.
+Shards are written whole and renamed into place, so an interrupted `still cache` resumes at
+the first missing shard. The loss treats the mass outside the top k as one more "rest" bucket
+(see distill/losses.py): with k = vocab it is exact KD.
+
+A cache is refused for a recipe whose tokenizer, data (files, data settings), teacher reference
+or temperature differ from the ones it was made with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from distill.losses import MIN_REST_MASS
+from still import data as data_module
+from still.errors import StillError
+from still.rundir import absolute_ref
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+EXAMPLES_PER_SHARD = 1024
+FIDELITY_SAMPLE_TOKENS = 4096
+
+
+def _tokenizer_hash(tokenizer) -> str:
+    return data_module.tokenizer_hash(tokenizer)
+
+
+def expected_manifest(recipe, tokenizer) -> dict:
+    """What a cache for this recipe must say about itself (everything that changes its rows)."""
+    splits = {"train": data_module.split_fingerprint(recipe.data, tokenizer, "train")}
+    if recipe.data.eval is not None:
+        splits["eval"] = data_module.split_fingerprint(recipe.data, tokenizer, "eval")
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher": absolute_ref(recipe.teacher.ref),
+        "tokenizer_sha256": _tokenizer_hash(tokenizer),
+        "temperature": recipe.distill.temperature,
+        "data_sha256": splits,
+    }
+
+
+def _mismatch(found: dict, expected: dict) -> str | None:
+    for key, value in expected.items():
+        if found.get(key) != value:
+            if key == "data_sha256":
+                split = next(s for s in value if found.get(key, {}).get(s) != value[s])
+                return f"the {split} data (files or data settings) changed since it was made"
+            what = {"tokenizer_sha256": "tokenizer"}.get(key, key)
+            return f"it was made with another {what} ({found.get(key)!r}, recipe: {value!r})"
+    return None
+
+
+# --------------------------------------------------------------------------- building
+@dataclass
+class CacheReport:
+    split: str
+    tokens: int
+    examples: int
+    bytes_per_token: float
+    mass_covered: float  # mean teacher probability inside the top k
+    kl_full_to_cached: float  # mean KL(full ‖ cached) per token, nats, on a sample
+
+    def summary(self) -> str:
+        return (f"{self.split}: {self.examples} examples, {self.tokens} loss tokens, "
+                f"{self.bytes_per_token:.0f} bytes/token, top-k mass {self.mass_covered:.4f}, "
+                f"KL(full‖cached) {self.kl_full_to_cached:.2e} nats/token")
+
+
+def topk_entries(log_probs: torch.Tensor, k: int):
+    """(top-k log-probs, ids, log of the rest mass) of [T, V] log-probabilities."""
+    values, ids = log_probs.topk(k, dim=-1)
+    covered = torch.logsumexp(values, dim=-1).exp().clamp(max=1.0)
+    rest_log = torch.log((1.0 - covered).clamp(min=MIN_REST_MASS))
+    return values, ids, rest_log
+
+
+def kl_full_to_cached(log_probs: torch.Tensor, topk_ids: torch.Tensor, rest_log: torch.Tensor) -> torch.Tensor:
+    """Per token KL(p ‖ q), q = p on the top k and the rest mass spread evenly over the others:
+    what is lost by keeping only the top k (0 when the tail is already uniform or k = vocab)."""
+    vocab, k = log_probs.shape[-1], topk_ids.shape[-1]
+    if k >= vocab:
+        return log_probs.new_zeros(log_probs.shape[:-1])
+    outside = torch.ones_like(log_probs, dtype=torch.bool).scatter_(-1, topk_ids, False)
+    tail_q = rest_log - math.log(vocab - k)  # log q for each token outside the top k
+    p = log_probs.exp()
+    terms = torch.where(outside, p * (log_probs - tail_q[:, None]), 0.0)
+    return terms.sum(-1).clamp(min=0.0)
+
+
+def _teacher_log_probs(teacher, batch: dict, temperature: float, vocab: int) -> torch.Tensor:
+    """Teacher log-probs at the loss-carrying positions of a batch, in order: [T, vocab]."""
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = teacher(**batch).logits[:, :-1, :vocab].float()
+    keep = labels[:, 1:] != data_module.IGNORE_INDEX
+    return torch.log_softmax(logits[keep] / temperature, dim=-1)
+
+
+def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
+    """`still cache`: write (or finish) the cache at recipe.distill.teacher_cache."""
+    from tqdm.auto import tqdm
+
+    from distill.kd import load_teacher
+    from eval.harness import model_content_hash
+
+    out = recipe.distill.teacher_cache
+    if not out:
+        raise StillError("the recipe has no distill.teacher_cache", hint="set distill.teacher_cache: DIR")
+    out = Path(out)
+    teacher, tokenizer = load_teacher(recipe)
+    expected = expected_manifest(recipe, tokenizer)
+    k, vocab = recipe.distill.cache_top_k, len(tokenizer)
+    if k > vocab:
+        raise StillError(f"distill.cache_top_k {k} is larger than the vocabulary ({vocab})",
+                         hint=f"use at most {vocab} (= exact KD)")
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
+        found = json.loads(manifest_path.read_text())
+        problem = _mismatch(found, expected) or (
+            None if found.get("top_k") == k else f"it was made with top_k {found.get('top_k')}") or (
+            None if found.get("examples_per_shard") == EXAMPLES_PER_SHARD else "its shards are sized differently")
+        if problem:
+            raise StillError(f"{out} holds another cache: {problem}",
+                             hint="point distill.teacher_cache at a new dir, or delete this one")
+    out.mkdir(parents=True, exist_ok=True)
+    ids_dtype = torch.uint16 if vocab <= 65536 else torch.int32
+    manifest = {**expected, "top_k": k, "vocab_size": vocab, "teacher_sha256": model_content_hash(teacher),
+                "dtypes": {"log_probs": "float16", "ids": str(ids_dtype).removeprefix("torch."),
+                           "rest_log": "float16"}, "examples_per_shard": EXAMPLES_PER_SHARD,
+                "splits": {}, "complete": False}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    collator = data_module.PaddedCollator(tokenizer.pad_token_id)
+    reports = []
+    for split in ("train", "eval"):
+        prepared = data_module.prepare(recipe.data, tokenizer, split=split, progress=progress)
+        if prepared is None:
+            continue
+        dataset, split_dir = prepared.dataset, out / split
+        split_dir.mkdir(exist_ok=True)
+        shards = math.ceil(len(dataset) / EXAMPLES_PER_SHARD)
+        bar = tqdm(total=len(dataset), desc=f"teacher cache ({split})", disable=not progress, unit="ex")
+        fidelity: list[torch.Tensor] = []
+        mass: list[torch.Tensor] = []
+        for shard in range(shards):
+            start, stop = shard * EXAMPLES_PER_SHARD, min((shard + 1) * EXAMPLES_PER_SHARD, len(dataset))
+            path = split_dir / f"shard-{shard:05d}.safetensors"
+            if not path.exists():  # else done by an earlier, interrupted run
+                _write_shard(teacher, dataset, range(start, stop), collator, recipe, k, vocab, ids_dtype,
+                             path, fidelity, mass)
+            bar.update(stop - start)
+        bar.close()
+        tokens = sum(_shard_tokens(split_dir / f"shard-{i:05d}.safetensors") for i in range(shards))
+        size = sum((split_dir / f"shard-{i:05d}.safetensors").stat().st_size for i in range(shards))
+        report = CacheReport(
+            split, tokens, len(dataset), size / max(tokens, 1),
+            float(torch.cat(mass).mean()) if mass else float("nan"),
+            float(torch.cat(fidelity).mean()) if fidelity else float("nan"),
+        )
+        manifest["splits"][split] = {"shards": shards, "examples": len(dataset), "tokens": tokens,
+                                     "bytes": size, "bytes_per_token": report.bytes_per_token,
+                                     "mass_covered": report.mass_covered,
+                                     "kl_full_to_cached": report.kl_full_to_cached}
+        reports.append(report)
+    manifest["complete"] = True
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return reports
+
+
+def _write_shard(teacher, dataset, indices, collator, recipe, k, vocab, ids_dtype, path, fidelity, mass):
+    batch_size = recipe.train.batch_size
+    log_probs, ids, rest, offsets = [], [], [], [0]
+    sampled = sum(t.numel() for t in fidelity)
+    for first in range(indices.start, indices.stop, batch_size):
+        rows = [dataset[i] for i in range(first, min(first + batch_size, indices.stop))]
+        batch = collator([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+        batch = {name: value.to(teacher.device) for name, value in batch.items()}
+        per_example = (batch["labels"][:, 1:] != data_module.IGNORE_INDEX).sum(1).tolist()
+        full = _teacher_log_probs(teacher, batch, recipe.distill.temperature, vocab)
+        values, top_ids, rest_log = topk_entries(full, k)
+        if sampled < FIDELITY_SAMPLE_TOKENS:
+            fidelity.append(kl_full_to_cached(full, top_ids, rest_log).cpu())
+            mass.append(values.exp().sum(-1).cpu())
+            sampled += full.shape[0]
+        log_probs.append(values.half().cpu())
+        ids.append(top_ids.to(torch.int32).cpu())
+        rest.append(rest_log.half().cpu())
+        for count in per_example:
+            offsets.append(offsets[-1] + count)
+    tensors = {
+        "log_probs": torch.cat(log_probs), "ids": torch.cat(ids).to(ids_dtype),
+        "rest_log": torch.cat(rest), "offsets": torch.tensor(offsets, dtype=torch.int64),
+    }
+    staging = path.with_suffix(".partial")
+    save_file(tensors, str(staging), metadata={"first_example": str(indices.start)})
+    staging.chmod(0o644)
+    os.replace(staging, path)
+
+
+def _shard_tokens(path: Path) -> int:
+    with safe_open(str(path), "pt") as handle:
+        return int(handle.get_slice("log_probs").get_shape()[0])
+
+
+# --------------------------------------------------------------------------- reading
+class TeacherCache:
+    """Read side: cached teacher rows for a batch's examples, in batch order."""
+
+    def __init__(self, directory: Path, split: str, manifest: dict):
+        self.directory, self.split, self.manifest = Path(directory), split, manifest
+        self.shards: dict[int, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def open(cls, recipe, tokenizer, split: str = "train") -> TeacherCache:
+        directory = Path(recipe.distill.teacher_cache)
+        path = directory / MANIFEST
+        hint = f"build it with `still cache {getattr(recipe, '_source', None) or 'R.yaml'}`"
+        if not path.exists():
+            raise StillError(f"no teacher cache at {directory}", hint=hint)
+        manifest = json.loads(path.read_text())
+        if not manifest.get("complete"):
+            raise StillError(f"teacher cache {directory} is incomplete", hint=f"finish it: {hint}")
+        problem = _mismatch(manifest, expected_manifest(recipe, tokenizer))
+        if problem:
+            raise StillError(f"teacher cache {directory} does not fit this recipe: {problem}", hint=hint)
+        if split not in manifest["splits"]:
+            raise StillError(f"teacher cache {directory} has no {split} split", hint=hint)
+        return cls(directory, split, manifest)
+
+    @property
+    def top_k(self) -> int:
+        return self.manifest["top_k"]
+
+    def _shard(self, number: int) -> dict[str, torch.Tensor]:
+        if number not in self.shards:
+            path = self.directory / self.split / f"shard-{number:05d}.safetensors"
+            with safe_open(str(path), "pt") as handle:
+                self.shards[number] = {name: handle.get_tensor(name) for name in handle.keys()}
+        return self.shards[number]
+
+    def rows(self, example_ids: list[int]):
+        """(log_probs [T, k] fp32, ids [T, k] int64, rest_log [T] fp32) for these examples."""
+        parts = []
+        per_shard = self.manifest["examples_per_shard"]
+        for example in example_ids:
+            shard = self._shard(example // per_shard)
+            local = example % per_shard
+            start, stop = int(shard["offsets"][local]), int(shard["offsets"][local + 1])
+            parts.append((shard["log_probs"][start:stop], shard["ids"][start:stop], shard["rest_log"][start:stop]))
+        return (torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts]).to(torch.int64),
+                torch.cat([p[2] for p in parts]).float())
