@@ -7,8 +7,9 @@ temperature, their token ids, and the log of the probability mass outside the to
     <distill.teacher_cache>/
       manifest.json                teacher, tokenizer and data hashes, k, temperature, dtypes,
                                    per split: shards, tokens, bytes/token, fidelity
-      train/shard-00000.safetensors   log_probs [T, k] fp16, ids [T, k] uint16 (int32 for a
-      train/...                       vocab over 65536), rest_log [T] fp16, offsets [E + 1]
+      train/shard-00000.safetensors   log_probs [T, k] fp16 (or uint8 + per-token max and
+      train/...                       step), ids [T, k] uint16 (int32 for a vocab over
+                                      65536), rest_log [T] fp16, offsets [E + 1]
       eval/...
 
 Rows follow the prepared dataset's example order; `offsets[i]:offsets[i+1]` are example i's
@@ -97,17 +98,42 @@ def topk_entries(log_probs: torch.Tensor, k: int):
     return values, ids, rest_log
 
 
-def kl_full_to_cached(log_probs: torch.Tensor, topk_ids: torch.Tensor, rest_log: torch.Tensor) -> torch.Tensor:
-    """Per token KL(p ‖ q), q = p on the top k and the rest mass spread evenly over the others:
-    what is lost by keeping only the top k (0 when the tail is already uniform or k = vocab)."""
+def kl_full_to_cached(log_probs: torch.Tensor, topk_ids: torch.Tensor, rest_log: torch.Tensor,
+                      stored_topk: torch.Tensor | None = None) -> torch.Tensor:
+    """Per token KL(p ‖ q), q = the top k as stored (p itself unless `stored_topk`, the
+    log-probs after storage rounding, is given) and the rest mass spread evenly over the other
+    tokens: what the cache loses (0 for an already even tail, or k = vocab, stored exactly)."""
     vocab, k = log_probs.shape[-1], topk_ids.shape[-1]
-    if k >= vocab:
-        return log_probs.new_zeros(log_probs.shape[:-1])
-    outside = torch.ones_like(log_probs, dtype=torch.bool).scatter_(-1, topk_ids, False)
-    tail_q = rest_log - math.log(vocab - k)  # log q for each token outside the top k
     p = log_probs.exp()
-    terms = torch.where(outside, p * (log_probs - tail_q[:, None]), 0.0)
-    return terms.sum(-1).clamp(min=0.0)
+    kl = log_probs.new_zeros(log_probs.shape[:-1])
+    if stored_topk is not None:
+        picked = log_probs.gather(-1, topk_ids)
+        kl = kl + (picked.exp() * (picked - stored_topk.to(picked.dtype))).sum(-1)
+    if k < vocab:
+        outside = torch.ones_like(log_probs, dtype=torch.bool).scatter_(-1, topk_ids, False)
+        tail_q = rest_log - math.log(vocab - k)  # log q for each token outside the top k
+        kl = kl + torch.where(outside, p * (log_probs - tail_q[:, None]), 0.0).sum(-1)
+    return kl.clamp(min=0.0)
+
+
+def quantize_log_probs(values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """[T, k] descending log-probs → uint8 steps below each token's top-1 value: 1 byte each."""
+    top = values[:, :1]
+    step = ((top - values[:, -1:]) / 255).clamp(min=1e-6)
+    steps = ((top - values) / step).round().clamp(0, 255).to(torch.uint8)
+    return {"log_probs_q": steps, "log_probs_top": top.squeeze(1).half(), "log_probs_step": step.squeeze(1).half()}
+
+
+def dequantize_log_probs(stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    return stored["log_probs_top"].float()[:, None] - stored["log_probs_q"].float() * stored["log_probs_step"].float()[:, None]
+
+
+def _stored_log_probs(values: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+    return {"log_probs": values.half()} if dtype == "float16" else quantize_log_probs(values)
+
+
+def _read_log_probs(stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    return stored["log_probs"].float() if "log_probs" in stored else dequantize_log_probs(stored)
 
 
 def _teacher_log_probs(teacher, batch: dict, temperature: float, vocab: int) -> torch.Tensor:
@@ -141,6 +167,8 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
         found = json.loads(manifest_path.read_text())
         problem = _mismatch(found, expected) or (
             None if found.get("top_k") == k else f"it was made with top_k {found.get('top_k')}") or (
+            None if found.get("dtypes", {}).get("log_probs") == recipe.distill.cache_dtype
+            else f"it stores {found.get('dtypes', {}).get('log_probs')} log-probs") or (
             None if found.get("examples_per_shard") == EXAMPLES_PER_SHARD else "its shards are sized differently")
         if problem:
             raise StillError(f"{out} holds another cache: {problem}",
@@ -148,7 +176,7 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
     out.mkdir(parents=True, exist_ok=True)
     ids_dtype = torch.uint16 if vocab <= 65536 else torch.int32
     manifest = {**expected, "top_k": k, "vocab_size": vocab, "teacher_sha256": model_content_hash(teacher),
-                "dtypes": {"log_probs": "float16", "ids": str(ids_dtype).removeprefix("torch."),
+                "dtypes": {"log_probs": recipe.distill.cache_dtype, "ids": str(ids_dtype).removeprefix("torch."),
                            "rest_log": "float16"}, "examples_per_shard": EXAMPLES_PER_SHARD,
                 "splits": {}, "complete": False}
     manifest_path.write_text(json.dumps(manifest, indent=1))
@@ -191,6 +219,7 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
 
 def _write_shard(teacher, dataset, indices, collator, recipe, k, vocab, ids_dtype, path, fidelity, mass):
     batch_size = recipe.train.batch_size
+    dtype = recipe.distill.cache_dtype
     log_probs, ids, rest, offsets = [], [], [], [0]
     sampled = sum(t.numel() for t in fidelity)
     for first in range(indices.start, indices.stop, batch_size):
@@ -200,18 +229,21 @@ def _write_shard(teacher, dataset, indices, collator, recipe, k, vocab, ids_dtyp
         per_example = (batch["labels"][:, 1:] != data_module.IGNORE_INDEX).sum(1).tolist()
         full = _teacher_log_probs(teacher, batch, recipe.distill.temperature, vocab)
         values, top_ids, rest_log = topk_entries(full, k)
+        stored = {name: tensor.cpu() for name, tensor in _stored_log_probs(values, dtype).items()}
         if sampled < FIDELITY_SAMPLE_TOKENS:
-            fidelity.append(kl_full_to_cached(full, top_ids, rest_log).cpu())
+            as_read = _read_log_probs(stored).to(full.device)
+            fidelity.append(kl_full_to_cached(full, top_ids, rest_log.half().float(), as_read).cpu())
             mass.append(values.exp().sum(-1).cpu())
             sampled += full.shape[0]
-        log_probs.append(values.half().cpu())
+        log_probs.append(stored)
         ids.append(top_ids.to(torch.int32).cpu())
         rest.append(rest_log.half().cpu())
         for count in per_example:
             offsets.append(offsets[-1] + count)
     tensors = {
-        "log_probs": torch.cat(log_probs), "ids": torch.cat(ids).to(ids_dtype),
-        "rest_log": torch.cat(rest), "offsets": torch.tensor(offsets, dtype=torch.int64),
+        **{name: torch.cat([part[name] for part in log_probs]) for name in log_probs[0]},
+        "ids": torch.cat(ids).to(ids_dtype), "rest_log": torch.cat(rest),
+        "offsets": torch.tensor(offsets, dtype=torch.int64),
     }
     staging = path.with_suffix(".partial")
     save_file(tensors, str(staging), metadata={"first_example": str(indices.start)})
@@ -221,7 +253,7 @@ def _write_shard(teacher, dataset, indices, collator, recipe, k, vocab, ids_dtyp
 
 def _shard_tokens(path: Path) -> int:
     with safe_open(str(path), "pt") as handle:
-        return int(handle.get_slice("log_probs").get_shape()[0])
+        return int(handle.get_slice("rest_log").get_shape()[0])
 
 
 # --------------------------------------------------------------------------- reading
@@ -268,6 +300,7 @@ class TeacherCache:
             shard = self._shard(example // per_shard)
             local = example % per_shard
             start, stop = int(shard["offsets"][local]), int(shard["offsets"][local + 1])
-            parts.append((shard["log_probs"][start:stop], shard["ids"][start:stop], shard["rest_log"][start:stop]))
-        return (torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts]).to(torch.int64),
+            rows = {name: tensor[start:stop] for name, tensor in shard.items() if name != "offsets"}
+            parts.append((_read_log_probs(rows), rows["ids"], rows["rest_log"]))
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).to(torch.int64),
                 torch.cat([p[2] for p in parts]).float())

@@ -309,6 +309,10 @@ class DistillSection(Section):
         64, ge=1, description="Teacher log-probs kept per token in the cache; the rest of the "
         "mass is one bucket. k = vocabulary size is exact KD.",
     )
+    cache_dtype: Literal["float16", "uint8"] = Field(
+        "float16", description="How cached log-probs are stored: float16, or uint8 steps below "
+        "each token's top value (1 byte instead of 2; about 198 bytes/token at k=64).",
+    )
 
     @model_validator(mode="after")
     def _some_loss(self):

@@ -131,3 +131,14 @@ def test_an_interrupted_cache_resumes_at_the_missing_shard(work, monkeypatch):
                                      json.loads((work / "cache-resume" / "manifest.json").read_text()))
     log_probs, ids, rest_log = rows.rows([4, 0])
     assert log_probs.shape[1] == ids.shape[1] == 8 and rest_log.shape[0] == log_probs.shape[0]
+
+
+def test_uint8_log_probs_take_one_byte_and_train_alike(work, online, monkeypatch):
+    args = ["distill.teacher_cache=cache-u8", "distill.cache_top_k=16", "distill.cache_dtype=uint8"]
+    assert _still(work, monkeypatch, "cache", "distill.yaml", *args) == 0
+    train = json.loads((work / "cache-u8" / "manifest.json").read_text())["splits"]["train"]
+    # 16 uint8 steps + 16 uint16 ids + fp16 rest, top and step per token
+    assert 16 + 16 * 2 + 6 <= train["bytes_per_token"] < 16 + 16 * 2 + 6 + 20
+    assert 0 < train["kl_full_to_cached"] < 0.1
+    assert _still(work, monkeypatch, "run", "distill.yaml", "name=from-cache-u8", *args) == 0
+    assert _kd_losses(work / "runs" / "from-cache-u8") == pytest.approx(_kd_losses(online), rel=0.15)
