@@ -217,6 +217,10 @@ def apply_override(data: dict, origins: dict[KeyPath, Origin], override: str) ->
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError:
         value = raw_value
+    if isinstance(value, bool) and raw_value.strip().lower() not in ("true", "false"):
+        # YAML 1.1 reads on/off/yes/no as booleans; `name=off` means the name. A bool field
+        # still gets a bool: pydantic reads "off"/"yes" as one.
+        value = raw_value.strip()
     node = data
     for depth, key in enumerate(keys[:-1]):
         child = node.get(key)

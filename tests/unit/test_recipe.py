@@ -98,6 +98,13 @@ def test_overrides_typed_nested_and_lists(tmp_path):
     assert recipe.name == "other"
 
 
+def test_yaml_1_1_booleans_stay_words_in_overrides(tmp_path):
+    path = write(tmp_path / "a.yaml", FINETUNE)
+    recipe = recipe_module.load(path, ["name=off", "data.packing=no", "train.gradient_checkpointing=on"])
+    assert recipe.name == "off"  # not False
+    assert recipe.data.packing is False and recipe.train.gradient_checkpointing is True
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
