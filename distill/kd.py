@@ -8,13 +8,14 @@ Same data pipeline and masks as fine-tuning: KD and CE count only loss-carrying 
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
 from transformers import Trainer, set_seed
 
 from distill.cache import TeacherCache
-from distill.losses import FusedKDLoss, cached_kd_loss, fused_kd_loss, kd_loss
+from distill.losses import IGNORE_INDEX, FusedKDLoss, cached_kd_loss, fused_kd_loss, kd_loss
 from distill.student import carve_student
 from finetune.sft import (
     collator_for,
@@ -101,6 +102,26 @@ def open_caches(recipe: DistillRecipe, tokenizer) -> dict:
     return caches
 
 
+def prompts_and_budgets(inputs: dict, labels: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+    """Each example's prompt (its tokens before the first trained one) and how many tokens its
+    dataset answer had, from a padded [B, L] batch or a packed [1, N] one (position_ids)."""
+    input_ids = inputs["input_ids"]
+    if "position_ids" in inputs and input_ids.shape[0] == 1:  # packed: examples restart at 0
+        starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist() + [input_ids.shape[1]]
+        rows = [(input_ids[0, a:b], labels[0, a:b]) for a, b in zip(starts, starts[1:])]
+    else:
+        lengths = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None
+        rows = [(input_ids[i, : lengths[i] if lengths else None], labels[i, : lengths[i] if lengths else None])
+                for i in range(input_ids.shape[0])]
+    prompts, budgets = [], []
+    for ids, example_labels in rows:
+        trained = (example_labels[1:] != IGNORE_INDEX).nonzero()
+        first = int(trained[0]) + 1 if len(trained) else len(ids)
+        prompts.append(ids[:first].tolist())
+        budgets.append(max(1, len(ids) - first))
+    return prompts, budgets
+
+
 def with_example_ids(collator):
     """A collator that also hands the batch's dataset indices on (to find cached teacher rows)."""
 
@@ -128,6 +149,9 @@ class KDTrainer(Trainer):
             raise StillError("distill.teacher_cache does not work under zero3 yet (the student's head "
                              "is partitioned)", hint="use strategy ddp or zero2 with a teacher cache")
         self.teacher = None if teacher is None else self._place_teacher(teacher, teacher_placement)
+        # The same draws on every rank, so all ranks generate (or not) at the same step.
+        self._on_policy_draws = random.Random(self.args.seed)
+        self._on_policy_counts = {"batches": 0, "on_policy": 0}
         self.distill = distill
         self.vocab_size = vocab_size
         self._component_sums = {"kd": 0.0, "ce": 0.0, "tokens": 0.0}
@@ -157,6 +181,10 @@ class KDTrainer(Trainer):
         labels = inputs.pop("labels")
         inputs.pop("length", None)
         example_ids = inputs.pop("example_ids", None)
+        if model.training and self._draw_on_policy():
+            inputs, labels = self._student_answers(model, inputs, labels)
+            # Trainer counted the dataset answers' tokens; these answers have their own count
+            num_items_in_batch = None
         # logits_to_keep=1: the models skip their own full-vocab projection; we do it chunked.
         student_out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
         if self.teacher_cache is not None:
@@ -176,6 +204,47 @@ class KDTrainer(Trainer):
         else:
             out = self._fused_loss(head, teacher_head, student_hidden, teacher_hidden, target)
         return self._normalise(out, model, num_items_in_batch, student_out, return_outputs)
+
+    def _draw_on_policy(self) -> bool:
+        self._on_policy_counts["batches"] += 1
+        ratio = self.distill.on_policy_ratio
+        chosen = ratio > 0 and self._on_policy_draws.random() < ratio
+        self._on_policy_counts["on_policy"] += chosen
+        return chosen
+
+    def _student_answers(self, model, inputs, labels):
+        """GKD: the batch's prompts answered by the student itself; the teacher then scores
+        those answers token by token. Loss on the sampled tokens (and the end-of-turn token)."""
+        student = self.accelerator.unwrap_model(model)
+        tokenizer = self.processing_class
+        prompts, budgets = prompts_and_budgets(inputs, labels)
+        limit = self.distill.on_policy_max_new_tokens
+        budgets = [min(b, limit) if limit else b for b in budgets]
+        width = max(len(p) for p in prompts)
+        pad = tokenizer.pad_token_id
+        device = inputs["input_ids"].device
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            generated = student.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max(budgets), do_sample=True,
+                temperature=self.distill.on_policy_temperature, top_k=0, top_p=1.0,
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3,
+            )[:, width:].tolist()
+        student.train(was_training)
+        features = []
+        for prompt, budget, sample in zip(prompts, budgets, generated):
+            sample = sample[:budget]
+            if tokenizer.eos_token_id in sample:  # up to and including the end of the turn
+                sample = sample[: sample.index(tokenizer.eos_token_id) + 1]
+            features.append({"input_ids": prompt + sample, "labels": [IGNORE_INDEX] * len(prompt) + sample})
+        batch = self._prepare_inputs(self.data_collator(features))
+        labels = batch.pop("labels")
+        batch.pop("example_ids", None)
+        return batch, labels
 
     def _normalise(self, out: FusedKDLoss, model, num_items_in_batch, student_out, return_outputs):
         """Loss sums → the loss Trainer backpropagates, normalised by the global token count."""
@@ -248,6 +317,10 @@ class KDTrainer(Trainer):
         if sums["tokens"] and "loss" in logs:
             logs["kd_loss"] = sums["kd"] / sums["tokens"]
             logs["ce_loss"] = sums["ce"] / sums["tokens"]
+            if self.distill.on_policy_ratio > 0:
+                counts = self._on_policy_counts
+                logs["on_policy_fraction"] = counts["on_policy"] / max(counts["batches"], 1)
+                self._on_policy_counts = {"batches": 0, "on_policy": 0}
             self._component_sums = {"kd": 0.0, "ce": 0.0, "tokens": 0.0}
         super().log(logs, *args, **kwargs)
 

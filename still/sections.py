@@ -314,10 +314,22 @@ class DistillSection(Section):
         "each token's top value (1 byte instead of 2; about 198 bytes/token at k=64).",
     )
 
+    on_policy_ratio: float = Field(
+        0.0, ge=0, le=1, description="GKD: the share of batches whose responses the student "
+        "samples itself (the teacher scores them); 0 = the dataset's responses only.",
+    )
+    on_policy_temperature: float = Field(1.0, gt=0, description="Sampling temperature of those responses.")
+    on_policy_max_new_tokens: int | None = Field(
+        None, ge=1, description="Cap on a sampled response; default: the dataset response's length."
+    )
+
     @model_validator(mode="after")
     def _some_loss(self):
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to train on")
+        if self.on_policy_ratio > 0 and self.teacher_cache:
+            raise ValueError("on_policy_ratio needs the teacher itself: it scores the student's own "
+                             "samples, which no cache holds")
         return self
 
 
