@@ -154,7 +154,7 @@ def collator_for(data: DataSection, tokenizer, attn_implementation: str | None, 
     # need the block-diagonal mask (see DESIGN.md, measured traps).
     attention = "position_ids" if attn_implementation == "flash_attention_2" else "block_mask"
     # The additive mask must match the query dtype: CUDA sdpa refuses fp32 masks with bf16.
-    return data_module.PackedCollator(pad_id, attention=attention, mask_dtype=dtype)
+    return data_module.PackedCollator(pad_id, attention=attention, mask_dtype=dtype, row_tokens=data.pack_row_tokens)
 
 
 # --------------------------------------------------------------------------- train + save

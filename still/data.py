@@ -186,7 +186,8 @@ def _source_hash(source) -> str:
 
 
 def _settings_json(data) -> str:
-    return data.model_dump_json(exclude={"train", "eval"})
+    # pack_row_tokens only arranges batches: the tokenized rows (and caches keyed by them) are the same
+    return data.model_dump_json(exclude={"train", "eval", "pack_row_tokens"})
 
 
 def data_fingerprint(data, tokenizer) -> str:
@@ -373,10 +374,14 @@ def prepare(data, tokenizer, *, split: Literal["train", "eval"] = "train",
 
 # --------------------------------------------------------------------------- collators
 class PackedCollator:
-    """Padding-free batches: the whole batch becomes ONE row of N tokens.
+    """Padding-free batches: the batch's examples, in order, concatenated into rows.
 
     position_ids restart at 0 per example and each example's first label is -100 (nothing
-    predicts across a boundary). "block_mask" adds an additive float [1, 1, N, N]
+    predicts across a boundary). With `row_tokens` (the recipe's max_len), examples fill rows
+    of at most that many tokens, so attention costs the sum of each row's length squared, not
+    the square of the whole batch; rows are right-padded to the longest with pad tokens that
+    continue the row's last example (label -100, seen by nothing before them). Without it the
+    whole batch is ONE row. "block_mask" adds an additive float [rows, 1, L, L]
     block-diagonal causal mask (exact for sdpa and eager); pass `mask_dtype` = the model's
     compute dtype for bf16/fp16 weights. "position_ids" adds no mask: for flash-attention
     varlen, which separates examples from position_ids alone.
@@ -384,30 +389,57 @@ class PackedCollator:
 
     def __init__(self, pad_token_id: int,
                  attention: Literal["block_mask", "position_ids"] = "block_mask", *,
-                 mask_dtype: torch.dtype = torch.float32):
+                 mask_dtype: torch.dtype = torch.float32, row_tokens: int | None = None):
         if attention not in ("block_mask", "position_ids"):
             raise ValueError(f"unknown attention mode {attention!r}")
-        self.pad_token_id = pad_token_id  # unused: nothing is padded; kept for a uniform API
+        self.pad_token_id = pad_token_id
         self.attention = attention
         self.mask_dtype = mask_dtype
+        self.row_tokens = row_tokens
+
+    def _rows(self, features: list[dict]) -> list[list[dict]]:
+        rows: list[list[dict]] = [[]]
+        used = 0
+        for feature in features:
+            size = len(feature["input_ids"])
+            if rows[-1] and self.row_tokens is not None and used + size > self.row_tokens:
+                rows.append([])
+                used = 0
+            rows[-1].append(feature)
+            used += size
+        return rows
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids, labels, positions, owner = [], [], [], []
-        for index, feature in enumerate(features):
-            ids = list(feature["input_ids"])
-            example_labels = list(feature["labels"])
-            example_labels[0] = IGNORE_INDEX
-            input_ids += ids
-            labels += example_labels
-            positions += range(len(ids))
-            owner += [index] * len(ids)
+        rows = self._rows(features)
+        width = max(sum(len(f["input_ids"]) for f in row) for row in rows)
+        input_ids, labels, positions, owners = [], [], [], []
+        example = 0
+        for row in rows:
+            row_ids, row_labels, row_positions, row_owner = [], [], [], []
+            for feature in row:
+                ids = list(feature["input_ids"])
+                example_labels = list(feature["labels"])
+                example_labels[0] = IGNORE_INDEX
+                row_ids += ids
+                row_labels += example_labels
+                row_positions += range(len(ids))
+                row_owner += [example] * len(ids)
+                example += 1
+            padding = width - len(row_ids)
+            input_ids.append(row_ids + [self.pad_token_id] * padding)
+            labels.append(row_labels + [IGNORE_INDEX] * padding)
+            last = row_positions[-1]
+            positions.append(row_positions + list(range(last + 1, last + 1 + padding)))
+            owners.append(row_owner + [row_owner[-1]] * padding)
         batch = {
-            "input_ids": torch.tensor([input_ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
         }
         if self.attention == "block_mask":
-            batch["attention_mask"] = block_causal_mask(torch.tensor(owner), self.mask_dtype)
+            batch["attention_mask"] = torch.cat(
+                [block_causal_mask(torch.tensor(owner), self.mask_dtype) for owner in owners]
+            )
         return batch
 
 

@@ -97,6 +97,11 @@ class DataSection(Section):
         "block-diagonal causal mask, so no pad tokens are computed and no example attends to "
         "another. Off: plain right padding.",
     )
+    pack_row_tokens: int | None = Field(
+        None, ge=8, description="With packing: fill rows of at most this many tokens instead of "
+        "one row per batch (attention then costs each row's length squared; rows are padded to "
+        "the longest). None: one row.",
+    )
     train_on: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant",
         description="Which tokens carry loss: every assistant turn, only the last one, or all.",
@@ -333,6 +338,99 @@ class DistillSection(Section):
         return self
 
 
+# --------------------------------------------------------------------------- teacher-written data
+class EndpointSection(Section):
+    """An OpenAI-compatible server (vLLM, `transformers serve`, llama.cpp, a hosted API)."""
+
+    url: str = Field(description="Base URL up to /v1, e.g. http://localhost:8000/v1; "
+                     "requests go to <url>/chat/completions.")
+    model: str = Field(description="The model name the server expects in each request.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (sent as a "
+        "Bearer token). The key itself never goes in a recipe.",
+    )
+    timeout_s: float = Field(300.0, gt=0, description="Seconds to wait for one response.")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class JudgeSection(Section):
+    type: Literal["exact", "regex", "model"] = Field(
+        description="exact: the answer equals the dataset's reference (case and whitespace "
+        "ignored); regex: `pattern` finds the same text in the answer as in the reference; "
+        "model: a model scores each answer with `prompt`.",
+    )
+    pattern: str | None = Field(
+        None, description="regex: a Python regex; its first group (or whole match) is compared, "
+        "e.g. '#### *(-?[0-9.,]+)'. A reference the pattern does not match is compared whole.",
+    )
+    ref: str | None = Field(None, description="model: a model reference for the judge "
+                            "(runs locally; may be the teacher's).")
+    endpoint: EndpointSection | None = Field(None, description="model: an OpenAI-compatible judge.")
+    prompt: str = Field(
+        "Rate the answer to the question from 0 (wrong or useless) to 10 (correct and complete). "
+        "Reply with the number only.\n\nQuestion: {question}\n\nAnswer: {answer}",
+        description="model: the scoring request; {question}, {answer} and {reference} are "
+        "replaced. The first integer in the reply is the score.",
+    )
+    min_score: int = Field(7, description="model: answers scored below this are dropped.")
+    max_new_tokens: int = Field(16, ge=1, description="model: tokens the judge may reply with.")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.type == "regex":
+            import re
+
+            if not self.pattern:
+                raise ValueError("judge type regex needs a pattern")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a valid regex: {exc}") from None
+        if self.type == "model":
+            if (self.ref is None) == (self.endpoint is None):
+                raise ValueError("judge type model needs exactly one of 'ref' (a model) or "
+                                 "'endpoint' (a server)")
+            if "{answer}" not in self.prompt:
+                raise ValueError("the judge prompt must contain {answer}")
+        elif self.ref is not None or self.endpoint is not None:
+            raise ValueError(f"ref and endpoint are for judge type model, not {self.type}")
+        return self
+
+
+class GenerateSection(Section):
+    """`still generate R.yaml`: the teacher answers data.train's prompts; a chat JSONL comes out."""
+
+    out: str = Field(description="Output chat-format JSONL, relative to the YAML; a report goes "
+                     "to <out>.report.json. Refused if it exists, unless --force.")
+    samples_per_prompt: int = Field(1, ge=1, description="Answers sampled per prompt.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest answer; longer ones are cut "
+                                "and dropped unless keep_truncated.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int = Field(0, description="Seed for sampling (local batches; sent to endpoints).")
+    batch_size: int = Field(8, ge=1, description="Prompts per local generate call, or requests "
+                            "in flight at once to an endpoint.")
+    keep_truncated: bool = Field(False, description="Keep answers cut at max_new_tokens.")
+    endpoint: EndpointSection | None = Field(
+        None, description="Ask an OpenAI-compatible server instead of running the recipe's "
+        "teacher locally.",
+    )
+    judge: JudgeSection | None = Field(None, description="Keep only answers the judge accepts.")
+
+    @model_validator(mode="after")
+    def _distinct_samples(self):
+        if self.temperature == 0 and self.samples_per_prompt > 1:
+            raise ValueError("samples_per_prompt > 1 with temperature 0 gives identical copies; "
+                             "set a temperature above 0")
+        return self
+
+
 # --------------------------------------------------------------------------- recipes
 class RecipeBase(Section):
     name: str = Field(
@@ -368,6 +466,10 @@ class DistillRecipe(RecipeBase):
     train: TrainSection = Field(default_factory=TrainSection)
     distributed: DistillDistributedSection = Field(default_factory=DistillDistributedSection)
     eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
+    generate: GenerateSection | None = Field(
+        None, description="Sequence-level KD: `still generate R.yaml` writes the teacher's "
+        "answers to data.train's prompts as a chat dataset.",
+    )
 
 
 class EvalRecipe(RecipeBase):

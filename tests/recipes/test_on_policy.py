@@ -71,7 +71,7 @@ def test_on_policy_and_a_teacher_cache_are_refused_together(work, monkeypatch, c
     assert "on_policy_ratio needs the teacher itself" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("collator", [PaddedCollator(3), PackedCollator(3)])
+@pytest.mark.parametrize("collator", [PaddedCollator(3), PackedCollator(3), PackedCollator(3, row_tokens=6)])
 def test_prompts_and_budgets_from_padded_and_packed_batches(collator):
     features = [
         {"input_ids": [10, 11, 12, 20, 21, 2], "labels": [-100, -100, -100, 20, 21, 2]},

@@ -32,6 +32,22 @@ def test_packed_collator_shapes_positions_and_boundaries():
     assert (mask[0, 0][~expected] == torch.finfo(torch.float32).min).all()
 
 
+def test_packed_rows_are_capped_at_row_tokens_and_padded_as_the_last_example():
+    batch = PackedCollator(pad_token_id=0, row_tokens=8)(FEATURES)
+    # 3 + 5 tokens fill the first row; the 2-token example starts a second, padded to 8
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 0, 0, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, 10, 11, 12], [-100, 14] + [-100] * 6]
+    mask = batch["attention_mask"]
+    assert mask.shape == (2, 1, 8, 8)
+    allowed = mask[:, 0] == 0
+    # the padding continues the row's one example: plain causal, so no query row is all masked
+    assert torch.equal(allowed[1], torch.ones(8, 8, dtype=torch.bool).tril())
+    assert not allowed[0, 3, :3].any()  # the second example does not see the first
+    # one row, as before, when every example fits
+    assert PackedCollator(0, row_tokens=10)(FEATURES)["input_ids"].shape == (1, 10)
+
+
 def test_packed_collator_position_ids_mode_and_mask_dtype():
     batch = PackedCollator(0, attention="position_ids")(FEATURES)
     assert set(batch) == {"input_ids", "labels", "position_ids"}
@@ -101,6 +117,20 @@ def test_packed_loss_equals_unpacked_per_token(tiny_model_dir, features, attn_im
         worst = max(worst, (here[trained] - reference[trained]).abs().max().item())
         start += length
     assert worst < 1e-5
+
+    # Rows capped at a few examples' worth of tokens (padded as the row's last example): same.
+    capped_batch = PackedCollator(pad_token_id=0, row_tokens=max(len(f["input_ids"]) for f in features) + 8)(features)
+    assert capped_batch["input_ids"].shape[0] > 1
+    capped = token_losses(model, capped_batch)
+    segments = []
+    for row in range(capped.shape[0]):
+        starts = (capped_batch["position_ids"][row] == 0).nonzero().flatten().tolist()
+        segments += [(row, start) for start in starts]
+    for (row, start), feature, reference in zip(segments, features, alone, strict=True):
+        length = len(feature["input_ids"])
+        trained = torch.tensor(feature["labels"][1:]) != IGNORE_INDEX
+        here = capped[row, start : start + length - 1]
+        assert (here[trained] - reference[trained]).abs().max().item() < 1e-5
 
     # The check has teeth: without the block mask, later examples see earlier ones.
     no_mask = {k: v for k, v in packed_batch.items() if k != "attention_mask"}
