@@ -27,6 +27,7 @@ bench:
 	bash scripts/setup.sh dev,bench
 	$(PY) benchmarks/kd_memory.py
 	$(PY) benchmarks/eval_vs_lm_eval.py
+	$(PY) benchmarks/sft_throughput.py
 
 clean:
 	rm -rf $(VENV) runs
