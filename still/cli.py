@@ -117,6 +117,23 @@ def _cmd_cache(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from still import recipe as recipe_module
+
+    recipe = recipe_module.load(args.recipe, args.overrides)
+    if recipe.kind != "distill":
+        raise StillError(f"still generate needs a distill recipe; {args.recipe} is kind: {recipe.kind}")
+    if recipe.generate is None:
+        raise StillError(f"{args.recipe} has no generate: section",
+                         hint="add generate: {out: teacher-written.jsonl} (docs/distillation.md)")
+    from distill.seqkd import generate
+
+    report = generate(recipe, force=args.force)
+    print(f"still: teacher-written data {report.summary()} -> {report.out} "
+          f"(report: {report.out}.report.json)")
+    return 0
+
+
 def _cmd_check(args) -> int:
     from still import recipe as recipe_module
     from still.preflight import check
@@ -257,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_recipe("cache", "run a distill recipe's teacher once; store its top-k log-probs").set_defaults(
         handler=_cmd_cache
     )
+    p = with_recipe("generate",
+                    "the teacher answers the training prompts: a chat dataset (sequence-level KD)")
+    p.add_argument("--force", action="store_true", help="replace an existing generate.out")
+    p.set_defaults(handler=_cmd_generate)
     sub.add_parser("schema", help="print the recipe JSON schema").set_defaults(handler=_cmd_schema)
     sub.add_parser("models", help="list built-in models and the conversion cache").set_defaults(
         handler=_cmd_models

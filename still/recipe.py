@@ -37,6 +37,7 @@ PATH_KEYS: tuple[KeyPath, ...] = (
     ("data", "train", "path"),
     ("data", "eval", "path"),
     ("distill", "teacher_cache"),
+    ("generate", "out"),
     ("eval_tasks", "*"),
     ("tasks", "*"),
 )
