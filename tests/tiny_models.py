@@ -20,6 +20,17 @@ CORPUS = [
     "system user assistant question answer response instruction input output",
     "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;!?()[]{}'\"-_=+/\\*&^%$#@",
 ]
+# Question/answer pairs the recipe tests train on (a few Python builtins, one per line).
+QA = [
+    ("What does json.dumps do?", "Serialize obj to a JSON formatted str."),
+    ("What does os.path.join do?", "Join two or more pathname components."),
+    ("What does sorted do?", "Return a new list containing all items in ascending order."),
+    ("What does abs do?", "Return the absolute value of the argument."),
+    ("What does len do?", "Return the number of items in a container."),
+    ("What does min do?", "Return the smallest item of an iterable."),
+    ("What does max do?", "Return the largest item of an iterable."),
+    ("What does repr do?", "Return the canonical string representation of the object."),
+]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 

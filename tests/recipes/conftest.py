@@ -5,16 +5,7 @@ import textwrap
 
 import pytest
 
-QA = [
-    ("What does json.dumps do?", "Serialize obj to a JSON formatted str."),
-    ("What does os.path.join do?", "Join two or more pathname components."),
-    ("What does sorted do?", "Return a new list containing all items in ascending order."),
-    ("What does abs do?", "Return the absolute value of the argument."),
-    ("What does len do?", "Return the number of items in a container."),
-    ("What does min do?", "Return the smallest item of an iterable."),
-    ("What does max do?", "Return the largest item of an iterable."),
-    ("What does repr do?", "Return the canonical string representation of the object."),
-]
+from tiny_models import QA  # shared with tests that write their own data files
 
 
 def write_jsonl(path, rows):

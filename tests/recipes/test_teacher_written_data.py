@@ -15,17 +15,8 @@ import pytest
 
 from still import cli
 from still.tracking import read_metrics
+from tiny_models import QA
 
-QA = [
-    ("What does json.dumps do?", "Serialize obj to a JSON formatted str."),
-    ("What does os.path.join do?", "Join two or more pathname components."),
-    ("What does sorted do?", "Return a new list containing all items in ascending order."),
-    ("What does abs do?", "Return the absolute value of the argument."),
-    ("What does len do?", "Return the number of items in a container."),
-    ("What does min do?", "Return the smallest item of an iterable."),
-    ("What does max do?", "Return the largest item of an iterable."),
-    ("What does repr do?", "Return the canonical string representation of the object."),
-]
 # The teacher also learns to act as a judge with this prompt: 9 for the right answer, 2 for
 # another question's answer, so the model judge can be tested with a real model's replies.
 JUDGE_PROMPT = "Score 0-10.\nQ: {question}\nA: {answer}"
