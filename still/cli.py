@@ -69,7 +69,18 @@ def _cmd_run(args) -> int:
         else:
             from distill.kd import run
         run(recipe, run_dir, resume=args.resume)
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under a launcher, wait for every rank (the main one may still be scoring eval_tasks) and
+    close the process group: a rank that exits with it open can abort in gloo's threads."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _launch(recipe, plan, args) -> int:
