@@ -45,10 +45,6 @@ EXAMPLES_PER_SHARD = 1024
 FIDELITY_SAMPLE_TOKENS = 4096
 
 
-def _tokenizer_hash(tokenizer) -> str:
-    return data_module.tokenizer_hash(tokenizer)
-
-
 def expected_manifest(recipe, tokenizer) -> dict:
     """What a cache for this recipe must say about itself (everything that changes its rows)."""
     splits = {"train": data_module.split_fingerprint(recipe.data, tokenizer, "train")}
@@ -57,7 +53,7 @@ def expected_manifest(recipe, tokenizer) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "teacher": absolute_ref(recipe.teacher.ref),
-        "tokenizer_sha256": _tokenizer_hash(tokenizer),
+        "tokenizer_sha256": data_module.tokenizer_hash(tokenizer),
         "temperature": recipe.distill.temperature,
         "data_sha256": splits,
     }

@@ -223,16 +223,15 @@ class KDTrainer(Trainer):
         prompts, budgets = prompts_and_budgets(inputs, labels)
         limit = self.distill.on_policy_max_new_tokens
         budgets = [min(b, limit) if limit else b for b in budgets]
-        width = max(len(p) for p in prompts)
-        pad = tokenizer.pad_token_id
+        pad = models.pad_token_id(tokenizer)
+        ids, mask = data_module.left_padded(prompts, pad)
+        width = ids.shape[1]
         device = inputs["input_ids"].device
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         was_training = student.training
         student.eval()
         with torch.no_grad():
             generated = student.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max(budgets), do_sample=True,
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(budgets), do_sample=True,
                 temperature=self.distill.on_policy_temperature, top_k=0, top_p=1.0,
                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                 synced_gpus=self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3,
@@ -373,14 +372,14 @@ def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
         method=recipe.method,
     )
     tracking = start_tracking(recipe, run_dir, job_type="distill", lineage=lineage)
+    collator = collator_for(recipe.data, tokenizer, recipe.student.attn_implementation, student.dtype)
     args = training_arguments(recipe, run_dir, has_eval=eval_data is not None, total_steps=total_steps, report=tracking.report_to)
     trainer = KDTrainer(
         model=student,
         args=args,
         train_dataset=train_data.dataset,
         eval_dataset=eval_data.dataset if eval_data else None,
-        data_collator=with_example_ids(collator_for(recipe.data, tokenizer, recipe.student.attn_implementation, student.dtype)) if cached
-        else collator_for(recipe.data, tokenizer, recipe.student.attn_implementation, student.dtype),
+        data_collator=with_example_ids(collator) if cached else collator,
         processing_class=tokenizer,
         callbacks=[*tracking.callbacks, *reliability_callbacks(recipe.train)],
         teacher=teacher,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from still import formats, models
-from still.data import load_rows
+from still.data import batches_longest_first, left_padded, load_rows
 from still.errors import StillError
 from still.formats import BadRow
 
@@ -173,14 +173,6 @@ def _prompt_ids(tokenizer, messages: list[dict], chat_template: str | None, orig
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    ids.discard(None)
-    return sorted(ids)
-
-
 def generate_local(model, tokenizer, conversations: list[list[dict]], *, samples: int,
                    temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
                    seed: int, chat_template: str | None = None,
@@ -196,23 +188,17 @@ def generate_local(model, tokenizer, conversations: list[list[dict]], *, samples
     origins = origins or [f"prompt {i}" for i in range(len(conversations))]
     encoded = [_prompt_ids(tokenizer, messages, chat_template, origin)
                for messages, origin in zip(conversations, origins)]
-    stop = _stop_ids(model, tokenizer)
-    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    stop = models.stop_token_ids(model, tokenizer)
+    pad = models.pad_token_id(tokenizer)
     sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                               num_return_sequences=samples, pad_token_id=pad,
                               eos_token_id=stop, **sampling)
     device = next(model.parameters()).device
     answers: list[list[Answer]] = [[] for _ in conversations]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # less padding
-    for number, start in enumerate(range(0, len(order), batch_size)):
-        batch = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every prompt ends where its answer starts
-            input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attention_mask[row, width - len(encoded[i]):] = 1
+    for number, batch in enumerate(batches_longest_first([len(ids) for ids in encoded], batch_size)):
+        input_ids, attention_mask = left_padded([encoded[i] for i in batch], pad)
+        width = input_ids.shape[1]
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                 torch.inference_mode():
             torch.manual_seed(seed + number)

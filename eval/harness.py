@@ -45,6 +45,8 @@ from eval.tasks import (
     select_shots,
     task_hash,
 )
+from still import models
+from still.data import batches_longest_first, left_padded
 
 # Bump when a change here can change a score: old cache entries then stop matching.
 HARNESS_VERSION = "1"
@@ -182,12 +184,6 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     return context_ids, whole[len(context_ids):]
 
 
-def _batches_longest_first(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Row indices grouped into batches of similar length (less padding; order restored later)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
 # --------------------------------------------------------------------------- generate
 class _StopStrings(StoppingCriteria):
     """Marks a row done once its generated text contains a stop string (per row, not per batch)."""
@@ -203,27 +199,15 @@ class _StopStrings(StoppingCriteria):
 
 def _generation_config(model, tokenizer, task: TaskSpec) -> GenerationConfig:
     # A fresh config: decoding is what the task says, not whatever generation_config.json ships.
-    eos_ids = {tokenizer.eos_token_id}
-    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos_ids.update(model_eos if isinstance(model_eos, list) else [model_eos])
-    eos_ids.discard(None)
     settings = task.generation
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=settings.do_sample,
-        pad_token_id=_pad_id(tokenizer),
-        eos_token_id=sorted(eos_ids),
+        pad_token_id=models.pad_token_id(tokenizer),
+        eos_token_id=models.stop_token_ids(model, tokenizer),
         **sampling,
     )
-
-
-def _pad_id(tokenizer) -> int:
-    # Padding is always masked out, so any id works; the tokenizer itself is never modified.
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return candidate
-    return 0
 
 
 def score_generate(model, tokenizer, task, rows, contexts, batch_size, bar) -> list[dict]:
@@ -231,13 +215,9 @@ def score_generate(model, tokenizer, task, rows, contexts, batch_size, bar) -> l
     config = _generation_config(model, tokenizer, task)
     device = next(model.parameters()).device
     predictions: dict[int, str] = {}
-    for batch_number, batch in enumerate(_batches_longest_first([len(ids) for ids in encoded], batch_size)):
-        width = max(len(encoded[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), config.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
-            input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attention_mask[row, width - len(encoded[i]):] = 1
+    for batch_number, batch in enumerate(batches_longest_first([len(ids) for ids in encoded], batch_size)):
+        input_ids, attention_mask = left_padded([encoded[i] for i in batch], config.pad_token_id)
+        width = input_ids.shape[1]
         stop = task.generation.stop
         stopping = StoppingCriteriaList([_StopStrings(tokenizer, stop, width)] if stop else [])
         with torch.random.fork_rng():  # seed sampling without moving the caller's RNG
@@ -278,7 +258,7 @@ def continuation_logliks(
     max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
     results: list[list[float]] = [[] for _ in items]
     packed = [_pack(context, continuations, max_positions) for context, continuations in items]
-    for batch in _batches_longest_first([len(p["tokens"]) for p in packed], batch_size):
+    for batch in batches_longest_first([len(p["tokens"]) for p in packed], batch_size):
         for i, logliks in zip(batch, _score_packed(model, [packed[i] for i in batch])):
             results[i] = logliks
         if bar is not None:

@@ -99,9 +99,7 @@ def _launch(recipe, plan, args) -> int:
         # only start their processes, from configs kept outside the run dir.
         launch_dir = Path(tempfile.mkdtemp(prefix=f"still-launch-{recipe.name}-"))
         config = launch.write_configs(dist, plan, launch_dir, mixed_precision=mixed_precision, command=[])
-        code = launch.launch(config, args.recipe, args.overrides, None, resume=args.resume)
-        if code != 0:
-            raise launch.LaunchFailed(code)
+        launch.launch(config, args.recipe, args.overrides, None, resume=args.resume)
         return 0
     with open_run_dir(recipe, resume=args.resume, force=args.force) as run_dir:
         launch_dir = run_dir.resolve() / "launch"
@@ -110,9 +108,8 @@ def _launch(recipe, plan, args) -> int:
         launch.write_configs(dist, plan, launch_dir, mixed_precision=mixed_precision, command=by_hand)
         print(f"still: launching {plan.total_processes} process(es) with {plan.strategy}; "
               f"configs in {launch_dir}")
-        code = launch.launch(config_file, args.recipe, args.overrides, run_dir, resume=args.resume)
-        if code != 0:
-            raise launch.LaunchFailed(code)  # cleans up the run dir unless it saved something
+        # LaunchFailed cleans up the run dir on its way out, unless the run saved something
+        launch.launch(config_file, args.recipe, args.overrides, run_dir, resume=args.resume)
     return 0
 
 

@@ -470,3 +470,22 @@ class PaddedCollator:
             "attention_mask": torch.tensor(attention, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
         }
+
+
+# --------------------------------------------------------------------------- prompts to generate from
+def batches_longest_first(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices grouped into batches of similar length (less padding; order restored later)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, L] with left padding: every prompt ends where
+    generation starts."""
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask

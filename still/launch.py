@@ -198,8 +198,9 @@ class LaunchFailed(Exception):
 
 
 def launch(config_file: Path, recipe_path: str, overrides: list[str], run_dir: Path | None, *,
-           resume: bool) -> int:
-    """Run `accelerate launch`; returns 2 when a process stopped on a user error, else its code.
+           resume: bool) -> None:
+    """Run `accelerate launch`; LaunchFailed(2) when a process stopped on a user error, else
+    LaunchFailed(its exit code) when it failed.
 
     SIGTERM/SIGINT are passed on (the workers stop with a checkpoint). stderr is passed through
     as it comes, up to the first `still: error:` line: the same error from the other ranks and
@@ -226,7 +227,8 @@ def launch(config_file: Path, recipe_path: str, overrides: list[str], run_dir: P
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 2 if user_error and code != 0 else code
+    if code != 0:
+        raise LaunchFailed(2 if user_error else code)
 
 
 def _children(pid: int) -> list[int]:

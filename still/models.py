@@ -282,6 +282,21 @@ def pick_dtype(name: str = "auto"):
     return torch.float32
 
 
+def pad_token_id(tokenizer) -> int:
+    """An id to pad generation inputs with (always masked out); the tokenizer is never modified."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's eos and every eos the model's generation config names (chat models often
+    end a turn with a token other than the tokenizer's eos)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    ids.discard(None)
+    return sorted(ids)
+
+
 def load_tokenizer(ref_or_resolved, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
