@@ -251,7 +251,7 @@ def _chunk_divergence(student_logits: Tensor, teacher, rows: slice, settings) ->
     divergence = _ON_LOG_PROBS[settings.divergence]
     if isinstance(teacher, _TeacherHead):
         return divergence(student_log_probs,
-                          _log_probs(F.linear(teacher.rows[rows], teacher.weight, teacher.bias),
+                          _log_probs(F.linear(teacher.rows[rows].to(teacher.weight.dtype), teacher.weight, teacher.bias),
                                      settings.temperature),
                           **settings.params)
     ids = teacher.ids[rows]
@@ -266,7 +266,7 @@ def _chunk_loss_and_logit_grad(student_rows, student_weight, student_bias, teach
     compute_dtype = torch.promote_types(student_rows.dtype, torch.float32)
     # The head matmul runs in the input dtype, as the model's own lm_head would; only the
     # chunk's logits are upcast, so a bf16 head is never copied whole into fp32.
-    student_logits = F.linear(student_rows, student_weight, student_bias).to(compute_dtype)
+    student_logits = F.linear(student_rows.to(student_weight.dtype), student_weight, student_bias).to(compute_dtype)
     student_logits.requires_grad_()
     with torch.enable_grad():
         # Cross entropy as logsumexp − label logit keeps nothing [chunk × vocab] for backward
