@@ -29,6 +29,7 @@ from still import data as data_module
 from still import launch
 from still import models
 from still.errors import StillError
+from still.losses import per_token_loss
 from still.preflight import print_report
 from still.checkpoint import reliability_callbacks, resume_checkpoint, stopped_by_signal
 from still.rundir import absolute_ref, is_main_process, write_lineage
@@ -183,6 +184,7 @@ class KDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         inputs.pop("length", None)
+        inputs.pop("skip_logits", None)  # Trainer's hint to Liger's loss, which is not used here
         example_ids = inputs.pop("example_ids", None)
         if model.training and self._draw_on_policy():
             inputs, labels = self._student_answers(model, inputs, labels)
@@ -250,15 +252,12 @@ class KDTrainer(Trainer):
 
     def _normalise(self, out: FusedKDLoss, model, num_items_in_batch, student_out, return_outputs):
         """Loss sums → the loss Trainer backpropagates, normalised by the global token count."""
-        if num_items_in_batch is not None:
-            loss = out.loss / num_items_in_batch
-            if self.args.average_tokens_across_devices:
-                # DDP averages gradients over ranks; the divisor above already counts every rank.
-                loss = loss * self.accelerator.num_processes
-        else:
-            loss = out.loss / out.n_tokens.clamp(min=1)
-            if model.training:
-                loss = loss / self.current_gradient_accumulation_steps
+        loss = per_token_loss(
+            out.loss, out.n_tokens, num_items_in_batch=num_items_in_batch, training=model.training,
+            accumulation_steps=getattr(self, "current_gradient_accumulation_steps", 1),  # unset before step 1
+            num_processes=self.accelerator.num_processes,
+            average_across_devices=self.args.average_tokens_across_devices,
+        )
         if model.training:
             self._component_sums["kd"] += float(out.kd_sum)
             self._component_sums["ce"] += float(out.ce_sum)

@@ -1,9 +1,9 @@
 """Supervised fine-tuning: LoRA / DoRA / rsLoRA / QLoRA / full, on HF Trainer + PEFT.
 
 Reads top to bottom: config → setup (tokenizer, data, preflight, model) → train → save.
-The loss is the model's own token-level cross entropy over the label mask that
-`still.data` built; Trainer normalises it by the number of loss tokens across accumulation
-steps and processes.
+The loss is token-level cross entropy over the label mask that `still.data` built, computed
+from hidden states in chunks (`still.losses`), normalised by the number of loss tokens across
+accumulation steps and processes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from still import data as data_module
 from still import models
 from still.errors import StillError
+from still.losses import linear_cross_entropy, per_token_loss
 from still.preflight import print_report
 from still.checkpoint import reliability_callbacks, resume_checkpoint, stopped_by_signal
 from still.rundir import absolute_ref, format_summary, write_lineage
@@ -37,6 +38,20 @@ def precision_flags(train: TrainSection) -> dict:
             hint="use precision: auto (fp32 on CPU)",
         )
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def kernel_flags(train: TrainSection) -> dict:
+    """torch.compile and Liger, each opt-in; Liger's Triton kernels need CUDA and the package."""
+    if train.liger_kernel:
+        if not torch.cuda.is_available():
+            raise StillError("train.liger_kernel: true needs a CUDA GPU; this machine has none",
+                             hint="set liger_kernel: false on CPU")
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise StillError("train.liger_kernel: true but liger-kernel is not installed",
+                             hint="pip install 'still[gpu]' (or liger-kernel), or set liger_kernel: false")
+    return {"torch_compile": train.torch_compile, "use_liger_kernel": train.liger_kernel}
 
 
 def training_arguments(
@@ -79,6 +94,7 @@ def training_arguments(
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         **precision_flags(train),
+        **kernel_flags(train),
     )
 
 
@@ -157,6 +173,71 @@ def collator_for(data: DataSection, tokenizer, attn_implementation: str | None, 
     return data_module.PackedCollator(pad_id, attention=attention, mask_dtype=dtype, row_tokens=data.pack_row_tokens)
 
 
+# --------------------------------------------------------------------------- loss
+class FinetuneTrainer(Trainer):
+    """Trainer whose loss is cross entropy from hidden states, chunked (still.losses).
+
+    The model is asked for its last hidden states and one position of logits; the label tokens'
+    rows then go through the output head a chunk at a time. The value and gradients equal the
+    model's own loss; prompt positions skip the head, and [tokens × vocab] logits never exist.
+    """
+
+    # compute_loss normalises by the global number of loss tokens itself.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, loss_chunk_size: int | None, **kwargs):
+        super().__init__(*args, **kwargs)
+        sharded = self.is_fsdp_enabled or (
+            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+        # ZeRO-3 and FSDP gather the head's weight only inside its own forward; a model that
+        # cannot return a single position of logits would build them all anyway.
+        self.loss_chunk_size = None if sharded or not _keeps_some_logits(self.model) else loss_chunk_size
+        if self.loss_chunk_size is None:
+            self.loss_is_scaled_for_ga = None  # Trainer's own rule for the model's loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_chunk_size is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        inputs.pop("skip_logits", None)  # Trainer's hint to Liger's loss, which is not used here
+        outputs = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+        hidden = outputs.hidden_states[-1][:, :-1]  # position i predicts token i + 1
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        loss_sum, n_tokens = linear_cross_entropy(
+            hidden, head.weight, labels[:, 1:], bias=getattr(head, "bias", None), chunk_size=self.loss_chunk_size
+        )
+        loss = per_token_loss(
+            loss_sum, n_tokens, num_items_in_batch=num_items_in_batch, training=model.training,
+            accumulation_steps=getattr(self, "current_gradient_accumulation_steps", 1),  # unset before step 1
+            num_processes=self.accelerator.num_processes,
+            average_across_devices=self.args.average_tokens_across_devices,
+        )
+        return (loss, outputs) if return_outputs else loss
+
+
+def _keeps_some_logits(model) -> bool:
+    import inspect
+
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def build_trainer(recipe: FinetuneRecipe, model, tokenizer, train_data, eval_data, args, callbacks) -> Trainer:
+    """The Trainer `run` trains with (the benchmarks build theirs here too)."""
+    return FinetuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data.dataset,
+        eval_dataset=eval_data.dataset if eval_data else None,
+        data_collator=collator_for(recipe.data, tokenizer, recipe.model.attn_implementation, model.dtype),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        loss_chunk_size=recipe.train.loss_chunk_size,
+    )
+
+
 # --------------------------------------------------------------------------- train + save
 def run(recipe: FinetuneRecipe, run_dir: Path, *, resume: bool = False) -> dict:
     tokenizer = models.load_tokenizer(recipe.model.ref, trust_remote_code=recipe.model.trust_remote_code)
@@ -175,15 +256,8 @@ def run(recipe: FinetuneRecipe, run_dir: Path, *, resume: bool = False) -> dict:
     args = training_arguments(
         recipe, run_dir, has_eval=eval_data is not None, total_steps=total_steps, report=tracking.report_to
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_data.dataset,
-        eval_dataset=eval_data.dataset if eval_data else None,
-        data_collator=collator_for(recipe.data, tokenizer, recipe.model.attn_implementation, model.dtype),
-        processing_class=tokenizer,
-        callbacks=[*tracking.callbacks, *reliability_callbacks(recipe.train)],
-    )
+    trainer = build_trainer(recipe, model, tokenizer, train_data, eval_data, args,
+                            [*tracking.callbacks, *reliability_callbacks(recipe.train)])
     checkpoint = resume_checkpoint(run_dir) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if stopped_by_signal(trainer, recipe):  # saved a complete checkpoint; --resume continues

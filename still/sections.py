@@ -148,13 +148,31 @@ class TrainSection(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU."
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less activation memory, one more forward per step."
+    )
+    torch_compile: bool = Field(
+        False, description="Compile the model with torch.compile (Trainer's torch_compile). The "
+        "first steps pay for compilation, and each new sequence shape can cost a recompile.",
+    )
+    liger_kernel: bool = Field(
+        False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU; in a finetune "
+        "with loss_chunk_size: null also its fused linear cross entropy). CUDA only; pip install liger-kernel.",
+    )
     eval_steps: int | None = Field(None, ge=1, description="Eval loss every N steps (and at end).")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     logging_steps: int = Field(1, ge=1)
     max_nonfinite_steps: int = Field(
         3, ge=1, description="Stop after this many non-finite losses in a row."
+    )
+
+
+class FinetuneTrainSection(TrainSection):
+    loss_chunk_size: int | None = Field(
+        1024, ge=1, description="Cross entropy straight from hidden states, this many label "
+        "tokens at a time: prompt positions never reach the output head and no [tokens × vocab] "
+        "logits are kept for backward. null: the model's own loss over full logits.",
     )
 
 
@@ -450,7 +468,7 @@ class FinetuneRecipe(RecipeBase):
     )
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
+    train: FinetuneTrainSection = Field(default_factory=FinetuneTrainSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
 

@@ -135,3 +135,54 @@ def test_resume_continues_the_same_wandb_run(finetune_recipe, tmp_path):
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(first) == 1 and len(runs) == 2, runs
     assert all(path.name.endswith(f"-{run_id}") for path in runs)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_chunked_loss_gives_the_models_own_loss_curve(finetune_recipe, tmp_path, monkeypatch, method):
+    """train.loss_chunk_size (the default) vs null (the model's full-logits loss): same run."""
+    from finetune import sft
+
+    calls = []
+    chunked_loss = sft.linear_cross_entropy
+    monkeypatch.setattr(sft, "linear_cross_entropy", lambda *a, **k: calls.append(k) or chunked_loss(*a, **k))
+    recipe = finetune_recipe()
+    common = ["run", str(recipe), f"method={method}", "train.max_steps=4", "train.grad_accum=2",
+              "train.lr=1e-2", "train.eval_steps=2"]
+    assert cli.main([*common, "name=chunked", "train.loss_chunk_size=3"]) == 0
+    assert len(calls) > 8 and all(call["chunk_size"] == 3 for call in calls)  # every train + eval batch
+    calls.clear()
+    assert cli.main([*common, "name=full-logits", "train.loss_chunk_size=null"]) == 0
+    assert not calls
+    chunked = read_metrics(tmp_path / "runs" / "chunked" / "metrics.jsonl")
+    full = read_metrics(tmp_path / "runs" / "full-logits" / "metrics.jsonl")
+    for key in ("loss", "eval_loss", "grad_norm"):
+        a = [row[key] for row in chunked if key in row]
+        b = [row[key] for row in full if key in row]
+        assert len(a) == len(b) >= 3, key
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5), key
+    losses = [row["loss"] for row in chunked if "loss" in row]
+    assert losses[-1] < losses[0]
+
+
+def test_liger_kernel_on_cpu_is_a_one_line_error(finetune_recipe, tmp_path, capsys):
+    recipe = finetune_recipe()
+    assert cli.main(["run", str(recipe), "train.liger_kernel=true"]) == 2
+    err = capsys.readouterr().err
+    assert "train.liger_kernel: true needs a CUDA GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "tiny-ft" / "adapter").exists()
+
+
+def test_torch_compile_trains_the_same_curve(finetune_recipe, tmp_path):
+    import torch._dynamo
+
+    recipe = finetune_recipe()
+    common = ["run", str(recipe), "train.max_steps=2"]
+    assert cli.main([*common, "name=eager"]) == 0
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert cli.main([*common, "name=compiled", "train.torch_compile=true"]) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it really was compiled
+    eager, compiled = train_losses(tmp_path / "runs" / "eager"), train_losses(tmp_path / "runs" / "compiled")
+    assert sorted(compiled) == sorted(eager) == [1, 2]
+    assert [compiled[s] for s in (1, 2)] == pytest.approx([eager[s] for s in (1, 2)], rel=1e-4)
+    torch._dynamo.reset()
