@@ -15,9 +15,10 @@ max length, global batch (batch size × grad accum) and number of optimizer step
 Trainer's seeded random sampler over the same dataset, so they see the same examples in the same
 order (checked: the per-step token counts must match).
   still        what `still run` builds for `method: lora, data.packing: true`: still.data.prepare,
-               finetune.sft.build_model / training_arguments / collator_for (padding-free packing,
-               one row per batch with a 4-D block-diagonal mask), still's reliability callbacks.
-               fp32 on CPU, bf16 on CUDA. Loss: the assistant reply and its end-of-turn token.
+               finetune.sft.build_model / training_arguments / build_trainer (padding-free packing,
+               one row per batch with a 4-D block-diagonal mask; chunked cross entropy from hidden
+               states), still's reliability callbacks. fp32 on CPU, bf16 on CUDA. Loss: the
+               assistant reply and its end-of-turn token.
   trl          trl.SFTTrainer given conversational prompt-completion rows and an SFTConfig that sets
                only the shared hyperparameters above (max_length = --max-len); the model is loaded
                the way SFTTrainer loads a path (trl's create_model_from_path). Everything else is
@@ -27,6 +28,9 @@ order (checked: the per-step token counts must match).
                the newline the chat template writes after it.
   hf           plain transformers.Trainer on still's tokenized rows (same input_ids and labels
                as `still`), padded per batch by DataCollatorForSeq2Seq; same precision as still.
+  still-fullce, still-compile, still-liger
+               (extra, for attribution) `still` with train.loss_chunk_size: null (the model's own
+               full-logits loss), train.torch_compile: true, or train.liger_kernel: true (CUDA).
   trl-matched  (extra, for attribution) TRL with its defaults except gradient checkpointing off
                and still's weights dtype and precision: what is left of the gap is padding vs
                packing and TRL's per-step extras.
@@ -90,8 +94,13 @@ DATA_FILE = ROOT / "data/pydocs/train.jsonl"
 # key found as a whole word in the device name wins. None: look it up, pass --peak-tflops.
 PEAK_BF16_TFLOPS = {"H200 NVL": None, "H100 NVL": None, "H200": 989.0, "H100 PCIe": 756.0,
                     "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+# `still` with one recipe switch changed, for attribution: the model's own full-logits loss
+# instead of chunked CE, torch.compile, Liger's Triton kernels (CUDA).
+STILL_VARIANTS = {"still": {}, "still-fullce": {"loss_chunk_size": None},
+                  "still-compile": {"torch_compile": True}, "still-liger": {"liger_kernel": True}}
 LOSS_COVERS = {
     "still": "assistant reply + <|im_end|>",
+    **{name: "as still" for name in STILL_VARIANTS if name != "still"},
     "hf": "same tokens as still",
     "trl": "completion: reply + <|im_end|> + template newline",
     "trl-matched": "as trl",
@@ -185,6 +194,7 @@ class Meter:
         self.torch, self.cuda = torch, cuda
         self.profile_steps, self.profiler = profile_steps, None
         self.effective = self.computed = self.loss_tokens = 0
+        self._collated_loss_tokens: list[int] = []
         self.attention_pairs = 0  # Σ over examples of n(n+1)/2: causal (query, key) pairs
         self.forward_s = 0.0
         self._forward_start = 0.0
@@ -198,7 +208,7 @@ class Meter:
     # forward hooks on the trained model
     def before_forward(self, module, args, kwargs):
         input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-        labels, positions = kwargs.get("labels"), kwargs.get("position_ids")
+        positions = kwargs.get("position_ids")
         if mask is not None and mask.dim() == 2:  # padded batch
             lengths = mask.sum(dim=1).tolist()
         elif positions is not None and positions.size(0) == 1:  # packed: a restart per example
@@ -209,9 +219,17 @@ class Meter:
         self.effective += sum(lengths)
         self.computed += input_ids.numel()
         self.attention_pairs += sum(n * (n + 1) // 2 for n in lengths)
-        if labels is not None:
-            self.loss_tokens += int((labels[:, 1:] != -100).sum())
+        self.loss_tokens += self._collated_loss_tokens.pop(0)
         self._forward_start = self._now()
+
+    def counting(self, collator):
+        """The collator, counting loss tokens (still's loss takes the labels out of the forward).
+        Trainer collates a step's batches before the step begins; each forward takes its count."""
+        def collate(features):
+            batch = collator(features)
+            self._collated_loss_tokens.append(int((batch["labels"][:, 1:] != -100).sum()))
+            return batch
+        return collate
 
     def after_forward(self, module, args, kwargs, output):
         self.forward_s += self._now() - self._forward_start
@@ -291,7 +309,8 @@ def write_recipe(args, work: Path) -> Path:
                  "max_len": args.max_len, "packing": True},
         "train": {"lr": args.lr, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "max_steps": args.steps, "warmup_ratio": args.warmup_ratio, "seed": args.seed,
-                  "save_steps": args.steps + 1},  # no checkpoint inside the timed loop
+                  "save_steps": args.steps + 1,  # no checkpoint inside the timed loop
+                  **STILL_VARIANTS.get(args.variant, {})},
     }
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -331,22 +350,20 @@ def build_still(args, recipe, work: Path, meter: Meter):
     tokenize_s = time.perf_counter() - started
     set_seed(recipe.train.seed)
     model = sft.build_model(recipe)
-    if args.variant == "still":
+    if args.variant in STILL_VARIANTS:
         training_args = sft.training_arguments(recipe, work / "run", has_eval=False,
                                                total_steps=recipe.train.max_steps, report=[])
-        collator = sft.collator_for(recipe.data, tokenizer, recipe.model.attn_implementation, model.dtype)
-        callbacks = [meter.callback(), *reliability_callbacks(recipe.train)]
-        dataset = prepared.dataset
+        trainer = sft.build_trainer(recipe, model, tokenizer, prepared, None, training_args,
+                                    [meter.callback(), *reliability_callbacks(recipe.train)])
     else:  # hf: still's tokens and labels, plain padding
         from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
         training_args = TrainingArguments(output_dir=str(work / "run"), remove_unused_columns=False,
                                           **shared_arguments(args, recipe))
         collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-        callbacks = [meter.callback()]
-        dataset = prepared.dataset.select_columns(["input_ids", "labels"])
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                      processing_class=tokenizer, callbacks=callbacks)
+        trainer = Trainer(model=model, args=training_args, data_collator=collator, processing_class=tokenizer,
+                          train_dataset=prepared.dataset.select_columns(["input_ids", "labels"]),
+                          callbacks=[meter.callback()])
     settings = {"gradient_checkpointing": training_args.gradient_checkpointing, "bf16": training_args.bf16}
     return trainer, tokenize_s, settings
 
@@ -401,6 +418,7 @@ def measure_variant(args) -> dict:
     meter = Meter(cuda, profile_steps)
     build = build_trl if args.variant.startswith("trl") else build_still
     trainer, tokenize_s, settings = build(args, recipe, work / args.variant, meter)
+    trainer.data_collator = meter.counting(trainer.data_collator)
     n_params = matmul_params(trainer.model)
     trainer.model.register_forward_pre_hook(meter.before_forward, with_kwargs=True)
     trainer.model.register_forward_hook(meter.after_forward, with_kwargs=True)
@@ -557,7 +575,7 @@ def main() -> None:
     variants = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = set(variants) - set(LOSS_COVERS)
     if unknown:
-        sys.exit(f"unknown variants: {', '.join(sorted(unknown))} (choose from {DEFAULT_VARIANTS})")
+        sys.exit(f"unknown variants: {', '.join(sorted(unknown))} (choose from {', '.join(LOSS_COVERS)})")
     if args.profile and args.warmup_steps + args.profile > args.steps:
         sys.exit(f"--profile {args.profile} needs --steps ≥ {args.warmup_steps + args.profile}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -597,6 +615,12 @@ def main() -> None:
                 result = summarise(run_in_subprocess(variant, work, args.device), args, peak_tflops)
                 if variant not in best or result["tokens_per_s"] > best[variant]["tokens_per_s"]:
                     best[variant] = result
+                # So that a run cut short (a time limit) still leaves what it measured.
+                print(f"    {variant}: {result['tokens_per_s']:.1f} effective tokens/s, "
+                      f"{result['timed_s'] / result['timed_steps']:.3f} s/step", file=sys.stderr, flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps({"header": header, "lengths": lengths, "partial": True,
+                                                     "results": list(best.values())}, indent=1))
     results = [best[variant] for variant in variants]
     print_report(args, results, header)
     if args.json:
