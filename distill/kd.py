@@ -85,6 +85,24 @@ def build_student(recipe: DistillRecipe, teacher, tokenizer, calibration):
     return student, student_tokenizer, report
 
 
+def refuse_transformed_logits(**roles) -> None:
+    """The fused KD loss builds logits as head(hidden); a model that soft-caps or scales them
+    after its head would be distilled against the wrong distribution. (A teacher cache stores
+    the teacher's real logits, so then only the student is checked.)"""
+    for role, model in roles.items():
+        if model is None:
+            continue
+        head = model.get_output_embeddings()
+        if head is not None and head.weight.numel() == 0:
+            continue  # partitioned by ZeRO-3 at load: the unfused path calls the head itself
+        if not models.logits_are_head_output(model):
+            raise StillError(
+                f"the {role}'s logits are not its output head alone (e.g. Gemma-2's soft-capping or "
+                f"Cohere's scaling); the fused KD loss would distil the wrong distribution",
+                hint="distil between models whose logits come straight from the head (not supported yet)",
+            )
+
+
 def calibration_batches(recipe: DistillRecipe, train_data):
     """A few training examples for layer-importance scores (only when they are needed)."""
     init = recipe.student.init
@@ -356,6 +374,7 @@ def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
             if prepared is not None:
                 prepared.dataset = prepared.dataset.add_column("example_id", list(range(len(prepared.dataset))))
     vocab_size = shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
+    refuse_transformed_logits(teacher=teacher, student=student)
     if recipe.train.gradient_checkpointing:
         student.enable_input_require_grads()
     total_steps = planned_steps(recipe, len(train_data.dataset))

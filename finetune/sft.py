@@ -190,8 +190,14 @@ class FinetuneTrainer(Trainer):
         sharded = self.is_fsdp_enabled or (
             self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
         # ZeRO-3 and FSDP gather the head's weight only inside its own forward; a model that
-        # cannot return a single position of logits would build them all anyway.
-        self.loss_chunk_size = None if sharded or not _keeps_some_logits(self.model) else loss_chunk_size
+        # transforms its logits after the head (or cannot return just one position) needs its
+        # own loss.
+        self.loss_chunk_size = None if sharded else loss_chunk_size
+        if self.loss_chunk_size and not models.logits_are_head_output(self.model):
+            self.loss_chunk_size = None
+            if self.is_world_process_zero():
+                print("still: this model's logits are not its output head alone (e.g. soft-capped); "
+                      "training with its own full-logits loss (train.loss_chunk_size ignored)")
         if self.loss_chunk_size is None:
             self.loss_is_scaled_for_ga = None  # Trainer's own rule for the model's loss
 
@@ -213,15 +219,6 @@ class FinetuneTrainer(Trainer):
             average_across_devices=self.args.average_tokens_across_devices,
         )
         return (loss, outputs) if return_outputs else loss
-
-
-def _keeps_some_logits(model) -> bool:
-    import inspect
-
-    from peft import PeftModel
-
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def build_trainer(recipe: FinetuneRecipe, model, tokenizer, train_data, eval_data, args, callbacks) -> Trainer:

@@ -297,6 +297,38 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def logits_are_head_output(model) -> bool:
+    """Whether the model's logits are its output head applied to its last hidden state.
+
+    The chunked losses (still.losses, distill.losses) rebuild logits that way, chunk by chunk.
+    Some models transform them after the head (Gemma-2's soft-capping, Cohere's and Granite's
+    scaling, ...); those need their own logits. One short forward decides, not a list of
+    architectures: the model's last-position logits against the head on its hidden state.
+    """
+    import inspect
+
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is None or "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return False
+    ids = (torch.arange(1, 9) % head.weight.shape[0]).unsqueeze(0).to(head.weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
+    finally:
+        model.train(was_training)
+    hidden = out.hidden_states[-1][:, -1].to(head.weight.dtype)
+    rebuilt = torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None)).float()
+    logits = out.logits[:, -1].float()
+    # The same matmul on the same tensor: equal up to kernel rounding when nothing follows it.
+    scale = float(logits.abs().max().clamp(min=1.0))
+    return rebuilt.shape == logits.shape and bool(torch.allclose(rebuilt, logits, rtol=1e-3, atol=1e-3 * scale))
+
+
 def load_tokenizer(ref_or_resolved, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -82,3 +82,19 @@ def build_tiny_llama(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0
         initializer_range=0.2,
     )
     return LlamaForCausalLM(config)
+
+
+def build_tiny_softcapped(tokenizer, cap: float = 0.5, seed: int = 0):
+    """A tiny Gemma-2: its logits are tanh-soft-capped after the head (cap/tanh(logits/cap)),
+    so head(hidden) is not its logits. A small cap makes the difference large at random init."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, final_logit_softcapping=cap, initializer_range=0.2,
+    )
+    return Gemma2ForCausalLM(config)

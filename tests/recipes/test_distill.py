@@ -122,3 +122,19 @@ def test_student_with_padded_vocab_rows_is_reconciled(distill_recipe, tmp_path, 
     out = capsys.readouterr().out
     assert f"vocab padding differs (teacher {len(tokenizer)}, student {len(tokenizer) + 8} rows)" in out
     assert len(logged(tmp_path / "runs" / "padded", "kd_loss")) == 2
+
+
+def test_soft_capped_teacher_is_refused(distill_recipe, tmp_path, tiny_tokenizer_dir, capsys):
+    from transformers import AutoTokenizer
+
+    from tiny_models import build_tiny_softcapped
+
+    teacher = tmp_path / "capped-teacher"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    build_tiny_softcapped(tokenizer).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    recipe = distill_recipe(student="init: {keep_layers: [0]}")
+    assert cli.main(["run", str(recipe), f"teacher.ref={teacher}"]) == 2
+    err = capsys.readouterr().err
+    assert "the teacher's logits are not its output head alone" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "tiny-kd").exists()

@@ -186,3 +186,28 @@ def test_torch_compile_trains_the_same_curve(finetune_recipe, tmp_path):
     assert sorted(compiled) == sorted(eager) == [1, 2]
     assert [compiled[s] for s in (1, 2)] == pytest.approx([eager[s] for s in (1, 2)], rel=1e-4)
     torch._dynamo.reset()
+
+
+def test_soft_capped_model_trains_with_its_own_loss(finetune_recipe, tmp_path, tiny_tokenizer_dir, monkeypatch,
+                                                    capsys):
+    """Gemma-2-style logits (capped after the head) cannot be rebuilt from hidden states: the
+    run notices and uses the model's loss, which gives the same curve as asking for it."""
+    from transformers import AutoTokenizer
+
+    from finetune import sft
+    from tiny_models import build_tiny_softcapped
+
+    model_dir = tmp_path / "capped"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    build_tiny_softcapped(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    calls = []
+    monkeypatch.setattr(sft, "linear_cross_entropy", lambda *a, **k: calls.append(k))
+    recipe = finetune_recipe()
+    common = ["run", str(recipe), f"model.ref={model_dir}", "train.max_steps=3", "train.lr=1e-2"]
+    assert cli.main([*common, "name=default"]) == 0
+    assert "training with its own full-logits loss" in capsys.readouterr().out
+    assert cli.main([*common, "name=model-loss", "train.loss_chunk_size=null"]) == 0
+    assert not calls
+    default, own = train_losses(tmp_path / "runs" / "default"), train_losses(tmp_path / "runs" / "model-loss")
+    assert default == own and len(default) == 3

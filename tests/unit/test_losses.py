@@ -95,3 +95,17 @@ def test_chunk_size_must_be_positive():
     h, w, b, labels = leaves()
     with pytest.raises(ValueError, match="chunk_size"):
         linear_cross_entropy(h, w, labels, chunk_size=0)
+
+
+def test_logits_are_head_output_tells_plain_heads_from_soft_capped_ones(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from still.models import logits_are_head_output
+    from tiny_models import build_tiny_llama, build_tiny_softcapped
+
+    llama = build_tiny_llama(tiny_tokenizer)
+    assert logits_are_head_output(llama)
+    lora = get_peft_model(build_tiny_llama(tiny_tokenizer), LoraConfig(r=2, target_modules="all-linear"))
+    lora.train()
+    assert logits_are_head_output(lora) and lora.training  # the probe leaves the mode as it was
+    assert not logits_are_head_output(build_tiny_softcapped(tiny_tokenizer))
