@@ -1,0 +1,56 @@
+"""bf16 mixed precision, as runs get it on a GPU, reproduced on the CPU through CPU autocast.
+
+A bf16 model under Trainer's bf16 hands back its outputs (hidden states included) as fp32, and
+the chunked losses multiply them by the bf16 output head: on an H200 that was a dtype error
+in both the SFT and the KD loss. `precision_flags` refuses bf16 without a GPU, so these tests
+patch it; everything else is the normal CPU run.
+"""
+
+import pytest
+
+from still import cli
+from still.tracking import read_metrics
+
+
+@pytest.fixture
+def bf16_everywhere(monkeypatch):
+    from finetune import sft
+
+    monkeypatch.setattr(sft, "precision_flags", lambda train: {"bf16": True, "fp16": False})
+
+
+def losses(run_dir, key="loss"):
+    return [row[key] for row in read_metrics(run_dir / "metrics.jsonl") if key in row]
+
+
+def test_finetune_chunked_loss_in_bf16(bf16_everywhere, finetune_recipe, tmp_path):
+    recipe = finetune_recipe()
+    common = ["run", str(recipe), "model.dtype=bfloat16", "train.max_steps=4", "train.lr=2e-2",
+              "train.eval_steps=2"]
+    assert cli.main([*common, "name=chunked"]) == 0
+    assert cli.main([*common, "name=full-logits", "train.loss_chunk_size=null"]) == 0
+    chunked, full = losses(tmp_path / "runs" / "chunked"), losses(tmp_path / "runs" / "full-logits")
+    assert chunked[-1] < chunked[0]
+    assert chunked == pytest.approx(full, rel=1e-2)  # bf16 matmuls; the same fp32 softmax
+    assert losses(tmp_path / "runs" / "chunked", "eval_loss") == pytest.approx(
+        losses(tmp_path / "runs" / "full-logits", "eval_loss"), rel=1e-2)
+
+
+def test_distill_fused_loss_in_bf16(bf16_everywhere, tmp_path, qa_files, tiny_model_dir_4layers):
+    recipe = tmp_path / "kd.yaml"
+    recipe.write_text(f"""\
+kind: distill
+name: kd-bf16
+output_dir: {tmp_path / 'runs'}
+teacher: {{ref: "{tiny_model_dir_4layers}", dtype: bfloat16}}
+student: {{init: {{keep_layers: [0, 3]}}}}
+distill: {{loss: forward_kl, temperature: 2.0, kd_weight: 1.0, ce_weight: 0.5, chunk_size: 16}}
+data:
+  train: {{path: train.jsonl, format: instruction, prompt: question, response: answer}}
+  eval: {{path: val.jsonl}}
+  max_len: 64
+train: {{lr: 1.0e-2, batch_size: 4, max_steps: 4, save_steps: 10, warmup_ratio: 0.0, seed: 1}}
+""")
+    assert cli.main(["run", str(recipe)]) == 0
+    curve = losses(tmp_path / "runs" / "kd-bf16")
+    assert len(curve) == 4 and curve[-1] < curve[0]
