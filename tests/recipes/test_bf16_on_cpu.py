@@ -36,21 +36,9 @@ def test_finetune_chunked_loss_in_bf16(bf16_everywhere, finetune_recipe, tmp_pat
         losses(tmp_path / "runs" / "full-logits", "eval_loss"), rel=1e-2)
 
 
-def test_distill_fused_loss_in_bf16(bf16_everywhere, tmp_path, qa_files, tiny_model_dir_4layers):
-    recipe = tmp_path / "kd.yaml"
-    recipe.write_text(f"""\
-kind: distill
-name: kd-bf16
-output_dir: {tmp_path / 'runs'}
-teacher: {{ref: "{tiny_model_dir_4layers}", dtype: bfloat16}}
-student: {{init: {{keep_layers: [0, 3]}}}}
-distill: {{loss: forward_kl, temperature: 2.0, kd_weight: 1.0, ce_weight: 0.5, chunk_size: 16}}
-data:
-  train: {{path: train.jsonl, format: instruction, prompt: question, response: answer}}
-  eval: {{path: val.jsonl}}
-  max_len: 64
-train: {{lr: 1.0e-2, batch_size: 4, max_steps: 4, save_steps: 10, warmup_ratio: 0.0, seed: 1}}
-""")
-    assert cli.main(["run", str(recipe)]) == 0
+def test_distill_fused_loss_in_bf16(bf16_everywhere, distill_recipe, tmp_path):
+    recipe = distill_recipe(name="kd-bf16")
+    assert cli.main(["run", str(recipe), "teacher.dtype=bfloat16", "distill.ce_weight=0.5",
+                     "train.max_steps=4", "train.save_steps=10"]) == 0
     curve = losses(tmp_path / "runs" / "kd-bf16")
     assert len(curve) == 4 and curve[-1] < curve[0]

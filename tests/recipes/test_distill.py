@@ -1,39 +1,11 @@
 """The distill recipe kind on tiny models: a carved student learns from a frozen teacher."""
 
 import json
-import textwrap
 
-import pytest
 import torch
 
 from still import cli, models
 from still.tracking import read_metrics
-
-
-@pytest.fixture
-def distill_recipe(tmp_path, qa_files, tiny_model_dir_4layers):
-    def make(name="tiny-kd", student="init: {keep_layers: [0, 3]}", extra=""):
-        text = textwrap.dedent(
-            f"""\
-            # Run: still run {name}.yaml
-            kind: distill
-            name: {name}
-            output_dir: {tmp_path / 'runs'}
-            teacher: {{ref: "{tiny_model_dir_4layers}"}}
-            student: {{{student}}}
-            distill: {{loss: forward_kl, temperature: 2.0, kd_weight: 1.0, ce_weight: 0.0, chunk_size: 16}}
-            data:
-              train: {{path: train.jsonl, format: instruction, prompt: question, response: answer}}
-              eval: {{path: val.jsonl}}
-              max_len: 64
-            train: {{lr: 1.0e-2, batch_size: 4, max_steps: 10, save_steps: 5, warmup_ratio: 0.0, seed: 1}}
-            """
-        )
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(text + textwrap.dedent(extra))
-        return path
-
-    return make
 
 
 def logged(run_dir, key):
