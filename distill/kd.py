@@ -390,7 +390,7 @@ def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
         method=recipe.method,
     )
     tracking = start_tracking(recipe, run_dir, job_type="distill", lineage=lineage)
-    collator = collator_for(recipe.data, tokenizer, recipe.student.attn_implementation, student.dtype)
+    collator = collator_for(recipe.data, tokenizer, student, teacher)
     args = training_arguments(recipe, run_dir, has_eval=eval_data is not None, total_steps=total_steps, report=tracking.report_to)
     trainer = KDTrainer(
         model=student,

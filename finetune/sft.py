@@ -16,6 +16,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from still import data as data_module
 from still import models
+from still.attention import implementation, packed_attention, sliding_window
 from still.errors import StillError
 from still.losses import linear_cross_entropy, per_token_loss
 from still.preflight import print_report
@@ -162,15 +163,29 @@ def build_model(recipe: FinetuneRecipe):
     return get_peft_model(model, lora_config(recipe.lora, recipe.method))
 
 
-def collator_for(data: DataSection, tokenizer, attn_implementation: str | None, dtype=torch.float32):
+def collator_for(data: DataSection, tokenizer, *models):
+    """Padded batches, or packed ones kept apart the way every model that reads them can.
+
+    Packing switches sdpa decoders to packed sdpa (per-example attention, no mask) and uses
+    position_ids alone for them and flash-attention; other attention gets the block-diagonal
+    mask (see `still.attention` and DESIGN.md, measured traps).
+    """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not data.packing:
         return data_module.PaddedCollator(pad_id)
-    # flash-attention varlen isolates packed examples from position_ids alone; sdpa/eager
-    # need the block-diagonal mask (see DESIGN.md, measured traps).
-    attention = "position_ids" if attn_implementation == "flash_attention_2" else "block_mask"
+    attention = packed_attention(*models)
+    if attention == "block_mask":
+        # One 4-D mask serves every layer, so sliding-window layers would see the whole example.
+        for model in models:
+            window = sliding_window(model) if model is not None else None
+            if window is not None and data.max_len > window:
+                raise StillError(
+                    f"packing with {implementation(model)} attention cannot keep this model's sliding window "
+                    f"({window} tokens) inside examples of up to data.max_len {data.max_len} tokens",
+                    hint=f"use attn_implementation: sdpa (the default), data.max_len: {window}, or packing: false")
     # The additive mask must match the query dtype: CUDA sdpa refuses fp32 masks with bf16.
-    return data_module.PackedCollator(pad_id, attention=attention, mask_dtype=dtype, row_tokens=data.pack_row_tokens)
+    return data_module.PackedCollator(pad_id, attention=attention, mask_dtype=models[0].dtype,
+                                      row_tokens=data.pack_row_tokens)
 
 
 # --------------------------------------------------------------------------- loss
@@ -228,7 +243,7 @@ def build_trainer(recipe: FinetuneRecipe, model, tokenizer, train_data, eval_dat
         args=args,
         train_dataset=train_data.dataset,
         eval_dataset=eval_data.dataset if eval_data else None,
-        data_collator=collator_for(recipe.data, tokenizer, recipe.model.attn_implementation, model.dtype),
+        data_collator=collator_for(recipe.data, tokenizer, model),
         processing_class=tokenizer,
         callbacks=callbacks,
         loss_chunk_size=recipe.train.loss_chunk_size,

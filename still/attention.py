@@ -1,0 +1,176 @@
+"""Packed sdpa: attention for padding-free batches without a [tokens × tokens] mask.
+
+A packed row holds several examples back to back, with position_ids restarting at 0 for each.
+sdpa cannot see those boundaries, so packing used to hand it a 4-D block-diagonal mask. That
+mask costs the square of the row's length in memory and compute, and on CUDA any explicit
+mask keeps sdpa off its flash kernel. `PACKED_SDPA` instead runs sdpa once per example with
+`is_causal` (the flash kernel on CUDA): attention then costs the sum of the examples' squared
+lengths, and no mask is built. The examples are found from position_ids, which every decoder
+layer receives; they are read to the host once per forward and shared by all layers.
+
+It is sdpa in every other case, so a switched model still evaluates and generates: with a
+padding mask, a KV cache or a custom mask it builds and uses sdpa's own mask. Sliding-window
+layers (Gemma-2/3, Mistral, Qwen-2/3) get their window inside each example. Only decoders whose
+attention goes through transformers' AttentionInterface, with full or sliding-window layers,
+are switched (`use_packed_sdpa`); the name is never saved, since transformers does not write
+the attention implementation into config.json.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PACKED_SDPA = "still_packed_sdpa"
+_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def _packed_mask(*args, **kwargs):
+    """No mask where packed sdpa handles causality itself, else sdpa's own mask."""
+    no_cache = kwargs.get("q_offset", 0) == 0 and kwargs.get("q_length") == kwargs.get("kv_length")
+    if kwargs.get("attention_mask") is None and no_cache and not kwargs.get("use_vmap", False):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+class _Segments:
+    """Per row, the (start, end) of each example, from position_ids; one host read per forward."""
+
+    def __init__(self):
+        self._key: torch.Tensor | None = None
+        self._rows: list[list[tuple[int, int]]] = []
+
+    def __call__(self, position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
+        if position_ids is not self._key:  # the same tensor reaches every layer of one forward
+            ids = position_ids.detach().to("cpu").expand(rows, -1)
+            # a new example wherever the position does not continue the previous one
+            starts = torch.ones_like(ids, dtype=torch.bool)
+            starts[:, 1:] = ids[:, 1:] != ids[:, :-1] + 1
+            segments = []
+            for row in starts:
+                edges = row.nonzero().flatten().tolist() + [row.numel()]
+                segments.append(list(zip(edges[:-1], edges[1:])))
+            self._key, self._rows = position_ids, segments
+        return self._rows
+
+
+_segments = _Segments()
+
+
+def _window_mask(length: int, window: int, device) -> torch.Tensor:
+    """[1, 1, n, n] bool: causal, and each token sees itself and the window - 1 before it."""
+    q = torch.arange(length, device=device)[:, None]
+    k = torch.arange(length, device=device)[None, :]
+    return ((k <= q) & (k > q - window))[None, None]
+
+
+@torch.compiler.disable
+def _per_example(module, query, key, value, rows, *, dropout, scaling, sliding_window, **kwargs):
+    out_rows = []
+    for row, segments in enumerate(rows):
+        pieces = []
+        for start, end in segments:
+            window = None
+            if sliding_window is not None and end - start > sliding_window:
+                window = _window_mask(end - start, sliding_window, query.device)
+            piece, _ = sdpa_attention_forward(
+                module,
+                query[row : row + 1, :, start:end],
+                key[row : row + 1, :, start:end],
+                value[row : row + 1, :, start:end],
+                window,
+                dropout=dropout,
+                scaling=scaling,
+                **kwargs,
+            )
+            pieces.append(piece)
+        out_rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
+    return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=0)
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                        sliding_window=None, position_ids=None, **kwargs):
+    """AttentionInterface function: query/key/value [batch, heads, tokens, head_dim]."""
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    if attention_mask is not None or query.shape[2] == 1 or not causal:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if query.shape[2] != key.shape[2] or kwargs.get("position_bias") is not None:
+        raise RuntimeError(f"{PACKED_SDPA}: unmasked attention of {query.shape[2]} queries over "
+                           f"{key.shape[2]} keys (or with a position bias) is not supported")
+    kwargs.pop("is_causal", None)
+    if position_ids is None:
+        rows = [[(0, query.shape[2])]] * query.shape[0]
+    else:
+        rows = _segments(position_ids, query.shape[0])
+    return _per_example(module, query, key, value, rows, dropout=dropout, scaling=scaling,
+                        sliding_window=sliding_window, **kwargs), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
+AttentionMaskInterface.register(PACKED_SDPA, _packed_mask)
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def implementation(model) -> str:
+    """The attention implementation a model (or a PEFT model's base) runs."""
+    return _base(model).config._attn_implementation
+
+
+def packed_sdpa_unsupported(model) -> str | None:
+    """Why `model` cannot switch to packed sdpa, or None when it can."""
+    base = _base(model)
+    config = base.config
+    if config._attn_implementation not in ("sdpa", PACKED_SDPA):
+        return f"attention is {config._attn_implementation}, not sdpa"
+    if not getattr(base, "_supports_attention_backend", False):
+        return f"{type(base).__name__} does not use transformers' AttentionInterface"
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not layer_types <= _LAYER_TYPES:
+        return f"its layers include {sorted(layer_types - _LAYER_TYPES)}"
+    if getattr(config, "attention_chunk_size", None):
+        return "it uses chunked attention"
+    if any(getattr(config, name, None) is not None for name in ("vision_config", "audio_config")):
+        return "it is multimodal"
+    return None
+
+
+def use_packed_sdpa(model) -> bool:
+    """Switch an sdpa decoder to packed sdpa; False (unchanged) where that is not known to be exact."""
+    if packed_sdpa_unsupported(model) is not None:
+        return False
+    base = _base(model)
+    base.set_attn_implementation(PACKED_SDPA)
+    return base.config._attn_implementation == PACKED_SDPA
+
+
+def packed_attention(*models) -> str:
+    """How packed batches must keep examples apart for every model that reads them.
+
+    "position_ids" when each model isolates them from position_ids alone: flash-attention's
+    varlen kernels do, and sdpa decoders are switched to packed sdpa here. Otherwise
+    "block_mask" (eager attention, or a model packed sdpa does not cover): the collator then
+    adds the 4-D block-diagonal mask, which switched models also honour.
+    """
+    isolated = [
+        implementation(model).startswith("flash_attention") or use_packed_sdpa(model)
+        for model in models
+        if model is not None
+    ]
+    return "position_ids" if all(isolated) else "block_mask"
+
+
+def sliding_window(model) -> int | None:
+    """The window of the model's sliding-window layers, or None when it has none."""
+    config = _base(model).config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    return window if getattr(config, "use_sliding_window", True) else None
