@@ -16,8 +16,8 @@ Trainer's seeded random sampler over the same dataset, so they see the same exam
 order (checked: the per-step token counts must match).
   still        what `still run` builds for `method: lora, data.packing: true`: still.data.prepare,
                finetune.sft.build_model / training_arguments / build_trainer (padding-free packing,
-               one row per batch with a 4-D block-diagonal mask; chunked cross entropy from hidden
-               states), still's reliability callbacks. fp32 on CPU, bf16 on CUDA. Loss: the
+               one row per batch, attention per example by packed sdpa; chunked cross entropy from
+               hidden states), still's reliability callbacks. fp32 on CPU, bf16 on CUDA. Loss: the
                assistant reply and its end-of-turn token.
   trl          trl.SFTTrainer given conversational prompt-completion rows and an SFTConfig that sets
                only the shared hyperparameters above (max_length = --max-len); the model is loaded
@@ -28,9 +28,10 @@ order (checked: the per-step token counts must match).
                the newline the chat template writes after it.
   hf           plain transformers.Trainer on still's tokenized rows (same input_ids and labels
                as `still`), padded per batch by DataCollatorForSeq2Seq; same precision as still.
-  still-fullce, still-compile, still-liger
+  still-fullce, still-compile, still-liger, still-blockmask
                (extra, for attribution) `still` with train.loss_chunk_size: null (the model's own
-               full-logits loss), train.torch_compile: true, or train.liger_kernel: true (CUDA).
+               full-logits loss), train.torch_compile: true, train.liger_kernel: true (CUDA), or
+               plain sdpa over the packed row with a 4-D block-diagonal mask instead of packed sdpa.
   trl-matched  (extra, for attribution) TRL with its defaults except gradient checkpointing off
                and still's weights dtype and precision: what is left of the gap is padding vs
                packing and TRL's per-step extras.
@@ -95,9 +96,11 @@ DATA_FILE = ROOT / "data/pydocs/train.jsonl"
 PEAK_BF16_TFLOPS = {"H200 NVL": None, "H100 NVL": None, "H200": 989.0, "H100 PCIe": 756.0,
                     "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 # `still` with one recipe switch changed, for attribution: the model's own full-logits loss
-# instead of chunked CE, torch.compile, Liger's Triton kernels (CUDA).
+# instead of chunked CE, torch.compile, Liger's Triton kernels (CUDA), and (not a recipe switch)
+# plain sdpa with a block-diagonal mask over the packed row instead of packed sdpa.
 STILL_VARIANTS = {"still": {}, "still-fullce": {"loss_chunk_size": None},
-                  "still-compile": {"torch_compile": True}, "still-liger": {"liger_kernel": True}}
+                  "still-compile": {"torch_compile": True}, "still-liger": {"liger_kernel": True},
+                  "still-blockmask": {}}
 LOSS_COVERS = {
     "still": "assistant reply + <|im_end|>",
     **{name: "as still" for name in STILL_VARIANTS if name != "still"},
@@ -350,6 +353,8 @@ def build_still(args, recipe, work: Path, meter: Meter):
     tokenize_s = time.perf_counter() - started
     set_seed(recipe.train.seed)
     model = sft.build_model(recipe)
+    if args.variant == "still-blockmask":  # what packing did before packed sdpa
+        sft.packed_attention = lambda *models: "block_mask"
     if args.variant in STILL_VARIANTS:
         training_args = sft.training_arguments(recipe, work / "run", has_eval=False,
                                                total_steps=recipe.train.max_steps, report=[])
