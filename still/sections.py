@@ -93,14 +93,15 @@ class DataSection(Section):
     )
     packing: bool = Field(
         True,
-        description="Padding-free batches: a step's examples are flattened into one row with a "
-        "block-diagonal causal mask, so no pad tokens are computed and no example attends to "
-        "another. Off: plain right padding.",
+        description="Padding-free batches: a step's examples are flattened into one row, so no pad "
+        "tokens are computed; attention runs per example (sdpa), or by position ids "
+        "(flash_attention_2), or under a block-diagonal causal mask (eager), so no example "
+        "attends to another. Off: plain right padding.",
     )
     pack_row_tokens: int | None = Field(
         None, ge=8, description="With packing: fill rows of at most this many tokens instead of "
-        "one row per batch (attention then costs each row's length squared; rows are padded to "
-        "the longest). None: one row.",
+        "one row per batch (rows are padded to the longest); only pays where a block mask is used "
+        "(eager attention), whose cost is each row's length squared. None: one row.",
     )
     train_on: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant",

@@ -66,3 +66,33 @@ def test_torch_compile_trains_like_eager(finetune_recipe, tmp_path):
     eager, compiled = curve(tmp_path / "runs" / "eager"), curve(tmp_path / "runs" / "compiled")
     assert compiled == pytest.approx(eager, rel=3e-2)
     torch._dynamo.reset()
+
+
+def test_packed_sdpa_runs_on_the_flash_kernel_in_bf16():
+    """Packed sdpa passes no mask, so sdpa restricted to its flash kernel accepts it; the block
+    mask it replaced does not. Per-example logits equal each example alone (bf16 tolerance)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from still.attention import use_packed_sdpa
+    from still.data import PackedCollator
+    from tiny_models import build_tiny_llama, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(tokenizer).to("cuda", torch.bfloat16).eval()
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(4, len(tokenizer), (n,), generator=generator).tolist()),
+             "labels": ids} for n in (7, 12, 3, 9)]
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([r["input_ids"]], device="cuda")).logits[0] for r in rows]
+        blocked = {k: v.cuda() for k, v in PackedCollator(0, mask_dtype=torch.bfloat16)(rows).items()}
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), pytest.raises(RuntimeError):
+            model(**blocked)
+        assert use_packed_sdpa(model)
+        packed = {k: v.cuda() for k, v in PackedCollator(0, attention="position_ids")(rows).items()}
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            logits = model(**packed).logits[0]
+    start = 0
+    for row, reference in zip(rows, alone):
+        here = logits[start : start + len(row["input_ids"])]
+        torch.testing.assert_close(here.float(), reference.float(), atol=3e-2, rtol=3e-2)
+        start += len(row["input_ids"])
