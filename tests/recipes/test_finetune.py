@@ -164,6 +164,35 @@ def test_chunked_loss_gives_the_models_own_loss_curve(finetune_recipe, tmp_path,
     assert losses[-1] < losses[0]
 
 
+def test_packed_sdpa_gives_the_block_masks_curve(finetune_recipe, tmp_path, monkeypatch):
+    """Packing switches the tiny Llama to packed sdpa; forcing the block mask gives the same run."""
+    from finetune import sft
+    from still import attention
+
+    calls = []
+    per_example = attention._per_example
+    monkeypatch.setattr(attention, "_per_example", lambda *a, **k: calls.append(a[4]) or per_example(*a, **k))
+    recipe = finetune_recipe()
+    common = ["run", str(recipe), "train.max_steps=4", "train.grad_accum=2", "train.lr=1e-2", "train.eval_steps=2"]
+    assert cli.main([*common, "name=packed-sdpa"]) == 0
+    # every layer of every train forward (4 steps x 2 micro-batches x 2 layers), each batch's 4
+    # examples apart; then eval batches (the first calls are the one-row logits probe)
+    packed_calls = [rows for rows in calls if len(rows[0]) > 1]
+    assert len(packed_calls) > 16 and all(len(rows) == 1 and len(rows[0]) == 4 for rows in packed_calls[:16])
+    calls.clear()
+    monkeypatch.setattr(sft, "packed_attention", lambda *models: "block_mask")
+    assert cli.main([*common, "name=block-mask"]) == 0
+    assert not calls
+    packed = read_metrics(tmp_path / "runs" / "packed-sdpa" / "metrics.jsonl")
+    blocked = read_metrics(tmp_path / "runs" / "block-mask" / "metrics.jsonl")
+    for key in ("loss", "eval_loss", "grad_norm"):
+        a = [row[key] for row in packed if key in row]
+        b = [row[key] for row in blocked if key in row]
+        assert len(a) == len(b) >= 3, key
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5), key
+    assert json.loads((tmp_path / "runs" / "packed-sdpa" / "adapter" / "adapter_config.json").read_text())
+
+
 def test_liger_kernel_on_cpu_is_a_one_line_error(finetune_recipe, tmp_path, capsys):
     recipe = finetune_recipe()
     assert cli.main(["run", str(recipe), "train.liger_kernel=true"]) == 2
