@@ -28,10 +28,12 @@ order (checked: the per-step token counts must match).
                the newline the chat template writes after it.
   hf           plain transformers.Trainer on still's tokenized rows (same input_ids and labels
                as `still`), padded per batch by DataCollatorForSeq2Seq; same precision as still.
-  still-fullce, still-compile, still-liger, still-blockmask
+  still-fullce, still-compile, still-liger, still-blockmask, still-loop
                (extra, for attribution) `still` with train.loss_chunk_size: null (the model's own
-               full-logits loss), train.torch_compile: true, train.liger_kernel: true (CUDA), or
-               plain sdpa over the packed row with a 4-D block-diagonal mask instead of packed sdpa.
+               full-logits loss), train.torch_compile: true, train.liger_kernel: true (CUDA),
+               plain sdpa over the packed row with a 4-D block-diagonal mask instead of packed
+               sdpa, or packed sdpa without torch's varlen kernel (one sdpa call per example; the
+               same as `still` on CPU, where the kernel does not run).
   trl-matched  (extra, for attribution) TRL with its defaults except gradient checkpointing off
                and still's weights dtype and precision: what is left of the gap is padding vs
                packing and TRL's per-step extras.
@@ -97,10 +99,11 @@ PEAK_BF16_TFLOPS = {"H200 NVL": None, "H100 NVL": None, "H200": 989.0, "H100 PCI
                     "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 # `still` with one recipe switch changed, for attribution: the model's own full-logits loss
 # instead of chunked CE, torch.compile, Liger's Triton kernels (CUDA), and (not a recipe switch)
-# plain sdpa with a block-diagonal mask over the packed row instead of packed sdpa.
+# plain sdpa with a block-diagonal mask over the packed row instead of packed sdpa, and packed
+# sdpa without torch's varlen kernel.
 STILL_VARIANTS = {"still": {}, "still-fullce": {"loss_chunk_size": None},
                   "still-compile": {"torch_compile": True}, "still-liger": {"liger_kernel": True},
-                  "still-blockmask": {}}
+                  "still-blockmask": {}, "still-loop": {}}
 LOSS_COVERS = {
     "still": "assistant reply + <|im_end|>",
     **{name: "as still" for name in STILL_VARIANTS if name != "still"},
@@ -355,6 +358,10 @@ def build_still(args, recipe, work: Path, meter: Meter):
     model = sft.build_model(recipe)
     if args.variant == "still-blockmask":  # what packing did before packed sdpa
         sft.packed_attention = lambda *models: "block_mask"
+    if args.variant == "still-loop":
+        from still import attention
+
+        attention._varlen.devices = ()
     if args.variant in STILL_VARIANTS:
         training_args = sft.training_arguments(recipe, work / "run", has_eval=False,
                                                total_steps=recipe.train.max_steps, report=[])

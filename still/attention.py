@@ -18,6 +18,9 @@ the attention implementation into config.json.
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -66,7 +69,6 @@ def _window_mask(length: int, window: int, device) -> torch.Tensor:
     return ((k <= q) & (k > q - window))[None, None]
 
 
-@torch.compiler.disable
 def _per_example(module, query, key, value, rows, *, dropout, scaling, sliding_window, **kwargs):
     out_rows = []
     for row, segments in enumerate(rows):
@@ -90,6 +92,106 @@ def _per_example(module, query, key, value, rows, *, dropout, scaling, sliding_w
     return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=0)
 
 
+class _Varlen:
+    """torch's FlashAttention-2 varlen kernel (`torch.nn.attention.varlen`, CUDA): every example
+    of a packed batch in one call per layer, instead of one sdpa call (and launch) per example.
+
+    Its keywords changed between torch releases (is_causal in 2.10; window_size, scale and
+    enable_gqa later), so the signature is read, and a case it cannot express falls back to the
+    per-example loop. The kernel is used on a device, dtype and head layout only after a check
+    there found its output and gradients equal to the loop's on a small packed batch; a failed
+    check prints one line and leaves the loop in place.
+    """
+
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16)  # a flash-attention kernel
+
+    def __init__(self):
+        self.checked: dict[tuple, bool] = {}
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            self.fn, self.params = None, frozenset()
+        else:
+            self.fn, self.params = varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+    def covers(self, module, query, key, *, dropout, scaling, sliding_window, softcap) -> bool:
+        if self.fn is None or query.device.type not in self.devices or query.dtype not in self.dtypes:
+            return False
+        if dropout or softcap is not None:
+            return False
+        if sliding_window is not None and "window_size" not in self.params:
+            return False
+        default_scale = scaling is None or math.isclose(scaling, query.shape[-1] ** -0.5, rel_tol=1e-6)
+        if not default_scale and "scale" not in self.params:
+            return False
+        layout = (str(query.device), query.dtype, query.shape[1], key.shape[1], query.shape[-1],
+                  None if default_scale else scaling, sliding_window)
+        if layout not in self.checked:
+            self.checked[layout] = self._check(module, query, key, scaling=scaling, sliding_window=sliding_window)
+        return self.checked[layout]
+
+    def __call__(self, query, key, value, rows, *, scaling, sliding_window):
+        batch, heads, length, head_dim = query.shape
+        kv_heads = key.shape[1]
+        q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], head_dim) for x in (query, key, value))
+        options = {}
+        if kv_heads != heads:
+            if "enable_gqa" in self.params:
+                options["enable_gqa"] = True
+            else:  # query head h reads key/value head h // (heads / kv_heads), as repeat_kv does
+                k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
+        if "window_size" in self.params:
+            options["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0)
+        else:
+            options["is_causal"] = True
+        if scaling is not None and "scale" in self.params:
+            options["scale"] = scaling
+        starts = [row * length + start for row, segments in enumerate(rows) for start, _ in segments]
+        cu = torch.tensor([*starts, batch * length], dtype=torch.int32, device=query.device)
+        longest = max(end - start for segments in rows for start, end in segments)
+        out = self.fn(q, k, v, cu, cu, longest, longest, **options)
+        return out.reshape(batch, length, heads, head_dim)
+
+    def _check(self, module, query, key, *, scaling, sliding_window) -> bool:
+        try:
+            with torch.inference_mode(False), torch.enable_grad():  # the first call may be in eval
+                agree = self._agrees(module, query, key, scaling=scaling, sliding_window=sliding_window)
+            problem = "its output or gradients differed from per-example sdpa"
+        except Exception as exc:  # any failure of an optional kernel means: do not use it
+            agree, problem = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if not agree:
+            print(f"still: torch's varlen attention failed its check on {query.device} {query.dtype} "
+                  f"({problem}); packed sdpa runs sdpa per example")
+        return agree
+
+    def _agrees(self, module, query, key, *, scaling, sliding_window) -> bool:
+        """Two rows of a few examples, random values in the layer's layout: kernel vs loop."""
+        heads, kv_heads, head_dim = query.shape[1], key.shape[1], query.shape[-1]
+        generator = torch.Generator(device="cpu").manual_seed(0)
+
+        def random(*shape, grad=True):
+            x = torch.randn(*shape, generator=generator).to(query.device, query.dtype)
+            return x.requires_grad_(grad)
+
+        q, k, v = random(2, heads, 37, head_dim), random(2, kv_heads, 37, head_dim), random(2, kv_heads, 37, head_dim)
+        upstream = random(2, 37, heads, head_dim, grad=False)
+        rows = [[(0, 13), (13, 30), (30, 37)], [(0, 21), (21, 37)]]
+        window = None if sliding_window is None else min(sliding_window, 5)  # so that it bites
+        results = []
+        for kernel in (False, True):
+            if kernel:
+                out = self(q, k, v, rows, scaling=scaling, sliding_window=window)
+            else:
+                out = _per_example(module, q, k, v, rows, dropout=0.0, scaling=scaling, sliding_window=window)
+            results.append([out, *torch.autograd.grad(out, (q, k, v), upstream)])
+        tolerance = 1e-4 if query.dtype == torch.float32 else 3e-2
+        return all(torch.allclose(a.float(), b.float(), atol=tolerance, rtol=tolerance) for a, b in zip(*results))
+
+
+_varlen = _Varlen()
+
+
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                         sliding_window=None, position_ids=None, **kwargs):
     """AttentionInterface function: query/key/value [batch, heads, tokens, head_dim]."""
@@ -102,12 +204,21 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, 
         raise RuntimeError(f"{PACKED_SDPA}: unmasked attention of {query.shape[2]} queries over "
                            f"{key.shape[2]} keys (or with a position bias) is not supported")
     kwargs.pop("is_causal", None)
+    return _attend(module, query, key, value, position_ids, dropout=dropout, scaling=scaling,
+                   sliding_window=sliding_window, **kwargs), None
+
+
+@torch.compiler.disable  # host reads and a data-dependent loop: eager, between compiled graphs
+def _attend(module, query, key, value, position_ids, *, dropout, scaling, sliding_window, **kwargs):
     if position_ids is None:
         rows = [[(0, query.shape[2])]] * query.shape[0]
     else:
         rows = _segments(position_ids, query.shape[0])
+    if _varlen.covers(module, query, key, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
+                      softcap=kwargs.get("softcap")):
+        return _varlen(query, key, value, rows, scaling=scaling, sliding_window=sliding_window)
     return _per_example(module, query, key, value, rows, dropout=dropout, scaling=scaling,
-                        sliding_window=sliding_window, **kwargs), None
+                        sliding_window=sliding_window, **kwargs)
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)

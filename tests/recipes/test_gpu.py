@@ -96,3 +96,31 @@ def test_packed_sdpa_runs_on_the_flash_kernel_in_bf16():
         here = logits[start : start + len(row["input_ids"])]
         torch.testing.assert_close(here.float(), reference.float(), atol=3e-2, rtol=3e-2)
         start += len(row["input_ids"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch.nn.attention.varlen") is None, reason="torch < 2.10")
+def test_varlen_kernel_passes_its_check_and_matches_the_loop_in_bf16():
+    """torch's varlen kernel is used on CUDA once its check passes; then a packed batch's logits
+    equal the per-example loop's (bf16 tolerance)."""
+    from still import attention
+    from still.data import PackedCollator
+    from tiny_models import build_tiny_llama, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(tokenizer).to("cuda", torch.bfloat16).eval()
+    assert attention.use_packed_sdpa(model)
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(4, len(tokenizer), (n,), generator=generator).tolist()),
+             "labels": ids} for n in (7, 12, 3, 9)]
+    batch = {k: v.cuda() for k, v in PackedCollator(0, attention="position_ids")(rows).items()}
+    attention._varlen.checked.clear()
+    with torch.no_grad():
+        kernel = model(**batch).logits
+    assert attention._varlen.checked and all(attention._varlen.checked.values()), attention._varlen.checked
+    devices, attention._varlen.devices = attention._varlen.devices, ()
+    try:
+        with torch.no_grad():
+            loop = model(**batch).logits
+    finally:
+        attention._varlen.devices = devices
+    torch.testing.assert_close(kernel.float(), loop.float(), atol=3e-2, rtol=3e-2)

@@ -182,3 +182,129 @@ def test_packed_loss_is_unchanged_by_the_switch(tokenizer):
         with torch.no_grad():
             losses.append(model(**batch).loss)
     torch.testing.assert_close(losses[0], losses[1])
+
+
+# --------------------------------------------------------------------------- varlen kernel
+def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), scale=None,
+                     enable_gqa=False, return_aux=None):
+    """What torch.nn.attention.varlen.varlen_attn computes (its CUDA kernel, written out for the
+    CPU): [tokens, heads, dim] with examples at cu_seq offsets; window_size (left, right)."""
+    assert max_q == max_k == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    out = []
+    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
+        q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))
+        i, j = torch.arange(end - start)[:, None], torch.arange(end - start)[None, :]
+        left, right = window_size
+        allowed = ((j <= i + right) if right >= 0 else torch.ones_like(i == j)) & ((j >= i - left) if left >= 0 else True)
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+def older_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.10's signature: causality as a flag, no scale, window or GQA keywords."""
+    assert key.shape[1] == value.shape[1] == query.shape[1]  # no GQA keyword: heads repeated by the caller
+    return reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                            window_size=(-1, 0 if is_causal else -1))
+
+
+@pytest.fixture
+def varlen_on_cpu(monkeypatch):
+    """Let packed sdpa take the varlen path on the CPU, with `kernel` standing in for torch's."""
+    import inspect
+
+    from still import attention
+
+    calls = []
+
+    def install(kernel):
+        def counted(*args, **kwargs):
+            calls.append(kwargs)
+            return kernel(*args, **kwargs)
+
+        counted.__signature__ = inspect.signature(kernel)
+        monkeypatch.setattr(attention._varlen, "fn", counted)
+        monkeypatch.setattr(attention._varlen, "params", frozenset(inspect.signature(kernel).parameters))
+        monkeypatch.setattr(attention._varlen, "devices", ("cpu",))
+        monkeypatch.setattr(attention._varlen, "dtypes", (torch.float32,))
+        monkeypatch.setattr(attention._varlen, "checked", {})
+        return calls
+
+    return install
+
+
+@pytest.mark.parametrize("kernel", [reference_varlen, older_varlen])
+def test_varlen_kernel_gives_each_example_alone(tokenizer, varlen_on_cpu, kernel):
+    calls = varlen_on_cpu(kernel)
+    model = build_tiny_llama(tokenizer).eval()
+    rows = features(len(tokenizer))
+    alone = logits_alone(model, rows)
+    assert use_packed_sdpa(model)
+    batch = PackedCollator(0, attention="position_ids", row_tokens=16)(rows)
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        assert len(calls) == 3  # the check on first use, then one call per layer
+        calls.clear()
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    assert len(calls) == 2
+    assert ("enable_gqa" in calls[0]) == (kernel is reference_varlen)
+    for here, reference in zip(split_packed(packed, batch, rows), alone):
+        torch.testing.assert_close(here, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_kernel_gradients_and_sliding_window(tokenizer, varlen_on_cpu):
+    from still import attention
+
+    calls = varlen_on_cpu(reference_varlen)
+    rows = features(len(tokenizer), lengths=(9, 3, 11))
+    grads = []
+    for varlen in (False, True):
+        model = build_tiny_gemma3(tokenizer, window=4).train()
+        assert use_packed_sdpa(model)
+        batch = PackedCollator(0, attention="position_ids")(rows)
+        calls.clear()
+        attention._varlen.devices = ("cpu",) if varlen else ()  # monkeypatched: restored after
+        model(**batch).loss.backward()
+        assert bool(calls) == varlen
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert any(call["window_size"] == (3, 0) for call in calls)  # the sliding layer
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_older_varlen_cannot_hold_a_sliding_window(tokenizer, varlen_on_cpu):
+    calls = varlen_on_cpu(older_varlen)
+    model = build_tiny_gemma3(tokenizer, window=4).eval()
+    assert use_packed_sdpa(model)
+    batch = PackedCollator(0, attention="position_ids")(features(len(tokenizer)))
+    with torch.no_grad():
+        model(**batch)
+    # the full-attention layer (Gemma's own scaling, which 2.10's kernel cannot take) and the
+    # sliding one both stay on the per-example loop
+    assert not calls
+
+
+@pytest.mark.parametrize("broken", ["wrong", "raises"])
+def test_a_varlen_kernel_that_fails_its_check_is_not_used(tokenizer, varlen_on_cpu, capsys, broken):
+    def wrong(*args, **kwargs):
+        return reference_varlen(*args, **{**kwargs, "window_size": (-1, -1)})  # not causal
+
+    def raises(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    wrong.__signature__ = raises.__signature__ = __import__("inspect").signature(reference_varlen)
+    calls = varlen_on_cpu(wrong if broken == "wrong" else raises)
+    model = build_tiny_llama(tokenizer).eval()
+    rows = features(len(tokenizer))
+    alone = logits_alone(model, rows)
+    assert use_packed_sdpa(model)
+    batch = PackedCollator(0, attention="position_ids")(rows)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    assert len(calls) <= 1  # the check's own call, if it got that far; never again
+    for here, reference in zip(split_packed(packed, batch, rows), alone):
+        torch.testing.assert_close(here, reference, atol=1e-5, rtol=1e-5)
+    out = capsys.readouterr().out
+    assert out.count("still: torch's varlen attention failed its check on cpu torch.float32") == 1
+    assert ("differed" in out) == (broken == "wrong") and ("Ampere" in out) == (broken == "raises")
