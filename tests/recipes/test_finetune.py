@@ -153,15 +153,19 @@ def test_chunked_loss_gives_the_models_own_loss_curve(finetune_recipe, tmp_path,
     calls.clear()
     assert cli.main([*common, "name=full-logits", "train.loss_chunk_size=null"]) == 0
     assert not calls
-    chunked = read_metrics(tmp_path / "runs" / "chunked" / "metrics.jsonl")
-    full = read_metrics(tmp_path / "runs" / "full-logits" / "metrics.jsonl")
+    assert_same_curves(tmp_path / "runs" / "chunked", tmp_path / "runs" / "full-logits")
+    losses = [row["loss"] for row in read_metrics(tmp_path / "runs" / "chunked" / "metrics.jsonl") if "loss" in row]
+    assert losses[-1] < losses[0]
+
+
+def assert_same_curves(run_a, run_b):
+    """Two runs logged the same loss, eval loss and grad norm at every step (rel 1e-4)."""
+    rows_a, rows_b = (read_metrics(run / "metrics.jsonl") for run in (run_a, run_b))
     for key in ("loss", "eval_loss", "grad_norm"):
-        a = [row[key] for row in chunked if key in row]
-        b = [row[key] for row in full if key in row]
+        a = [row[key] for row in rows_a if key in row]
+        b = [row[key] for row in rows_b if key in row]
         assert len(a) == len(b) >= 3, key
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5), key
-    losses = [row["loss"] for row in chunked if "loss" in row]
-    assert losses[-1] < losses[0]
 
 
 def test_packed_sdpa_gives_the_block_masks_curve(finetune_recipe, tmp_path, monkeypatch):
@@ -183,13 +187,7 @@ def test_packed_sdpa_gives_the_block_masks_curve(finetune_recipe, tmp_path, monk
     monkeypatch.setattr(sft, "packed_attention", lambda *models: "block_mask")
     assert cli.main([*common, "name=block-mask"]) == 0
     assert not calls
-    packed = read_metrics(tmp_path / "runs" / "packed-sdpa" / "metrics.jsonl")
-    blocked = read_metrics(tmp_path / "runs" / "block-mask" / "metrics.jsonl")
-    for key in ("loss", "eval_loss", "grad_norm"):
-        a = [row[key] for row in packed if key in row]
-        b = [row[key] for row in blocked if key in row]
-        assert len(a) == len(b) >= 3, key
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-5), key
+    assert_same_curves(tmp_path / "runs" / "packed-sdpa", tmp_path / "runs" / "block-mask")
     assert json.loads((tmp_path / "runs" / "packed-sdpa" / "adapter" / "adapter_config.json").read_text())
 
 
