@@ -4,8 +4,9 @@ A packed row holds several examples back to back, with position_ids restarting a
 sdpa cannot see those boundaries, so packing used to hand it a 4-D block-diagonal mask. That
 mask costs the square of the row's length in memory and compute, and on CUDA any explicit
 mask keeps sdpa off its flash kernel. `PACKED_SDPA` instead runs sdpa once per example with
-`is_causal` (the flash kernel on CUDA): attention then costs the sum of the examples' squared
-lengths, and no mask is built. The examples are found from position_ids, which every decoder
+`is_causal` (the flash kernel on CUDA), or on CUDA all examples in one call of torch's varlen
+flash kernel (`_Varlen`): attention then costs the sum of the examples' squared lengths, and no
+mask is built. The examples are found from position_ids, which every decoder
 layer receives; they are read to the host once per forward and shared by all layers.
 
 It is sdpa in every other case, so a switched model still evaluates and generates: with a
@@ -108,6 +109,7 @@ class _Varlen:
 
     def __init__(self):
         self.checked: dict[tuple, bool] = {}
+        self._offsets: tuple = (None, None, 0)  # rows, their cu_seqlens on the device, longest
         try:
             from torch.nn.attention.varlen import varlen_attn
         except ImportError:
@@ -147,11 +149,19 @@ class _Varlen:
             options["is_causal"] = True
         if scaling is not None and "scale" in self.params:
             options["scale"] = scaling
-        starts = [row * length + start for row, segments in enumerate(rows) for start, _ in segments]
-        cu = torch.tensor([*starts, batch * length], dtype=torch.int32, device=query.device)
-        longest = max(end - start for segments in rows for start, end in segments)
+        cu, longest = self._cu_seqlens(rows, length, query.device)
         out = self.fn(q, k, v, cu, cu, longest, longest, **options)
         return out.reshape(batch, length, heads, head_dim)
+
+    def _cu_seqlens(self, rows, length: int, device) -> tuple[torch.Tensor, int]:
+        """Example offsets in the flattened batch, copied to the device once per forward (every
+        layer gets the same cached `rows`)."""
+        if rows is not self._offsets[0] or self._offsets[1].device != device:
+            starts = [row * length + start for row, segments in enumerate(rows) for start, _ in segments]
+            cu = torch.tensor([*starts, len(rows) * length], dtype=torch.int32, device=device)
+            longest = max(end - start for segments in rows for start, end in segments)
+            self._offsets = (rows, cu, longest)
+        return self._offsets[1], self._offsets[2]
 
     def _check(self, module, query, key, *, scaling, sliding_window) -> bool:
         try:
