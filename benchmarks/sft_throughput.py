@@ -4,70 +4,24 @@
     python benchmarks/sft_throughput.py --device cuda --batch-size 32 --steps 50
     python benchmarks/sft_throughput.py --steps 2 --examples 16 --model /tmp/tiny   # smoke test
 
-What runs. One set of rows from the bundled domain data (data/pydocs/train.jsonl, question →
-answer) is picked so that lengths are mixed (`--lengths mixed`, the default: for evenly spaced
-target lengths between the shortest and the longest rendered example, the unused row closest to
-each target; `--lengths natural`: a seeded random sample). The rows are written to one JSONL
-file, in one order, that every variant reads. Each variant trains a fresh adapter on the same
-base model (`--model`, default the built-in SmolLM2-135M-Instruct) with the same LoRA config
-(r, alpha, dropout, all-linear), lr, warmup, cosine schedule, optimizer, seed and data seed,
-max length, global batch (batch size × grad accum) and number of optimizer steps. All three use
-Trainer's seeded random sampler over the same dataset, so they see the same examples in the same
-order (checked: the per-step token counts must match).
-  still        what `still run` builds for `method: lora, data.packing: true`: still.data.prepare,
-               finetune.sft.build_model / training_arguments / build_trainer (padding-free packing,
-               one row per batch, attention per example by packed sdpa; chunked cross entropy from
-               hidden states), still's reliability callbacks. fp32 on CPU, bf16 on CUDA. Loss: the
-               assistant reply and its end-of-turn token.
-  trl          trl.SFTTrainer given conversational prompt-completion rows and an SFTConfig that sets
-               only the shared hyperparameters above (max_length = --max-len); the model is loaded
-               the way SFTTrainer loads a path (trl's create_model_from_path). Everything else is
-               TRL's default: fp32 weights, no packing, no padding-free, right padding per batch,
-               gradient checkpointing ON, bf16 autocast ON (also on CPU), completion-only loss (prompt-
-               completion data): the completion tokens, i.e. the reply, its end-of-turn token and
-               the newline the chat template writes after it.
-  hf           plain transformers.Trainer on still's tokenized rows (same input_ids and labels
-               as `still`), padded per batch by DataCollatorForSeq2Seq; same precision as still.
+Every variant trains a fresh adapter on the same base model, rows (data/pydocs/train.jsonl,
+mixed lengths), LoRA config, lr schedule, optimizer, seed, max length, global batch and steps,
+and sees the same examples in the same order (checked: per-step token counts must match).
+Variants, each in its own subprocess:
+  still        what `still run` builds for `method: lora, data.packing: true` (build_trainer)
+  trl          trl.SFTTrainer, conversational prompt-completion rows, TRL's defaults otherwise
+  hf           plain transformers.Trainer on still's rows, padded per batch
   still-fullce, still-compile, still-liger, still-blockmask, still-loop
-               (extra, for attribution) `still` with train.loss_chunk_size: null (the model's own
-               full-logits loss), train.torch_compile: true, train.liger_kernel: true (CUDA),
-               plain sdpa over the packed row with a 4-D block-diagonal mask instead of packed
-               sdpa, or packed sdpa without torch's varlen kernel (one sdpa call per example; the
-               same as `still` on CPU, where the kernel does not run).
-  trl-matched  (extra, for attribution) TRL with its defaults except gradient checkpointing off
-               and still's weights dtype and precision: what is left of the gap is padding vs
-               packing and TRL's per-step extras.
-On CPU the TRL variants also set use_cpu=True: with TRL's default bf16=True, transformers refuses
-to start on a machine without a GPU unless it is set ("You need to assign use_cpu").
-Every variant logs its loss every step (TRL's default is every 10) and saves no checkpoint
-within the run (still's default would save at each quarter), so neither is in the timings.
-
-What is measured, each variant in its own subprocess:
-  effective tokens  non-padding tokens fed to the model, counted the same way for all by a
-                    forward pre-hook on the trained model: the 2-D attention_mask's sum where
-                    batches are padded, every input_id where a batch is packed (no padding).
-                    "computed" also counts the padding; "loss tokens" counts positions whose
-                    next-token label is not -100.
-  time              the training loop only, from Trainer callbacks (model load and tokenization
-                    excluded; tokenization is reported apart: still.data.prepare into an empty
-                    cache for still/hf, SFTTrainer construction for trl). tokens/s uses the steps
-                    after the first `--warmup-steps` (default 1): from the end of that step to
-                    the end of the last. The split per step: data+log = batch fetch + collation
-                    (and the previous step's logging), fwd = the model's forward (hooks), bwd = the
-                    rest up to the optimizer (backward, grad clipping; with checkpointing also the
-                    recomputed forward), optim = callbacks before the update + the optimizer step.
-  peak memory       CPU: the child's ru_maxrss (whole-process high-water mark, MB; model,
-                    datasets and training together). CUDA: torch.cuda.max_memory_allocated()
-                    since the loop began.
-  loss              the logged training loss per step; "final" is the last step's, "last 25%"
-                    the mean over the last quarter of steps. Curves are compared step by step.
-  MFU (CUDA only)   model FLOPs per effective token (4N for LoRA, 6N for full; N = parameters
-                    used in matmuls, the tied embedding counted once as the LM head) plus causal
-                    attention 12·layers·heads·head_dim per (query, visible key) pair within an
-                    example, per second, over the GPU's dense bf16 peak (`--peak-tflops`, or a
-                    small table by GPU name). Padding and cross-example attention are not counted.
-`--profile N` also runs torch.profiler over N steps after the warmup step and prints each
-variant's top operators (those steps are slower; the throughput of a profiled run is marked).
+               `still` with one switch changed: the model's own loss, torch.compile, Liger
+               (CUDA), the 4-D block mask instead of packed sdpa, packed sdpa without torch's
+               varlen kernel
+  trl-matched  TRL without gradient checkpointing, with still's weights dtype and precision
+Reported: effective (non-padding) tokens/s over the training loop after `--warmup-steps`, the
+per-step split (data+log, forward, backward, optimizer), peak memory (CPU ru_maxrss, CUDA
+max_memory_allocated), loss curves compared step by step, and on CUDA MFU: (4N for LoRA, 6N
+for full) per effective token plus 12·layers·heads·head_dim per causal (query, key) pair within
+an example, over the GPU's dense bf16 peak. The setup, every deviation from the tools'
+defaults, and how each number is taken: docs/benchmarks.md.
 """
 
 from __future__ import annotations
