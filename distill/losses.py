@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from still.errors import StillError
+from still.losses import chunked_head_loss
 
 DivergenceName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
 Reduction = Literal["mean", "sum"]
@@ -260,66 +261,31 @@ def _chunk_divergence(student_logits: Tensor, teacher, rows: slice, settings) ->
                       _rest_bucket(teacher.log_probs[rows], teacher.rest_log[rows]), **settings.params)
 
 
-def _chunk_loss_and_logit_grad(student_rows, student_weight, student_bias, teacher, rows: slice,
-                               labels, settings: _ChunkSettings):
-    """One chunk's KD and CE sums, and the gradient of the weighted loss w.r.t. its logits."""
-    compute_dtype = torch.promote_types(student_rows.dtype, torch.float32)
-    # The head matmul runs in the input dtype, as the model's own lm_head would; only the
-    # chunk's logits are upcast, so a bf16 head is never copied whole into fp32.
-    student_logits = F.linear(student_rows.to(student_weight.dtype), student_weight, student_bias).to(compute_dtype)
-    student_logits.requires_grad_()
-    with torch.enable_grad():
-        # Cross entropy as logsumexp − label logit keeps nothing [chunk × vocab] for backward
-        # but the logits themselves. It comes first so that backward, which runs in reverse,
-        # frees the divergence's saved tensors before it builds the CE gradient.
-        label_logits = student_logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        ce_sum = (torch.logsumexp(student_logits, dim=-1) - label_logits).sum()
-        per_token = _chunk_divergence(student_logits, teacher, rows, settings)
-        kd_sum = per_token.sum() * settings.temperature**2
-        weighted = settings.kd_weight * kd_sum + settings.ce_weight * ce_sum
-        (grad_logits,) = torch.autograd.grad(weighted, student_logits)
-    return kd_sum.detach(), ce_sum.detach(), grad_logits
+def _kd_chunk(teacher, labels: Tensor, settings: _ChunkSettings):
+    """`chunked_head_loss`'s per-chunk loss: the weighted KD + CE sum, the KD and the CE sums,
+    and the gradient of the weighted sum w.r.t. the student's logits."""
+
+    def chunk_loss(student_logits: Tensor, rows: slice):
+        student_logits.requires_grad_()
+        with torch.enable_grad():
+            # Cross entropy as logsumexp − label logit keeps nothing [chunk × vocab] for backward
+            # but the logits themselves. It comes first so that backward, which runs in reverse,
+            # frees the divergence's saved tensors before it builds the CE gradient.
+            label_logits = student_logits.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1)
+            ce_sum = (torch.logsumexp(student_logits, dim=-1) - label_logits).sum()
+            per_token = _chunk_divergence(student_logits, teacher, rows, settings)
+            kd_sum = per_token.sum() * settings.temperature**2
+            weighted = settings.kd_weight * kd_sum + settings.ce_weight * ce_sum
+            (grad_logits,) = torch.autograd.grad(weighted, student_logits)
+        return (weighted.detach(), kd_sum.detach(), ce_sum.detach()), grad_logits
+
+    return chunk_loss
 
 
-class _FusedKDFunction(torch.autograd.Function):
-    """Forward computes the loss and its gradients chunk by chunk; backward only rescales them."""
-
-    @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher, labels,
-                settings: _ChunkSettings):
-        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
-        compute_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
-        grad_hidden = torch.zeros_like(student_hidden) if want_hidden else None
-        # fp32 accumulators: a bf16 running sum over many chunks would lose the small ones.
-        grad_weight = torch.zeros_like(student_weight, dtype=compute_dtype) if want_weight else None
-        grad_bias = torch.zeros_like(student_bias, dtype=compute_dtype) if want_bias else None
-        kd_total = student_hidden.new_zeros((), dtype=compute_dtype)
-        ce_total = student_hidden.new_zeros((), dtype=compute_dtype)
-        for start in range(0, student_hidden.shape[0], settings.chunk_size):
-            rows = slice(start, start + settings.chunk_size)
-            kd_sum, ce_sum, grad_logits = _chunk_loss_and_logit_grad(
-                student_hidden[rows], student_weight, student_bias, teacher, rows, labels[rows], settings,
-            )
-            kd_total += kd_sum
-            ce_total += ce_sum
-            if want_bias:
-                grad_bias += grad_logits.sum(0)
-            if want_weight:  # straight into the accumulator: no [vocab × hidden] temporary
-                grad_weight.addmm_(grad_logits.T, student_hidden[rows].to(compute_dtype))
-            if want_hidden:
-                grad_hidden[rows] = grad_logits.to(student_weight.dtype) @ student_weight
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.input_dtypes = (student_hidden.dtype, student_weight.dtype,
-                            None if student_bias is None else student_bias.dtype)
-        ctx.mark_non_differentiable(kd_total, ce_total)
-        loss = settings.kd_weight * kd_total + settings.ce_weight * ce_total
-        return loss, kd_total, ce_total
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_kd_total, _grad_ce_total):
-        grads = [None if grad is None else (grad * grad_loss).to(dtype)
-                 for grad, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)]
-        return *grads, None, None, None
+def _fused(student_rows, student_weight, student_bias, teacher, labels, settings: _ChunkSettings):
+    """(weighted loss, KD sum, CE sum) from the student's hidden rows, one chunk of logits at a time."""
+    return chunked_head_loss(student_rows, student_weight, student_bias, _kd_chunk(teacher, labels, settings),
+                             n_sums=3, chunk_size=settings.chunk_size)
 
 
 def _shared_vocab(student_rows: int, teacher_rows: int, vocab_size: int | None) -> int:
@@ -361,9 +327,8 @@ def fused_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_h
     student_bias = None if student_head_bias is None else student_head_bias[:vocab]
     settings = _ChunkSettings(divergence, params, temperature, kd_weight, ce_weight, chunk_size)
     teacher = _TeacherHead(teacher_rows, teacher_head_weight[:vocab].detach(), teacher_bias)
-    loss, kd_sum, ce_sum = _FusedKDFunction.apply(
-        student_rows, student_head_weight[:vocab], student_bias, teacher, labels[keep], settings,
-    )
+    loss, kd_sum, ce_sum = _fused(student_rows, student_head_weight[:vocab], student_bias, teacher, labels[keep],
+                                  settings)
     return FusedKDLoss(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=keep.sum())
 
 
@@ -394,7 +359,6 @@ def cached_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_
     device = student_rows.device
     teacher = _TeacherTopK(teacher_log_probs.to(device), teacher_ids.to(device), teacher_rest_log.to(device))
     settings = _ChunkSettings(divergence, params, temperature, kd_weight, ce_weight, chunk_size)
-    loss, kd_sum, ce_sum = _FusedKDFunction.apply(
-        student_rows, student_head_weight[:vocab_size], student_bias, teacher, labels[keep], settings,
-    )
+    loss, kd_sum, ce_sum = _fused(student_rows, student_head_weight[:vocab_size], student_bias, teacher,
+                                  labels[keep], settings)
     return FusedKDLoss(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=keep.sum())
