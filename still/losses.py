@@ -45,6 +45,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.T, hidden[rows].to(compute_dtype))
             if want_hidden:
                 grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
+            del logits, grad_logits  # before the next chunk's logits exist, not after
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(*totals[1:])
