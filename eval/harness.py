@@ -351,8 +351,7 @@ def _attention_masks(config, allowed: torch.Tensor, position_ids: torch.Tensor, 
 
 def _accepts_logits_to_keep(model) -> bool:
     # PEFT wrappers pass extra keyword arguments through: ask the model underneath.
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return "logits_to_keep" in inspect.signature(models.base_model(model).forward).parameters
 
 
 def score_multiple_choice(model, tokenizer, task, rows, contexts, batch_size, bar) -> list[dict]:

@@ -27,6 +27,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from still.models import base_model
+
 PACKED_SDPA = "still_packed_sdpa"
 _LAYER_TYPES = {"full_attention", "sliding_attention"}
 
@@ -235,18 +237,14 @@ AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
 AttentionMaskInterface.register(PACKED_SDPA, _packed_mask)
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def implementation(model) -> str:
     """The attention implementation a model (or a PEFT model's base) runs."""
-    return _base(model).config._attn_implementation
+    return base_model(model).config._attn_implementation
 
 
 def packed_sdpa_unsupported(model) -> str | None:
     """Why `model` cannot switch to packed sdpa, or None when it can."""
-    base = _base(model)
+    base = base_model(model)
     config = base.config
     if config._attn_implementation not in ("sdpa", PACKED_SDPA):
         return f"attention is {config._attn_implementation}, not sdpa"
@@ -266,7 +264,7 @@ def use_packed_sdpa(model) -> bool:
     """Switch an sdpa decoder to packed sdpa; False (unchanged) where that is not known to be exact."""
     if packed_sdpa_unsupported(model) is not None:
         return False
-    base = _base(model)
+    base = base_model(model)
     base.set_attn_implementation(PACKED_SDPA)
     return base.config._attn_implementation == PACKED_SDPA
 
@@ -289,7 +287,7 @@ def packed_attention(*models) -> str:
 
 def sliding_window(model) -> int | None:
     """The window of the model's sliding-window layers, or None when it has none."""
-    config = _base(model).config
+    config = base_model(model).config
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:

@@ -297,6 +297,11 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def base_model(model):
+    """The transformers model under a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def logits_are_head_output(model) -> bool:
     """Whether the model's logits are its output head applied to its last hidden state.
 
@@ -309,7 +314,7 @@ def logits_are_head_output(model) -> bool:
 
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings()
     if head is None or "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return False
