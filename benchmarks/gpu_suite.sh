@@ -46,8 +46,13 @@ step "models"
 [ -d /tmp/models/$BIG ] || $PY benchmarks/random_models.py "$SRC" /tmp/models "$(echo "$SMALL,$BIG" | tr ',' '\n' | sort -u | paste -sd,)"
 if [ -z "${DRY:-}" ]; then
   step "gpu tests"
-  timeout 150 $PY -m pytest -q -m gpu tests/recipes/test_gpu.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
-  echo "rc=$?"; grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.log" | head -30
+  # -v: each test's outcome is written as it ends, so a timeout still says which ones ran.
+  timeout 150 $PY -m pytest -v --tb=short -m gpu tests/recipes/test_gpu.py -p no:cacheprovider \
+    > "$OUT/gpu_tests.log" 2>&1
+  echo "rc=$? (124: the time limit cut it short)"
+  grep -E "(PASSED|FAILED|ERROR|SKIPPED)( |$)|passed|failed" "$OUT/gpu_tests.log" | head -20
+  # The failures' own text (the assertion, the captured `still: error:` line), not just the name.
+  sed -n '/= FAILURES =/,/short test summary/p' "$OUT/gpu_tests.log" | grep -vE "^\s*$" | head -60
 fi
 bench() {  # name, seconds, benchmark arguments...
   local name=$1 limit=$2; shift 2
