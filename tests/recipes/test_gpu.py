@@ -1,4 +1,4 @@
-"""CUDA-only paths, on the tiny model: bf16 by default, chunked CE in bf16, Liger, torch.compile.
+"""CUDA-only paths, on the tiny model: bf16 by default, chunked CE in bf16, Liger, QLoRA, torch.compile.
 
 Run on a machine with a GPU: `pytest -m gpu`. The default suite skips them (`-m 'not gpu'`).
 """
@@ -57,6 +57,21 @@ def test_liger_kernel_trains_like_the_plain_model(finetune_recipe, tmp_path):
     plain, liger = curve(tmp_path / "runs" / "plain"), curve(tmp_path / "runs" / "liger")
     assert liger[-1] < liger[0]
     assert liger == pytest.approx(plain, rel=3e-2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_qlora_trains_on_a_4bit_base_and_merges_at_full_precision(finetune_recipe, tmp_path):
+    import json
+
+    run(finetune_recipe(), "qlora", "method=qlora")
+    run_dir = tmp_path / "runs" / "qlora"
+    losses = curve(run_dir)
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < losses[0], losses
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] > 0
+    assert cli.main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config, config  # merged into the unquantized base
 
 
 def test_torch_compile_trains_like_eager(finetune_recipe, tmp_path):
