@@ -11,10 +11,10 @@ Variants, each in its own subprocess (built and measured by benchmarks/sft_varia
   still        what `still run` builds for `method: lora, data.packing: true` (build_trainer)
   trl          trl.SFTTrainer, conversational prompt-completion rows, TRL's defaults otherwise
   hf           plain transformers.Trainer on still's rows, padded per batch
-  still-fullce, still-compile, still-liger, still-blockmask, still-loop
+  still-fullce, still-compile, still-liger, still-gc, still-blockmask, still-loop
                `still` with one switch changed: the model's own loss, torch.compile, Liger
-               (CUDA), the 4-D block mask instead of packed sdpa, packed sdpa without torch's
-               varlen kernel
+               (CUDA), gradient checkpointing, the 4-D block mask instead of packed sdpa,
+               packed sdpa without torch's varlen kernel
   trl-matched  TRL without gradient checkpointing, with still's weights dtype and precision
 Reported: effective (non-padding) tokens/s over the training loop after `--warmup-steps`, the
 per-step split (data+log, forward, backward, optimizer), peak memory (CPU ru_maxrss, CUDA

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 # `still` with one recipe switch changed, for attribution: the model's own full-logits loss
-# instead of chunked CE, torch.compile, Liger's Triton kernels (CUDA), and (not a recipe switch)
-# plain sdpa with a block-diagonal mask over the packed row instead of packed sdpa, and packed
-# sdpa without torch's varlen kernel.
+# instead of chunked CE, torch.compile, Liger's Triton kernels (CUDA), gradient checkpointing,
+# and (not a recipe switch) plain sdpa with a block-diagonal mask over the packed row instead
+# of packed sdpa, and packed sdpa without torch's varlen kernel.
 STILL_VARIANTS = {"still": {}, "still-fullce": {"loss_chunk_size": None},
                   "still-compile": {"torch_compile": True}, "still-liger": {"liger_kernel": True},
-                  "still-blockmask": {}, "still-loop": {}}
+                  "still-gc": {"gradient_checkpointing": True}, "still-blockmask": {}, "still-loop": {}}
 
 class Meter:
     """Counts tokens in the model's forward and times the loop's phases through callbacks."""
@@ -269,6 +269,8 @@ def measure_variant(args) -> dict:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     trainer.train()
+    # What the model did, not what was asked: Trainer turns checkpointing on in the layers.
+    settings["gradient_checkpointing"] = bool(trainer.model.is_gradient_checkpointing)
     losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
     return {
         "variant": args.variant, "tokenize_s": tokenize_s, "steps": meter.steps,
