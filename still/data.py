@@ -35,6 +35,10 @@ from still.formats import IGNORE_INDEX, BadRow, render_loss_mask  # noqa: F401  
 CACHE_VERSION = "1"  # bump when the encoding changes, so old caches are not reused
 MAX_BAD_ROW_EXAMPLES = 3
 KEPT = ("ok", "truncated")
+# data.num_proc unset: one tokenizing process per this many examples, up to the usable CPU
+# cores. On the 2-core CI box 2 processes lost at 1,000 examples (0.75 s vs 0.57 s serial) and
+# won from 2,000 (0.95 s vs 1.1 s; 11.7 s vs 21.3 s at 39,000).
+EXAMPLES_PER_PROCESS = 1500
 
 
 @dataclass
@@ -283,10 +287,19 @@ def _check_template(data, source, tokenizer) -> None:
         )
 
 
+def tokenizing_processes(num_proc: int | None, examples: int) -> int:
+    """data.num_proc if set, else one process per EXAMPLES_PER_PROCESS examples, up to the
+    cores this process may run on; never more processes than examples."""
+    if num_proc is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        num_proc = min(cores or 1, examples // EXAMPLES_PER_PROCESS)
+    return max(1, min(num_proc, examples))
+
+
 def _tokenize(data, tokenizer, records, cache_file: Path, fingerprint: str, split: str,
               progress: bool) -> datasets.Dataset:
     encoder = formats.Encoder(tokenizer, data.train_on, data.chat_template)
-    num_proc = min(data.num_proc, len(records)) if data.num_proc else None
+    num_proc = tokenizing_processes(data.num_proc, len(records))
     bars_were_on = datasets.is_progress_bar_enabled()
     if not progress:
         datasets.disable_progress_bars()
@@ -298,7 +311,7 @@ def _tokenize(data, tokenizer, records, cache_file: Path, fingerprint: str, spli
                        "truncation": data.truncation},
             remove_columns=["example"],
             features=FEATURES,
-            num_proc=num_proc if num_proc and num_proc > 1 else None,
+            num_proc=num_proc if num_proc > 1 else None,
             new_fingerprint=fingerprint[:40] + split,
             cache_file_name=str(cache_file),
             load_from_cache_file=True,

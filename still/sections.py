@@ -114,7 +114,10 @@ class DataSection(Section):
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="error: stop at the first bad row; skip: drop bad rows and report."
     )
-    num_proc: int | None = Field(None, ge=1, description="Processes for tokenisation.")
+    num_proc: int | None = Field(
+        None, ge=1,
+        description="Processes for tokenisation; default: one per 1,500 examples, up to the CPU cores.",
+    )
 
     @model_validator(mode="after")
     def _defaults(self):

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 
 import pytest
 
@@ -409,3 +410,23 @@ def test_num_proc_tokenizes_in_parallel_like_serial(tiny_tokenizer, tmp_path):
     parallel = prep(section(path, num_proc=2), tiny_tokenizer, tmp_path)
     assert list(parallel.dataset) == list(serial.dataset)
     assert parallel.stats == serial.stats
+
+
+def test_num_proc_defaults_to_one_process_per_chunk_of_examples_up_to_the_cores(
+        tiny_tokenizer, tmp_path, monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    per = still_data.EXAMPLES_PER_PROCESS
+    assert still_data.tokenizing_processes(None, per - 1) == 1  # too few to pay for a pool
+    assert still_data.tokenizing_processes(None, 2 * per) == min(2, cores)
+    assert still_data.tokenizing_processes(None, 1000 * per) == cores
+    assert still_data.tokenizing_processes(3, 2) == 2  # an explicit num_proc, capped by examples
+    # Unset num_proc really tokenizes in parallel (datasets writes one cache shard per process),
+    # with the same result as one process.
+    monkeypatch.setattr(still_data, "EXAMPLES_PER_PROCESS", 4)
+    monkeypatch.setattr(still_data.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    path = write_jsonl(tmp_path / "train.jsonl", [chat_row(Q1, A1), chat_row(Q2, A2)] * 4)
+    parallel = prep(section(path), tiny_tokenizer, tmp_path)
+    shards = sorted(p.name.split("-train")[-1] for p in (tmp_path / "cache").glob("*.arrow"))
+    assert shards == ["_00000_of_00002.arrow", "_00001_of_00002.arrow"]
+    serial = prep(section(path, num_proc=1), tiny_tokenizer, tmp_path / "serial")
+    assert list(parallel.dataset) == list(serial.dataset)
