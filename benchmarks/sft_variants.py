@@ -270,7 +270,8 @@ def measure_variant(args) -> dict:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     trainer.train()
     # What the model did, not what was asked: Trainer turns checkpointing on in the layers.
-    settings["gradient_checkpointing"] = bool(trainer.model.is_gradient_checkpointing)
+    settings["gradient_checkpointing"] = bool(getattr(trainer.model, "is_activation_checkpointing", None)
+                                              or trainer.model.is_gradient_checkpointing)
     losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
     return {
         "variant": args.variant, "tokenize_s": tokenize_s, "steps": meter.steps,

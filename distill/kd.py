@@ -375,8 +375,6 @@ def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
                 prepared.dataset = prepared.dataset.add_column("example_id", list(range(len(prepared.dataset))))
     vocab_size = shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
     refuse_transformed_logits(teacher=teacher, student=student)
-    if recipe.train.gradient_checkpointing:
-        student.enable_input_require_grads()
     total_steps = planned_steps(recipe, len(train_data.dataset))
     print_report(recipe, tokenizer, train_data, eval_data, model=student, total_steps=total_steps)
 

@@ -55,6 +55,11 @@ def kernel_flags(train: TrainSection) -> dict:
     return {"torch_compile": train.torch_compile, "use_liger_kernel": train.liger_kernel}
 
 
+# transformers 5.2x renamed TrainingArguments.gradient_checkpointing (the old name now warns).
+CHECKPOINTING_ARGUMENT = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                          else "gradient_checkpointing")
+
+
 def training_arguments(
     recipe, run_dir: Path, *, has_eval: bool, total_steps: int, report: list[str]
 ) -> TrainingArguments:
@@ -77,7 +82,7 @@ def training_arguments(
         max_grad_norm=train.max_grad_norm,
         seed=train.seed,
         data_seed=train.seed,
-        gradient_checkpointing=train.gradient_checkpointing,
+        **{CHECKPOINTING_ARGUMENT: train.gradient_checkpointing},
         eval_strategy="steps" if (has_eval and eval_steps) else "no",
         eval_steps=eval_steps,
         eval_on_start=has_eval,
@@ -258,8 +263,6 @@ def run(recipe: FinetuneRecipe, run_dir: Path, *, resume: bool = False) -> dict:
     # Trainer seeds only when it is created; the adapter's random init happens before that.
     set_seed(recipe.train.seed)
     model = build_model(recipe)
-    if recipe.train.gradient_checkpointing:
-        model.enable_input_require_grads()
     total_steps = planned_steps(recipe, len(train_data.dataset))
     print_report(recipe, tokenizer, train_data, eval_data, model=model, total_steps=total_steps)
 

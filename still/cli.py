@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from still.errors import StillError
@@ -319,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         extras = [e for e in extras if e not in args.overrides]
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    # peft reads transformers' renamed property on every adapter it attaches; nothing a user can change.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         return args.handler(args)
     except StillError as exc:

@@ -73,3 +73,19 @@ def distill_recipe(tmp_path, qa_files, tiny_model_dir_4layers):
         return write_recipe(tmp_path, "distill", name, models, train, extra)
 
     return make
+
+
+@pytest.fixture
+def mlp_forwards(monkeypatch):
+    """Counts Llama MLP forwards: one per layer and forward pass, inside what checkpointing reruns."""
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    forward = modeling_llama.LlamaMLP.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counting)
+    return calls

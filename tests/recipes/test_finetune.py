@@ -215,6 +215,21 @@ def test_torch_compile_trains_the_same_curve(finetune_recipe, tmp_path):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_recomputes_and_trains_the_same_curve(finetune_recipe, tmp_path, mlp_forwards,
+                                                                      method):
+    common = ["run", str(finetune_recipe()), "train.max_steps=2", f"method={method}"]
+    assert cli.main([*common, "name=plain"]) == 0
+    plain_calls = len(mlp_forwards)
+    mlp_forwards.clear()
+    assert cli.main([*common, "name=checkpointed", "train.gradient_checkpointing=true"]) == 0
+    # The same evals and training forwards, plus each of the 2 layers run again in each step's backward.
+    assert len(mlp_forwards) == plain_calls + 2 * 2
+    plain, checkpointed = train_losses(tmp_path / "runs" / "plain"), train_losses(tmp_path / "runs" / "checkpointed")
+    assert sorted(checkpointed) == sorted(plain) == [1, 2]
+    assert [checkpointed[s] for s in (1, 2)] == pytest.approx([plain[s] for s in (1, 2)], rel=1e-5)
+
+
 def test_soft_capped_model_trains_with_its_own_loss(finetune_recipe, tmp_path, tiny_tokenizer_dir, monkeypatch,
                                                     capsys):
     """Gemma-2-style logits (capped after the head) cannot be rebuilt from hidden states: the
