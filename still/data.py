@@ -379,7 +379,10 @@ def prepare(data, tokenizer, *, split: Literal["train", "eval"] = "train",
     cache_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = split_fingerprint(data, tokenizer, split)
     cache_file = cache_dir / f"{fingerprint[:40]}-{split}.arrow"
-    with PartialState().main_process_first():
+    # One process per machine tokenizes (in its own pool) while that machine's other ranks wait,
+    # then they read its cache: a cache dir that is not shared between machines is filled once on
+    # each. On a shared one, each machine's writer renames its finished files into place.
+    with PartialState().local_main_process_first():
         mapped = _tokenize(data, tokenizer, records, cache_file, fingerprint, split, progress)
     dataset = _finish(data, mapped, stats, source_name)
     return PreparedData(dataset=dataset, stats=stats)
