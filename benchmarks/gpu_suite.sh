@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA checks and benchmarks in one go, most important first, each under its own time limit
 # so a cut-short session still leaves results: the GPU tests, SFT throughput with MFU on a 1.7B
-# shape (still vs plain HF padding vs the block mask vs packed sdpa's loop vs TRL), Liger, compile
-# attribution, the 135M shape, KD memory. Logs and JSON go to $OUT (default ./bench-out).
+# shape (still vs plain HF padding vs the block mask vs packed sdpa's loop vs TRL), Liger, chunked
+# CE and gradient checkpointing, compile attribution, the 135M shape, KD memory. Logs and JSON go
+# to $OUT (default ./bench-out).
 #
 #   bash benchmarks/gpu_suite.sh SRC      # SRC: a model dir with config + tokenizer (see random_models.py)
 #
@@ -63,7 +64,7 @@ bench() {  # name, seconds, benchmark arguments...
   echo "rc=$?"; cat "$OUT/sft_$name.log"; grep -E "^    |Error" "$OUT/sft_$name.err" | tail -8
 }
 bench big 210 --model /tmp/models/$BIG --variants still,hf,still-blockmask,still-loop,trl --steps $S2 --batch-size $B2
-bench liger $(( $(left) > 140 ? 140 : $(left) - 5 )) --model /tmp/models/$BIG --variants still,still-liger,still-fullce --steps $S2 --batch-size $B2
+bench liger $(( $(left) > 140 ? 140 : $(left) - 5 )) --model /tmp/models/$BIG --variants still,still-liger,still-fullce,still-gc --steps $S2 --batch-size $B2
 bench compile $(( $(left) > 180 ? 180 : $(left) - 5 )) --model /tmp/models/$BIG --variants still,still-compile --steps $S2 --batch-size $B2 --warmup-steps 3
 bench small $(( $(left) > 120 ? 120 : $(left) - 5 )) --model /tmp/models/$SMALL --variants still,trl,hf --steps $S1 --batch-size $B1
 step "kd memory"
