@@ -207,8 +207,7 @@ def build_still(args, recipe, work: Path, meter: Meter):
         trainer = Trainer(model=model, args=training_args, data_collator=collator, processing_class=tokenizer,
                           train_dataset=prepared.dataset.select_columns(["input_ids", "labels"]),
                           callbacks=[meter.callback()])
-    settings = {"gradient_checkpointing": training_args.gradient_checkpointing, "bf16": training_args.bf16}
-    return trainer, tokenize_s, settings
+    return trainer, tokenize_s, {"bf16": training_args.bf16}
 
 
 def build_trl(args, recipe, work: Path, meter: Meter):
@@ -242,7 +241,7 @@ def build_trl(args, recipe, work: Path, meter: Meter):
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[meter.callback()])
     tokenize_s = time.perf_counter() - started
-    return trainer, tokenize_s, {"gradient_checkpointing": config.gradient_checkpointing, "bf16": config.bf16}
+    return trainer, tokenize_s, {"bf16": config.bf16}
 
 
 def measure_variant(args) -> dict:
@@ -269,7 +268,7 @@ def measure_variant(args) -> dict:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     trainer.train()
-    # What the model did, not what was asked: Trainer turns checkpointing on in the layers.
+    # What the model did (Trainer turns checkpointing on in the layers), not the argument passed.
     settings["gradient_checkpointing"] = bool(getattr(trainer.model, "is_activation_checkpointing", None)
                                               or trainer.model.is_gradient_checkpointing)
     losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
