@@ -83,13 +83,8 @@ def test_torch_compile_trains_like_eager(finetune_recipe, tmp_path):
     torch._dynamo.reset()
 
 
-def test_packed_sdpa_runs_on_the_flash_kernel_in_bf16():
-    """Packed sdpa passes no mask, so sdpa restricted to its flash kernel accepts it; the block
-    mask it replaced does not. Per-example logits equal each example alone (bf16 tolerance)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from still.attention import use_packed_sdpa
-    from still.data import PackedCollator
+def tiny_bf16_model_and_rows():
+    """The tiny Llama on CUDA in bf16, in eval mode, and four random examples of mixed lengths."""
     from tiny_models import build_tiny_llama, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
@@ -97,6 +92,18 @@ def test_packed_sdpa_runs_on_the_flash_kernel_in_bf16():
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": (ids := torch.randint(4, len(tokenizer), (n,), generator=generator).tolist()),
              "labels": ids} for n in (7, 12, 3, 9)]
+    return model, rows
+
+
+def test_packed_sdpa_runs_on_the_flash_kernel_in_bf16():
+    """Packed sdpa passes no mask, so sdpa restricted to its flash kernel accepts it; the block
+    mask it replaced does not. Per-example logits equal each example alone (bf16 tolerance)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from still.attention import use_packed_sdpa
+    from still.data import PackedCollator
+
+    model, rows = tiny_bf16_model_and_rows()
     with torch.no_grad():
         alone = [model(input_ids=torch.tensor([r["input_ids"]], device="cuda")).logits[0] for r in rows]
         blocked = {k: v.cuda() for k, v in PackedCollator(0, mask_dtype=torch.bfloat16)(rows).items()}
@@ -119,14 +126,9 @@ def test_varlen_kernel_passes_its_check_and_matches_the_loop_in_bf16():
     equal the per-example loop's (bf16 tolerance)."""
     from still import attention
     from still.data import PackedCollator
-    from tiny_models import build_tiny_llama, build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_llama(tokenizer).to("cuda", torch.bfloat16).eval()
+    model, rows = tiny_bf16_model_and_rows()
     assert attention.use_packed_sdpa(model)
-    generator = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": (ids := torch.randint(4, len(tokenizer), (n,), generator=generator).tolist()),
-             "labels": ids} for n in (7, 12, 3, 9)]
     batch = {k: v.cuda() for k, v in PackedCollator(0, attention="position_ids")(rows).items()}
     attention._varlen.checked.clear()
     with torch.no_grad():
