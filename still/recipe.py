@@ -16,20 +16,15 @@ import copy
 import difflib
 import hashlib
 import json
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from still.errors import StillError
 from still.sections import RECIPE_KINDS, Recipe
-
-# Where a value came from: (file, 1-based line) or a description such as "override 'a.b=1'".
-Origin = tuple[str, int | None]
-KeyPath = tuple[str | int, ...]
+from still.yaml_errors import KeyPath, Origin, key_lines, one_line_error, parse_yaml, where
 
 # Keys whose string values are file paths relative to the YAML that sets them. "*" matches any
 # list index.
@@ -43,58 +38,7 @@ PATH_KEYS: tuple[KeyPath, ...] = (
 )
 
 
-# Names users bring from HF TrainingArguments, axolotl, TRL and PEFT, mapped to ours, so that
-# "did you mean" finds `lr` for `lerning_rate` (plain fuzzy matching would say `logging_steps`).
-KNOWN_SYNONYMS = {
-    "learning_rate": "lr",
-    "per_device_train_batch_size": "batch_size",
-    "micro_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum",
-    "num_train_epochs": "epochs",
-    "num_epochs": "epochs",
-    "lr_scheduler_type": "scheduler",
-    "lr_scheduler": "scheduler",
-    "optim": "optimizer",
-    "warmup": "warmup_ratio",
-    "lora_r": "r",
-    "rank": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "target_modules": "target",
-    "use_rslora": "rslora",
-    "use_dora": "dora",
-    "sequence_len": "max_len",
-    "max_seq_length": "max_len",
-    "max_length": "max_len",
-    "sample_packing": "packing",
-    "model_name_or_path": "ref",
-    "base_model": "ref",
-    "path_or_id": "ref",
-    "temp": "temperature",
-    "deepspeed": "distributed",
-    "fsdp": "distributed",
-    "nproc": "num_processes",
-    "nproc_per_node": "num_processes",
-    "num_gpus": "num_processes",
-    "nnodes": "num_machines",
-    "node_rank": "machine_rank",
-    "master_addr": "main_process_ip",
-    "master_port": "main_process_port",
-}
-
-
 # --------------------------------------------------------------------------- YAML with lines
-def parse_yaml(text: str, path: Path) -> tuple[yaml.Node | None, object]:
-    """(node tree for line numbers, data); a syntax error is one line at its file:line."""
-    try:
-        return yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise StillError(f"{where}: invalid YAML: {problem}") from None
-
-
 def _read_yaml(path: Path) -> tuple[dict, dict[KeyPath, Origin]]:
     """Parse one YAML file into (data, {key path: (file, line)})."""
     try:
@@ -108,21 +52,7 @@ def _read_yaml(path: Path) -> tuple[dict, dict[KeyPath, Origin]]:
         data = {}
     if not isinstance(data, dict):
         raise StillError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
-    origins: dict[KeyPath, Origin] = {}
-    _collect_lines(node, (), str(path), origins)
-    return data, origins
-
-
-def _collect_lines(node, prefix: KeyPath, file: str, origins: dict[KeyPath, Origin]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value
-            origins[prefix + (key,)] = (file, key_node.start_mark.line + 1)
-            _collect_lines(value_node, prefix + (key,), file, origins)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            origins[prefix + (index,)] = (file, item.start_mark.line + 1)
-            _collect_lines(item, prefix + (index,), file, origins)
+    return data, key_lines(node, str(path))
 
 
 # --------------------------------------------------------------------------- extends + merge
@@ -244,87 +174,6 @@ def apply_override(data: dict, origins: dict[KeyPath, Origin], override: str) ->
             origins[key_path + (index,)] = origin
 
 
-# --------------------------------------------------------------------------- validation errors
-def _fields_at(model_cls: type[BaseModel], loc: KeyPath) -> dict | None:
-    """The pydantic fields of the section at `loc`, for did-you-mean suggestions."""
-    cls: Any = model_cls
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fields = getattr(cls, "model_fields", None)
-        if not fields:
-            return None
-        field = fields.get(part) or next(
-            (f for f in fields.values() if f.alias == part), None
-        )
-        if field is None:
-            return None
-        cls = _section_type(field.annotation)
-        if cls is None:
-            return None
-    return getattr(cls, "model_fields", None)
-
-
-def _section_type(annotation) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType, list, typing.Annotated):
-        for arg in typing.get_args(annotation):
-            found = _section_type(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _suggest(key: str, names: list[str]) -> str | None:
-    synonyms = {alias: ours for alias, ours in KNOWN_SYNONYMS.items() if ours in names}
-    close = difflib.get_close_matches(key.lower(), [*names, *synonyms], n=1, cutoff=0.6)
-    if not close:
-        close = difflib.get_close_matches(key.lower(), names, n=1, cutoff=0.5)
-    return synonyms.get(close[0], close[0]) if close else None
-
-
-def _where(origins: dict[KeyPath, Origin], loc: KeyPath, default_file: str) -> str:
-    for end in range(len(loc), 0, -1):
-        origin = origins.get(tuple(loc[:end]))
-        if origin:
-            file, line = origin
-            return f"{file}:{line}" if line else file
-    return default_file
-
-
-def _describe(error: dict, recipe_cls: type[BaseModel]) -> tuple[KeyPath, str]:
-    # pydantic names union branches in the path (`function-after[...]`, `literal['all-linear']`,
-    # `list[str]`); users know only their keys.
-    loc = tuple(
-        p for p in error["loc"] if not (isinstance(p, str) and (p.startswith("function-") or "[" in p))
-    )
-    section = ".".join(str(p) for p in loc[:-1]) or "the recipe"
-    key = loc[-1] if loc else ""
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        fields = _fields_at(recipe_cls, loc[:-1]) or {}
-        names = [f.alias or n for n, f in fields.items()]
-        suggestion = _suggest(str(key), names)
-        hint = f" (did you mean '{suggestion}'?)" if suggestion else f" (valid keys: {', '.join(names)})"
-        return loc, f"unknown key '{key}' in {section}{hint}"
-    dotted = ".".join(str(p) for p in loc) or "recipe"
-    if kind == "missing":
-        return loc, f"missing required key '{dotted}'"
-    got = error.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {json.dumps(got, default=str)})"
-    message = error["msg"].removeprefix("Value error, ")
-    return loc, f"{dotted}: {message}{got_text}"
-
-
-def _validation_error(exc: ValidationError, cls, origins, recipe_file: str) -> StillError:
-    errors = exc.errors()
-    loc, message = _describe(errors[0], cls)
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return StillError(f"{_where(origins, loc, recipe_file)}: {message}{more}")
-
-
 # --------------------------------------------------------------------------- public API
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, merge, override and validate a recipe. Raises `StillError` on any user mistake."""
@@ -337,17 +186,17 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     kind = data.get("kind")
     cls = RECIPE_KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        where = _where(origins, ("kind",), str(recipe_path))
+        at = where(origins, ("kind",), str(recipe_path))
         close = difflib.get_close_matches(str(kind), RECIPE_KINDS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         valid = " | ".join(RECIPE_KINDS)
         if kind is None:
-            raise StillError(f"{where}: missing required key 'kind' ({valid})")
-        raise StillError(f"{where}: kind must be one of {valid}, got '{kind}'{hint}")
+            raise StillError(f"{at}: missing required key 'kind' ({valid})")
+        raise StillError(f"{at}: kind must be one of {valid}, got '{kind}'{hint}")
     try:
         recipe = cls.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error(exc, cls, origins, str(recipe_path)) from None
+        raise one_line_error(exc, cls, origins, str(recipe_path)) from None
     recipe._source = str(recipe_path.resolve())
     return recipe
 
