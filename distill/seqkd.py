@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from still import formats, models
-from still.data import batches_longest_first, left_padded, load_rows
+from still.data import batches_longest_first, left_padded
 from still.errors import StillError
-from still.formats import BadRow
+from still.rows import BadRow, strict_rows
 
 MAX_EXAMPLES_PER_REASON = 3
 # Stands in for a missing answer so that `formats.row_to_example` builds the prompt messages
@@ -119,7 +119,7 @@ def load_prompts(data, report: Report) -> list[Prompt]:
         raise StillError("still generate needs prompts: data.train has format completion",
                          hint="use format instruction (prompt field) or chat (messages)")
     prompts = []
-    for origin, row in load_rows(source):
+    for origin, row in strict_rows(source):
         try:
             messages, reference = row_to_prompt(row, source, system_prompt=data.system_prompt)
         except BadRow as bad:

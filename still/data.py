@@ -1,4 +1,4 @@
-"""Data: read files or datasets, turn rows into input_ids + labels (-100 = no loss), collate.
+"""Data: rows (read by `still/rows.py`) into input_ids + labels (-100 = no loss), collate.
 
 `prepare(data, tokenizer, split=...)` is what the runners call. Rows are read and checked in
 the calling process (so every rank reports a bad row the same way, as `file:line: reason`);
@@ -15,8 +15,6 @@ allowed, dtype-min elsewhere): a bool mask is silently wrong under eager (True a
 
 from __future__ import annotations
 
-import csv
-import glob
 import hashlib
 import json
 import os
@@ -30,7 +28,8 @@ from accelerate import PartialState
 
 from still import formats
 from still.errors import StillError
-from still.formats import IGNORE_INDEX, BadRow, render_loss_mask  # noqa: F401  (re-exported)
+from still.formats import IGNORE_INDEX, render_loss_mask  # noqa: F401  (re-exported)
+from still.rows import BadRow, read_rows, source_files
 
 CACHE_VERSION = "1"  # bump when the encoding changes, so old caches are not reused
 MAX_BAD_ROW_EXAMPLES = 3
@@ -66,107 +65,6 @@ class PreparedData:
     stats: DataStats
 
 
-# --------------------------------------------------------------------------- reading rows
-def _source_files(source) -> list[Path]:
-    path = source.path
-    if any(char in path for char in "*?["):
-        files = sorted(Path(match) for match in glob.glob(path, recursive=True))
-        if not files:
-            raise StillError(f"no files match '{path}'", "check data paths (relative to the YAML)")
-        return files
-    if not Path(path).is_file():
-        raise StillError(f"data file not found: {path}", "check the path (relative to the YAML)")
-    return [Path(path)]
-
-
-def _read_jsonl(path: Path):
-    with path.open(encoding="utf-8-sig") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            origin = f"{path}:{number}"
-            try:
-                yield origin, json.loads(line)
-            except json.JSONDecodeError as error:
-                yield origin, BadRow(f"invalid JSON ({error.msg} at column {error.colno})",
-                                     "fix the line")
-
-
-def _read_json(path: Path):
-    try:
-        content = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as error:
-        raise StillError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
-    if isinstance(content, dict) and isinstance(content.get("data"), list):
-        content = content["data"]
-    if not isinstance(content, list):
-        raise StillError(f"{path}: expected a list of objects or {{\"data\": [...]}}",
-                         "JSON Lines files need the .jsonl extension")
-    for index, row in enumerate(content):
-        yield f"{path}[{index}]", row
-
-
-def _read_csv(path: Path):
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
-            yield f"{path}:{reader.line_num}", row
-
-
-def _read_parquet(path: Path):
-    import pyarrow.parquet
-
-    for index, row in enumerate(pyarrow.parquet.read_table(path).to_pylist()):
-        yield f"{path}[{index}]", row
-
-
-READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
-           ".parquet": _read_parquet}
-
-
-def _read_hf(source):
-    try:
-        dataset = datasets.load_dataset(source.hf, source.subset, split=source.split)
-    except Exception as error:  # network, auth, unknown id or split: all user-fixable
-        detail = (str(error).splitlines() or [type(error).__name__])[0]
-        raise StillError(f"could not load dataset '{source.hf}' (split '{source.split}'): "
-                         f"{detail}", "check the id, subset and split, and your network") from None
-    if source.limit is not None:
-        dataset = dataset.select(range(min(source.limit, len(dataset))))
-    for index, row in enumerate(dataset):
-        yield f"{source.hf}[{index}]", row
-
-
-def _read_rows(source) -> list[tuple[str, dict | BadRow]]:
-    if source.hf is not None:
-        return list(_read_hf(source))
-    rows: list[tuple[str, dict | BadRow]] = []
-    for path in _source_files(source):
-        reader = READERS.get(path.suffix.lower())
-        if reader is None:
-            raise StillError(f"{path}: unsupported file type '{path.suffix}'",
-                             "use .jsonl, .json, .csv or .parquet")
-        for item in reader(path):
-            rows.append(item)
-            if source.limit is not None and len(rows) >= source.limit:
-                return rows
-    return rows
-
-
-def load_rows(source, *, bad_rows: list[str] | None = None) -> list[tuple[str, dict]]:
-    """(origin "file:line", row) in file order. Unreadable rows raise StillError, or are listed
-    in `bad_rows` as "origin: reason" and skipped when a list is given."""
-    kept = []
-    for origin, row in _read_rows(source):
-        if isinstance(row, BadRow):
-            if bad_rows is None:
-                raise StillError(f"{origin}: {row.reason}", row.hint)
-            bad_rows.append(f"{origin}: {row.reason}")
-        else:
-            kept.append((origin, row))
-    return kept
-
-
 # --------------------------------------------------------------------------- fingerprints
 def tokenizer_hash(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -181,7 +79,7 @@ def _source_hash(source) -> str:
     digest = hashlib.sha256(source.model_dump_json().encode())
     if source.hf is not None:
         return digest.hexdigest()  # no content to hash: the id, subset and split are the key
-    for path in _source_files(source):
+    for path in source_files(source):
         digest.update(path.name.encode())
         with path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -255,7 +153,7 @@ def _tokenize_batch(batch, *, encoder, max_len: int, truncation: str) -> dict[st
 def _examples(data, source, split: str, stats: DataStats) -> list[dict]:
     """Read and check rows; bad ones raise or are counted, per data.on_bad_rows."""
     records = []
-    for origin, row in _read_rows(source):
+    for origin, row in read_rows(source):
         stats.rows += 1
         try:
             if isinstance(row, BadRow):

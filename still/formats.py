@@ -19,17 +19,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from still.rows import BadRow
+
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
-
-
-class BadRow(Exception):
-    """A row that cannot become an example: `reason` says what is wrong, `hint` how to fix it."""
-
-    def __init__(self, reason: str, hint: str | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.hint = hint
 
 
 # --------------------------------------------------------------------------- rows → examples

@@ -50,13 +50,25 @@ class LoraSection(Section):
 
 
 # --------------------------------------------------------------------------- data
-class DataSource(Section):
+class RowSource(Section):
+    """Where rows come from: local files or a hub dataset (`still.rows` reads them)."""
+
     path: str | None = Field(
         None, description="Local file or glob (.jsonl/.json/.csv/.parquet), relative to the YAML."
     )
     hf: str | None = Field(None, description="A Hugging Face datasets id (online users).")
     subset: str | None = Field(None, description="Dataset config name for `hf`.")
     split: str = Field("train", description="Split to read for `hf` datasets.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of 'path' (local files) or 'hf' (a dataset id)")
+        return self
+
+
+class DataSource(RowSource):
     format: Literal["chat", "instruction", "completion"] | None = Field(
         None,
         description="chat (messages), instruction (prompt/response), completion (raw text). "
@@ -68,13 +80,6 @@ class DataSource(Section):
     response: str | None = Field(None, description="instruction: field with the response.")
     system: str | None = Field(None, description="instruction: optional per-row system field.")
     text: str | None = Field(None, description="completion: field with the text.")
-    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.path is None) == (self.hf is None):
-            raise ValueError("give exactly one of 'path' (local files) or 'hf' (a dataset id)")
-        return self
 
 
 FORMAT_FIELDS = {

@@ -10,6 +10,7 @@ from still import data as still_data
 from still import formats
 from still.errors import StillError
 from still.formats import IGNORE_INDEX
+from still.rows import strict_rows
 from still.sections import DataSection
 
 from tiny_models import CHATML_TEMPLATE
@@ -351,15 +352,15 @@ def test_csv_json_parquet_and_glob_sources(tiny_tokenizer, tmp_path):
     for name, prompts in expected_prompts.items():
         data = section(tmp_path / name, format="instruction", prompt="question",
                        response="answer")
-        loaded = still_data.load_rows(data.train)
+        loaded = strict_rows(data.train)
         assert [row["question"] for _, row in loaded] == prompts, name
         prepared = prep(data, tiny_tokenizer, tmp_path)
         assert prepared.stats.examples == len(prompts)
-    origins = [origin for origin, _ in still_data.load_rows(section(tmp_path / "train.csv").train)]
+    origins = [origin for origin, _ in strict_rows(section(tmp_path / "train.csv").train)]
     assert [origin.rsplit("/", 1)[-1] for origin in origins] == ["train.csv:2", "train.csv:3"]
     limited = section(tmp_path / "part-*.jsonl", format="instruction", prompt="question",
                       response="answer", limit=2)
-    assert len(still_data.load_rows(limited.train)) == 2
+    assert len(strict_rows(limited.train)) == 2
 
 
 def test_chat_messages_as_json_text_in_csv(tiny_tokenizer, tmp_path):
@@ -383,14 +384,6 @@ def test_eval_split_inherits_format_and_is_optional(tiny_tokenizer, tmp_path):
     assert loss_spans(tiny_tokenizer, ids, labels) == [A2 + EOT]
     assert prep(section(train, format="instruction", prompt="q", response="a"),
                 tiny_tokenizer, tmp_path, split="eval") is None
-
-
-def test_hf_dataset_that_cannot_load_is_one_line_error():
-    source = DataSection(train={"hf": "nobody/no-such-dataset"}).train
-    with pytest.raises(StillError) as caught:
-        still_data.load_rows(source)
-    assert "could not load dataset 'nobody/no-such-dataset'" in str(caught.value)
-    assert "\n" not in str(caught.value)
 
 
 def test_rows_the_chat_template_rejects_are_bad_rows(tiny_tokenizer, tmp_path):

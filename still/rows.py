@@ -1,0 +1,184 @@
+"""Rows: the one reader of data files and hub datasets, for training data and eval tasks alike.
+
+`read_rows(source)` yields `(origin, row)` in file order. The origin is `file:line` (JSON
+Lines, CSV), `file[i]` (JSON, Parquet) or `dataset[i]` (hub); the row is the parsed value (an
+object, in well-formed data) or a `BadRow` saying why that one row is unreadable (invalid JSON
+or text that is not UTF-8 on its line). Callers choose what a bad row means: training data
+skips or stops per data.on_bad_rows; `strict_rows` stops at the first.
+
+Every way a file can fail to be read (missing, a directory, unreadable, not UTF-8, corrupt
+Parquet, an unsupported extension) is turned into one `StillError` line here, so no caller
+opens, decodes or parses a data file itself.
+
+A source is anything with `path` (a file or glob), `hf`, `subset`, `split` and `limit`:
+`still.sections.RowSource` and the sections built on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from still.errors import StillError
+from still.sections import RowSource
+
+
+class BadRow(Exception):
+    """A row that cannot become an example: `reason` says what is wrong, `hint` how to fix it."""
+
+    def __init__(self, reason: str, hint: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+
+# A parsed row is whatever the file holds (a JSON line may be a list); formats.row_to_example
+# and the eval tasks say which rows they accept.
+Row = tuple[str, "object | BadRow"]
+
+
+# --------------------------------------------------------------------------- files
+def source_files(source: RowSource) -> list[Path]:
+    """The files a local source names, in sorted order for a glob; never a directory."""
+    path = source.path
+    if any(char in path for char in "*?["):
+        files = sorted(Path(match) for match in glob.glob(path, recursive=True))
+        if not files:
+            raise StillError(f"no files match '{path}'", "check data paths (relative to the YAML)")
+        for file in files:
+            if file.is_dir():
+                raise StillError(f"{file}: is a directory, not a data file",
+                                 f"narrow the glob '{path}' to files, e.g. end it in *.jsonl")
+        return files
+    if Path(path).is_dir():
+        raise StillError(f"{path}: is a directory, not a data file",
+                         f"name a file, or a glob such as {path.rstrip('/')}/*.jsonl")
+    if not Path(path).is_file():
+        raise StillError(f"data file not found: {path}", "check the path (relative to the YAML)")
+    return [Path(path)]
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise StillError(f"{path}:{line}: not UTF-8 text ({error.reason})",
+                         "save the file as UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
+    # Bytes, decoded line by line, so an undecodable line is a bad row at its own line number.
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            origin = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                yield origin, BadRow(f"not UTF-8 text ({error.reason} at column {error.start + 1})",
+                                     "save the file as UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield origin, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield origin, BadRow(f"invalid JSON ({error.msg} at column {error.colno})",
+                                     "fix the line")
+
+
+def _read_json(path: Path) -> Iterator[Row]:
+    try:
+        content = json.loads(_decode(path, path.read_bytes()))
+    except json.JSONDecodeError as error:
+        raise StillError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    if isinstance(content, dict) and isinstance(content.get("data"), list):
+        content = content["data"]
+    if not isinstance(content, list):
+        raise StillError(f"{path}: expected a list of objects or {{\"data\": [...]}}",
+                         "JSON Lines files need the .jsonl extension")
+    for index, row in enumerate(content):
+        yield f"{path}[{index}]", row
+
+
+def _read_csv(path: Path) -> Iterator[Row]:
+    reader = csv.DictReader(io.StringIO(_decode(path, path.read_bytes()), newline=""))
+    try:
+        for row in reader:
+            yield f"{path}:{reader.line_num}", row
+    except csv.Error as error:
+        raise StillError(f"{path}:{reader.line_num}: invalid CSV ({error})") from None
+
+
+def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except pyarrow.ArrowException as error:
+        detail = (str(error).splitlines() or [type(error).__name__])[0]
+        raise StillError(f"{path}: not a readable Parquet file ({detail})",
+                         "check the file: it may be truncated or in another format") from None
+    for index, row in enumerate(rows):
+        yield f"{path}[{index}]", row
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+           ".parquet": _read_parquet}
+
+
+def _read_file(path: Path) -> Iterator[Row]:
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise StillError(f"{path}: unsupported file type '{path.suffix}'",
+                         "use .jsonl, .json, .csv or .parquet")
+    try:
+        yield from reader(path)
+    except OSError as error:  # permissions, a file that vanished or changed into a directory
+        raise StillError(f"{path}: cannot read ({error.strerror or error})") from None
+
+
+# --------------------------------------------------------------------------- hub
+def _read_hub(source: RowSource) -> Iterator[Row]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source.hf, source.subset, split=source.split)
+    except Exception as error:  # noqa: BLE001 - network, auth, unknown id or split: user-fixable
+        detail = (str(error).splitlines() or [type(error).__name__])[0]
+        raise StillError(f"could not load dataset '{source.hf}' (split '{source.split}'): "
+                         f"{detail}", "check the id, subset and split, and your network") from None
+    if source.limit is not None:
+        dataset = dataset.select(range(min(source.limit, len(dataset))))
+    for index, row in enumerate(dataset):
+        yield f"{source.hf}[{index}]", row
+
+
+# --------------------------------------------------------------------------- public API
+def read_rows(source: RowSource) -> Iterator[Row]:
+    """(origin, row or BadRow) for every row of the source, in order, up to `source.limit`."""
+    if source.hf is not None:
+        yield from _read_hub(source)
+        return
+    count = 0
+    for path in source_files(source):
+        for item in _read_file(path):
+            yield item
+            count += 1
+            if source.limit is not None and count >= source.limit:
+                return
+
+
+def strict_rows(source: RowSource) -> list[tuple[str, object]]:
+    """(origin, row) for every row; the first bad row raises `origin: reason (hint)`."""
+    rows = []
+    for origin, row in read_rows(source):
+        if isinstance(row, BadRow):
+            raise StillError(f"{origin}: {row.reason}", row.hint)
+        rows.append((origin, row))
+    return rows
