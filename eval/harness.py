@@ -38,12 +38,12 @@ from eval.tasks import (
     TaskSpec,
     build_context,
     fewshot_rows,
-    load_rows,
     row_choices,
     row_gold,
     row_target,
     select_shots,
     task_hash,
+    task_rows,
 )
 from still import models
 from still.data import batches_longest_first, left_padded
@@ -100,7 +100,7 @@ def evaluate(
         if all(file.is_file() for file in cached_files):
             return _reuse_cached(cache_entry, task.name, out_dir, model_name)
 
-    all_rows = load_rows(task)
+    all_rows = task_rows(task)
     rows = all_rows[:limit]
     # Shots come from all rows, not just the scored ones, so `limit` never changes a prompt.
     pool, same_pool = fewshot_rows(task, all_rows) if task.fewshot.n else ([], True)

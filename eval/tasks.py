@@ -16,18 +16,14 @@ file can ship next to its data and be run from anywhere.
 
 from __future__ import annotations
 
-import csv
-import difflib
 import hashlib
 import json
 import random
-import typing
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -39,7 +35,9 @@ from pydantic import (
 )
 
 from still.errors import StillError
-from still.recipe import parse_yaml
+from still.rows import strict_rows
+from still.sections import RowSource
+from still.yaml_errors import key_lines, one_line_error, parse_yaml, where
 
 TaskType = Literal["generate", "multiple_choice", "perplexity"]
 MetricName = Literal[
@@ -63,23 +61,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class HubData(_Section):
-    name: str = Field(description="Dataset id on the Hugging Face hub (or a local datasets dir).")
-    config: str | None = Field(None, description="Dataset configuration name, if it has several.")
-    split: str = Field("test", description="Which split holds the questions.")
+class TaskData(RowSource):
+    """A task's rows: `path` (relative to the task YAML) or `hf` (+ `subset`, `split`)."""
 
+    split: str = Field("test", description="Split to read for `hf` datasets.")
 
-class DataSource(_Section):
-    path: str | None = Field(
-        None, description="Local .json/.jsonl/.csv/.parquet file, relative to the task YAML."
-    )
-    hf: HubData | None = Field(None, description="A datasets-hub dataset instead of a local file.")
-
-    @model_validator(mode="after")
-    def _exactly_one_source(self):
-        if (self.path is None) == (self.hf is None):
-            raise ValueError("give exactly one of data.path (a local file) or data.hf")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _nested_hub_form(cls, value: Any) -> Any:
+        # Task files written as `hf: {name, config, split}` (the first task schema) keep working.
+        if not isinstance(value, dict) or not isinstance(value.get("hf"), dict):
+            return value
+        flat, hub = dict(value), dict(value["hf"])
+        unknown = sorted(set(hub) - {"name", "config", "split"})
+        if unknown:
+            raise ValueError(f"unknown key '{unknown[0]}' in data.hf (it takes name, config "
+                             "and split)")
+        if "name" not in hub:
+            raise ValueError("data.hf needs name (the dataset id)")
+        for nested, key in (("name", "hf"), ("config", "subset"), ("split", "split")):
+            if nested in hub:
+                if key != "hf" and key in flat:
+                    raise ValueError(f"data.{key} and data.hf.{nested} say the same thing: "
+                                     "give one")
+                flat[key] = hub[nested]
+        return flat
 
 
 class FewShot(_Section):
@@ -120,7 +126,7 @@ class TaskSpec(_Section):
         description="Names the output files <name>.json and <name>.samples.jsonl.",
     )
     type: TaskType = Field(description="generate | multiple_choice | perplexity.")
-    data: DataSource = Field(description="Where the rows come from.")
+    data: TaskData = Field(description="Where the rows come from.")
     prompt: str = Field(
         "", description="Jinja2 template over a row, e.g. '{{ question }}'. Empty: no context."
     )
@@ -148,7 +154,9 @@ class TaskSpec(_Section):
     metrics: list[MetricName] = Field(
         default_factory=list, description="Metrics to report; empty: the type's defaults."
     )
-    normalize: Normalize = Field(default_factory=Normalize, description="Exact-match normalisation.")
+    normalize: Normalize = Field(
+        default_factory=Normalize, description="Exact-match normalisation."
+    )
     regex: str | None = Field(
         None, description="regex_match: pattern whose group 1 (or whole match) is the answer."
     )
@@ -224,141 +232,56 @@ def load_task(path: str | Path) -> TaskSpec:
     root, raw = parse_yaml(text, path)
     if not isinstance(raw, dict):
         raise StillError(f"{path}:1: a task file must be a mapping of keys")
+    origins = key_lines(root, str(path))
+    top = f"{path}:{root.start_mark.line + 1}"
     try:
         task = TaskSpec.model_validate(raw)
     except ValidationError as exc:
-        raise _one_line_error(path, root, exc) from None
+        # Whole-task rules (a multiple_choice task needs choices, ...) hinge on `type`: point there.
+        raise one_line_error(exc, TaskSpec, origins, top, whole="task", anchor=("type",),
+                             suggest_values=True) from None
     task._base_dir = path.resolve().parent
     for keys, relative in (("data", "path"), ("fewshot", "path")):
         value = getattr(getattr(task, keys), relative)
         if value is not None and not task.resolve(value).is_file():
-            line = _line_of(root, (keys, relative))
             raise StillError(
-                f"{path}:{line}: {keys}.{relative}: file not found: {value} "
-                f"(looked at {task.resolve(value)})"
+                f"{where(origins, (keys, relative), top)}: {keys}.{relative}: file not found: "
+                f"{value} (looked at {task.resolve(value)})"
             )
     return task
 
 
-def _one_line_error(path: Path, root, exc: ValidationError) -> StillError:
-    error = exc.errors()[0]
-    loc = tuple(error["loc"])
-    # Whole-task rules (a multiple_choice task needs choices, ...) hinge on `type`: point there.
-    line = _line_of(root, loc or ("type",))
-    where = ".".join(str(part) for part in loc[:-1]) or "task"
-    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    if error["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        known = list(_model_at(TaskSpec, loc[:-1]).model_fields)
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-        return StillError(f"{path}:{line}: unknown key {key!r} in {where}{more}", hint=hint)
-    key_path = ".".join(str(part) for part in loc) or "task"
-    message = error["msg"].removeprefix("Value error, ")
-    hint = None
-    if error["type"] == "literal_error":
-        allowed = typing.get_args(_annotation_at(TaskSpec, loc))
-        close = difflib.get_close_matches(str(error["input"]), [str(a) for a in allowed], n=1)
-        hint = f"did you mean {close[0]!r}?" if close else None
-    return StillError(f"{path}:{line}: {key_path}: {message}{more}", hint=hint)
-
-
-def _line_of(root, loc: tuple) -> int:
-    """1-based line of the deepest YAML node on `loc` that exists (the key, for mappings)."""
-    line = root.start_mark.line + 1 if root is not None else 1
-    node = root
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = [(k, v) for k, v in node.value if k.value == str(part)]
-            if not match:
-                break
-            line, node = match[0][0].start_mark.line + 1, match[0][1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
-def _annotation_at(model: type[BaseModel], loc: tuple) -> Any:
-    annotation: Any = model
-    for part in loc:
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            if part not in annotation.model_fields:
-                return None
-            annotation = annotation.model_fields[part].annotation
-        else:  # list[...] / X | None: step into the one non-None argument
-            args = [a for a in typing.get_args(annotation) if a is not type(None)]
-            annotation = args[0] if args else None
-            if isinstance(part, str) and isinstance(annotation, type) and issubclass(
-                annotation, BaseModel
-            ):
-                annotation = annotation.model_fields.get(part, None)
-                annotation = annotation.annotation if annotation else None
-    return annotation
-
-
-def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
-    annotation = _annotation_at(model, loc)
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return model
-
-
 # --------------------------------------------------------------------------- rows
-def load_rows(task: TaskSpec) -> list[dict]:
+def task_rows(task: TaskSpec) -> list[dict]:
     """All rows of the task's data, in file order (callers slice for `limit`)."""
-    if task.data.hf is not None:
-        return _hub_rows(task.data.hf.name, task.data.hf.config, task.data.hf.split)
-    return _read_file_rows(task.resolve(task.data.path))
-
-
-def _read_file_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise StillError(f"task data file not found: {path}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            with path.open(encoding="utf-8") as handle:
-                rows = [json.loads(line) for line in handle if line.strip()]
-        elif suffix == ".json":
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-            rows = loaded.get("data", loaded) if isinstance(loaded, dict) else loaded
-        elif suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as handle:
-                rows = list(csv.DictReader(handle))
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
-        else:
-            raise StillError(f"{path}: unsupported data format {suffix!r}", hint="use .jsonl, .json, .csv or .parquet")
-    except json.JSONDecodeError as exc:
-        raise StillError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise StillError(f"{path}: expected a list of objects (one row per question)")
-    return rows
-
-
-def _hub_rows(name: str, config: str | None, split: str) -> list[dict]:
-    import datasets
-
-    try:
-        return list(datasets.load_dataset(name, config, split=split))
-    except Exception as exc:  # noqa: BLE001 - datasets raises many types for "not available"
-        raise StillError(f"cannot load dataset {name!r} split {split!r}: {exc}") from None
+    source = task.data
+    if source.path is not None:
+        source = source.model_copy(update={"path": str(task.resolve(source.path))})
+    return _questions(source)
 
 
 def fewshot_rows(task: TaskSpec, rows: list[dict]) -> tuple[list[dict], bool]:
     """The pool shots are drawn from, and whether it is the evaluated rows themselves."""
     if task.fewshot.path:
-        return _read_file_rows(task.resolve(task.fewshot.path)), False
+        return _questions(RowSource(path=str(task.resolve(task.fewshot.path)))), False
     if task.fewshot.split:
-        hub = task.data.hf
-        return _hub_rows(hub.name, hub.config, task.fewshot.split), False
+        return _questions(_fewshot_split(task)), False
     return rows, True
+
+
+def _fewshot_split(task: TaskSpec) -> RowSource:
+    # data.limit picks the questions; the split the shots come from is drawn from whole.
+    return task.data.model_copy(update={"split": task.fewshot.split, "limit": None})
+
+
+def _questions(source: RowSource) -> list[dict]:
+    rows = []
+    for origin, row in strict_rows(source):
+        if not isinstance(row, dict):
+            raise StillError(f"{origin}: expected an object (one row per question), "
+                             f"got {type(row).__name__}")
+        rows.append(row)
+    return rows
 
 
 def select_shots(
@@ -406,7 +329,9 @@ def render(template: str, row: dict) -> str:
     try:
         return _compiled(template).render(**row)
     except jinja2.TemplateError as exc:
-        raise StillError(f"cannot render template {template!r} on row {_row_name(row)}: {exc}") from None
+        raise StillError(
+            f"cannot render template {template!r} on row {_row_name(row)}: {exc}"
+        ) from None
 
 
 def evaluate_expression(expression: str, row: dict) -> Any:
@@ -429,7 +354,9 @@ def row_choices(task: TaskSpec, row: dict) -> list[str]:
         except json.JSONDecodeError:
             choices = None
     if not isinstance(choices, list) or not choices:
-        raise StillError(f"choices {task.choices!r} is not a non-empty list on row {_row_name(row)}")
+        raise StillError(
+            f"choices {task.choices!r} is not a non-empty list on row {_row_name(row)}"
+        )
     return [str(choice) for choice in choices]
 
 
@@ -499,8 +426,8 @@ def task_hash(task: TaskSpec) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     if task.data.hf is not None:  # no file to read: hash the rows themselves
-        hub = task.data.hf
-        for split in (hub.split, task.fewshot.split):
-            for row in _hub_rows(hub.name, hub.config, split) if split else []:
+        sources = [task.data, _fewshot_split(task)] if task.fewshot.split else [task.data]
+        for source in sources:
+            for row in _questions(source):
                 digest.update(json.dumps(row, sort_keys=True, default=str).encode())
     return digest.hexdigest()

@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eval.tasks import TaskSpec, build_context, load_rows, load_task, select_shots, task_hash
+from eval.tasks import (
+    TaskSpec,
+    build_context,
+    fewshot_rows,
+    load_task,
+    select_shots,
+    task_hash,
+    task_rows,
+)
 from still.errors import StillError
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
@@ -48,7 +56,7 @@ def test_load_task_resolves_data_relative_to_the_yaml(task_dir, monkeypatch, tmp
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
     task = load_task(write_task(task_dir, QA))
     assert task.type == "generate" and task.metrics == ["exact_match", "token_f1"]
-    rows = load_rows(task)
+    rows = task_rows(task)
     assert len(rows) == 6 and rows[0]["id"] == "json.f0"
 
 
@@ -121,7 +129,7 @@ def fewshot_task(task_dir, seed: int, n: int) -> TaskSpec:
 
 def test_fewshot_is_deterministic_by_seed(task_dir):
     task = fewshot_task(task_dir, seed=1, n=3)
-    rows = load_rows(task)
+    rows = task_rows(task)
     same = [select_shots(rows, 3, 1, 0, rows[0], True) for _ in range(2)]
     assert same[0] == same[1]
     orders = {tuple(r["id"] for r in select_shots(rows, 3, seed, 0, rows[0], True)) for seed in range(6)}
@@ -132,7 +140,7 @@ def test_fewshot_is_deterministic_by_seed(task_dir):
 
 
 def test_query_row_is_never_among_its_own_shots(task_dir):
-    rows = load_rows(fewshot_task(task_dir, seed=5, n=5))
+    rows = task_rows(fewshot_task(task_dir, seed=5, n=5))
     for index, row in enumerate(rows):  # n = all other rows: the draw must skip exactly the query
         for seed in range(10):
             shots = select_shots(rows, 5, seed, index, row, True)
@@ -146,7 +154,7 @@ def test_query_row_is_never_among_its_own_shots(task_dir):
 
 def test_chat_context_puts_shots_in_turns(task_dir, tiny_tokenizer):
     task = load_task(write_task(task_dir, QA + "chat_template: true\nsystem: Be brief.\nfewshot: {n: 1}\n"))
-    rows = load_rows(task)
+    rows = task_rows(task)
     context = build_context(task, rows[0], [rows[1]], tiny_tokenizer)
     assert context.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert "<|im_start|>assistant\nDoes thing 1.<|im_end|>" in context
@@ -178,10 +186,57 @@ def test_rows_load_from_every_local_format(tmp_path, suffix):
 
         parquet.write_table(pyarrow.Table.from_pylist(rows), path)
     task = load_task(write_task(tmp_path, QA.replace("data/test.jsonl", path.name)))
-    assert load_rows(task) == rows
+    assert task_rows(task) == rows
 
 
 def test_broken_template_is_caught_at_load_time(task_dir):
     with pytest.raises(StillError) as caught:
         load_task(write_task(task_dir, QA.replace("{{ answer }}", "{{ answer }")))
     assert_one_line(caught.value, "task.yaml:6:", "target:", "invalid Jinja2 template")
+
+
+def hub_dir(tmp_path: Path) -> Path:
+    """A local datasets dir: `datasets.load_dataset(dir, split=...)` reads it offline."""
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    write_rows(folder / "test.jsonl", n=4)
+    write_rows(folder / "validation.jsonl", n=3)
+    return folder
+
+
+@pytest.mark.parametrize("data", [
+    "{{hf: {folder}}}", "{{hf: {{name: {folder}}}}}", "{{hf: {{name: {folder}, split: test}}}}",
+])
+def test_hub_data_in_the_flat_and_the_nested_form(tmp_path, data):
+    folder = hub_dir(tmp_path)
+    text = QA.replace("{path: data/test.jsonl}", data.format(folder=folder))
+    task = load_task(write_task(tmp_path, text + "fewshot: {n: 1, split: validation}\n"))
+    assert (task.data.hf, task.data.subset, task.data.split) == (str(folder), None, "test")
+    assert len(task_rows(task)) == 4
+    pool, same_pool = fewshot_rows(task, task_rows(task))
+    assert len(pool) == 3 and not same_pool
+    flat = text.replace(data.format(folder=folder), f"{{hf: {folder}, split: test}}")
+    flat_task = load_task(write_task(tmp_path, flat + "fewshot: {n: 1, split: validation}\n"))
+    assert task_hash(task) == task_hash(flat_task)
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ("{hf: {name: x, confg: y}}", "task.yaml:4: data: unknown key 'confg' in data.hf"),
+    ("{hf: {config: y}}", "task.yaml:4: data: data.hf needs name"),
+    ("{hf: {name: x, split: a}, split: b}", "data.split and data.hf.split say the same thing"),
+    ("{path: data/test.jsonl, hf: x}", "task.yaml:4: data: give exactly one of 'path'"),
+])
+def test_bad_hub_data_is_one_line(task_dir, data, fragment):
+    with pytest.raises(StillError) as caught:
+        load_task(write_task(task_dir, QA.replace("{path: data/test.jsonl}", data)))
+    assert_one_line(caught.value, fragment)
+
+
+def test_a_row_that_is_not_an_object_names_its_line(task_dir):
+    with (task_dir / "data" / "test.jsonl").open("a") as handle:
+        handle.write("[1, 2]\n")
+    task = load_task(write_task(task_dir, QA))
+    with pytest.raises(StillError) as caught:
+        task_rows(task)
+    assert_one_line(caught.value,
+                    "test.jsonl:7: expected an object (one row per question), got list")
