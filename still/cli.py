@@ -191,7 +191,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from still.merge import merge_run
+    from publish.merge import merge_run
 
     merge_run(args.run, Path(args.out), force=args.force)
     return 0
@@ -200,7 +200,7 @@ def _cmd_merge(args) -> int:
 def _cmd_publish(args) -> int:
     import shlex
 
-    from still.publish import publish
+    from publish.flow import publish
 
     gguf_types = [t for value in args.gguf for t in value.split(",") if t]
     publish(

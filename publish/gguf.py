@@ -65,19 +65,22 @@ def arch_spec(config) -> ArchSpec:
 
 
 # --------------------------------------------------------------------------- export
-def export_gguf(model, tokenizer, path: Path, gguf_type: str, *, name: str, license: str | None = None) -> Path:
+def export_gguf(model, tokenizer, path: Path, gguf_type: str, *, name: str,
+                license: str | None = None) -> Path:
     """Write `model` (+ tokenizer) to `path` as `gguf_type` ("f16" or "q8_0")."""
     import gguf
 
     if gguf_type not in TOLERANCES:
-        raise StillError(f"unknown GGUF type '{gguf_type}'", hint=f"choose from {', '.join(GGUF_TYPES)}")
+        raise StillError(f"unknown GGUF type '{gguf_type}'",
+                         hint=f"choose from {', '.join(GGUF_TYPES)}")
     config = model.config
     spec = arch_spec(config)
     writer = gguf.GGUFWriter(str(path), spec.gguf_arch)
     writer.add_name(name)
     if license:
         writer.add_license(license)
-    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
+    file_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    file_type = file_types[gguf_type]
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_hparams(writer, config, spec)
@@ -164,8 +167,8 @@ def _encode(array: np.ndarray, name: str, gguf_type: str):
     if array.ndim < 2:
         return np.ascontiguousarray(array, dtype=np.float32), None
     if gguf_type == "q8_0" and array.shape[-1] % _QK8_0 == 0:
-        quantized = gguf.quants.quantize(np.ascontiguousarray(array), gguf.GGMLQuantizationType.Q8_0)
-        return quantized, gguf.GGMLQuantizationType.Q8_0
+        q8_0 = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(np.ascontiguousarray(array), q8_0), q8_0
     # f16, or a q8_0 row that is not a whole number of blocks
     return np.ascontiguousarray(array, dtype=np.float16), None
 
@@ -179,13 +182,15 @@ def _write_tokenizer(writer, tokenizer, vocab_rows: int) -> None:
         raise StillError("GGUF export needs a fast (tokenizers) tokenizer")
     spec = json.loads(backend.to_str())
     if spec["model"]["type"] != "BPE":
-        raise StillError(f"GGUF export: {spec['model']['type']} tokenizers are not supported (BPE only)")
+        raise StillError(f"GGUF export: {spec['model']['type']} tokenizers are not supported "
+                         "(BPE only)")
     byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(
         spec.get("decoder")
     )
     by_id = {index: token for token, index in backend.get_vocab(with_added_tokens=True).items()}
     if max(by_id) >= vocab_rows:
-        raise StillError(f"tokenizer has ids up to {max(by_id)} but the model only {vocab_rows} embedding rows")
+        raise StillError(f"tokenizer has ids up to {max(by_id)} but the model only {vocab_rows} "
+                         "embedding rows")
     added = {entry["id"]: entry for entry in spec.get("added_tokens", [])}
     tokens, types = [], []
     for index in range(vocab_rows):
@@ -197,7 +202,8 @@ def _write_tokenizer(writer, tokenizer, vocab_rows: int) -> None:
         tokens.append(token)
         types.append(_token_type(token, added.get(index), tokenizer, byte_level))
     writer.add_tokenizer_model("gpt2" if byte_level else "llama")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")) if byte_level else "default")
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer")) if byte_level else "default"
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
     if not byte_level:  # sentencepiece-style: llama.cpp ranks merges by score
@@ -268,8 +274,8 @@ def check_config(path: Path, config) -> None:
     for key in CONFIG_KEYS:
         if key in ours and not _same(ours[key], loaded.get(key)):
             raise StillError(
-                f"GGUF cannot carry {key}={ours[key]!r}: transformers' GGUF loader reads it back as "
-                f"{loaded.get(key)!r}",
+                f"GGUF cannot carry {key}={ours[key]!r}: transformers' GGUF loader reads it "
+                f"back as {loaded.get(key)!r}",
                 hint="publish without --gguf for this model",
             )
 
@@ -302,7 +308,8 @@ def rounded_copy(model, gguf_type: str):
     return rounded
 
 
-def verify_gguf(path: Path, reference_model, tokenizer, gguf_type: str, texts: list[str], *, check_tokenizer=True) -> dict:
+def verify_gguf(path: Path, reference_model, tokenizer, gguf_type: str, texts: list[str], *,
+                check_tokenizer: bool = True) -> dict:
     """Load `path` back with transformers and compare it with the model it was written from.
 
     Two checks. Exactness: the loaded logits equal those of the source with the file's own
@@ -312,20 +319,51 @@ def verify_gguf(path: Path, reference_model, tokenizer, gguf_type: str, texts: l
     mean per-token KL(fp32 ‖ gguf) reported. Raises StillError when either fails.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                  dtype=torch.float32).eval()
     if check_tokenizer:
-        gguf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        for text in texts:
-            ours, theirs = tokenizer(text)["input_ids"], gguf_tokenizer(text)["input_ids"]
-            if ours != theirs:
-                raise StillError(
-                    f"GGUF {path.name}: its tokenizer splits {text[:40]!r} differently ({theirs[:12]} vs {ours[:12]})"
-                )
+        _check_tokenizer(path, tokenizer, texts)
     reference_model.eval()
     rounded = rounded_copy(reference_model, gguf_type).eval()
+    result = {"type": gguf_type, **_compare(loaded, rounded, reference_model, tokenizer, texts),
+              "tolerance": TOLERANCES[gguf_type]}
+    result["tokens"] = result.pop("tokens")  # last, where lineage.json has always had it
+    del loaded, rounded
+    exact, rms = result["exact_max_abs_diff"], result["rms_relative_diff"]
+    if not exact <= EXACT_TOLERANCE:  # written so that a NaN fails too
+        raise StillError(
+            f"GGUF {path.name} loads back different from the model it was written from "
+            f"(max |Δlogit| {exact:.3g} > {EXACT_TOLERANCE} beyond {gguf_type} rounding)",
+            hint="a bug in the GGUF export for this architecture; publish without --gguf meanwhile",
+        )
+    if not rms <= TOLERANCES[gguf_type]:
+        raise StillError(
+            f"GGUF {path.name}: {gguf_type} rounding moves the logits by {rms:.3g} of their std "
+            f"(tolerance {TOLERANCES[gguf_type]})",
+            hint="use --gguf f16 for this model",
+        )
+    return result
+
+
+def _check_tokenizer(path: Path, tokenizer, texts: list[str]) -> None:
+    """The file's tokenizer must split every text into the same ids as the source's."""
+    from transformers import AutoTokenizer
+
+    gguf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for text in texts:
+        ours, theirs = tokenizer(text)["input_ids"], gguf_tokenizer(text)["input_ids"]
+        if ours != theirs:
+            raise StillError(f"GGUF {path.name}: its tokenizer splits {text[:40]!r} differently "
+                             f"({theirs[:12]} vs {ours[:12]})")
+
+
+def _compare(loaded, rounded, reference_model, tokenizer, texts: list[str]) -> dict:
+    """Exactness against `rounded` and drift against `reference_model`, over `texts`."""
+    import torch
+
     exact, drift_max, rms, kl, agree, total = 0.0, 0.0, 0.0, 0.0, 0, 0
     with torch.inference_mode():
         for text in texts:
@@ -341,27 +379,11 @@ def verify_gguf(path: Path, reference_model, tokenizer, gguf_type: str, texts: l
             ).item()
             agree += (reference.argmax(-1) == got.argmax(-1)).sum().item()
             total += ids.shape[1]
-    del loaded, rounded
-    result = {
-        "type": gguf_type,
+    return {
         "exact_max_abs_diff": exact,
         "max_abs_diff": drift_max,
         "rms_relative_diff": rms,
         "mean_kl": kl / total,
         "top1_agreement": agree / total,
-        "tolerance": TOLERANCES[gguf_type],
         "tokens": total,
     }
-    if exact > EXACT_TOLERANCE:
-        raise StillError(
-            f"GGUF {path.name} loads back different from the model it was written from "
-            f"(max |Δlogit| {exact:.3g} > {EXACT_TOLERANCE} beyond {gguf_type} rounding)",
-            hint="a bug in the GGUF export for this architecture; publish without --gguf meanwhile",
-        )
-    if rms > TOLERANCES[gguf_type]:
-        raise StillError(
-            f"GGUF {path.name}: {gguf_type} rounding moves the logits by {rms:.3g} of their std "
-            f"(tolerance {TOLERANCES[gguf_type]})",
-            hint="use --gguf f16 for this model",
-        )
-    return result

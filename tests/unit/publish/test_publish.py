@@ -7,10 +7,13 @@ import pytest
 import torch
 import yaml
 
+from publish.flow import publish
+from publish.merge import check_texts
+from publish.samples import FALLBACK, run_samples
 from still import cli, models
 from still.errors import StillError
-from still.publish import publish
-from still.rundir import file_sha256
+from still.fsutil import file_sha256
+from still.rundir import RunDir
 
 ROWS = [
     ("What does abs do?", "Return the absolute value."),
@@ -20,6 +23,16 @@ ROWS = [
     ("What does repr do?", "Return the canonical string."),
     ("What does sorted do?", "Return a new sorted list."),
 ]
+# The run's own held-out rows: the samples publish checks on and the card shows come from here.
+EVAL_ROWS = [
+    ("What does ord do?", "Return the code point of a character."),
+    ("What does chr do?", "Return the character of a code point."),
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    return path
 
 
 @pytest.fixture(autouse=True)
@@ -38,29 +51,33 @@ def base_dir(tmp_path, tiny_model_dir):
 
 @pytest.fixture
 def tasks(tmp_path):
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in ROWS))
+    data = write_jsonl(tmp_path / "qa.jsonl", ROWS)
     choice = tmp_path / "choice.jsonl"
     choice.write_text("".join(
-        json.dumps({"question": q, "choices": [a, "Join paths.", "Sort it."], "label": 0}) + "\n" for q, a in ROWS
+        json.dumps({"question": q, "choices": [a, "Join paths.", "Sort it."], "label": 0}) + "\n"
+        for q, a in ROWS
     ))
     qa = tmp_path / "qa.yaml"
     qa.write_text("name: qa\ntype: generate\ndata: {path: qa.jsonl}\nprompt: '{{ question }}'\n"
                   "target: '{{ answer }}'\nchat_template: true\ngeneration: {max_new_tokens: 4}\n"
                   "metrics: [rouge_l, exact_match]\n")
     mc = tmp_path / "mc.yaml"
-    mc.write_text("name: mc\ntype: multiple_choice\ndata: {path: choice.jsonl}\nprompt: '{{ question }}'\n"
+    mc.write_text("name: mc\ntype: multiple_choice\ndata: {path: choice.jsonl}\n"
+                  "prompt: '{{ question }}'\n"
                   "choices: choices\nlabel: label\nchat_template: true\nmetrics: [acc]\n")
     return [str(qa), str(mc)], data
 
 
-def write_run(run_dir, lineage, tasks=(), kind="finetune"):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    recipe = {"kind": kind, "name": run_dir.name, "train": {"lr": 0.001, "max_steps": 2, "seed": 0},
-              "eval_tasks": list(tasks)}
-    (run_dir / "recipe.resolved.yaml").write_text(f"# Resolved from /recipes/{run_dir.name}.yaml\n" + yaml.safe_dump(recipe))
-    (run_dir / "lineage.json").write_text(json.dumps({"kind": kind, "name": run_dir.name, **lineage}))
-    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 1.5, "eval_loss": 1.7}) + "\n")
+def write_run(run_dir, lineage, tasks=(), kind="finetune", data=None):
+    """What `still run` leaves behind, written through RunDir's own file names."""
+    run = RunDir(run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    recipe = {"kind": kind, "name": run.name, "train": {"lr": 0.001, "max_steps": 2, "seed": 0},
+              "eval_tasks": list(tasks), **({"data": data} if data else {})}
+    header = f"# Resolved from /recipes/{run.name}.yaml\n"
+    run.recipe_file.write_text(header + yaml.safe_dump(recipe))
+    run.lineage_file.write_text(json.dumps({"kind": kind, "name": run.name, **lineage}))
+    run.metrics_file.write_text(json.dumps({"step": 2, "loss": 1.5, "eval_loss": 1.7}) + "\n")
     return run_dir
 
 
@@ -75,12 +92,16 @@ def lora_run(tmp_path, base_dir, tasks):
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     adapted = get_peft_model(model, config)
-    run = tmp_path / "runs" / "tiny-ft"
-    adapted.save_pretrained(run / "adapter")
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run / "adapter")
-    lineage = {"base": str(base_dir), "method": "lora", "data": [{"path": str(data), "sha256": file_sha256(data)}],
-               "recipe_sha256": "abc123"}
-    return write_run(run, lineage, task_paths)
+    run = RunDir(tmp_path / "runs" / "tiny-ft")
+    adapted.save_pretrained(run.adapter_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run.adapter_dir)
+    lineage = {"base": str(base_dir), "method": "lora", "recipe_sha256": "abc123",
+               "data": [{"path": str(data), "sha256": file_sha256(data)}]}
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", EVAL_ROWS)
+    data_section = {"train": {"path": str(data), "format": "instruction", "prompt": "question",
+                              "response": "answer"},
+                    "eval": {"path": str(held_out)}}
+    return write_run(run.path, lineage, task_paths, data=data_section)
 
 
 def logits(model, tokenizer, text="What does abs do?"):
@@ -93,7 +114,8 @@ def test_lora_run_publishes_a_merged_dir_that_loads_and_generates(lora_run, tmp_
 
     out = publish(lora_run, tmp_path / "published", compare=False)
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                 "chat_template.jinja", "README.md", "lineage.json", "recipe.yaml", "eval/qa.json", "eval/mc.json"):
+                 "chat_template.jinja", "README.md", "lineage.json", "recipe.yaml", "eval/qa.json",
+                 "eval/mc.json"):
         assert (out / name).is_file(), name
     assert not (out / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -105,11 +127,13 @@ def test_lora_run_publishes_a_merged_dir_that_loads_and_generates(lora_run, tmp_
     assert torch.allclose(logits(merged, tokenizer), expected, atol=1e-4)
     assert (logits(base.eval(), tokenizer) - expected).abs().max() > 1e-2  # the adapter mattered
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What does abs do?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+                                           add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
     generated = merged.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     lineage = json.loads((out / "lineage.json").read_text())
-    assert lineage["merge"]["merged"] and lineage["merge"]["max_abs_logit_diff"] <= lineage["merge"]["tolerance"]
+    merge = lineage["merge"]
+    assert merge["merged"] and merge["max_abs_logit_diff"] <= merge["tolerance"]
 
 
 def test_card_holds_license_base_data_hashes_and_real_eval_numbers(lora_run, tmp_path, tasks):
@@ -147,28 +171,32 @@ def distill_run(tmp_path, base_dir, tiny_model_dir_4layers):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher = tmp_path / "runs" / "teacher"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, target_modules="all-linear"))
-    model.save_pretrained(teacher / "adapter")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=2, target_modules="all-linear"))
+    model.save_pretrained(RunDir(teacher).adapter_dir)
     write_run(teacher, {"base": str(base_dir), "method": "lora"})
     student = tmp_path / "runs" / "student"
-    AutoModelForCausalLM.from_pretrained(tiny_model_dir_4layers).save_pretrained(student / "model")
-    AutoTokenizer.from_pretrained(tiny_model_dir_4layers).save_pretrained(student / "model")
+    full = RunDir(student).model_dir
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir_4layers).save_pretrained(full)
+    AutoTokenizer.from_pretrained(tiny_model_dir_4layers).save_pretrained(full)
     lineage = {"teacher": str(teacher), "student": None, "base": None, "method": "full",
                "carved": {"kept_layers": [0, 3], "param_fraction": 0.5}}
     return write_run(student, lineage, kind="distill")
 
 
-def test_distilled_full_model_publishes_with_teacher_in_lineage(distill_run, tmp_path, tiny_model_dir_4layers):
+def test_distilled_full_model_publishes_with_teacher_in_lineage(distill_run, tmp_path):
     from huggingface_hub import ModelCard
     from safetensors.torch import load_file
 
     out = publish(distill_run, tmp_path / "published-student")
     lineage = json.loads((out / "lineage.json").read_text())
-    assert [link["role"] for link in lineage["chain"]] == ["base", "teacher", "student", "published"]
-    assert lineage["chain"][0]["ref"] == str(tmp_path / "base")  # found through the teacher's lineage
+    roles = [link["role"] for link in lineage["chain"]]
+    assert roles == ["base", "teacher", "student", "published"]
+    assert lineage["chain"][0]["ref"] == str(tmp_path / "base")  # through the teacher's lineage
     assert lineage["teacher"] == str(tmp_path / "runs" / "teacher")
     assert lineage["merge"]["merged"] is False
-    ours, theirs = load_file(out / "model.safetensors"), load_file(distill_run / "model" / "model.safetensors")
+    ours = load_file(out / "model.safetensors")
+    theirs = load_file(RunDir(distill_run).model_dir / "model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "mit" and "distillation" in card.data.tags
@@ -191,13 +219,14 @@ def test_existing_output_dir_is_refused_and_kept(lora_run, tmp_path, capsys):
 
 
 def test_a_failure_midway_leaves_nothing_behind(lora_run, tmp_path, monkeypatch):
-    import still.publish
+    import huggingface_hub
 
     def broken(*args, **kwargs):
-        raise RuntimeError("disk full")
+        raise OSError("disk full")
 
-    monkeypatch.setattr(still.publish, "_write_lineage", broken)
-    with pytest.raises(RuntimeError):
+    # the card is written last, after the weights: the disk fills up at the library boundary
+    monkeypatch.setattr(huggingface_hub.ModelCard, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
         publish(lora_run, tmp_path / "out" / "published", evaluate=False)
     assert list((tmp_path / "out").iterdir()) == []  # no staging dir, no half output
 
@@ -217,7 +246,8 @@ def test_publish_with_gguf_records_the_round_trip(lora_run, tmp_path):
     lineage = json.loads((out / "lineage.json").read_text())
     assert [g["file"] for g in lineage["gguf"]] == ["published-f16.gguf", "published-q8_0.gguf"]
     for report in lineage["gguf"]:
-        assert report["exact_max_abs_diff"] <= 1e-4 and report["rms_relative_diff"] <= report["tolerance"]
+        assert report["exact_max_abs_diff"] <= 1e-4
+        assert report["rms_relative_diff"] <= report["tolerance"]
         assert lineage["files"][report["file"]] == file_sha256(out / report["file"])
     reloaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="published-f16.gguf")
     assert reloaded.config.num_hidden_layers == 2
@@ -252,30 +282,47 @@ class SimpleCommit:
     commit_url = "https://huggingface.co/org/tiny/commit/1"
 
 
-def test_hub_upload_creates_the_repo_and_uploads_the_folder(lora_run, tmp_path):
-    hub = FakeHub()
-    out = publish(lora_run, tmp_path / "published", hub="org/tiny", evaluate=False, api=hub)
+@pytest.fixture
+def online_hub(monkeypatch):
+    """`install(hub)`: every `HfApi(token=...)` publish builds is `hub`; a token is set and the
+    hub is reachable, as for a user uploading for real."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+
+    def install(hub):
+        monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: hub)
+        return hub
+
+    return install
+
+
+def test_hub_upload_creates_the_repo_and_uploads_the_folder(lora_run, tmp_path, online_hub):
+    hub = online_hub(FakeHub())
+    out = publish(lora_run, tmp_path / "published", hub="org/tiny", evaluate=False)
     names = [call[0] for call in hub.calls]
     assert names == ["repo_exists", "create_repo", "upload_folder"]
     upload = hub.calls[-1][1]
     assert upload["repo_id"] == "org/tiny" and upload["folder_path"] == str(out)
 
 
-def test_hub_repo_with_files_is_refused_before_any_work(lora_run, tmp_path):
-    hub = FakeHub(existing_files=[".gitattributes", "model.safetensors"])
+def test_hub_repo_with_files_is_refused_before_any_work(lora_run, tmp_path, online_hub):
+    hub = online_hub(FakeHub(existing_files=[".gitattributes", "model.safetensors"]))
     with pytest.raises(StillError, match="already has files"):
-        publish(lora_run, tmp_path / "published", hub="org/tiny", api=hub)
+        publish(lora_run, tmp_path / "published", hub="org/tiny")
     assert not (tmp_path / "published").exists()
     assert all(call[0] in ("repo_exists", "list_repo_files") for call in hub.calls)
-    publish(lora_run, tmp_path / "published", hub="org/tiny", api=hub, force=True, evaluate=False)
+    publish(lora_run, tmp_path / "published", hub="org/tiny", force=True, evaluate=False)
     assert hub.calls[-1][0] == "upload_folder"
 
 
 def test_dry_run_shows_the_files_and_calls_nothing(lora_run, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    hub = FakeHub()
-    out = publish(lora_run, tmp_path / "published", hub="org/tiny", dry_run=True, evaluate=False, api=hub)
-    assert hub.calls == []
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda **kwargs: pytest.fail("built a client"))
+    out = publish(lora_run, tmp_path / "published", hub="org/tiny", dry_run=True, evaluate=False)
     printed = capsys.readouterr().out
     assert "dry run: would create repo org/tiny" in printed
     for name in ("model.safetensors", "README.md", "lineage.json", "tokenizer.json"):
@@ -312,22 +359,29 @@ def test_offline_hub_is_a_one_line_error(lora_run, tmp_path, monkeypatch):
         publish(lora_run, tmp_path / "published", hub="org/tiny")
 
 
-def test_cli_flags_reach_publish(monkeypatch, tmp_path):
-    import still.publish
+def test_cli_flags_reach_publish(lora_run, tasks, tmp_path, capsys, monkeypatch):
+    """Every flag, through the real verb: its effect shows in the published dir."""
+    import huggingface_hub
 
-    seen = {}
-    monkeypatch.setattr(still.publish, "publish", lambda run, out, **kwargs: seen.update(kwargs, run=run, out=out))
-    assert cli.main(["publish", "runs/x", "--out", str(tmp_path / "o"), "--gguf", "f16,q8_0", "--hub", "org/x",
-                     "--dry-run", "--quick", "--task", "t.yaml", "--no-compare"]) == 0
-    assert seen["gguf_types"] == ["f16", "q8_0"] and seen["hub"] == "org/x" and seen["dry_run"]
-    assert seen["quick"] and seen["tasks"] == ["t.yaml"] and not seen["compare"] and seen["evaluate"]
-    assert not seen["force"] and seen["command"].startswith("still publish runs/x --out ")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda **kwargs: pytest.fail("built a client"))
+    task_paths, _ = tasks
+    out = tmp_path / "o"
+    assert cli.main(["publish", str(lora_run), "--out", str(out), "--gguf", "f16,q8_0", "--hub",
+                     "org/x", "--dry-run", "--quick", "--task", task_paths[1], "--no-compare"]) == 0
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert [g["file"] for g in lineage["gguf"]] == ["o-f16.gguf", "o-q8_0.gguf"]  # --gguf a,b
+    assert "dry run: would create repo org/x" in capsys.readouterr().out  # --hub, --dry-run
+    assert lineage["eval_limit"] == 32  # --quick
+    assert (out / "eval" / "mc.json").exists() and not (out / "eval" / "qa.json").exists()  # --task
+    assert not (out / "eval" / "base").exists()  # --no-compare (and evaluating was on)
+    assert lineage["command"].startswith(f"still publish {lora_run} --out ")
+    assert "--force" not in lineage["command"]
 
 
 def test_task_flag_scores_a_run_whose_recipe_names_no_tasks(distill_run, tasks, tmp_path):
     task_paths, _ = tasks
-    assert cli.main(["publish", str(distill_run), "--out", str(tmp_path / "p"), "--task", task_paths[1],
-                     "--no-compare"]) == 0
+    assert cli.main(["publish", str(distill_run), "--out", str(tmp_path / "p"),
+                     "--task", task_paths[1], "--no-compare"]) == 0
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(tmp_path / "p" / "README.md")
@@ -336,25 +390,58 @@ def test_task_flag_scores_a_run_whose_recipe_names_no_tasks(distill_run, tasks, 
     assert "--task=" + task_paths[1] in lineage["command"]
 
 
-def test_merge_verb_writes_the_merged_model_and_refuses_a_full_model(lora_run, distill_run, tmp_path):
+def test_merge_verb_writes_the_merged_model_and_refuses_a_full_model(lora_run, distill_run,
+                                                                      tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert cli.main(["merge", str(lora_run), "--out", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     adapter_model, _ = models.load_model(str(lora_run), dtype="float32")
-    assert torch.allclose(logits(merged, tokenizer), logits(adapter_model.eval(), tokenizer), atol=1e-4)
+    expected = logits(adapter_model.eval(), tokenizer)
+    assert torch.allclose(logits(merged, tokenizer), expected, atol=1e-4)
     assert (tmp_path / "merged" / "generation_config.json").exists()
-    with pytest.raises(StillError, match="no LoRA adapter"):
-        from still.merge import merge_run
+    from publish.merge import merge_run
 
+    with pytest.raises(StillError, match="no LoRA adapter"):
         merge_run(str(distill_run), tmp_path / "merged2")
 
 
 def test_a_missing_task_is_refused_before_any_model_loads(lora_run, tmp_path, monkeypatch):
-    import still.publish
+    import transformers
 
-    monkeypatch.setattr(still.publish, "merged_model", lambda *a: pytest.fail("loaded a model"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: pytest.fail("loaded a model"))
     with pytest.raises(StillError, match="eval task .*nope.yaml not found"):
         publish(lora_run, tmp_path / "p", tasks=[str(tmp_path / "nope.yaml")])
     assert not (tmp_path / "p").exists()
+
+
+# --------------------------------------------------------------------------- the run's own texts
+def test_check_texts_and_the_cards_example_come_from_the_runs_data(lora_run, tmp_path):
+    from huggingface_hub import ModelCard
+    from transformers import AutoTokenizer
+
+    samples = run_samples(RunDir(lora_run))
+    assert samples.from_run and samples.prompts == tuple(q for q, _ in EVAL_ROWS)  # held out first
+    tokenizer = AutoTokenizer.from_pretrained(RunDir(lora_run).adapter_dir)
+    texts = check_texts(tokenizer, samples)
+    assert texts[:2] == [f"{q}\n{a}" for q, a in EVAL_ROWS]
+    assert EVAL_ROWS[0][0] in texts[2] and texts[2].endswith("assistant\n")  # chat-formatted
+    out = publish(lora_run, tmp_path / "published", evaluate=False)
+    card = ModelCard.load(out / "README.md")
+    assert f'"content": "{EVAL_ROWS[0][0]}"' in card.text
+    assert "json.dumps" not in card.text
+    merge = json.loads((out / "lineage.json").read_text())["merge"]
+    assert merge["tokens"] == sum(len(tokenizer(text)["input_ids"]) for text in texts)
+
+
+def test_samples_fall_back_to_train_data_then_to_neutral_texts(lora_run, tmp_path):
+    (tmp_path / "held-out.jsonl").unlink()
+    samples = run_samples(RunDir(lora_run))
+    assert samples.from_run and samples.prompts == tuple(q for q, _ in ROWS[:2])
+    (tmp_path / "qa.jsonl").unlink()
+    assert run_samples(RunDir(lora_run)) == FALLBACK
+    assert not any("What does" in text for text in FALLBACK.prompts + FALLBACK.texts)
+    out = publish(lora_run, tmp_path / "published", evaluate=False)  # still checks and publishes
+    assert FALLBACK.prompts[0] in (out / "README.md").read_text()

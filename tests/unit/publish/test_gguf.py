@@ -1,14 +1,14 @@
-"""GGUF export: tiny Llama and Gemma-3 models written with the gguf package and read back by
-transformers (`from_pretrained(dir, gguf_file=...)`), compared logit by logit."""
+"""GGUF export (publish/gguf.py): tiny Llama and Gemma-3 models written with the gguf package
+and read back by transformers (`from_pretrained(dir, gguf_file=...)`), compared logit by logit."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-from still import gguf_export
-from still.errors import StillError
 from tiny_models import build_tiny_llama, build_tiny_tokenizer
+
+from publish import gguf as gguf_export
+from still.errors import StillError
 
 TEXTS = [
     "What does json.dumps do? Serialize obj to a JSON formatted str.",
@@ -46,7 +46,8 @@ def tiny_gemma3(tokenizer, **overrides):
 
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
 def test_tiny_llama_round_trip(tmp_path, llama, tokenizer, gguf_type):
-    path = gguf_export.export_gguf(llama, tokenizer, tmp_path / f"m-{gguf_type}.gguf", gguf_type, name="tiny")
+    path = gguf_export.export_gguf(llama, tokenizer, tmp_path / f"m-{gguf_type}.gguf", gguf_type,
+                                   name="tiny")
     gguf_export.check_config(path, llama.config)
     report = gguf_export.verify_gguf(path, llama, tokenizer, gguf_type, TEXTS)
     assert report["exact_max_abs_diff"] <= gguf_export.EXACT_TOLERANCE
@@ -57,7 +58,8 @@ def test_tiny_llama_round_trip(tmp_path, llama, tokenizer, gguf_type):
 def test_file_carries_tokenizer_and_quantized_types(tmp_path, llama, tokenizer):
     from gguf import GGMLQuantizationType, GGUFReader
 
-    f16 = gguf_export.export_gguf(llama, tokenizer, tmp_path / "a.gguf", "f16", name="tiny", license="mit")
+    f16 = gguf_export.export_gguf(llama, tokenizer, tmp_path / "a.gguf", "f16", name="tiny",
+                                  license="mit")
     q8 = gguf_export.export_gguf(llama, tokenizer, tmp_path / "b.gguf", "q8_0", name="tiny")
     assert q8.stat().st_size < f16.stat().st_size
     reader = GGUFReader(q8)
@@ -72,7 +74,8 @@ def test_file_carries_tokenizer_and_quantized_types(tmp_path, llama, tokenizer):
 
 
 def test_without_the_rotary_permutation_the_check_fails(tmp_path, llama, tokenizer, monkeypatch):
-    monkeypatch.setitem(gguf_export.ARCHS, "llama", gguf_export.ArchSpec("llama", permute_qk=False, norm_offset=0.0))
+    unpermuted = gguf_export.ArchSpec("llama", permute_qk=False, norm_offset=0.0)
+    monkeypatch.setitem(gguf_export.ARCHS, "llama", unpermuted)
     path = gguf_export.export_gguf(llama, tokenizer, tmp_path / "bad.gguf", "f16", name="tiny")
     with pytest.raises(StillError, match="loads back different"):
         gguf_export.verify_gguf(path, llama, tokenizer, "f16", TEXTS, check_tokenizer=False)
@@ -82,7 +85,8 @@ def test_without_the_rotary_permutation_the_check_fails(tmp_path, llama, tokeniz
 def test_tiny_gemma3_round_trip(tmp_path, tokenizer, gguf_type):
     model = tiny_gemma3(tokenizer)
     texts = [TEXTS[0] * 3]  # longer than the sliding window
-    path = gguf_export.export_gguf(model, tokenizer, tmp_path / "g.gguf", gguf_type, name="tiny-gemma")
+    path = gguf_export.export_gguf(model, tokenizer, tmp_path / "g.gguf", gguf_type,
+                                   name="tiny-gemma")
     gguf_export.check_config(path, model.config)
     report = gguf_export.verify_gguf(path, model, tokenizer, gguf_type, texts)
     assert report["exact_max_abs_diff"] <= gguf_export.EXACT_TOLERANCE
@@ -91,9 +95,8 @@ def test_tiny_gemma3_round_trip(tmp_path, tokenizer, gguf_type):
 
 def test_gemma3_without_the_norm_offset_fails(tmp_path, tokenizer, monkeypatch):
     model = tiny_gemma3(tokenizer)
-    monkeypatch.setitem(
-        gguf_export.ARCHS, "gemma3_text", gguf_export.ArchSpec("gemma3", permute_qk=False, norm_offset=0.0)
-    )
+    no_offset = gguf_export.ArchSpec("gemma3", permute_qk=False, norm_offset=0.0)
+    monkeypatch.setitem(gguf_export.ARCHS, "gemma3_text", no_offset)
     path = gguf_export.export_gguf(model, tokenizer, tmp_path / "g.gguf", "f16", name="tiny-gemma")
     with pytest.raises(StillError, match="loads back different"):
         gguf_export.verify_gguf(path, model, tokenizer, "f16", TEXTS, check_tokenizer=False)
@@ -118,22 +121,23 @@ def tiny_gemma_tokenizer():
     """A sentencepiece-style BPE (▁ for spaces, byte fallback) in transformers' GemmaTokenizer."""
     import json
 
+    from tiny_models import CORPUS
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
-
-    from tiny_models import CORPUS
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     backend.normalizer = normalizers.Replace(" ", "▁")
     backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
     bytes_ = [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials + bytes_, show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials + bytes_,
+                                  show_progress=False)
     backend.train_from_iterator(CORPUS * 4, trainer=trainer)
     model = json.loads(backend.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tokenizer = GemmaTokenizer(vocab=model["vocab"], merges=merges)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    turns = ["<start_of_turn>", "<end_of_turn>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": turns})
     tokenizer.chat_template = (
         "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
         "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
@@ -144,7 +148,8 @@ def tiny_gemma_tokenizer():
 def test_gemma_style_sentencepiece_tokenizer_round_trips(tmp_path):
     tokenizer = tiny_gemma_tokenizer()
     model = tiny_gemma3(tokenizer)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What does abs do?"}], tokenize=False,
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What does abs do?"}],
+                                         tokenize=False,
                                          add_generation_prompt=True)
     texts = ["What does  json.dumps do? é ü 12345", chat]  # double space, byte fallback, specials
     path = gguf_export.export_gguf(model, tokenizer, tmp_path / "g.gguf", "q8_0", name="tiny-gemma")

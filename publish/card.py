@@ -3,8 +3,12 @@
 Metadata: license (carried from the base), base_model (when it has a hub id), tags, and the
 eval results as `model-index` (task, dataset, metric, value; the bootstrap stderr and the
 number of scored rows go in each metric's `args`). Body: how to run it (transformers and
-llama.cpp), lineage, training summary, data with sha256, eval table with ± stderr against
-the base and the teacher, verification numbers, intended use and limits, and the recipe.
+llama.cpp, asked a question from the run's own data), lineage, training summary, data with
+sha256, eval table with ± stderr against the base and the teacher, verification numbers,
+intended use and limits, and the recipe.
+
+Every function takes the `publish.flow.Publication` being built (`result`); the card reads
+it and the source run dir, and writes nothing but the text it returns.
 """
 
 from __future__ import annotations
@@ -12,13 +16,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-TASK_TYPES = {"generate": "text-generation", "multiple_choice": "multiple-choice", "perplexity": "text-generation"}
+from publish.lineage import base_of, hub_id_of, license_of, lineage_chain
+from still.fsutil import file_sha256
+from still.rundir import RunDir
+
+TASK_TYPES = {
+    "generate": "text-generation",
+    "multiple_choice": "multiple-choice",
+    "perplexity": "text-generation",
+}
+LOGGED = ("step", "loss", "eval_loss")  # the last values of these go in the training summary
 
 
 def build_card(result):
     from huggingface_hub import ModelCard, ModelCardData
-
-    from still.publish import base_of, hub_id_of, license_of
 
     lineage = result.lineage
     base = base_of(lineage)
@@ -50,7 +61,8 @@ def build_card(result):
         _limits_section(result, base, license_id),
         _recipe_section(result),
     ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(s for s in sections if s) + "\n")
+    body = "\n\n".join(s for s in sections if s)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
 
 
 # --------------------------------------------------------------------------- model-index
@@ -71,7 +83,8 @@ def eval_results(result) -> list:
                     metric_type=metric,
                     metric_name=metric,
                     metric_value=round(value["mean"], 6),
-                    metric_args={"stderr": round(value["stderr"], 6), "n": summary["n"], "limit": summary.get("limit")},
+                    metric_args={"stderr": round(value["stderr"], 6), "n": summary["n"],
+                                 "limit": summary.get("limit")},
                 )
             )
     return rows
@@ -80,14 +93,13 @@ def eval_results(result) -> list:
 def task_info(result, task_name: str) -> dict:
     from eval.tasks import load_task
 
-    from still.rundir import file_sha256
-
     for path in result.tasks:
         task = load_task(path)
         if task.name == task_name:
             data_path = getattr(task.data, "path", None)
             sha = file_sha256(Path(data_path)) if data_path and Path(data_path).is_file() else None
-            dataset = getattr(task.data, "hf", None) or (Path(data_path).name if data_path else None)
+            file_name = Path(data_path).name if data_path else None
+            dataset = getattr(task.data, "hf", None) or file_name
             return {"type": task.type, "dataset": dataset, "sha256": sha, "path": data_path}
     return {}
 
@@ -99,41 +111,50 @@ def _summary(result, base) -> str:
         carved = lineage.get("carved") or {}
         made = f"distilled from the teacher `{lineage.get('teacher')}`"
         if carved:
-            made += (f" into a student carved from it ({len(carved.get('kept_layers', []))} layers, "
-                     f"{carved.get('param_fraction', 0):.1%} of its parameters)")
+            made += (f" into a student carved from it ({len(carved.get('kept_layers', []))} "
+                     f"layers, {carved.get('param_fraction', 0):.1%} of its parameters)")
     else:
         made = f"fine-tuned ({lineage.get('method')}) from `{base}`"
+    merged = " with the adapter merged" if result.merge.get("merged") else ""
+    gguf = ", plus GGUF files for llama.cpp" if result.gguf else ""
     return (f"A small model {made}, with the `still` recipe `{lineage.get('name')}`. "
-            f"Weights are fp32 safetensors{' with the adapter merged' if result.merge.get('merged') else ''}"
-            f"{', plus GGUF files for llama.cpp' if result.gguf else ''}.")
+            f"Weights are fp32 safetensors{merged}{gguf}.")
 
 
 def _usage(result) -> str:
+    name = result.hub or result.out.name
+    # the question is the run's own (its first eval or train prompt), so the example shows
+    # the kind of input the model was made for; json.dumps quotes it as a Python literal
+    message = json.dumps({"role": "user", "content": result.samples.prompts[0]},
+                         ensure_ascii=False)
     text = (
-        "## How to use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{result.hub or result.out.name}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{result.hub or result.out.name}")\n'
-        'messages = [{"role": "user", "content": "What does json.dumps do?"}]\n'
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)\n"
+        "## How to use\n\n```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n'
+        f"messages = [{message}]\n"
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, "
+        'return_tensors="pt", return_dict=True)\n'
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))\n```"
     )
     for report in result.gguf:
-        text += f"\n\n```bash\nllama-cli -m {report['file']} -cnv   # {report['type']}, {report['bytes'] / 1e6:.1f} MB\n```"
+        text += (f"\n\n```bash\nllama-cli -m {report['file']} -cnv   # {report['type']}, "
+                 f"{report['bytes'] / 1e6:.1f} MB\n```")
     return text
 
 
 def _lineage_section(result) -> str:
-    from still.publish import lineage_chain
-
     rows = ["## Lineage", "", "| step | model | how |", "|---|---|---|"]
     for link in lineage_chain(result):
+        published = "adapter merged in fp32" if link.get("merged") else "full weights"
+        if link.get("gguf"):
+            published += f"; GGUF: {', '.join(link['gguf'])}"
         how = {
             "base": link.get("hub_id") or "",
             "teacher": f"{link.get('kind') or ''} {link.get('method') or ''}".strip(),
             "student": f"distill, {link.get('method')}",
             "fine-tuned": f"finetune, {link.get('method')}",
-            "published": ("adapter merged in fp32" if link.get("merged") else "full weights")
-            + (f"; GGUF: {', '.join(link['gguf'])}" if link.get("gguf") else ""),
+            "published": published,
         }[link["role"]]
         rows.append(f"| {link['role']} | `{link.get('ref')}` | {how} |")
     rows.append("\nThe whole chain, with hashes, is in `lineage.json`.")
@@ -141,35 +162,32 @@ def _lineage_section(result) -> str:
 
 
 def _training_section(result) -> str:
-    train = result.recipe.get("train", {})
-    metrics = _last_metrics(result.run_dir / "metrics.jsonl")
-    lines = ["## Training", ""]
-    lines.append(f"- recipe kind `{result.lineage.get('kind')}`, method `{result.lineage.get('method')}`, "
-                 f"recipe sha256 `{result.lineage.get('recipe_sha256')}`"
-                 + (f", git commit `{result.lineage['git_commit']}`" if result.lineage.get("git_commit") else ""))
+    lineage, train = result.lineage, result.recipe.get("train", {})
+    commit = f", git commit `{lineage['git_commit']}`" if lineage.get("git_commit") else ""
+    lines = ["## Training", "", (
+        f"- recipe kind `{lineage.get('kind')}`, method `{lineage.get('method')}`, "
+        f"recipe sha256 `{lineage.get('recipe_sha256')}`{commit}")]
     if train:
         lines.append(f"- lr {train.get('lr')}, batch size {train.get('batch_size')} × grad accum "
-                     f"{train.get('grad_accum', 1)}, max steps {train.get('max_steps')}, seed {train.get('seed')}")
+                     f"{train.get('grad_accum', 1)}, max steps {train.get('max_steps')}, "
+                     f"seed {train.get('seed')}")
     if result.recipe.get("distill"):
         d = result.recipe["distill"]
         lines.append(f"- distillation loss `{d.get('loss')}`, T={d.get('temperature')}, "
                      f"kd weight {d.get('kd_weight')}, ce weight {d.get('ce_weight')}")
-    for key in ("step", "loss", "eval_loss"):
+    metrics = _last_metrics(RunDir(result.run_dir))
+    for key in LOGGED:
         if key in metrics:
-            lines.append(f"- last logged {key}: {metrics[key]:.4g}" if isinstance(metrics[key], float)
-                         else f"- last logged {key}: {metrics[key]}")
+            value = metrics[key]
+            lines.append(f"- last logged {key}: {value:.4g}" if isinstance(value, float)
+                         else f"- last logged {key}: {value}")
     return "\n".join(lines)
 
 
-def _last_metrics(path: Path) -> dict:
+def _last_metrics(run: RunDir) -> dict:
     last = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            last.update({k: v for k, v in row.items() if k in ("step", "loss", "eval_loss")})
+    for row in run.metrics():
+        last.update({k: v for k, v in row.items() if k in LOGGED})
     return last
 
 
@@ -179,71 +197,83 @@ def _data_section(lineage) -> str:
         return ""
     rows = ["## Training data", "", "| source | sha256 |", "|---|---|"]
     for entry in files:
-        source = entry.get("path") or f"{entry.get('hf')} ({entry.get('subset') or 'default'}, {entry.get('split')})"
+        source = entry.get("path") or (
+            f"{entry.get('hf')} ({entry.get('subset') or 'default'}, {entry.get('split')})")
         rows.append(f"| `{source}` | `{entry.get('sha256', 'hub dataset')}` |")
     return "\n".join(rows)
 
 
 def _eval_section(result) -> str:
     if not result.evals:
-        return "## Evaluation\n\nNot evaluated at publish time (the recipe names no `eval_tasks`, or `--no-eval`)."
+        return ("## Evaluation\n\nNot evaluated at publish time (the recipe names no `eval_tasks`, "
+                "or `--no-eval`).")
     roles = [r for r in ("base", "teacher") if r in result.comparisons]
-    header = "| task | metric | n | this model | " + " | ".join(roles) + " |" if roles else "| task | metric | n | this model |"
+    header = "| task | metric | n | this model |" + "".join(f" {role} |" for role in roles)
     rows = ["## Evaluation", "", header, "|" + "---|" * (4 + len(roles))]
     for summary in result.evals:
         for metric, value in summary["metrics"].items():
             cells = [f"{value['mean']:.4f} ± {value['stderr']:.4f}"]
             for role in roles:
-                other = next((s for s in result.comparisons[role] if s["task"] == summary["task"]), None)
-                if other and metric in other["metrics"]:
-                    o = other["metrics"][metric]
-                    cells.append(f"{o['mean']:.4f} ± {o['stderr']:.4f} (Δ {value['mean'] - o['mean']:+.4f})")
-                else:
-                    cells.append("—")
-            rows.append(f"| {summary['task']} | {metric} | {summary['n']} | " + " | ".join(cells) + " |")
+                cells.append(_compared_cell(result.comparisons[role], summary["task"], metric,
+                                            value["mean"]))
+            rows.append(f"| {summary['task']} | {metric} | {summary['n']} | "
+                        + " | ".join(cells) + " |")
     limit = (f"the first {result.eval_limit} rows of each task (`--quick`)" if result.eval_limit
              else "the rows each task YAML selects (its `limit`, if any)")
-    rows.append(f"\n± is the bootstrap standard error. Scored by `still eval` on the published weights, {limit}; "
-                "per-question outputs are in `eval/`.")
+    rows.append(f"\n± is the bootstrap standard error. Scored by `still eval` on the published "
+                f"weights, {limit}; per-question outputs are in `eval/`.")
     return "\n".join(rows)
+
+
+def _compared_cell(summaries: list[dict], task: str, metric: str, ours: float) -> str:
+    other = next((s for s in summaries if s["task"] == task), None)
+    if not other or metric not in other["metrics"]:
+        return "—"
+    theirs = other["metrics"][metric]
+    return f"{theirs['mean']:.4f} ± {theirs['stderr']:.4f} (Δ {ours - theirs['mean']:+.4f})"
 
 
 def _verification_section(result) -> str:
     lines = ["## Verification", ""]
     merge = result.merge
     if merge.get("merged"):
-        lines.append(f"- merge: the merged model's logits equal the adapter model's on {merge['tokens']} tokens: "
-                     f"max |Δ| {merge['max_abs_logit_diff']:.2e} (tolerance {merge['tolerance']:.1e})")
+        lines.append(f"- merge: the merged model's logits equal the adapter model's on "
+                     f"{merge['tokens']} tokens: max |Δ| {merge['max_abs_logit_diff']:.2e} "
+                     f"(tolerance {merge['tolerance']:.1e})")
     else:
         lines.append("- merge: none needed (the run saved full weights)")
     for g in result.gguf:
         lines.append(
-            f"- `{g['file']}` loaded back with transformers: equal to the source with {g['type']} rounding "
-            f"(max |Δ| {g['exact_max_abs_diff']:.1e}); vs fp32: rms Δlogit {g['rms_relative_diff']:.4f} of the "
-            f"logits' std (tolerance {g['tolerance']}), max |Δ| {g['max_abs_diff']:.3f}, "
-            f"top-1 agreement {g['top1_agreement']:.1%}, mean KL {g['mean_kl']:.2e} over {g['tokens']} tokens"
+            f"- `{g['file']}` loaded back with transformers: equal to the source with {g['type']} "
+            f"rounding (max |Δ| {g['exact_max_abs_diff']:.1e}); vs fp32: rms Δlogit "
+            f"{g['rms_relative_diff']:.4f} of the logits' std (tolerance {g['tolerance']}), "
+            f"max |Δ| {g['max_abs_diff']:.3f}, top-1 agreement {g['top1_agreement']:.1%}, "
+            f"mean KL {g['mean_kl']:.2e} over {g['tokens']} tokens"
         )
     return "\n".join(lines)
 
 
 def _limits_section(result, base, license_id) -> str:
     task_names = ", ".join(s["task"] for s in result.evals) or "the tasks in its recipe"
-    license_line = (f"License `{license_id}`, carried from the base model `{base}`; its terms apply."
-                    if license_id else f"The license of the base `{base}` could not be determined: check it before use.")
+    license_line = (
+        f"License `{license_id}`, carried from the base model `{base}`; its terms apply."
+        if license_id else
+        f"The license of the base `{base}` could not be determined: check it before use.")
     return (
         "## Intended use and limits\n\n"
-        f"A small domain model for the data it was trained on, measured on {task_names}. It inherits the "
-        "biases and failure modes of its base model and, when distilled, of its teacher; small models "
-        "state wrong facts fluently, so check its answers before relying on them. Not evaluated for "
-        f"safety, for other languages or for other domains.\n\n{license_line}"
+        f"A small domain model for the data it was trained on, measured on {task_names}. It "
+        "inherits the biases and failure modes of its base model and, when distilled, of its "
+        "teacher; small models state wrong facts fluently, so check its answers before relying "
+        "on them. Not evaluated for safety, for other languages or for other domains.\n\n"
+        f"{license_line}"
     )
 
 
 def _recipe_section(result) -> str:
-    first = result.recipe_text.splitlines()[0] if result.recipe_text else ""
-    source = first.removeprefix("# Resolved from ").strip() if first.startswith("# Resolved from") else None
+    source = RunDir(result.run_dir).recipe_source()
     command = f"still run {source}" if source else "still run RECIPE"
     text = f"## Recipe\n\nTrained with `{command}`"
     if result.command:
         text += f" and published with `{result.command}`"
-    return text + f". The resolved recipe (also in `recipe.yaml`):\n\n```yaml\n{result.recipe_text.strip()}\n```"
+    return (text + ". The resolved recipe (also in `recipe.yaml`):\n\n"
+            f"```yaml\n{result.recipe_text.strip()}\n```")
