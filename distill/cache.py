@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from distill.losses import MIN_REST_MASS
 from still import data as data_module
+from still import models
+from still.fsutil import atomic_write_bytes, atomic_write_json
+from still.losses import IGNORE_INDEX
 from still.errors import StillError
-from still.rundir import absolute_ref
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -52,7 +53,7 @@ def expected_manifest(recipe, tokenizer) -> dict:
         splits["eval"] = data_module.split_fingerprint(recipe.data, tokenizer, "eval")
     return {
         "format_version": FORMAT_VERSION,
-        "teacher": absolute_ref(recipe.teacher.ref),
+        "teacher": models.absolute_ref(recipe.teacher.ref),
         "tokenizer_sha256": data_module.tokenizer_hash(tokenizer),
         "temperature": recipe.distill.temperature,
         "data_sha256": splits,
@@ -77,13 +78,18 @@ class CacheReport:
     tokens: int
     examples: int
     bytes_per_token: float
-    mass_covered: float  # mean teacher probability inside the top k
-    kl_full_to_cached: float  # mean KL(full ‖ cached) per token, nats, on a sample
+    # Measured on the shards this call wrote; None when an earlier run wrote them all.
+    mass_covered: float | None  # mean teacher probability inside the top k
+    kl_full_to_cached: float | None  # mean KL(full ‖ cached) per token, nats, on a sample
 
     def summary(self) -> str:
+        if self.mass_covered is None or self.kl_full_to_cached is None:
+            quality = "top-k mass and KL not re-measured (every shard was already written)"
+        else:
+            quality = (f"top-k mass {self.mass_covered:.4f}, "
+                       f"KL(full‖cached) {self.kl_full_to_cached:.2e} nats/token")
         return (f"{self.split}: {self.examples} examples, {self.tokens} loss tokens, "
-                f"{self.bytes_per_token:.0f} bytes/token, top-k mass {self.mass_covered:.4f}, "
-                f"KL(full‖cached) {self.kl_full_to_cached:.2e} nats/token")
+                f"{self.bytes_per_token:.0f} bytes/token, {quality}")
 
 
 def topk_entries(log_probs: torch.Tensor, k: int):
@@ -137,7 +143,7 @@ def _teacher_log_probs(teacher, batch: dict, temperature: float, vocab: int) -> 
     labels = batch.pop("labels")
     with torch.no_grad():
         logits = teacher(**batch).logits[:, :-1, :vocab].float()
-    keep = labels[:, 1:] != data_module.IGNORE_INDEX
+    keep = labels[:, 1:] != IGNORE_INDEX
     return torch.log_softmax(logits[keep] / temperature, dim=-1)
 
 
@@ -145,8 +151,7 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
     """`still cache`: write (or finish) the cache at recipe.distill.teacher_cache."""
     from tqdm.auto import tqdm
 
-    from distill.kd import load_teacher
-    from eval.harness import model_content_hash
+    from distill.teacher import load_teacher
 
     out = recipe.distill.teacher_cache
     if not out:
@@ -171,11 +176,11 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
                              hint="point distill.teacher_cache at a new dir, or delete this one")
     out.mkdir(parents=True, exist_ok=True)
     ids_dtype = torch.uint16 if vocab <= 65536 else torch.int32
-    manifest = {**expected, "top_k": k, "vocab_size": vocab, "teacher_sha256": model_content_hash(teacher),
+    manifest = {**expected, "top_k": k, "vocab_size": vocab, "teacher_sha256": models.model_content_hash(teacher),
                 "dtypes": {"log_probs": recipe.distill.cache_dtype, "ids": str(ids_dtype).removeprefix("torch."),
                            "rest_log": "float16"}, "examples_per_shard": EXAMPLES_PER_SHARD,
                 "splits": {}, "complete": False}
-    manifest_path.write_text(json.dumps(manifest, indent=1))
+    atomic_write_json(manifest_path, manifest, indent=1)
     collator = data_module.PaddedCollator(tokenizer.pad_token_id)
     reports = []
     for split in ("train", "eval"):
@@ -200,8 +205,8 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
         size = sum((split_dir / f"shard-{i:05d}.safetensors").stat().st_size for i in range(shards))
         report = CacheReport(
             split, tokens, len(dataset), size / max(tokens, 1),
-            float(torch.cat(mass).mean()) if mass else float("nan"),
-            float(torch.cat(fidelity).mean()) if fidelity else float("nan"),
+            float(torch.cat(mass).mean()) if mass else None,
+            float(torch.cat(fidelity).mean()) if fidelity else None,
         )
         manifest["splits"][split] = {"shards": shards, "examples": len(dataset), "tokens": tokens,
                                      "bytes": size, "bytes_per_token": report.bytes_per_token,
@@ -209,7 +214,7 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
                                      "kl_full_to_cached": report.kl_full_to_cached}
         reports.append(report)
     manifest["complete"] = True
-    manifest_path.write_text(json.dumps(manifest, indent=1))
+    atomic_write_json(manifest_path, manifest, indent=1)
     return reports
 
 
@@ -222,7 +227,7 @@ def _write_shard(teacher, dataset, indices, collator, recipe, k, vocab, ids_dtyp
         rows = [dataset[i] for i in range(first, min(first + batch_size, indices.stop))]
         batch = collator([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
         batch = {name: value.to(teacher.device) for name, value in batch.items()}
-        per_example = (batch["labels"][:, 1:] != data_module.IGNORE_INDEX).sum(1).tolist()
+        per_example = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
         full = _teacher_log_probs(teacher, batch, recipe.distill.temperature, vocab)
         values, top_ids, rest_log = topk_entries(full, k)
         stored = {name: tensor.cpu() for name, tensor in _stored_log_probs(values, dtype).items()}
@@ -241,10 +246,7 @@ def _write_shard(teacher, dataset, indices, collator, recipe, k, vocab, ids_dtyp
         "ids": torch.cat(ids).to(ids_dtype), "rest_log": torch.cat(rest),
         "offsets": torch.tensor(offsets, dtype=torch.int64),
     }
-    staging = path.with_suffix(".partial")
-    save_file(tensors, str(staging), metadata={"first_example": str(indices.start)})
-    staging.chmod(0o644)
-    os.replace(staging, path)
+    atomic_write_bytes(path, save(tensors, metadata={"first_example": str(indices.start)}))
 
 
 def _shard_tokens(path: Path) -> int:

@@ -38,11 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from still.errors import StillError
-from still.losses import chunked_head_loss
+from still.losses import IGNORE_INDEX, chunked_head_loss
 
 DivergenceName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
 Reduction = Literal["mean", "sum"]
-IGNORE_INDEX = -100
 # A mass outside a cached top k below this counts as this much: its log must stay finite.
 MIN_REST_MASS = 1e-12
 

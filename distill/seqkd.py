@@ -30,6 +30,7 @@ from pathlib import Path
 from still import formats, models
 from still.data import batches_longest_first, left_padded
 from still.errors import StillError
+from still.fsutil import atomic_write_text
 from still.rows import BadRow, strict_rows
 
 MAX_EXAMPLES_PER_REASON = 3
@@ -376,16 +377,6 @@ def _apply_judge(judge, pairs, settings, teacher, report: Report) -> list[tuple[
 
 
 # --------------------------------------------------------------------------- the verb
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise StillError(f"cannot write {path}: {error.strerror}") from None
-
-
 def _report_path(out: Path) -> Path:
     return out.with_name(out.name + ".report.json")
 
@@ -436,7 +427,7 @@ def generate(recipe, *, force: bool = False) -> Report:
     report.prompts_without_answer = sum(id(prompt) not in answered for prompt in prompts)
     report.seconds = round(time.monotonic() - started, 3)
     report_path = _report_path(out)
-    _write_atomic(report_path, json.dumps(_report_dict(report), indent=2) + "\n")
+    atomic_write_text(report_path, json.dumps(_report_dict(report), indent=2) + "\n")
     if not kept:
         left = f"; the existing {out} is left as it was" if out.exists() else ""
         raise StillError(f"no answer was kept ({report.summary()}); nothing written to {out}{left}",
@@ -444,7 +435,7 @@ def generate(recipe, *, force: bool = False) -> Report:
     lines = [json.dumps({"messages": [*prompt.messages, {"role": "assistant", "content": answer.text}],
                          "origin": prompt.origin}, ensure_ascii=False) + "\n"
              for prompt, answer in kept]
-    _write_atomic(out, "".join(lines))
+    atomic_write_text(out, "".join(lines))
     return report
 
 

@@ -11,19 +11,17 @@ and itself and explicit position ids so every branch starts where the context en
 is encoded once per question instead of once per choice, and padding never touches a score.
 
 Caching: results live under `cache_dir/<model_hash>/<task_hash>/<HARNESS_VERSION>/<limit>/`.
-`model_content_hash` covers the weights (adapter included), `task_hash` the spec and the data
+`still.models.model_content_hash` covers the weights (adapter included), `task_hash` the spec and the data
 bytes, so a changed weight, adapter, prompt or data row is a miss.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import inspect
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import warnings
@@ -46,6 +44,7 @@ from eval.tasks import (
     task_rows,
 )
 from still import models
+from still.fsutil import atomic_write_json, atomic_write_text
 from still.data import batches_longest_first, left_padded
 
 # Bump when a change here can change a score: old cache entries then stop matching.
@@ -86,7 +85,7 @@ def evaluate(
     """Score `model` on `task`, write `<task>.json` + `<task>.samples.jsonl`, return the summary.
 
     `limit` (else `task.limit`) scores the first N rows. `model_hash` names the model in the
-    cache (use `model_content_hash`). The returned summary carries `cache_hit`.
+    cache (use `still.models.model_content_hash`). The returned summary carries `cache_hit`.
     """
     out_dir = Path(out_dir)
     limit = limit if limit is not None else task.limit
@@ -142,7 +141,7 @@ def _reuse_cached(cache_entry: Path, task_name: str, out_dir: Path, model_name: 
         summary["model_name"] = model_name
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cache_entry / f"{task_name}.samples.jsonl", out_dir / f"{task_name}.samples.jsonl")
-    _atomic_write(out_dir / f"{task_name}.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out_dir / f"{task_name}.json", summary)
     log.info("%s: cache hit, reusing %s", task_name, cache_entry)
     print(f"{task_name}: cache hit, reusing results from {cache_entry}", file=sys.stderr)
     return {**summary, "cache_hit": True}
@@ -420,43 +419,6 @@ def _summarise(task: TaskSpec, samples: list[dict]) -> dict:
 def _write_results(directory: Path, task_name: str, summary: dict, samples: list[dict]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples)
-    _atomic_write(directory / f"{task_name}.samples.jsonl", lines)
-    _atomic_write(directory / f"{task_name}.json", json.dumps(summary, indent=2) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
     # Written aside then renamed, so a crash never leaves a half file that looks like a cache hit.
-    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-# --------------------------------------------------------------------------- model hash
-def model_content_hash(model, tokenizer=None) -> str:
-    """sha256 over every tensor of the state dict (name, shape, dtype, bytes), sorted by name.
-
-    A PEFT model's state dict holds the adapter tensors too, and its adapter config (rank,
-    alpha, which modules) enters as well because it changes outputs without changing a tensor.
-    Pass `tokenizer` to cover the vocabulary and chat template too.
-    """
-    digest = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{tuple(state[name].shape)}|{tensor.dtype}\n".encode())
-        digest.update(memoryview(tensor.view(torch.uint8).numpy()))
-    for adapter_name, config in sorted(getattr(model, "peft_config", {}).items()):
-        settings = {k: v for k, v in config.to_dict().items() if "path" not in k and "revision" not in k}
-        # PEFT keeps target_modules as a set, whose order changes with PYTHONHASHSEED
-        settings = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in settings.items()}
-        digest.update(f"adapter {adapter_name}: {json.dumps(settings, sort_keys=True, default=str)}".encode())
-    if tokenizer is not None:
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            vocabulary = backend.to_str()
-        else:
-            vocabulary = json.dumps(tokenizer.get_vocab(), sort_keys=True)
-        digest.update(vocabulary.encode())
-        digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
-        digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+    atomic_write_text(directory / f"{task_name}.samples.jsonl", lines)
+    atomic_write_json(directory / f"{task_name}.json", summary)

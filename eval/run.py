@@ -9,15 +9,14 @@ re-scoring an unchanged checkpoint is free.
 from __future__ import annotations
 
 import gc
-import json
 import re
 from pathlib import Path
 
-from eval.harness import evaluate, model_content_hash
+from eval.harness import evaluate
 from eval.tasks import load_task
 from still import models, tracking
 from still.errors import StillError
-from still.rundir import LINEAGE, RESOLVED_RECIPE
+from still.rundir import RunDir
 
 
 def display_name(ref: str) -> str:
@@ -33,8 +32,7 @@ def display_name(ref: str) -> str:
 
 
 def is_run_dir(ref: str) -> bool:
-    path = Path(ref).expanduser()
-    return path.is_dir() and (path / LINEAGE).exists() and (path / RESOLVED_RECIPE).exists()
+    return RunDir(Path(ref).expanduser()).is_run_dir()
 
 
 def eval_cache_dir() -> Path:
@@ -54,7 +52,7 @@ def evaluate_model(
     """Score one model on several tasks; returns one summary per task."""
     tasks = [load_task(path) for path in task_paths]  # all task errors before any model load
     model, tokenizer = models.load_model(ref, dtype="float32")
-    model_hash = model_content_hash(model, tokenizer)
+    model_hash = models.model_content_hash(model, tokenizer)
     name = name or display_name(ref)
     summaries = []
     for task in tasks:
@@ -124,42 +122,38 @@ def run_eval_recipe(recipe, *, force: bool = False, limit: int | None = None, ba
 def _model_config(ref: str, name: str) -> dict:
     """What an eval run records about its model: the reference, and its lineage if a run dir."""
     config = {"ref": ref, "name": name}
-    if is_run_dir(ref):
-        config["lineage"] = json.loads((Path(ref) / LINEAGE).read_text())
-        run_id = Path(ref) / tracking.RUN_ID_FILE
-        if run_id.is_file():
-            config["training_run_id"] = run_id.read_text().strip()
+    run = RunDir(Path(ref).expanduser())
+    if run.is_run_dir():
+        config["lineage"] = run.read_lineage()
+        run_id = run.tracker_run_id()
+        if run_id:
+            config["training_run_id"] = run_id
     return config
 
 
-def run_eval_cli(args) -> int:
-    """`still eval RECIPE` or `still eval --model REF --task T.yaml [...]`."""
-    if args.recipe:
-        from still import recipe as recipe_module
-
-        recipe = recipe_module.load(args.recipe, [])
-        if recipe.kind != "eval":
-            raise StillError(f"{args.recipe} is a {recipe.kind} recipe", hint="`still eval` takes an eval recipe or --model/--task")
-        return run_eval_recipe(recipe, force=args.force, limit=args.limit, batch_size=args.batch_size)
-    if not args.model or not args.task:
+def eval_models(refs: list[str], task_paths: list[str], *, out: str | None = None,
+                limit: int | None = None, batch_size: int = 8, force: bool = False) -> int:
+    """`still eval --model REF --task T.yaml [...]`: each model scored on every task. Results
+    go to `out` (one subdir per model when there are several), the run dir's eval/, or
+    runs/eval/NAME."""
+    if not refs or not task_paths:
         raise StillError("`still eval` needs an eval recipe, or at least one --model and one --task")
-    for ref in args.model:
-        if args.out and len(args.model) > 1:
-            out_dir = Path(args.out) / display_name(ref)
-        elif args.out:
-            out_dir = Path(args.out)
+    for ref in refs:
+        if out and len(refs) > 1:
+            out_dir = Path(out) / display_name(ref)
+        elif out:
+            out_dir = Path(out)
         elif is_run_dir(ref):
-            out_dir = Path(ref) / "eval"
+            out_dir = RunDir(ref).eval_dir
         else:
             out_dir = Path("runs") / "eval" / display_name(ref)
-        evaluate_model(
-            ref, args.task, out_dir=out_dir, batch_size=args.batch_size, limit=args.limit, use_cache=not args.force
-        )
+        evaluate_model(ref, task_paths, out_dir=out_dir, batch_size=batch_size, limit=limit,
+                       use_cache=not force)
         print(f"still: results in {out_dir}")
     return 0
 
 
-def evaluate_run(run_dir: Path, task_paths: list[str]) -> None:
+def evaluate_run(run: RunDir, task_paths: list[str]) -> None:
     """The eval at the end of a finetune/distill run: the saved run dir on the recipe's tasks."""
     if task_paths:
-        evaluate_model(str(run_dir), task_paths, out_dir=Path(run_dir) / "eval", name=Path(run_dir).name)
+        evaluate_model(str(run.path), task_paths, out_dir=run.eval_dir, name=run.name)

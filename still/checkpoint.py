@@ -27,7 +27,9 @@ import torch
 from transformers import TrainerCallback
 
 from still.errors import StillError
-from still.rundir import file_sha256, is_main_process
+from still.fsutil import atomic_write_json, atomic_write_text, file_sha256
+from still.launch import is_main_process
+from still.rundir import RunDir
 
 MARKER = "still-complete.json"
 # In checkpoints/ from the start of training: this run writes markers, so a checkpoint without
@@ -65,13 +67,7 @@ def write_marker(checkpoint: Path) -> Path:
     files = {str(p.relative_to(checkpoint)): file_sha256(p) for p in _checkpoint_files(checkpoint)}
     match = _CHECKPOINT_RE.match(checkpoint.name)
     payload = {"format": 1, "step": int(match.group(1)) if match else None, "files": files}
-    target = checkpoint / MARKER
-    tmp = checkpoint / (MARKER + ".tmp")
-    with tmp.open("w") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+    target = atomic_write_json(checkpoint / MARKER, payload, indent=1, fsync=True)
     # The rename itself must reach the disk before older checkpoints are pruned.
     try:
         dir_fd = os.open(checkpoint, os.O_RDONLY)
@@ -114,13 +110,13 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- resume
-def resume_checkpoint(run_dir: Path) -> str | None:
+def resume_checkpoint(run: RunDir) -> str | None:
     """The newest complete, intact checkpoint; partial or corrupt ones are named and removed.
 
     Ignored checkpoints are deleted (main process only) because the resumed run writes the
     same `checkpoint-N` names again and stale files must not mix into them.
     """
-    checkpoints = Path(run_dir) / "checkpoints"
+    checkpoints = run.checkpoints
     candidates = list_checkpoints(checkpoints)
     say = print if is_main_process() else (lambda *a, **k: None)
     legacy = not (checkpoints / USES_MARKERS).exists()
@@ -147,7 +143,7 @@ def resume_checkpoint(run_dir: Path) -> str | None:
         return None
     say(f"still: resuming from {chosen}")
     if is_main_process():
-        _truncate_metrics(Path(run_dir) / "metrics.jsonl", int(_CHECKPOINT_RE.match(chosen.name).group(1)))
+        _truncate_metrics(run.metrics_file, int(_CHECKPOINT_RE.match(chosen.name).group(1)))
     return str(chosen)
 
 
@@ -163,9 +159,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue  # a line cut short by the kill
         if isinstance(row, dict) and row.get("step", 0) <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> list[Path]:
@@ -360,7 +354,7 @@ def stopped_by_signal(trainer, recipe) -> bool:
     if stop is None or stop.stopped_at is None:
         return False
     if trainer.is_world_process_zero():
-        source = getattr(recipe, "_source", None) or "<recipe>"
+        source = recipe.source_path or "<recipe>"
         try:
             source = os.path.relpath(source)
         except ValueError:

@@ -19,9 +19,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from still.losses import IGNORE_INDEX
 from still.rows import BadRow
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
 

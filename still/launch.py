@@ -1,5 +1,6 @@
 """Several processes: the recipe's `distributed:` section → accelerate (+ DeepSpeed) configs → a
-launch, and the teacher's placement once the processes run.
+launch, and which process this one is (`is_main_process`). Where a distillation teacher goes
+once the processes run is distill/teacher.py's business.
 
 `still run R.yaml --nproc N` (or a recipe whose strategy needs it) writes `launch/accelerate.yaml`,
 `launch/deepspeed.json` (zero2/zero3) and `launch/launch.sh` into the run dir, then starts
@@ -24,11 +25,10 @@ from pathlib import Path
 import yaml
 
 from still.errors import StillError
-from still.rundir import LAUNCHED_RUN_DIR_ENV
 from still.sections import DistributedSection
 
-# A teacher copy per process is fine while it takes at most this share of one device's memory.
-REPLICATE_TEACHER_MAX_SHARE = 0.25
+# Set by `still run` for the processes it launches: the run dir it opened for them.
+LAUNCHED_RUN_DIR_ENV = "STILL_LAUNCHED_RUN_DIR"
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,11 @@ class LaunchPlan:
     @property
     def needs_launcher(self) -> bool:
         return self.total_processes > 1 or self.strategy in ("zero2", "zero3", "fsdp")
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch (or the only process): the one that writes, logs and prints."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def inside_launch() -> bool:
@@ -276,87 +281,6 @@ def launched_as() -> str:
 
 def note_launcher_mismatch(dist: DistributedSection) -> None:
     actual = launched_as()
-    if dist.strategy not in ("auto", actual) and int(os.environ.get("RANK", "0")) == 0:
+    if dist.strategy not in ("auto", actual) and is_main_process():
         print(f"still: note: this process was launched as {actual}; the recipe's "
               f"distributed.strategy {dist.strategy} applies only when `still run` launches")
-
-
-# --------------------------------------------------------------------------- the teacher
-def device_memory_bytes(device) -> int:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    # CPU: the machine's memory, shared by the processes on it
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local, 1)
-
-
-def teacher_placement(choice: str, strategy: str, teacher_bytes: int, device_bytes: int) -> str:
-    """replicate | shard. Only ZeRO-3 and FSDP can shard; a copy per process costs no traffic."""
-    if strategy not in ("zero3", "fsdp"):
-        if choice == "shard":
-            raise StillError(
-                f"distributed.teacher: shard needs a zero3 or fsdp launch; this one is {strategy}",
-                hint="set distributed.strategy: zero3 (or fsdp), or teacher: replicate",
-            )
-        return "replicate"
-    if choice != "auto":
-        return choice
-    return "replicate" if teacher_bytes <= REPLICATE_TEACHER_MAX_SHARE * device_bytes else "shard"
-
-
-def shard_teacher_deepspeed(teacher, deepspeed_plugin):
-    """The frozen teacher in its own ZeRO-3 engine: parameters partitioned, gathered per layer."""
-    import copy
-
-    import deepspeed
-
-    config = copy.deepcopy(deepspeed_plugin.deepspeed_config)
-    for key in ("optimizer", "scheduler"):
-        config.pop(key, None)
-    zero = config.setdefault("zero_optimization", {})
-    zero.pop("offload_optimizer", None)
-    zero["stage"] = 3
-    config = _drop_auto(config)
-    config.setdefault("train_micro_batch_size_per_gpu", 1)
-    engine, *_ = deepspeed.initialize(model=teacher, config=config)
-    engine.eval()
-    return engine
-
-
-def _drop_auto(value):
-    """DeepSpeed's own defaults for what Trainer would only fill for the model it trains."""
-    if isinstance(value, dict):
-        return {key: _drop_auto(item) for key, item in value.items() if item != "auto"}
-    return value
-
-
-def shard_teacher_fsdp(teacher, device, fsdp_plugin):
-    """FSDP2 over the teacher's decoder layers, offloaded when the student is; embeddings and
-    head stay whole after the first forward (the root unit is not resharded), which the chunked
-    KD loss reads directly."""
-    import torch.distributed as torch_dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
-    mesh = init_device_mesh(device.type, (torch_dist.get_world_size(),))
-    offload = isinstance(fsdp_plugin.cpu_offload, CPUOffloadPolicy)
-    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
-    layer_classes = set(getattr(teacher, "_no_split_modules", None) or ())
-    if not layer_classes:
-        raise StillError(f"cannot shard teacher {type(teacher).__name__}: it names no decoder layer class",
-                         hint="set distributed.teacher: replicate")
-    for module in teacher.modules():
-        if type(module).__name__ in layer_classes:
-            fully_shard(module, mesh=mesh, reshard_after_forward=True, offload_policy=policy)
-    fully_shard(teacher, mesh=mesh, reshard_after_forward=False, offload_policy=policy)
-    return teacher
-
-
-def describe_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if count < 1024 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TB"

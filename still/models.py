@@ -18,8 +18,6 @@ import difflib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata, util
 from pathlib import Path
@@ -28,7 +26,8 @@ from typing import Callable
 from filelock import FileLock
 
 from still.errors import StillError
-from still.rundir import file_sha256
+from still.fsutil import file_sha256, staged_dir
+from still.rundir import RunDir
 
 CONVERTED_MARKER = ".still-converted"
 
@@ -175,18 +174,19 @@ def _resolve_builtin(ref: str) -> ResolvedModel:
 
 
 def _resolve_dir(ref: str, path: Path) -> ResolvedModel:
-    lineage = path / "lineage.json"
-    if lineage.exists() and (path / "model" / "config.json").exists():
-        return ResolvedModel(ref, "run", str(path / "model"))
-    if lineage.exists() and (path / "adapter" / "adapter_config.json").exists():
-        base = json.loads(lineage.read_text()).get("base")
+    run = RunDir(path)
+    has_lineage = run.lineage_file.exists()
+    if has_lineage and (run.model_dir / "config.json").exists():
+        return ResolvedModel(ref, "run", str(run.model_dir))
+    if has_lineage and (run.adapter_dir / "adapter_config.json").exists():
+        base = run.read_lineage().get("base")
         if not base:
-            raise StillError(f"run dir {ref}: lineage.json does not name its base model")
-        adapter_dir = path / "adapter"
-        return ResolvedModel(ref, "run", resolve(base).weights, adapter_dir, _tokenizer_in(adapter_dir))
-    if lineage.exists() and (path / "config.json").exists():
+            raise StillError(f"run dir {ref}: {run.lineage_file.name} does not name its base model")
+        return ResolvedModel(ref, "run", resolve(base).weights, run.adapter_dir,
+                             _tokenizer_in(run.adapter_dir))
+    if has_lineage and (path / "config.json").exists():
         return ResolvedModel(ref, "dir", str(path))  # a `still publish` output: a plain model dir
-    if lineage.exists():
+    if has_lineage:
         raise StillError(
             f"run dir {ref} holds no finished model (no model/ or adapter/)",
             hint="the run may have stopped early: resume it with `still run RECIPE --resume`",
@@ -225,12 +225,10 @@ def _resolve_hub(ref: str) -> ResolvedModel:
     return ResolvedModel(ref, "hub", ref)
 
 
-def resolve_model_dir(ref: str) -> Path:
-    """A local HF dir with the (base) weights of `ref`, e.g. for tools that want a plain path."""
-    resolved = resolve(ref)
-    if resolved.kind == "hub":
-        raise StillError(f"{ref} is a hub id, not a local dir")
-    return Path(resolved.weights)
+def absolute_ref(ref: str) -> str:
+    """A model reference that still resolves when read from another directory."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
 
 
 # --------------------------------------------------------------------------- GGUF conversion
@@ -256,16 +254,10 @@ def convert_gguf(gguf_path: Path) -> Path:
         if (target / CONVERTED_MARKER).exists():  # another process finished while we waited
             return target
         print(f"still: converting {gguf_path.name} to safetensors (once; cached in {target})")
-        staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-        try:
+        with staged_dir(target, replace=True) as staging:
             _dequantize_to(gguf_path, staging)
             marker = {"gguf": str(gguf_path), "sha256": file_sha256(gguf_path)}
             (staging / CONVERTED_MARKER).write_text(json.dumps(marker, indent=1))
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -464,3 +456,36 @@ def describe_builtins() -> list[dict]:
             }
         )
     return rows
+
+
+# --------------------------------------------------------------------------- content hash
+def model_content_hash(model, tokenizer=None) -> str:
+    """sha256 over every tensor of the state dict (name, shape, dtype, bytes), sorted by name.
+
+    A PEFT model's state dict holds the adapter tensors too, and its adapter config (rank,
+    alpha, which modules) enters as well because it changes outputs without changing a tensor.
+    Pass `tokenizer` to cover the vocabulary and chat template too.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{tuple(state[name].shape)}|{tensor.dtype}\n".encode())
+        digest.update(memoryview(tensor.view(torch.uint8).numpy()))
+    for adapter_name, config in sorted(getattr(model, "peft_config", {}).items()):
+        settings = {k: v for k, v in config.to_dict().items() if "path" not in k and "revision" not in k}
+        # PEFT keeps target_modules as a set, whose order changes with PYTHONHASHSEED
+        settings = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in settings.items()}
+        digest.update(f"adapter {adapter_name}: {json.dumps(settings, sort_keys=True, default=str)}".encode())
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            vocabulary = backend.to_str()
+        else:
+            vocabulary = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+        digest.update(vocabulary.encode())
+        digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+        digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return digest.hexdigest()

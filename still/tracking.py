@@ -28,14 +28,14 @@ from transformers.integrations import TensorBoardCallback, WandbCallback
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, WandbLogModel
 
 from still.errors import StillError
-from still.rundir import is_main_process
+from still.launch import is_main_process
+from still.rundir import LINEAGE, RESOLVED_RECIPE, RunDir
 from still.sections import TrackSection, WandbSection
 
 SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # Recipe keys whose values are never sent to a tracker, whatever section they are in.
 SECRET_KEY = re.compile(r"token|secret|passw|api_?key|credential", re.IGNORECASE)
 REDACTED = "<redacted>"
-RUN_ID_FILE = "wandb_run_id"
 # Parents in lineage.json that can be W&B model artifacts of earlier still runs.
 LINEAGE_PARENT_KEYS = ("base", "teacher", "student", "source_run")
 
@@ -67,12 +67,6 @@ class MetricsJsonl(TrainerCallback):
             handle.write(json.dumps(row) + "\n")
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 # --------------------------------------------------------------------------- helpers
 def warn(what: str, exc: BaseException) -> None:
     """The one line a tracking failure costs: the run itself goes on."""
@@ -98,12 +92,12 @@ def redact(value, secrets: tuple[str, ...] | None = None):
     return value
 
 
-def stable_run_id(run_dir: Path) -> str | None:
+def stable_run_id(run: RunDir) -> str | None:
     """The run dir's tracker id, made once by the main process and reused on --resume."""
-    path = Path(run_dir) / RUN_ID_FILE
+    path = run.tracker_run_id_file
     if not path.exists() and is_main_process():
         path.write_text(uuid.uuid4().hex[:12])
-    return path.read_text().strip() if path.exists() else None
+    return run.tracker_run_id()
 
 
 def _has_api_key() -> bool:
@@ -145,15 +139,20 @@ def start_wandb(recipe, run_dir: Path, *, job_type: str, name: str | None = None
 
     The config is the resolved recipe plus `config`; `run_id` resumes that run (--resume).
     """
-    from still.rundir import run_group
-
     settings = recipe.track.wandb
     if settings is None:
         return None
     dumped = recipe.model_dump(mode="json", exclude_none=True, by_alias=True)
     return open_wandb(settings, run_dir, job_type=job_type, name=name or recipe.name,
-                      group=settings.group or run_group(recipe), run_id=run_id,
+                      group=settings.group or run_group(recipe.source_path, recipe.name),
+                      run_id=run_id,
                       config={"recipe": dumped, **(config or {})})
+
+
+def run_group(source_path: str | None, fallback: str) -> str:
+    """Runs of one pipeline (e.g. recipes/quickstart/*) share a tracking group: the recipe's
+    directory."""
+    return Path(source_path).parent.name if source_path else fallback
 
 
 def open_wandb(settings: WandbSection, run_dir: Path, *, job_type: str, name: str, group: str | None,
@@ -198,8 +197,6 @@ def open_wandb(settings: WandbSection, run_dir: Path, *, job_type: str, name: st
 def _save_files(run, run_dir: Path) -> None:
     """Redacted copies of the resolved recipe and lineage.json as files of the run."""
     import yaml
-
-    from still.rundir import LINEAGE, RESOLVED_RECIPE
 
     for name, load, dump in (
         (RESOLVED_RECIPE, yaml.safe_load, lambda data: yaml.safe_dump(data, sort_keys=False, allow_unicode=True)),
@@ -274,7 +271,7 @@ class Tracking:
     callbacks: list[TrainerCallback] = field(default_factory=list)
 
 
-def start_tracking(recipe, run_dir: Path, *, job_type: str, lineage: dict | None = None) -> Tracking:
+def start_tracking(recipe, run: RunDir, *, job_type: str, lineage: dict | None = None) -> Tracking:
     """metrics.jsonl always; W&B, TensorBoard and other Trainer trackers as the recipe says."""
     track: TrackSection = recipe.track
     unknown = [name for name in track.report_to if name not in INTEGRATION_TO_CALLBACK]
@@ -283,7 +280,7 @@ def start_tracking(recipe, run_dir: Path, *, job_type: str, lineage: dict | None
             f"track.report_to: unknown tracker {unknown[0]!r}",
             hint=f"Trainer supports: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}",
         )
-    tracking = Tracking(report_to=list(track.report_to), callbacks=[MetricsJsonl(Path(run_dir) / "metrics.jsonl")])
+    tracking = Tracking(report_to=list(track.report_to), callbacks=[MetricsJsonl(run.metrics_file)])
     if track.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -291,12 +288,12 @@ def start_tracking(recipe, run_dir: Path, *, job_type: str, lineage: dict | None
             raise StillError("track.tensorboard needs the tensorboard package",
                              hint="pip install tensorboard") from None
         board = TensorBoardCallback()
-        board.logging_dir = str(Path(run_dir) / "tensorboard")
+        board.logging_dir = str(run.path / "tensorboard")
         tracking.callbacks.append(board)
     if track.wandb is not None:
-        run = start_wandb(recipe, run_dir, job_type=job_type, run_id=stable_run_id(run_dir),
-                          config={"lineage": lineage} if lineage else None)
-        if run is not None:
+        wandb_run = start_wandb(recipe, run.path, job_type=job_type, run_id=stable_run_id(run),
+                                config={"lineage": lineage} if lineage else None)
+        if wandb_run is not None:
             tracking.callbacks.append(ResilientWandbCallback(track.wandb.log_model))
     return tracking
 
@@ -308,7 +305,7 @@ def artifact_name(name: str) -> str:
 
 def still_run_artifact(ref) -> str | None:
     """`<name>:latest` when `ref` is a still run dir (whose final model is artifact <name>)."""
-    if isinstance(ref, str) and (Path(ref) / "lineage.json").is_file():
+    if isinstance(ref, str) and RunDir(ref).lineage_file.is_file():
         return f"{artifact_name(Path(ref).resolve().name)}:latest"
     return None
 
@@ -356,22 +353,20 @@ def log_model_artifact(path: Path, *, name: str, lineage: dict, aliases: tuple[s
         return None
 
 
-def finish_training_run(run_dir: Path, summary: dict) -> None:
+def finish_training_run(run: RunDir, summary: dict) -> None:
     """After the final save: the model artifact (unless `log_model: false`), the summary, finish."""
     import wandb
 
-    run = wandb.run
-    if run is None:
+    if wandb.run is None:
         return
-    run_dir = Path(run_dir)
-    saved = next((run_dir / sub for sub in ("adapter", "model") if (run_dir / sub).is_dir()), None)
-    lineage_path = run_dir / "lineage.json"
-    lineage = json.loads(lineage_path.read_text()) if lineage_path.is_file() else {}
-    settings = _wandb_settings(run_dir)
+    saved = run.saved_model()
+    lineage = run.read_lineage()
+    settings = _wandb_settings(run)
     if saved is not None and settings.get("log_model", "end") != "false":
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-        log_model_artifact(saved, name=run_dir.name, lineage=lineage, aliases=("final",),
-                           metadata={"kind": lineage.get("kind"), "format": saved.name, "summary": numbers})
+        log_model_artifact(saved, name=run.name, lineage=lineage, aliases=("final",),
+                           metadata={"kind": lineage.get("kind"), "format": saved.name,
+                                     "summary": numbers})
     # Trainer already logged the final eval as eval/*; add what it did not (e.g. steps).
     finish_wandb({k: v for k, v in summary.items() if not k.startswith("eval_")})
 
@@ -379,32 +374,25 @@ def finish_training_run(run_dir: Path, summary: dict) -> None:
 def log_published_model(out_dir: Path, lineage: dict, *, source_run_dir: Path) -> None:
     """For `still publish`: if the source run was tracked in W&B, a `publish` run in its project
     and group that logs the published dir as a `model` artifact (alias `published`)."""
-    settings = _wandb_settings(source_run_dir)
+    source = RunDir(source_run_dir)
+    settings = _wandb_settings(source)
     if not settings:
         return
-    resolved = (Path(source_run_dir) / "recipe.resolved.yaml").read_text().splitlines()[0]
-    source = resolved.removeprefix("# Resolved from ") if resolved.startswith("# Resolved from ") else None
-    wandb_settings = WandbSection(**{k: v for k, v in settings.items() if k in WandbSection.model_fields})
-    group = wandb_settings.group or (Path(source).parent.name if source else Path(source_run_dir).name)
+    wandb_settings = WandbSection(**{k: v for k, v in settings.items()
+                                     if k in WandbSection.model_fields})
+    group = wandb_settings.group or run_group(source.recipe_source(), source.name)
     # W&B's files go next to the source run's, never into the published dir itself
-    run = open_wandb(wandb_settings, source_run_dir, job_type="publish", name=f"publish-{Path(out_dir).name}",
-                     group=group, config={"lineage": lineage, "published_dir": str(Path(out_dir).resolve())})
+    run = open_wandb(wandb_settings, source.path, job_type="publish",
+                     name=f"publish-{Path(out_dir).name}", group=group,
+                     config={"lineage": lineage, "published_dir": str(Path(out_dir).resolve())})
     if run is not None:
-        log_model_artifact(out_dir, name=Path(out_dir).name, lineage=lineage, aliases=("published",),
-                           metadata={"kind": "published"}, run=run)
+        log_model_artifact(out_dir, name=Path(out_dir).name, lineage=lineage,
+                           aliases=("published",), metadata={"kind": "published"}, run=run)
         finish_wandb()
 
 
-def _wandb_settings(run_dir: Path) -> dict:
-    import yaml
-
-    from still.rundir import RESOLVED_RECIPE
-
-    path = Path(run_dir) / RESOLVED_RECIPE
-    if not path.is_file():
-        return {}
-    data = yaml.safe_load(path.read_text()) or {}
-    return (data.get("track") or {}).get("wandb") or {}
+def _wandb_settings(run: RunDir) -> dict:
+    return (run.recipe_data().get("track") or {}).get("wandb") or {}
 
 
 # --------------------------------------------------------------------------- eval + compare
@@ -478,35 +466,17 @@ def link_lineage(run_dir: Path) -> list[str]:
     """Online, after `wandb sync`: mark the run's parent model artifacts as used by it."""
     import wandb
 
-    run_dir = Path(run_dir)
-    settings = _wandb_settings(run_dir)
-    lineage_path = run_dir / "lineage.json"
-    if not (run_dir / RUN_ID_FILE).is_file() or not lineage_path.is_file():
-        raise StillError(f"{run_dir}: not a W&B-tracked still run dir (no {RUN_ID_FILE} or lineage.json)")
+    run = RunDir(run_dir)
+    run_id = run.tracker_run_id()
+    if run_id is None or not run.lineage_file.is_file():
+        raise StillError(f"{run_dir}: not a W&B-tracked still run dir "
+                         f"(no {run.tracker_run_id_file.name} or {run.lineage_file.name})")
     if wandb_mode("auto") != "online":
         raise StillError("linking lineage needs W&B online", hint="wandb login, then run this again")
-    parents = lineage_parents(json.loads(lineage_path.read_text()))
-    run = wandb.init(project=settings.get("project", "still"), entity=settings.get("entity"),
-                     id=(run_dir / RUN_ID_FILE).read_text().strip(), resume="must", mode="online")
-    use_artifacts(run, parents)
-    run.finish()
+    settings = _wandb_settings(run)
+    parents = lineage_parents(run.read_lineage())
+    online = wandb.init(project=settings.get("project", "still"), entity=settings.get("entity"),
+                        id=run_id, resume="must", mode="online")
+    use_artifacts(online, parents)
+    online.finish()
     return parents
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or argv[0] != "link":
-        print("usage: python -m still.tracking link RUN_DIR [RUN_DIR ...]", file=sys.stderr)
-        return 2
-    try:
-        for run_dir in argv[1:]:
-            parents = link_lineage(Path(run_dir))
-            print(f"still: {run_dir}: linked {', '.join(parents) or 'no still-run parents'}")
-    except StillError as exc:
-        print(f"still: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

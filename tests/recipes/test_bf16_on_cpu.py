@@ -9,7 +9,7 @@ patch it; everything else is the normal CPU run.
 import pytest
 
 from still import cli
-from still.tracking import read_metrics
+from still.rundir import RunDir
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def bf16_everywhere(monkeypatch):
 
 
 def losses(run_dir, key="loss"):
-    return [row[key] for row in read_metrics(run_dir / "metrics.jsonl") if key in row]
+    return [row[key] for row in RunDir(run_dir).metrics() if key in row]
 
 
 def test_finetune_chunked_loss_in_bf16(bf16_everywhere, finetune_recipe, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from still import cli
-from still.tracking import read_metrics
+from still.rundir import RunDir
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,7 +18,7 @@ pytestmark = [
 
 
 def curve(run_dir, key="loss"):
-    return [row[key] for row in read_metrics(run_dir / "metrics.jsonl") if key in row]
+    return [row[key] for row in RunDir(run_dir).metrics() if key in row]
 
 
 def run(recipe, name, *overrides):

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from still import models
-from still.tracking import read_metrics
+from still.rundir import RunDir
 
 pytestmark = pytest.mark.multiproc
 
@@ -28,7 +28,7 @@ def _recipe(path: Path, kind: str, model_dir: Path, teacher_dir: Path) -> Path:
     head = f"kind: finetune\nname: x\nmodel: {{ref: \"{model_dir}\"}}\nlora: {{r: 4, alpha: 8, dropout: 0.0}}\n"
     if kind == "distill":
         head = (f"kind: distill\nname: x\nteacher: {{ref: \"{teacher_dir}\"}}\n"
-                "student: {init: {keep_layers: [0, 3]}}\ndistill: {loss: forward_kl, temperature: 2.0, chunk_size: 16}\n")
+                "student: {init: {keep_layers: [0, 3]}}\ndistill: {loss: forward_kl, temperature: 2.0}\n")
     (path / "ppl.yaml").write_text(
         "name: ppl\ntype: perplexity\ndata: {path: train.jsonl}\nprompt: '{{ question }}'\n"
         "target: '{{ answer }}'\nmetrics: [loss]\n"
@@ -50,7 +50,7 @@ def _run(cwd: Path, args: list[str]) -> None:
 
 
 def _losses(run_dir: Path) -> list[float]:
-    return [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+    return [row["loss"] for row in RunDir(run_dir).metrics() if "loss" in row]
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_sigterm_to_one_rank_stops_both_with_a_complete_checkpoint(single):
     assert stopped_at < 400
 
     _run(single, args + ["--resume"])
-    steps = [row["step"] for row in read_metrics(single / "runs" / "preempted" / "metrics.jsonl") if "loss" in row]
+    steps = [row["step"] for row in RunDir(single / "runs" / "preempted").metrics() if "loss" in row]
     assert steps == list(range(1, 401))
 
 

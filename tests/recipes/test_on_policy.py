@@ -10,7 +10,7 @@ import torch
 from distill.kd import prompts_and_budgets
 from still import cli
 from still.data import PackedCollator, PaddedCollator
-from still.tracking import read_metrics
+from still.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,11 @@ def work(tmp_path_factory, tiny_model_dir_4layers):
         name: x
         teacher: {{ref: "{tiny_model_dir_4layers}"}}
         student: {{init: {{keep_layers: [0, 3]}}}}
-        distill: {{loss: jsd, beta: 0.5, chunk_size: 16}}
+        distill: {{loss: jsd, beta: 0.5}}
         data:
           train: {{path: train.jsonl, format: instruction, prompt: question, response: answer}}
           max_len: 64
-        train: {{lr: 1.0e-2, batch_size: 2, max_steps: 4, warmup_ratio: 0.0, seed: 3}}
+        train: {{lr: 1.0e-2, batch_size: 2, max_steps: 4, warmup_ratio: 0.0, seed: 3, loss_chunk_size: 16}}
         """))
     return root
 
@@ -38,7 +38,7 @@ def work(tmp_path_factory, tiny_model_dir_4layers):
 def _run(work, monkeypatch, name, *overrides):
     monkeypatch.chdir(work)
     assert cli.main(["run", "distill.yaml", f"name={name}", *overrides]) == 0
-    return [row for row in read_metrics(work / "runs" / name / "metrics.jsonl") if "loss" in row]
+    return [row for row in RunDir(work / "runs" / name).metrics() if "loss" in row]
 
 
 def test_ratio_zero_is_off_policy(work, monkeypatch):

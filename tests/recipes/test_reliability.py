@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from still import checkpoint as ckpt
 from still import cli
-from still.tracking import read_metrics
+from still.rundir import RunDir
 
 ROWS = [
     {"question": "What does json.dumps do?", "answer": "Serialize obj to a JSON formatted str."},
@@ -31,7 +31,7 @@ STEPS = 60  # ~4 s of training on the tiny model: long enough to kill mid-run
 
 def losses(run_dir):
     # after a kill + resume, a re-logged step overwrites the earlier row
-    return {row["step"]: row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row}
+    return {row["step"]: row["loss"] for row in RunDir(run_dir).metrics() if "loss" in row}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def workdir(tmp_path_factory, tiny_model_dir, tiny_model_dir_4layers):
         name: kd
         teacher: {{ref: "{tiny_model_dir_4layers}"}}
         student: {{init: {{keep_layers: [0, 3]}}}}
-        distill: {{loss: forward_kl, temperature: 2.0, chunk_size: 16}}
+        distill: {{loss: forward_kl, temperature: 2.0}}
         """) + textwrap.dedent(common).replace(f"max_steps: {STEPS}", "max_steps: 40"))
     return root
 

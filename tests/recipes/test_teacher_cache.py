@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from distill import cache as cache_module
 from still import cli
-from still.tracking import read_metrics
+from still.rundir import RunDir
 
 VOCAB = 320  # the tiny tokenizer's
 
@@ -37,12 +37,12 @@ def work(tmp_path_factory, tiny_model_dir_4layers):
         name: x
         teacher: {{ref: "{teacher}"}}
         student: {{init: {{keep_layers: [0, 3]}}}}
-        distill: {{loss: forward_kl, temperature: 2.0, chunk_size: 16, ce_weight: 0.5}}
+        distill: {{loss: forward_kl, temperature: 2.0, ce_weight: 0.5}}
         data:
           train: {{path: train.jsonl, format: instruction, prompt: question, response: answer}}
           eval: {{path: eval.jsonl, format: instruction, prompt: question, response: answer}}
           max_len: 64
-        train: {{lr: 1.0e-2, batch_size: 2, max_steps: 5, warmup_ratio: 0.0, seed: 3}}
+        train: {{lr: 1.0e-2, batch_size: 2, max_steps: 5, warmup_ratio: 0.0, seed: 3, loss_chunk_size: 16}}
         """))
     return root
 
@@ -53,11 +53,11 @@ def _still(work, monkeypatch, *args) -> int:
 
 
 def _losses(run_dir):
-    return [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+    return [row["loss"] for row in RunDir(run_dir).metrics() if "loss" in row]
 
 
 def _kd_losses(run_dir):
-    return [row["kd_loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "kd_loss" in row]
+    return [row["kd_loss"] for row in RunDir(run_dir).metrics() if "kd_loss" in row]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_full_k_cache_trains_like_online_kd(work, online, monkeypatch, capsys):
     run_dir = work / "runs" / "from-cache"
     # fp16 storage of the teacher's log-probs is the only difference (2.8e-4 relative seen)
     assert _losses(run_dir) == pytest.approx(_losses(online), rel=1e-3)
-    eval_loss = [r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
-    online_eval = [r["eval_loss"] for r in read_metrics(online / "metrics.jsonl") if "eval_loss" in r]
+    eval_loss = [r["eval_loss"] for r in RunDir(run_dir).metrics() if "eval_loss" in r]
+    online_eval = [r["eval_loss"] for r in RunDir(online).metrics() if "eval_loss" in r]
     assert eval_loss and eval_loss == pytest.approx(online_eval, rel=1e-3)
     assert (run_dir / "model" / "model.safetensors").exists()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from still import cli
-from still.tracking import read_metrics
+from still.rundir import RunDir
 from tiny_models import QA
 
 # The teacher also learns to act as a judge with this prompt: 9 for the right answer, 2 for
@@ -134,7 +134,7 @@ def test_teacher_written_data_round_trips_into_finetune(workdir, teacher_dir, ti
     assert cli.main(["run", str(finetune)]) == 0
     run_dir = workdir / "runs" / "student"
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
-    losses = [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+    losses = [row["loss"] for row in RunDir(run_dir).metrics() if "loss" in row]
     assert len(losses) == 2 and all(loss == loss and abs(loss) < float("inf") for loss in losses)
 
     # Refused without --force, the file untouched; replaced with it.

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from still import cli
-from still.tracking import read_metrics
+from still.rundir import RunDir
 from wandb_records import offline_runs
 
 pytest.importorskip("wandb")
@@ -99,7 +99,7 @@ def test_pipeline_runs_hold_config_metrics_eval_tables_and_model_artifacts(finet
     saved = ft.directory / "files" / "recipe.resolved.yaml"
     assert saved.read_text() == (teacher_dir / "recipe.resolved.yaml").read_text()
     # training metrics: the same losses as metrics.jsonl, step by step
-    local = [row["loss"] for row in read_metrics(teacher_dir / "metrics.jsonl") if "loss" in row]
+    local = [row["loss"] for row in RunDir(teacher_dir).metrics() if "loss" in row]
     assert ft.metric("train/loss") == pytest.approx(local) and len(local) == 4
     assert kd.metric("train/kd_loss") and kd.config["lineage"]["teacher"] == str(teacher_dir)
 
@@ -169,7 +169,7 @@ def test_a_wandb_failure_warns_and_training_goes_on(finetune_recipe, tmp_path, o
     assert cli.main(["run", str(finetune_recipe(extra=TRACK)), "train.max_steps=2"]) == 0
     run_dir = tmp_path / "runs" / "tiny-ft"
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
-    assert len([r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]) == 2
+    assert len([r for r in RunDir(run_dir).metrics() if "loss" in r]) == 2
     err = capsys.readouterr().err
     assert "still: warning: W&B init failed, continuing without it (RuntimeError: wandb-core crashed)" in err
     assert "with a long trace" not in err
@@ -216,7 +216,7 @@ def test_tensorboard_event_files(finetune_recipe, tmp_path):
     events = EventAccumulator(str(board))
     events.Reload()
     losses = [event.value for event in events.Scalars("train/loss")]
-    local = [row["loss"] for row in read_metrics(tmp_path / "runs" / "tiny-ft" / "metrics.jsonl") if "loss" in row]
+    local = [row["loss"] for row in RunDir(tmp_path / "runs" / "tiny-ft").metrics() if "loss" in row]
     assert losses == pytest.approx(local) and len(losses) == 3
 
 

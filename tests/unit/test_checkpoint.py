@@ -10,6 +10,7 @@ import torch
 
 from still import checkpoint as ckpt
 from still.errors import StillError
+from still.rundir import RunDir
 
 
 def fake_checkpoint(root, step, *, complete=True, size=64, legacy=False):
@@ -59,7 +60,7 @@ def test_resume_picks_newest_complete_and_says_what_it_ignored(tmp_path, capsys)
     (tmp_path / "metrics.jsonl").write_text(
         "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 9)) + '{"step": 9, "lo'
     )
-    chosen = ckpt.resume_checkpoint(tmp_path)
+    chosen = ckpt.resume_checkpoint(RunDir(tmp_path))
     assert chosen == str(checkpoints / "checkpoint-4")
     out = capsys.readouterr().out.splitlines()
     ignored = [line for line in out if "ignored" in line]
@@ -76,15 +77,15 @@ def test_resume_picks_newest_complete_and_says_what_it_ignored(tmp_path, capsys)
 
 def test_resume_with_no_complete_checkpoint_starts_over(tmp_path, capsys):
     fake_checkpoint(tmp_path / "checkpoints", 2, complete=False)
-    assert ckpt.resume_checkpoint(tmp_path) is None
-    assert ckpt.resume_checkpoint(tmp_path / "nothing") is None
+    assert ckpt.resume_checkpoint(RunDir(tmp_path)) is None
+    assert ckpt.resume_checkpoint(RunDir(tmp_path / "nothing")) is None
     assert "starting from step 0" in capsys.readouterr().out
 
 
 def test_runs_from_before_markers_resume_unverified(tmp_path, capsys):
     fake_checkpoint(tmp_path / "checkpoints", 2, complete=False, legacy=True)
     fake_checkpoint(tmp_path / "checkpoints", 4, complete=False, legacy=True)
-    assert ckpt.resume_checkpoint(tmp_path).endswith("checkpoint-4")
+    assert ckpt.resume_checkpoint(RunDir(tmp_path)).endswith("checkpoint-4")
     assert "unverified" in capsys.readouterr().out
 
 

@@ -7,7 +7,7 @@ import torch
 
 from still import data as still_data
 from still.data import PackedCollator, PaddedCollator
-from still.formats import IGNORE_INDEX
+from still.losses import IGNORE_INDEX
 from still.sections import DataSection
 
 FEATURES = [

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from still import tracking
+from still.rundir import RunDir
 from still.errors import StillError
 from still.sections import FinetuneRecipe, TrackSection, WandbSection
 
@@ -46,33 +47,33 @@ def test_mode_env_wins_then_recipe_then_key_and_route(monkeypatch, tmp_path, cap
 
 
 def test_trackers_from_the_track_section(tmp_path):
-    plain = tracking.start_tracking(recipe_with({}, tmp_path), tmp_path, job_type="finetune")
+    plain = tracking.start_tracking(recipe_with({}, tmp_path), RunDir(tmp_path), job_type="finetune")
     assert plain.report_to == [] and [type(c).__name__ for c in plain.callbacks] == ["MetricsJsonl"]
-    other = tracking.start_tracking(recipe_with({"report_to": ["mlflow"]}, tmp_path), tmp_path, job_type="finetune")
+    other = tracking.start_tracking(recipe_with({"report_to": ["mlflow"]}, tmp_path), RunDir(tmp_path), job_type="finetune")
     assert other.report_to == ["mlflow"]
     with pytest.raises(StillError, match="unknown tracker 'mlfow'"):
-        tracking.start_tracking(recipe_with({"report_to": ["mlfow"]}, tmp_path), tmp_path, job_type="finetune")
+        tracking.start_tracking(recipe_with({"report_to": ["mlfow"]}, tmp_path), RunDir(tmp_path), job_type="finetune")
     with pytest.raises(ValueError, match="set 'wandb' with track.wandb"):
         TrackSection(report_to=["wandb"])
 
 
 def test_tensorboard_writes_into_the_run_dir(tmp_path):
     pytest.importorskip("tensorboard")
-    board = tracking.start_tracking(recipe_with({"tensorboard": True}, tmp_path), tmp_path, job_type="finetune")
+    board = tracking.start_tracking(recipe_with({"tensorboard": True}, tmp_path), RunDir(tmp_path), job_type="finetune")
     (callback,) = [c for c in board.callbacks if type(c).__name__ == "TensorBoardCallback"]
     assert callback.logging_dir == str(tmp_path / "tensorboard")
 
 
 def test_wandb_disabled_adds_no_callback(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    result = tracking.start_tracking(recipe_with({"wandb": {"project": "p"}}, tmp_path), tmp_path, job_type="finetune")
+    result = tracking.start_tracking(recipe_with({"wandb": {"project": "p"}}, tmp_path), RunDir(tmp_path), job_type="finetune")
     assert len(result.callbacks) == 1
     assert not (tmp_path / "wandb").exists()
 
 
 def test_stable_run_id_is_made_once(tmp_path):
-    first = tracking.stable_run_id(tmp_path)
-    assert first and tracking.stable_run_id(tmp_path) == first and len(first) == 12
+    first = tracking.stable_run_id(RunDir(tmp_path))
+    assert first and tracking.stable_run_id(RunDir(tmp_path)) == first and len(first) == 12
 
 
 def test_lineage_parents_are_the_still_run_dirs(tmp_path):
@@ -105,18 +106,22 @@ def test_logging_without_an_active_run_is_a_no_op(tmp_path):
     assert wandb.run is None
     tracking.log_eval_task({"task": "qa", "metrics": {}}, tmp_path / "missing.jsonl")
     tracking.log_comparison(tmp_path)
-    tracking.finish_training_run(tmp_path, {"loss": 1.0})
+    tracking.finish_training_run(RunDir(tmp_path), {"loss": 1.0})
     assert tracking.log_model_artifact(tmp_path, name="m", lineage={}) is None
 
 
 def test_link_refuses_untracked_dirs_and_offline_mode(tmp_path, capsys, monkeypatch):
-    assert tracking.main(["link", str(tmp_path)]) == 2
+    from still import cli
+
+    assert cli.main(["link", str(tmp_path)]) == 2
     assert "not a W&B-tracked still run dir" in capsys.readouterr().err
-    assert tracking.main([]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # argparse: RUN_DIR is required
+        cli.main(["link"])
+    assert exit_info.value.code == 2
     (tmp_path / "wandb_run_id").write_text("abc")
     (tmp_path / "lineage.json").write_text("{}")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert tracking.main(["link", str(tmp_path)]) == 2
+    assert cli.main(["link", str(tmp_path)]) == 2
     assert "linking lineage needs W&B online" in capsys.readouterr().err
 
 

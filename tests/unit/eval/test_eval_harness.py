@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eval.harness import HARNESS_VERSION, _cut_at_stop, _encode_pair, evaluate, model_content_hash
+from eval.harness import HARNESS_VERSION, _cut_at_stop, _encode_pair, evaluate
+from still.models import model_content_hash
 from eval.tasks import load_task
 
 MODULES = ["json", "os", "re", "math"]
@@ -194,7 +195,7 @@ def test_adapter_hash_is_the_same_in_every_process(tiny_model_dir):
     import sys
 
     script = (
-        "import sys, torch, peft; from transformers import AutoModelForCausalLM; from eval.harness import model_content_hash\n"
+        "import sys, torch, peft; from transformers import AutoModelForCausalLM; from still.models import model_content_hash\n"
         "torch.manual_seed(0); base = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
         "config = peft.LoraConfig(r=2, target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj'])\n"
         "print(model_content_hash(peft.get_peft_model(base, config)))\n"
