@@ -52,9 +52,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def default_model_dir() -> Path:
-    from still.models import resolve_model_dir
+    from still import models
 
-    return resolve_model_dir("builtin:smollm2-135m-instruct")
+    return Path(models.resolve("builtin:smollm2-135m-instruct").weights)
 
 
 def lm_eval_task_yaml(task, data_file: Path, name: str) -> dict:

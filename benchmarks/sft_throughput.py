@@ -268,7 +268,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from still.models import resolve_model_dir
+    from still import models
 
     variants = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = set(variants) - set(LOSS_COVERS)
@@ -280,7 +280,8 @@ def main() -> None:
         sys.exit("--device cuda: no CUDA device visible")
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = resolve_model_dir(args.model)
+    # a local dir: the built-in's conversion, or the user's model dir
+    model_dir = Path(models.resolve(args.model).weights)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     all_rows = [json.loads(line) for line in DATA_FILE.open() if line.strip()]
     rows, lengths = select_rows(all_rows, render_lengths(tokenizer, all_rows), args.examples, args.lengths,

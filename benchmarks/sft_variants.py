@@ -156,7 +156,7 @@ def write_recipe(args, work: Path) -> Path:
 
 def shared_arguments(args, recipe) -> dict:
     """The hyperparameters every variant shares, as TrainingArguments/SFTConfig keywords."""
-    from finetune.sft import precision_flags
+    from still.train import precision_flags
 
     train = recipe.train
     return dict(
@@ -179,6 +179,8 @@ def build_still(args, recipe, work: Path, meter: Meter):
     from still import data as data_module
     from still import models
     from still.checkpoint import reliability_callbacks
+    from still.rundir import RunDir
+    from still.train import training_arguments
 
     tokenizer = models.load_tokenizer(recipe.model.ref)
     started = time.perf_counter()
@@ -187,17 +189,15 @@ def build_still(args, recipe, work: Path, meter: Meter):
     tokenize_s = time.perf_counter() - started
     set_seed(recipe.train.seed)
     model = sft.build_model(recipe)
-    if args.variant == "still-blockmask":  # what packing did before packed sdpa
-        sft.packed_attention = lambda *models: "block_mask"
-    if args.variant == "still-loop":
-        from still import attention
-
-        attention._varlen.devices = ()
+    # still-blockmask: what packing did before packed sdpa; still-loop: packed sdpa without the
+    # varlen kernel
+    attention = {"still-blockmask": "block_mask", "still-loop": "loop"}.get(args.variant, "auto")
     if args.variant in STILL_VARIANTS:
-        training_args = sft.training_arguments(recipe, work / "run", has_eval=False,
-                                               total_steps=recipe.train.max_steps, report=[])
+        training_args = training_arguments(recipe, RunDir(work / "run"), has_eval=False,
+                                           total_steps=recipe.train.max_steps, report=[])
         trainer = sft.build_trainer(recipe, model, tokenizer, prepared, None, training_args,
-                                    [meter.callback(), *reliability_callbacks(recipe.train)])
+                                    [meter.callback(), *reliability_callbacks(recipe.train)],
+                                    attention=attention)
     else:  # hf: still's tokens and labels, plain padding
         from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
@@ -215,7 +215,7 @@ def build_trl(args, recipe, work: Path, meter: Meter):
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from finetune.sft import lora_config
+    from still.train import lora_config
     from still import models
 
     # What SFTTrainer does with a model path, by default fp32 weights; trl-matched: still's dtype

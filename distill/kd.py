@@ -9,65 +9,40 @@ Same data pipeline and masks as fine-tuning: KD and CE count only loss-carrying 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import torch
 from transformers import Trainer, set_seed
 
 from distill.cache import TeacherCache
-from distill.losses import IGNORE_INDEX, FusedKDLoss, cached_kd_loss, fused_kd_loss, kd_loss
+from distill.losses import FusedKDLoss, cached_kd_loss, fused_kd_loss, kd_loss
 from distill.student import carve_student
-from finetune.sft import (
+from distill.teacher import load_teacher, place_teacher, refuse_transformed_logits, shared_vocab_size
+from eval.run import evaluate_run
+from still import data as data_module
+from still import models
+from still.attention import packed_attention
+from still.checkpoint import reliability_callbacks, resume_checkpoint, stopped_by_signal
+from still.errors import StillError
+from still.launch import is_main_process
+from still.losses import IGNORE_INDEX
+from still.preflight import print_report
+from still.rundir import RunDir
+from still.sections import DistillRecipe
+from still.tracking import start_tracking
+from still.train import (
     collator_for,
     finish_run,
     lora_config,
     planned_steps,
     save_final,
+    token_mean_loss,
     training_arguments,
+    zero_stage,
 )
-from still import data as data_module
-from still import launch
-from still import models
-from still.errors import StillError
-from still.losses import per_token_loss
-from still.preflight import print_report
-from still.checkpoint import reliability_callbacks, resume_checkpoint, stopped_by_signal
-from still.rundir import absolute_ref, is_main_process, write_lineage
-from still.sections import DistillRecipe
-from still.tracking import start_tracking
 
 
 # --------------------------------------------------------------------------- setup
-def load_teacher(recipe: DistillRecipe):
-    """Frozen, eval mode, adapter merged (fp32 merge is exact enough and makes it faster)."""
-    teacher, tokenizer = models.load_from_section(recipe.teacher)
-    if hasattr(teacher, "merge_and_unload"):
-        teacher = teacher.merge_and_unload()
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher, tokenizer
-
-
-def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher, student) -> int:
-    """Logit KD needs one vocabulary. Embedding rows past the tokenizer (padding) are ignored."""
-    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
-        raise StillError(
-            f"teacher and student tokenizers differ ({len(teacher_tokenizer)} vs "
-            f"{len(student_tokenizer)} tokens): logit KD needs one vocabulary",
-            hint="use sequence-level KD (teacher-written data + finetune) for different tokenizers",
-        )
-    vocab = len(teacher_tokenizer)
-    # from a teacher cache, the teacher's head is the tokenizer's vocabulary as cached
-    teacher_rows = vocab if teacher is None else teacher.get_output_embeddings().weight.shape[0]
-    student_rows = student.get_output_embeddings().weight.shape[0]
-    if min(teacher_rows, student_rows) < vocab:
-        raise StillError(f"an output layer has fewer rows ({min(teacher_rows, student_rows)}) than the tokenizer ({vocab})")
-    if teacher_rows != student_rows and is_main_process():
-        print(f"still: vocab padding differs (teacher {teacher_rows}, student {student_rows} rows); KD uses the {vocab} real tokens")
-    return vocab
-
-
-def build_student(recipe: DistillRecipe, teacher, tokenizer, calibration):
+def recipe_student(recipe: DistillRecipe, teacher, tokenizer, calibration):
     """A model reference, or a student carved from the teacher's layers; then LoRA or full."""
     spec = recipe.student
     if spec.init is not None:
@@ -83,24 +58,6 @@ def build_student(recipe: DistillRecipe, teacher, tokenizer, calibration):
 
         student = get_peft_model(student, lora_config(recipe.lora, "lora"))
     return student, student_tokenizer, report
-
-
-def refuse_transformed_logits(**roles) -> None:
-    """The fused KD loss builds logits as head(hidden); a model that soft-caps or scales them
-    after its head would be distilled against the wrong distribution. (A teacher cache stores
-    the teacher's real logits, so then only the student is checked.)"""
-    for role, model in roles.items():
-        if model is None:
-            continue
-        head = model.get_output_embeddings()
-        if head is not None and head.weight.numel() == 0:
-            continue  # partitioned by ZeRO-3 at load: the unfused path calls the head itself
-        if not models.logits_are_head_output(model):
-            raise StillError(
-                f"the {role}'s logits are not its output head alone (e.g. Gemma-2's soft-capping or "
-                f"Cohere's scaling); the fused KD loss would distil the wrong distribution",
-                hint="distil between models whose logits come straight from the head (not supported yet)",
-            )
 
 
 def calibration_batches(recipe: DistillRecipe, train_data):
@@ -162,12 +119,12 @@ class KDTrainer(Trainer):
     # compute_loss normalises by the global number of loss tokens itself.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, teacher, distill, vocab_size: int, teacher_placement: str = "auto",
+    def __init__(self, *args, teacher, distill, vocab_size: int, loss_chunk_size: int,
+                 teacher_placement: str = "auto",
                  teacher_cache: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher_cache = teacher_cache  # split -> TeacherCache, instead of a teacher model
-        if teacher_cache is not None and self.is_deepspeed_enabled and \
-                self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        if teacher_cache is not None and zero_stage(self) == 3:
             raise StillError("distill.teacher_cache does not work under zero3 yet (the student's head "
                              "is partitioned)", hint="use strategy ddp or zero2 with a teacher cache")
         self.teacher = None if teacher is None else self._place_teacher(teacher, teacher_placement)
@@ -175,29 +132,26 @@ class KDTrainer(Trainer):
         self._on_policy_draws = random.Random(self.args.seed)
         self._on_policy_counts = {"batches": 0, "on_policy": 0}
         self.distill = distill
+        self.loss_chunk_size = loss_chunk_size
         self.vocab_size = vocab_size
         self._component_sums = {"kd": 0.0, "ce": 0.0, "tokens": 0.0}
 
     def _place_teacher(self, teacher, choice: str):
-        """A copy per process, or sharded like the student under ZeRO-3 / FSDP (see launch.py)."""
-        if self.is_deepspeed_enabled:
-            stage = self.accelerator.state.deepspeed_plugin.zero_stage
+        """A copy per process, or sharded like the student under ZeRO-3 / FSDP."""
+        stage = zero_stage(self)
+        if stage is not None:
             strategy = f"zero{stage}"
+        elif self.is_fsdp_enabled:
+            strategy = "fsdp"
         else:
-            strategy = "fsdp" if self.is_fsdp_enabled else ("ddp" if self.accelerator.num_processes > 1 else "single")
-        teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
-        device_bytes = launch.device_memory_bytes(self.args.device)
-        placement = launch.teacher_placement(choice, strategy, teacher_bytes, device_bytes)
-        if strategy in ("zero3", "fsdp") and is_main_process():
-            done = {"replicate": "replicated", "shard": "sharded"}[placement]
-            print(f"still: teacher ({launch.describe_bytes(teacher_bytes)} of weights) {done} "
-                  f"across {self.accelerator.num_processes} process(es) "
-                  f"[{launch.describe_bytes(device_bytes)} per device; distributed.teacher: {choice}]")
-        if placement == "replicate":
-            return teacher.to(self.args.device)
-        if strategy == "zero3":
-            return launch.shard_teacher_deepspeed(teacher, self.accelerator.state.deepspeed_plugin)
-        return launch.shard_teacher_fsdp(teacher, self.args.device, self.accelerator.state.fsdp_plugin)
+            strategy = "ddp" if self.accelerator.num_processes > 1 else "single"
+        state = self.accelerator.state
+        return place_teacher(
+            teacher, choice, strategy=strategy, device=self.args.device,
+            num_processes=self.accelerator.num_processes,
+            deepspeed_plugin=state.deepspeed_plugin if stage is not None else None,
+            fsdp_plugin=state.fsdp_plugin if self.is_fsdp_enabled else None,
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
@@ -254,7 +208,7 @@ class KDTrainer(Trainer):
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(budgets), do_sample=True,
                 temperature=self.distill.on_policy_temperature, top_k=0, top_p=1.0,
                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3,
+                synced_gpus=zero_stage(self) == 3,
             )[:, width:].tolist()
         student.train(was_training)
         features = []
@@ -270,12 +224,7 @@ class KDTrainer(Trainer):
 
     def _normalise(self, out: FusedKDLoss, model, num_items_in_batch, student_out, return_outputs):
         """Loss sums → the loss Trainer backpropagates, normalised by the global token count."""
-        loss = per_token_loss(
-            out.loss, out.n_tokens, num_items_in_batch=num_items_in_batch, training=model.training,
-            accumulation_steps=getattr(self, "current_gradient_accumulation_steps", 1),  # unset before step 1
-            num_processes=self.accelerator.num_processes,
-            average_across_devices=self.args.average_tokens_across_devices,
-        )
+        loss = token_mean_loss(self, model, out.loss, out.n_tokens, num_items_in_batch)
         if model.training:
             self._component_sums["kd"] += float(out.kd_sum)
             self._component_sums["ce"] += float(out.ce_sum)
@@ -293,7 +242,7 @@ class KDTrainer(Trainer):
             hidden.reshape(-1, hidden.shape[-1]), head.weight, log_probs, ids, rest_log,
             labels[:, 1:].reshape(-1), divergence=d.loss, temperature=d.temperature, beta=d.beta,
             alpha=d.alpha, kd_weight=d.kd_weight, ce_weight=d.ce_weight, vocab_size=self.vocab_size,
-            chunk_size=d.chunk_size, student_head_bias=getattr(head, "bias", None),
+            chunk_size=self.loss_chunk_size, student_head_bias=getattr(head, "bias", None),
         )
 
     def _fused_loss(self, head, teacher_head, student_hidden, teacher_hidden, target) -> FusedKDLoss:
@@ -311,7 +260,7 @@ class KDTrainer(Trainer):
             kd_weight=d.kd_weight,
             ce_weight=d.ce_weight,
             vocab_size=self.vocab_size,
-            chunk_size=d.chunk_size,
+            chunk_size=self.loss_chunk_size,
             student_head_bias=getattr(head, "bias", None),
             teacher_head_bias=getattr(teacher_head, "bias", None),
         )
@@ -322,12 +271,13 @@ class KDTrainer(Trainer):
         student_logits = head(student_hidden)[:, :vocab].float()
         with torch.no_grad():
             teacher_logits = teacher_head(teacher_hidden)[:, :vocab].float()
-        mask = target != -100
+        mask = target != IGNORE_INDEX
         kd_sum = kd_loss(
             student_logits, teacher_logits, mask, divergence=d.loss, temperature=d.temperature,
             beta=d.beta, alpha=d.alpha, reduction="sum",
         )
-        ce_sum = torch.nn.functional.cross_entropy(student_logits, target, ignore_index=-100, reduction="sum")
+        ce_sum = torch.nn.functional.cross_entropy(student_logits, target, ignore_index=IGNORE_INDEX,
+                                                 reduction="sum")
         loss = d.kd_weight * kd_sum + d.ce_weight * ce_sum
         return FusedKDLoss(loss, kd_sum.detach(), ce_sum.detach(), mask.sum())
 
@@ -344,52 +294,68 @@ class KDTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-# --------------------------------------------------------------------------- train + save
-def preflight(recipe: DistillRecipe) -> None:
+# --------------------------------------------------------------------------- check, train, save
+def check(recipe: DistillRecipe) -> None:
     """`still check` for distill: data report, the student that would be built, estimates."""
     teacher, tokenizer = load_teacher(recipe)
     train_data = data_module.prepare(recipe.data, tokenizer, split="train")
     eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
-    student, student_tokenizer, _ = build_student(recipe, teacher, tokenizer, calibration_batches(recipe, train_data))
+    student, student_tokenizer, _ = recipe_student(recipe, teacher, tokenizer,
+                                                   calibration_batches(recipe, train_data))
     shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
-    print_report(recipe, tokenizer, train_data, eval_data, model=student, total_steps=planned_steps(recipe, len(train_data.dataset)))
+    print_report(recipe, tokenizer, train_data, eval_data, model=student,
+                 total_steps=planned_steps(recipe, len(train_data.dataset)))
 
 
-def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
+def _teacher_and_tokenizer(recipe: DistillRecipe):
+    if recipe.distill.teacher_cache is not None and recipe.student.init is None:
+        # the teacher's weights are not needed at all
+        return None, models.load_tokenizer(recipe.teacher.ref,
+                                           trust_remote_code=recipe.teacher.trust_remote_code)
+    return load_teacher(recipe)
+
+
+def _lineage(recipe: DistillRecipe, run: RunDir, carve) -> dict:
+    student_ref = models.absolute_ref(recipe.student.ref) if recipe.student.ref else None
+    return run.write_lineage(
+        recipe,
+        teacher=models.absolute_ref(recipe.teacher.ref),
+        student=student_ref,
+        base=student_ref if recipe.method == "lora" else None,
+        carved=None if carve is None else {"kept_layers": carve.kept_layers,
+                                           "param_fraction": carve.param_fraction},
+        method=recipe.method,
+    )
+
+
+def run(recipe: DistillRecipe, run: RunDir, *, resume: bool = False,
+        attention: str = "auto") -> dict:
     # Trainer seeds only when it is created; carving and adapter init happen before that.
     set_seed(recipe.train.seed)
     cached = recipe.distill.teacher_cache is not None
-    if cached and recipe.student.init is None:  # the teacher's weights are not needed at all
-        teacher = None
-        tokenizer = models.load_tokenizer(recipe.teacher.ref, trust_remote_code=recipe.teacher.trust_remote_code)
-    else:
-        teacher, tokenizer = load_teacher(recipe)
+    teacher, tokenizer = _teacher_and_tokenizer(recipe)
     caches = open_caches(recipe, tokenizer) if cached else None
     train_data = data_module.prepare(recipe.data, tokenizer, split="train")
     eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
-    student, student_tokenizer, carve = build_student(recipe, teacher, tokenizer, calibration_batches(recipe, train_data))
+    student, student_tokenizer, carve = recipe_student(recipe, teacher, tokenizer,
+                                                       calibration_batches(recipe, train_data))
     if cached:
         teacher = None  # carved from it if asked; the loss reads the cache
         for prepared in (train_data, eval_data):
             if prepared is not None:
-                prepared.dataset = prepared.dataset.add_column("example_id", list(range(len(prepared.dataset))))
+                prepared.dataset = prepared.dataset.add_column(
+                    "example_id", list(range(len(prepared.dataset))))
     vocab_size = shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
     refuse_transformed_logits(teacher=teacher, student=student)
     total_steps = planned_steps(recipe, len(train_data.dataset))
     print_report(recipe, tokenizer, train_data, eval_data, model=student, total_steps=total_steps)
 
-    lineage = write_lineage(
-        run_dir,
-        recipe,
-        teacher=absolute_ref(recipe.teacher.ref),
-        student=absolute_ref(recipe.student.ref) if recipe.student.ref else None,
-        base=absolute_ref(recipe.student.ref) if recipe.student.ref and recipe.method == "lora" else None,
-        carved=None if carve is None else {"kept_layers": carve.kept_layers, "param_fraction": carve.param_fraction},
-        method=recipe.method,
-    )
-    tracking = start_tracking(recipe, run_dir, job_type="distill", lineage=lineage)
-    collator = collator_for(recipe.data, tokenizer, student, teacher)
-    args = training_arguments(recipe, run_dir, has_eval=eval_data is not None, total_steps=total_steps, report=tracking.report_to)
+    lineage = _lineage(recipe, run, carve)
+    tracking = start_tracking(recipe, run, job_type="distill", lineage=lineage)
+    isolation = packed_attention(student, teacher, choice=attention) if recipe.data.packing else None
+    collator = collator_for(recipe.data, tokenizer, isolation, student, teacher)
+    args = training_arguments(recipe, run, has_eval=eval_data is not None,
+                              total_steps=total_steps, report=tracking.report_to)
     trainer = KDTrainer(
         model=student,
         args=args,
@@ -400,17 +366,20 @@ def run(recipe: DistillRecipe, run_dir: Path, *, resume: bool = False) -> dict:
         callbacks=[*tracking.callbacks, *reliability_callbacks(recipe.train)],
         teacher=teacher,
         distill=recipe.distill,
+        loss_chunk_size=recipe.train.loss_chunk_size,
         vocab_size=vocab_size,
         teacher_placement=recipe.distributed.teacher,
         teacher_cache=caches,
     )
-    checkpoint = resume_checkpoint(run_dir) if resume else None
+    checkpoint = resume_checkpoint(run) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if stopped_by_signal(trainer, recipe):  # saved a complete checkpoint; --resume continues
-        return {"summary": {"steps": trainer.state.global_step, "stopped": True}, "lineage": lineage}
+        return {"summary": {"steps": trainer.state.global_step, "stopped": True},
+                "lineage": lineage}
     final_eval = trainer.evaluate() if eval_data is not None else {}
     # A carved student has no saved base for an adapter to point at: save it merged.
     if recipe.method == "lora" and carve is not None:
         trainer.model = trainer.model.merge_and_unload()
-    save_final(trainer, tokenizer, run_dir, full=recipe.method == "full" or carve is not None)
-    return {"summary": finish_run(trainer, recipe, run_dir, result, final_eval), "lineage": lineage}
+    save_final(trainer, tokenizer, run, full=recipe.method == "full" or carve is not None)
+    summary = finish_run(trainer, recipe, run, result, final_eval, evaluate=evaluate_run)
+    return {"summary": summary, "lineage": lineage}

@@ -269,7 +269,7 @@ def _student_state_dict(teacher_state: dict[str, Tensor], kept: list[int]) -> di
     return state
 
 
-def build_student(teacher: PreTrainedModel, kept: list[int]) -> PreTrainedModel:
+def carved_model(teacher: PreTrainedModel, kept: list[int]) -> PreTrainedModel:
     """A fresh model of the teacher's class with only the `kept` layers, holding their weights."""
     _decoder_layers(teacher)
     first_parameter = next(teacher.parameters())
@@ -313,7 +313,7 @@ def carve_student(
         strategy=init.strategy,
         importance=importance,
     )
-    student = build_student(source, kept)
+    student = carved_model(source, kept)
     report = CarveReport(
         kept_layers=kept,
         teacher_layers=num_layers,
@@ -322,30 +322,3 @@ def carve_student(
         importance=importance,
     )
     return student, report
-
-
-def _parameter_twin(teacher: nn.Module) -> PreTrainedModel:
-    """The teacher's architecture on the meta device: exact counts, no memory, no adapter."""
-    base = teacher.get_base_model() if isinstance(teacher, PeftModel) else teacher
-    with torch.device("meta"):
-        return type(base)._from_config(copy.deepcopy(base.config))
-
-
-def max_kept_layers_for_fraction(teacher: nn.Module, fraction: float) -> int:
-    """The most layers a carved student may keep and stay ≤ `fraction` of the teacher's
-    parameters, whichever layers it keeps; 0 when even the embeddings and head exceed it."""
-    if not 0 < fraction <= 1:
-        raise StillError(f"a parameter fraction must be in (0, 1], got {fraction}")
-    twin = _parameter_twin(teacher)
-    teacher_size = count_parameters(twin)
-    layer_sizes = sorted((count_parameters(layer) for layer in _decoder_layers(twin)), reverse=True)
-    budget = fraction * teacher_size
-    student_size = teacher_size - sum(layer_sizes)  # embeddings, final norm, untied head
-    kept = 0
-    # Largest layers first, so the answer holds for any choice of layers when sizes differ.
-    for layer_size in layer_sizes:
-        if student_size + layer_size > budget:
-            break
-        student_size += layer_size
-        kept += 1
-    return kept

@@ -30,6 +30,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from still.models import base_model
 
 PACKED_SDPA = "still_packed_sdpa"
+# The same without the varlen kernel: sdpa once per example everywhere (what packed sdpa does
+# on CPU); chosen explicitly, to measure the kernel against it.
+PACKED_SDPA_LOOP = "still_packed_sdpa_loop"
+PACKED_IMPLEMENTATIONS = (PACKED_SDPA, PACKED_SDPA_LOOP)
+# How packing keeps examples apart: `packed_attention` picks for the models ("auto"), or the
+# caller insists on the block-diagonal mask or on the per-example loop.
+PACKING_ATTENTION = ("auto", "block_mask", "loop")
 _LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
@@ -205,7 +212,7 @@ _varlen = _Varlen()
 
 
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                        sliding_window=None, position_ids=None, **kwargs):
+                        sliding_window=None, position_ids=None, varlen: bool = True, **kwargs):
     """AttentionInterface function: query/key/value [batch, heads, tokens, head_dim]."""
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
@@ -217,24 +224,31 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, 
                            f"{key.shape[2]} keys (or with a position bias) is not supported")
     kwargs.pop("is_causal", None)
     return _attend(module, query, key, value, position_ids, dropout=dropout, scaling=scaling,
-                   sliding_window=sliding_window, **kwargs), None
+                   sliding_window=sliding_window, varlen=varlen, **kwargs), None
+
+
+def packed_sdpa_loop_forward(*args, **kwargs):
+    return packed_sdpa_forward(*args, varlen=False, **kwargs)
 
 
 @torch.compiler.disable  # host reads and a data-dependent loop: eager, between compiled graphs
-def _attend(module, query, key, value, position_ids, *, dropout, scaling, sliding_window, **kwargs):
+def _attend(module, query, key, value, position_ids, *, dropout, scaling, sliding_window, varlen,
+            **kwargs):
     if position_ids is None:
         rows = [[(0, query.shape[2])]] * query.shape[0]
     else:
         rows = _segments(position_ids, query.shape[0])
-    if _varlen.covers(module, query, key, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
-                      softcap=kwargs.get("softcap")):
+    if varlen and _varlen.covers(module, query, key, dropout=dropout, scaling=scaling,
+                                 sliding_window=sliding_window, softcap=kwargs.get("softcap")):
         return _varlen(query, key, value, rows, scaling=scaling, sliding_window=sliding_window)
     return _per_example(module, query, key, value, rows, dropout=dropout, scaling=scaling,
                         sliding_window=sliding_window, **kwargs)
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
-AttentionMaskInterface.register(PACKED_SDPA, _packed_mask)
+AttentionInterface.register(PACKED_SDPA_LOOP, packed_sdpa_loop_forward)
+for _name in PACKED_IMPLEMENTATIONS:
+    AttentionMaskInterface.register(_name, _packed_mask)
 
 
 def implementation(model) -> str:
@@ -246,7 +260,7 @@ def packed_sdpa_unsupported(model) -> str | None:
     """Why `model` cannot switch to packed sdpa, or None when it can."""
     base = base_model(model)
     config = base.config
-    if config._attn_implementation not in ("sdpa", PACKED_SDPA):
+    if config._attn_implementation not in ("sdpa", *PACKED_IMPLEMENTATIONS):
         return f"attention is {config._attn_implementation}, not sdpa"
     if not getattr(base, "_supports_attention_backend", False):
         return f"{type(base).__name__} does not use transformers' AttentionInterface"
@@ -260,25 +274,34 @@ def packed_sdpa_unsupported(model) -> str | None:
     return None
 
 
-def use_packed_sdpa(model) -> bool:
-    """Switch an sdpa decoder to packed sdpa; False (unchanged) where that is not known to be exact."""
+def use_packed_sdpa(model, *, varlen: bool = True) -> bool:
+    """Switch an sdpa decoder to packed sdpa (`varlen=False`: never the varlen kernel); False
+    (unchanged) where that is not known to be exact."""
     if packed_sdpa_unsupported(model) is not None:
         return False
+    name = PACKED_SDPA if varlen else PACKED_SDPA_LOOP
     base = base_model(model)
-    base.set_attn_implementation(PACKED_SDPA)
-    return base.config._attn_implementation == PACKED_SDPA
+    base.set_attn_implementation(name)
+    return base.config._attn_implementation == name
 
 
-def packed_attention(*models) -> str:
-    """How packed batches must keep examples apart for every model that reads them.
+def packed_attention(*models, choice: str = "auto") -> str:
+    """Switch the models' attention for packed batches; how the batches must then keep
+    examples apart for every model that reads them. Callers call it once, before training.
 
     "position_ids" when each model isolates them from position_ids alone: flash-attention's
     varlen kernels do, and sdpa decoders are switched to packed sdpa here. Otherwise
-    "block_mask" (eager attention, or a model packed sdpa does not cover): the collator then
-    adds the 4-D block-diagonal mask, which switched models also honour.
+    "block_mask" (eager attention, a model packed sdpa does not cover, or `choice:
+    block_mask`): the collator then adds the 4-D block-diagonal mask, which switched models
+    also honour. `choice: loop` switches to packed sdpa without the varlen kernel.
     """
+    if choice not in PACKING_ATTENTION:
+        raise ValueError(f"choice={choice!r}: expected one of {PACKING_ATTENTION}")
+    if choice == "block_mask":
+        return "block_mask"
     isolated = [
-        implementation(model).startswith("flash_attention") or use_packed_sdpa(model)
+        implementation(model).startswith("flash_attention")
+        or use_packed_sdpa(model, varlen=choice == "auto")
         for model in models
         if model is not None
     ]

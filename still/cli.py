@@ -64,12 +64,12 @@ def _cmd_run(args) -> int:
         plan = launch.plan(recipe.distributed, args.nproc)
         if plan.needs_launcher:
             return _launch(recipe, plan, args)
-    with open_run_dir(recipe, resume=args.resume, force=args.force) as run_dir:
+    with open_run_dir(recipe, resume=args.resume, force=args.force) as run:
         if recipe.kind == "finetune":
-            from finetune.sft import run
+            from finetune.sft import run as run_recipe
         else:
-            from distill.kd import run
-        run(recipe, run_dir, resume=args.resume)
+            from distill.kd import run as run_recipe
+        run_recipe(recipe, run, resume=args.resume)
     _leave_process_group()
     return 0
 
@@ -104,9 +104,9 @@ def _launch(recipe, plan, args) -> int:
     """Open the run dir here, write the launch configs into it, and start the processes."""
     import tempfile
 
-    from finetune.sft import precision_flags
     from still import launch
     from still.rundir import open_run_dir
+    from still.train import precision_flags
 
     flags = precision_flags(recipe.train)
     mixed_precision = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
@@ -118,8 +118,9 @@ def _launch(recipe, plan, args) -> int:
         config = launch.write_configs(dist, plan, launch_dir, mixed_precision=mixed_precision, command=[])
         launch.launch(config, args.recipe, args.overrides, None, resume=args.resume)
         return 0
-    with open_run_dir(recipe, resume=args.resume, force=args.force) as run_dir:
-        launch_dir = run_dir.resolve() / "launch"
+    with open_run_dir(recipe, resume=args.resume, force=args.force) as run:
+        run_dir = run.path
+        launch_dir = run.launch_dir.resolve()
         config_file = launch_dir / "accelerate.yaml"
         by_hand = launch.command(config_file, args.recipe, args.overrides)
         launch.write_configs(dist, plan, launch_dir, mixed_precision=mixed_precision, command=by_hand)
@@ -161,19 +162,41 @@ def _cmd_generate(args) -> int:
 
 def _cmd_check(args) -> int:
     from still import recipe as recipe_module
-    from still.preflight import check
 
     recipe = recipe_module.load(args.recipe, args.overrides)
     if recipe.kind == "eval":
-        raise StillError("`still check` inspects finetune and distill recipes; this one is kind: eval")
+        raise StillError("`still check` inspects finetune and distill recipes; "
+                         "this one is kind: eval")
+    if recipe.kind == "finetune":
+        from finetune.sft import check
+    else:
+        from distill.kd import check
     check(recipe)
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from eval.run import run_eval_cli
+    from eval.run import eval_models, run_eval_recipe
+    from still import recipe as recipe_module
 
-    return run_eval_cli(args)
+    if args.recipe:
+        recipe = recipe_module.load(args.recipe, [])
+        if recipe.kind != "eval":
+            raise StillError(f"{args.recipe} is a {recipe.kind} recipe",
+                             hint="`still eval` takes an eval recipe or --model/--task")
+        return run_eval_recipe(recipe, force=args.force, limit=args.limit,
+                               batch_size=args.batch_size)
+    return eval_models(args.model, args.task, out=args.out, limit=args.limit,
+                       batch_size=args.batch_size, force=args.force)
+
+
+def _cmd_link(args) -> int:
+    from still.tracking import link_lineage
+
+    for run_dir in args.runs:
+        parents = link_lineage(Path(run_dir))
+        print(f"still: {run_dir}: linked {', '.join(parents) or 'no still-run parents'}")
+    return 0
 
 
 def _cmd_compare(args) -> int:
@@ -227,6 +250,27 @@ def _publish_flags(args) -> list[str]:
     return flags + ["--" + name.replace("_", "-") for name in names if getattr(args, name)]
 
 
+def _add_eval_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="score models on task YAMLs")
+    p.add_argument("recipe", nargs="?", help="an eval recipe (or use --model/--task)")
+    p.add_argument("--model", action="append", default=[], help="model reference (repeatable)")
+    p.add_argument("--task", action="append", default=[], help="task YAML (repeatable)")
+    p.add_argument("--limit", type=int, help="score only the first N rows of each task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", help="results dir (default: the run dir's eval/, or runs/eval/...)")
+    p.add_argument("--force", action="store_true", help="ignore cached results")
+    p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("compare", help="compare eval results of several runs side by side")
+    p.add_argument("inputs", nargs="+", help="run dirs or eval result dirs")
+    p.add_argument("--reference", help="name of the model differences are taken against")
+    p.add_argument("--teacher", help="name of the teacher, for retention %%")
+    p.add_argument("--out", help="where compare.md and compare.png go")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log the table and chart to a W&B comparison run")
+    p.add_argument("--wandb-group", metavar="GROUP", help="W&B group of that run (e.g. the pipeline's)")
+    p.set_defaults(handler=_cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="still", description="Fine-tune, distill, evaluate and publish small domain models."
@@ -252,25 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         handler=_cmd_check
     )
 
-    p = sub.add_parser("eval", help="score models on task YAMLs")
-    p.add_argument("recipe", nargs="?", help="an eval recipe (or use --model/--task)")
-    p.add_argument("--model", action="append", default=[], help="model reference (repeatable)")
-    p.add_argument("--task", action="append", default=[], help="task YAML (repeatable)")
-    p.add_argument("--limit", type=int, help="score only the first N rows of each task")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", help="results dir (default: the run dir's eval/, or runs/eval/...)")
-    p.add_argument("--force", action="store_true", help="ignore cached results")
-    p.set_defaults(handler=_cmd_eval)
-
-    p = sub.add_parser("compare", help="compare eval results of several runs side by side")
-    p.add_argument("inputs", nargs="+", help="run dirs or eval result dirs")
-    p.add_argument("--reference", help="name of the model differences are taken against")
-    p.add_argument("--teacher", help="name of the teacher, for retention %%")
-    p.add_argument("--out", help="where compare.md and compare.png go")
-    p.add_argument("--wandb", metavar="PROJECT", help="also log the table and chart to a W&B comparison run")
-    p.add_argument("--wandb-group", metavar="GROUP", help="W&B group of that run (e.g. the pipeline's)")
-    p.set_defaults(handler=_cmd_compare)
-
+    _add_eval_parsers(sub)
     p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model")
     p.add_argument("run", help="run dir with an adapter/")
     p.add_argument("--out", required=True, help="output dir for the merged model")
@@ -303,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "the teacher answers the training prompts: a chat dataset (sequence-level KD)")
     p.add_argument("--force", action="store_true", help="replace an existing generate.out")
     p.set_defaults(handler=_cmd_generate)
+    p = sub.add_parser("link", help="online, after `wandb sync`: mark the W&B model artifacts "
+                       "each run was made from as used by it (its lineage)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="W&B-tracked still run dirs")
+    p.set_defaults(handler=_cmd_link)
     sub.add_parser("schema", help="print the recipe JSON schema").set_defaults(handler=_cmd_schema)
     sub.add_parser("models", help="list built-in models and the conversion cache").set_defaults(
         handler=_cmd_models

@@ -1,7 +1,8 @@
-"""Preflight (`still check`, and the first thing `still run` prints): what the data looks like
-to the model, what will train, and what it will cost — before any step is spent.
+"""Preflight: the report `still check` prints and `still run` prints first — what the data
+looks like to the model, what will train, and what it will cost — before any step is spent.
 
-The refusals (no token carries loss, every example truncated away) are raised by
+Each runner's `check` (finetune/sft.py, distill/kd.py) builds what it would train and hands it
+here. The refusals (no token carries loss, every example truncated away) are raised by
 `still.data.prepare`; this module reports and estimates.
 """
 
@@ -14,7 +15,7 @@ import torch
 
 from still import data as data_module
 from still import models
-from still.rundir import is_main_process
+from still.launch import is_main_process
 
 # Achieved share of the measured matmul throughput during training. CPU: on the idle 2-core
 # CI machine a 768x768 fp32 matmul ran at 188 GFLOP/s and LoRA on SmolLM2-135M trained at
@@ -23,38 +24,21 @@ CPU_EFFICIENCY = 0.35
 GPU_EFFICIENCY = 0.35
 
 
-def check(recipe) -> None:
-    """`still check`: prepare the data and describe the run without loading any weights."""
-    if recipe.kind == "distill":
-        from distill.kd import preflight as distill_preflight
-
-        distill_preflight(recipe)
-        return
-    tokenizer = models.load_tokenizer(recipe.model.ref, trust_remote_code=recipe.model.trust_remote_code)
-    train = data_module.prepare(recipe.data, tokenizer, split="train")
-    eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
-    model = meta_model(recipe)
-    from finetune.sft import planned_steps
-
-    print_report(recipe, tokenizer, train, eval_data, model=model, total_steps=planned_steps(recipe, len(train.dataset)))
-
-
-def meta_model(recipe):
-    """The model (with its adapter, if any) on the meta device: shapes and counts, no weights."""
+def meta_model(spec, *, adapter=None):
+    """The model of a recipe's model section on the meta device, with `adapter` (a peft
+    config) attached when given: shapes and counts, no weights."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    resolved = models.resolve(recipe.model.ref)
-    config = AutoConfig.from_pretrained(resolved.weights, trust_remote_code=recipe.model.trust_remote_code)
+    resolved = models.resolve(spec.ref)
+    config = AutoConfig.from_pretrained(resolved.weights, trust_remote_code=spec.trust_remote_code)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     model.tie_weights()  # on the meta device ties are not applied by from_config
-    if getattr(recipe, "method", "full") != "full":
+    if adapter is not None:
         from peft import get_peft_model
 
-        from finetune.sft import lora_config
-
-        model = get_peft_model(model, lora_config(recipe.lora, recipe.method))
+        model = get_peft_model(model, adapter)
     return model
 
 

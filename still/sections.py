@@ -185,6 +185,13 @@ class FinetuneTrainSection(TrainSection):
     )
 
 
+class DistillTrainSection(TrainSection):
+    loss_chunk_size: int = Field(
+        1024, ge=1, description="The KD loss straight from both models' hidden states, this "
+        "many label tokens at a time: no [tokens × vocab] logits of either model are kept.",
+    )
+
+
 class WandbSection(Section):
     project: str = Field("still", description="W&B project.")
     entity: str | None = Field(None, description="W&B team or user; default: your default entity.")
@@ -324,6 +331,15 @@ class StudentSection(ModelSection):
 
 
 class DistillSection(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        # one knob, one name: the chunking of the head loss is train.loss_chunk_size everywhere
+        if isinstance(data, dict) and "chunk_size" in data:
+            raise ValueError("distill.chunk_size is now train.loss_chunk_size (the same knob "
+                             "in finetune and distill recipes): move it there")
+        return data
+
     loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = Field(
         "forward_kl", description="Divergence between teacher and student token distributions."
     )
@@ -332,7 +348,6 @@ class DistillSection(Section):
     alpha: float = Field(0.1, ge=0, le=1, description="skew_kl: teacher share in the mixture.")
     kd_weight: float = Field(1.0, ge=0, description="Weight of the KD term.")
     ce_weight: float = Field(0.0, ge=0, description="Weight of hard-label cross entropy.")
-    chunk_size: int = Field(1024, ge=1, description="Tokens per chunk in the fused KD loss.")
     teacher_cache: str | None = Field(
         None, description="A teacher cache dir (`still cache R.yaml` builds it): distill from the "
         "teacher's stored top-k log-probs instead of running the teacher.",
@@ -468,6 +483,11 @@ class RecipeBase(Section):
     track: TrackSection = Field(default_factory=TrackSection)
     _source: str | None = PrivateAttr(None)
 
+    @property
+    def source_path(self) -> str | None:
+        """The YAML file this recipe was loaded from (None when built in code)."""
+        return self._source
+
 
 class FinetuneRecipe(RecipeBase):
     kind: Literal["finetune"]
@@ -490,7 +510,7 @@ class DistillRecipe(RecipeBase):
     lora: LoraSection = Field(default_factory=LoraSection)
     distill: DistillSection = Field(default_factory=DistillSection)
     data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
+    train: DistillTrainSection = Field(default_factory=DistillTrainSection)
     distributed: DistillDistributedSection = Field(default_factory=DistillDistributedSection)
     eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
     generate: GenerateSection | None = Field(

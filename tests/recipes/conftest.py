@@ -67,9 +67,10 @@ def distill_recipe(tmp_path, qa_files, tiny_model_dir_4layers):
         models = f"""\
             teacher: {{ref: "{tiny_model_dir_4layers}"}}
             student: {{{student}}}
-            distill: {{loss: forward_kl, temperature: 2.0, kd_weight: 1.0, ce_weight: 0.0, chunk_size: 16}}
+            distill: {{loss: forward_kl, temperature: 2.0, kd_weight: 1.0, ce_weight: 0.0}}
             """
-        train = "{lr: 1.0e-2, batch_size: 4, max_steps: 10, save_steps: 5, warmup_ratio: 0.0, seed: 1}"
+        train = ("{lr: 1.0e-2, batch_size: 4, max_steps: 10, save_steps: 5, warmup_ratio: 0.0, seed: 1, "
+                 "loss_chunk_size: 16}")
         return write_recipe(tmp_path, "distill", name, models, train, extra)
 
     return make

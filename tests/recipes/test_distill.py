@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from still import cli, models
-from still.tracking import read_metrics
+from still.rundir import RunDir
 
 
 def logged(run_dir, key):
-    return [row[key] for row in read_metrics(run_dir / "metrics.jsonl") if key in row]
+    return [row[key] for row in RunDir(run_dir).metrics() if key in row]
 
 
 def test_carved_student_learns_from_teacher(distill_recipe, tmp_path, tiny_model_dir_4layers):
@@ -71,7 +71,7 @@ def test_teacher_weights_unchanged_and_only_student_trains(tiny_model_dir_4layer
                              learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no")
     trainer = KDTrainer(model=student, args=args, train_dataset=datasets.Dataset.from_list(rows),
                         data_collator=PackedCollator(tokenizer.pad_token_id), teacher=teacher,
-                        distill=DistillSection(), vocab_size=len(tokenizer))
+                        distill=DistillSection(), vocab_size=len(tokenizer), loss_chunk_size=16)
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer.train()
     for name, value in teacher.state_dict().items():

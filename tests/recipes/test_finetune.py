@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from still import cli, models
-from still.tracking import read_metrics
+from still.rundir import RunDir
 
 
 def train_losses(run_dir):
-    return {row["step"]: row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row}
+    return {row["step"]: row["loss"] for row in RunDir(run_dir).metrics() if "loss" in row}
 
 
 def test_lora_run_writes_a_complete_run_dir_and_learns(finetune_recipe, tmp_path):
@@ -26,7 +26,7 @@ def test_lora_run_writes_a_complete_run_dir_and_learns(finetune_recipe, tmp_path
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     # the same 8 examples every epoch: the loss must fall clearly
     assert losses[12] < 0.8 * losses[1]
-    evals = [row["eval_loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in row]
+    evals = [row["eval_loss"] for row in RunDir(run_dir).metrics() if "eval_loss" in row]
     assert len(evals) >= 2 and evals[-1] < evals[0]  # eval_on_start gives the base model's loss
 
     model, tokenizer = models.load_model(str(run_dir))
@@ -57,7 +57,7 @@ def test_resume_continues_from_the_last_checkpoint(finetune_recipe, tmp_path):
     # pretend the run died after step 4: drop what came later
     shutil.rmtree(cut / "checkpoints" / "checkpoint-6")
     shutil.rmtree(cut / "adapter")
-    rows = [r for r in read_metrics(cut / "metrics.jsonl") if r["step"] <= 4]
+    rows = [r for r in RunDir(cut).metrics() if r["step"] <= 4]
     (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     assert cli.main(["run", str(recipe), "name=cut", "--resume"]) == 0
@@ -154,13 +154,13 @@ def test_chunked_loss_gives_the_models_own_loss_curve(finetune_recipe, tmp_path,
     assert cli.main([*common, "name=full-logits", "train.loss_chunk_size=null"]) == 0
     assert not calls
     assert_same_curves(tmp_path / "runs" / "chunked", tmp_path / "runs" / "full-logits")
-    losses = [row["loss"] for row in read_metrics(tmp_path / "runs" / "chunked" / "metrics.jsonl") if "loss" in row]
+    losses = [row["loss"] for row in RunDir(tmp_path / "runs" / "chunked").metrics() if "loss" in row]
     assert losses[-1] < losses[0]
 
 
 def assert_same_curves(run_a, run_b):
     """Two runs logged the same loss, eval loss and grad norm at every step (rel 1e-4)."""
-    rows_a, rows_b = (read_metrics(run / "metrics.jsonl") for run in (run_a, run_b))
+    rows_a, rows_b = (RunDir(run).metrics() for run in (run_a, run_b))
     for key in ("loss", "eval_loss", "grad_norm"):
         a = [row[key] for row in rows_a if key in row]
         b = [row[key] for row in rows_b if key in row]
@@ -172,6 +172,8 @@ def test_packed_sdpa_gives_the_block_masks_curve(finetune_recipe, tmp_path, monk
     """Packing switches the tiny Llama to packed sdpa; forcing the block mask gives the same run."""
     from finetune import sft
     from still import attention
+    from still import recipe as recipe_module
+    from still.rundir import open_run_dir
 
     calls = []
     per_example = attention._per_example
@@ -184,8 +186,9 @@ def test_packed_sdpa_gives_the_block_masks_curve(finetune_recipe, tmp_path, monk
     packed_calls = [rows for rows in calls if len(rows[0]) > 1]
     assert len(packed_calls) > 16 and all(len(rows) == 1 and len(rows[0]) == 4 for rows in packed_calls[:16])
     calls.clear()
-    monkeypatch.setattr(sft, "packed_attention", lambda *models: "block_mask")
-    assert cli.main([*common, "name=block-mask"]) == 0
+    block_mask = recipe_module.load(recipe, [*common[2:], "name=block-mask"])
+    with open_run_dir(block_mask) as run:
+        sft.run(block_mask, run, attention="block_mask")
     assert not calls
     assert_same_curves(tmp_path / "runs" / "packed-sdpa", tmp_path / "runs" / "block-mask")
     assert json.loads((tmp_path / "runs" / "packed-sdpa" / "adapter" / "adapter_config.json").read_text())

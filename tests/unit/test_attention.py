@@ -5,10 +5,17 @@ import json
 import pytest
 import torch
 
-from still.attention import PACKED_SDPA, implementation, packed_attention, sliding_window, use_packed_sdpa
+from still.attention import (
+    PACKED_SDPA,
+    PACKED_SDPA_LOOP,
+    implementation,
+    packed_attention,
+    sliding_window,
+    use_packed_sdpa,
+)
 from still.data import PackedCollator
 from still.errors import StillError
-from still.formats import IGNORE_INDEX
+from still.losses import IGNORE_INDEX
 from still.sections import DataSection
 from tiny_models import build_tiny_llama, build_tiny_tokenizer
 
@@ -156,17 +163,37 @@ def test_packed_attention_needs_every_model_to_isolate_examples(tokenizer):
 
 
 def test_block_mask_refuses_a_sliding_window_shorter_than_max_len(tokenizer, tmp_path):
-    from finetune.sft import collator_for
+    from still.train import collator_for
 
     (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     model = build_tiny_gemma3(tokenizer, window=64)
     model.set_attn_implementation("eager")
     data = DataSection(train={"path": str(tmp_path / "train.jsonl")}, max_len=128)
+    isolation = packed_attention(model)
+    assert isolation == "block_mask"
     with pytest.raises(StillError, match=r"sliding window \(64 tokens\).*max_len 128"):
-        collator_for(data, tokenizer, model)
-    assert collator_for(data.model_copy(update={"max_len": 64}), tokenizer, model).attention == "block_mask"
+        collator_for(data, tokenizer, isolation, model)
+    shorter = data.model_copy(update={"max_len": 64})
+    assert collator_for(shorter, tokenizer, isolation, model).attention == "block_mask"
     sdpa = build_tiny_gemma3(tokenizer, window=64)
-    assert collator_for(data, tokenizer, sdpa).attention == "position_ids"
+    isolation = packed_attention(sdpa)
+    assert isolation == "position_ids" and implementation(sdpa) == PACKED_SDPA
+    assert collator_for(data, tokenizer, isolation, sdpa).attention == "position_ids"
+
+
+def test_the_collator_only_reads_the_models(tokenizer, tmp_path):
+    """Choosing the attention switches the model; building a collator changes nothing."""
+    from still.train import collator_for
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    data = DataSection(train={"path": str(tmp_path / "train.jsonl")}, max_len=64)
+    model = build_tiny_gemma3(tokenizer, window=64)
+    collator_for(data, tokenizer, "position_ids", model)
+    assert implementation(model) == "sdpa"
+    assert packed_attention(model, choice="block_mask") == "block_mask"
+    assert implementation(model) == "sdpa"
+    assert packed_attention(model, choice="loop") == "position_ids"
+    assert implementation(model) == PACKED_SDPA_LOOP
 
 
 def test_packed_loss_is_unchanged_by_the_switch(tokenizer):

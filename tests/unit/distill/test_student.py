@@ -16,7 +16,6 @@ from distill.student import (
     choose_layers,
     count_parameters,
     layer_importance,
-    max_kept_layers_for_fraction,
 )
 from still.errors import StillError
 from still.sections import StudentInit
@@ -316,37 +315,3 @@ def test_gemma3_student_generates_with_cache_and_full_copy_matches():
 
 
 # --------------------------------------------------------------------------- size budget
-def test_max_kept_layers_is_the_largest_count_within_the_fraction(tokenizer):
-    teacher = build_tiny_llama(tokenizer, hidden=64, layers=6, seed=0)
-    for fraction in (0.6, 0.75, 0.9):
-        count = max_kept_layers_for_fraction(teacher, fraction)
-        _, fits = carve_student(teacher, StudentInit(keep_ratio=count / 6))
-        _, too_big = carve_student(teacher, StudentInit(keep_ratio=(count + 1) / 6))
-        assert len(fits.kept_layers) == count
-        assert fits.param_fraction <= fraction < too_big.param_fraction
-    assert max_kept_layers_for_fraction(teacher, 0.01) == 0
-    assert max_kept_layers_for_fraction(teacher, 1.0) == 6
-
-
-def test_max_kept_layers_ignores_a_peft_adapter(tokenizer):
-    base = build_tiny_llama(tokenizer, hidden=64, layers=6, seed=0)
-    expected = max_kept_layers_for_fraction(base, 0.7)
-    teacher = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, target_modules="all-linear"))
-    assert max_kept_layers_for_fraction(teacher, 0.7) == expected
-
-
-def test_max_kept_layers_for_smollm2_135m_shape():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
-    )
-    with torch.device("meta"):
-        teacher = LlamaForCausalLM(config)
-    # Per layer: attention 2·576² + 2·576·192, MLP 3·576·1536, two norms; plus tied
-    # embeddings and the final norm. 14 layers are 57.9% of it, 15 would be 60.5%.
-    layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
-    outside_layers = 49152 * 576 + 576
-    assert count_parameters(teacher) == outside_layers + 30 * layer == 134_515_008
-    assert max_kept_layers_for_fraction(teacher, 0.6) == 14

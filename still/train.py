@@ -1,0 +1,224 @@
+"""Trainer plumbing both runners (finetune/sft.py, distill/kd.py) share.
+
+Arguments (`training_arguments`, precision, kernels), the planned number of steps, the LoRA
+config, the batch collator for packed or padded data, the token-normalised loss every
+`compute_loss` here returns, and the tail of a run: save the adapter or model, print the
+summary, score the recipe's eval tasks, close the tracker. Each runner still reads top to
+bottom; only what would otherwise be written twice lives here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from still import data as data_module
+from still.attention import implementation, sliding_window
+from still.errors import StillError
+from still.losses import per_token_loss
+from still.rundir import RunDir
+from still.sections import DataSection, LoraSection, TrainSection
+from still.tracking import finish_training_run
+
+# transformers 5.2x renamed TrainingArguments.gradient_checkpointing (the old name now warns).
+CHECKPOINTING_ARGUMENT = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
+
+
+# --------------------------------------------------------------------------- arguments
+def precision_flags(train: TrainSection) -> dict:
+    """bf16 on a GPU that supports it, fp32 on CPU, unless the recipe says otherwise."""
+    precision = train.precision
+    on_gpu = torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if precision in ("bf16", "fp16") and not on_gpu:
+        raise StillError(
+            f"train.precision: {precision} needs a GPU; this machine has none",
+            hint="use precision: auto (fp32 on CPU)",
+        )
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def kernel_flags(train: TrainSection) -> dict:
+    """torch.compile and Liger, each opt-in; Liger's Triton kernels need CUDA and the package."""
+    if train.liger_kernel:
+        if not torch.cuda.is_available():
+            raise StillError("train.liger_kernel: true needs a CUDA GPU; this machine has none",
+                             hint="set liger_kernel: false on CPU")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise StillError("train.liger_kernel: true but liger-kernel is not installed",
+                             hint="pip install 'still[gpu]' (or liger-kernel), "
+                             "or set liger_kernel: false")
+    return {"torch_compile": train.torch_compile, "use_liger_kernel": train.liger_kernel}
+
+
+def training_arguments(recipe, run: RunDir, *, has_eval: bool, total_steps: int,
+                       report: list[str]) -> TrainingArguments:
+    train = recipe.train
+    # Fractions below 1 are read by Trainer as a share of the total steps.
+    save_steps = train.save_steps or 0.25
+    eval_steps = train.eval_steps
+    return TrainingArguments(
+        output_dir=str(run.checkpoints),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        max_steps=train.max_steps or -1,
+        num_train_epochs=train.epochs,
+        warmup_steps=math.ceil(train.warmup_ratio * total_steps),
+        lr_scheduler_type=train.scheduler,
+        optim=train.optimizer,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        data_seed=train.seed,
+        **{CHECKPOINTING_ARGUMENT: train.gradient_checkpointing},
+        eval_strategy="steps" if (has_eval and eval_steps) else "no",
+        eval_steps=eval_steps,
+        eval_on_start=has_eval,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=None,  # still.checkpoint prunes, and only once a newer one is complete
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        # Packed batches hold no padding, and their attention_mask is an additive 4-D float
+        # mask that Trainer's "non_padding" count would sum; count every input token there.
+        include_num_input_tokens_seen="all" if recipe.data.packing else "non_padding",
+        report_to=report,
+        run_name=recipe.name,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        **precision_flags(train),
+        **kernel_flags(train),
+    )
+
+
+def planned_steps(recipe, n_train: int) -> int:
+    """Optimizer steps for this run (per process world of one; Trainer recounts under DDP)."""
+    train = recipe.train
+    if train.max_steps:
+        return train.max_steps
+    per_step = train.batch_size * train.grad_accum
+    return max(1, math.ceil(train.epochs * math.ceil(n_train / per_step)))
+
+
+def lora_config(lora: LoraSection, method: str):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target,
+        use_rslora=lora.rslora,
+        use_dora=lora.dora or method == "dora",
+        modules_to_save=lora.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+# --------------------------------------------------------------------------- batches
+def collator_for(data: DataSection, tokenizer, attention: str, *models):
+    """Padded batches, or packed ones kept apart by `attention` ("position_ids" or
+    "block_mask", from `still.attention.packed_attention`, which the runner calls first: it
+    is the one that switches the models' attention). Pure: the models are only read."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if not data.packing:
+        return data_module.PaddedCollator(pad_id)
+    if attention == "block_mask":
+        # One 4-D mask serves every layer, so sliding-window layers would see the whole example.
+        for model in models:
+            window = sliding_window(model) if model is not None else None
+            if window is not None and data.max_len > window:
+                raise StillError(
+                    f"packing with {implementation(model)} attention cannot keep this model's "
+                    f"sliding window ({window} tokens) inside examples of up to data.max_len "
+                    f"{data.max_len} tokens",
+                    hint=f"use attn_implementation: sdpa (the default), data.max_len: {window}, "
+                    "or packing: false")
+    # The additive mask must match the query dtype: CUDA sdpa refuses fp32 masks with bf16.
+    return data_module.PackedCollator(pad_id, attention=attention, mask_dtype=models[0].dtype,
+                                      row_tokens=data.pack_row_tokens)
+
+
+# --------------------------------------------------------------------------- loss
+def token_mean_loss(trainer: Trainer, model, loss_sum, n_tokens, num_items_in_batch):
+    """A loss sum over a micro-batch's label tokens → what Trainer backpropagates: normalised by
+    the label tokens of the whole accumulated step across processes (Trainer's
+    `loss_is_scaled_for_ga = True` contract)."""
+    return per_token_loss(
+        loss_sum, n_tokens, num_items_in_batch=num_items_in_batch, training=model.training,
+        # unset before the first step
+        accumulation_steps=getattr(trainer, "current_gradient_accumulation_steps", 1),
+        num_processes=trainer.accelerator.num_processes,
+        average_across_devices=trainer.args.average_tokens_across_devices,
+    )
+
+
+def zero_stage(trainer: Trainer) -> int | None:
+    if not trainer.is_deepspeed_enabled:
+        return None
+    return trainer.accelerator.state.deepspeed_plugin.zero_stage
+
+
+# --------------------------------------------------------------------------- save + finish
+def save_final(trainer: Trainer, tokenizer, run: RunDir, *, full: bool) -> Path:
+    """The adapter (PEFT format) or the full model, with its tokenizer, in the run dir."""
+    target = run.final_dir(full=full)
+    trainer.save_model(str(target))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(target)
+        if (target / "latest").exists():
+            consolidate_zero3(trainer, target)
+    return target
+
+
+def consolidate_zero3(trainer: Trainer, target: Path) -> None:
+    """ZeRO-3 saves a full model as DeepSpeed shards; rewrite it as a plain HF model dir.
+
+    DeepSpeed's own reader rebuilds the fp32 weights from the shards on this (main) process,
+    so no rank needs the whole model in accelerator memory.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(target))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
+    for leftover in [*target.glob("global_step*"), target / "latest", *target.glob("zero_to_*.py")]:
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+
+def format_summary(summary: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in summary.items())
+
+
+def finish_run(trainer: Trainer, recipe, run: RunDir, result, final_eval: dict, *,
+               evaluate: Callable[[RunDir, list[str]], None]) -> dict:
+    """The closing summary line, then `evaluate(run, recipe.eval_tasks)` on the saved run (main
+    process), then the tracker's model artifact. The runner passes the scorer (eval's), so
+    this core module needs nothing above it."""
+    summary = {"train_loss": result.training_loss, **final_eval, "steps": trainer.state.global_step}
+    if trainer.is_world_process_zero():
+        print(f"still: done: {run.path} ({format_summary(summary)})")
+        if recipe.eval_tasks:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            # Training is over: the saved model loads whole here. Left set, ZeRO-3's config would
+            # partition that load across ranks that have already finished.
+            unset_hf_deepspeed_config()
+            evaluate(run, recipe.eval_tasks)
+        finish_training_run(run, summary)  # model artifact + lineage, then the W&B run ends
+    return summary
