@@ -39,14 +39,21 @@ FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="local HF model dir (default: the built-in SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model", help="local HF model dir (default: the built-in SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--task", default=str(ROOT / "recipes/tasks/pydocs-choice.yaml"))
     parser.add_argument("--data", help="use this JSONL instead of the task's data file")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
-        "--repeats", type=int, default=1, help="alternate the two harnesses this many times; best time counts"
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="alternate the two harnesses this many times; best time counts",
     )
     return parser.parse_args()
 
@@ -83,8 +90,15 @@ def run_still(model, tokenizer, task, limit: int, batch_size: int):
     with tempfile.TemporaryDirectory() as out_dir:
         started = time.perf_counter()
         summary = evaluate(
-            model, tokenizer, task, batch_size=batch_size, limit=limit,
-            out_dir=Path(out_dir), cache_dir=None, model_hash="benchmark", progress=False,
+            model,
+            tokenizer,
+            task,
+            batch_size=batch_size,
+            limit=limit,
+            out_dir=Path(out_dir),
+            cache_dir=None,
+            model_hash="benchmark",
+            progress=False,
         )
         seconds = time.perf_counter() - started
         with (Path(out_dir) / f"{task.name}.samples.jsonl").open() as handle:
@@ -146,8 +160,10 @@ def main() -> None:
         their_seconds = min(their_seconds, seconds)
 
     n = ours["n"]
-    print(f"model {model_dir}  task {task.name}  questions {n}  batch size {args.batch_size}  "
-          f"fp32 CPU, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(
+        f"model {model_dir}  task {task.name}  questions {n}  batch size {args.batch_size}  "
+        f"fp32 CPU, {torch.get_num_threads()} threads, best of {args.repeats}"
+    )
     print(f"{'metric':<10}{'still':>10}{'lm-eval':>10}{'diff (points)':>16}")
     agree = True
     for metric in ("acc", "acc_norm"):
@@ -156,19 +172,27 @@ def main() -> None:
         difference = 100 * (our_value - their_value)
         agree &= abs(difference) <= AGREEMENT_POINTS
         print(f"{metric:<10}{our_value:>10.4f}{their_value:>10.4f}{difference:>+16.2f}")
-    same_prompts = all(o["prompt"] == t["arguments"][0][0] for o, t in zip(our_samples, their_samples))
+    same_prompts = all(
+        o["prompt"] == t["arguments"][0][0] for o, t in zip(our_samples, their_samples)
+    )
     loglik_gap = max(
         abs(ours_ll - float(their[0][0]))
         for o, t in zip(our_samples, their_samples)
         for ours_ll, their in zip(o["logliks"], t["resps"])
     )
-    print(f"same prompts: {same_prompts}   max |loglik difference| over all choices: {loglik_gap:.2e}")
+    print(
+        f"same prompts: {same_prompts}   max |loglik difference| over all choices: {loglik_gap:.2e}"
+    )
     our_rate, their_rate = n / our_seconds, n / their_seconds
-    print(f"throughput  still {our_rate:.2f} q/s ({our_seconds:.1f} s)   lm-eval {their_rate:.2f} q/s "
-          f"({their_seconds:.1f} s)   ratio still/lm-eval {our_rate / their_rate:.2f}x")
+    print(
+        f"throughput  still {our_rate:.2f} q/s ({our_seconds:.1f} s)   lm-eval {their_rate:.2f} q/s "
+        f"({their_seconds:.1f} s)   ratio still/lm-eval {our_rate / their_rate:.2f}x"
+    )
     our_tokens, their_tokens = tokens_through_model(tokenizer, task, our_samples)
-    print(f"tokens through the model  still {our_tokens}   lm-eval {their_tokens}   "
-          f"(context once per question vs once per choice)")
+    print(
+        f"tokens through the model  still {our_tokens}   lm-eval {their_tokens}   "
+        f"(context once per question vs once per choice)"
+    )
     print("agreement within 0.5 points:", "yes" if agree else "NO")
     sys.exit(0 if agree else 1)
 
@@ -177,7 +201,9 @@ def tokens_through_model(tokenizer, task, samples: list[dict]) -> tuple[int, int
     """Input tokens: ours packs context + every choice; lm-eval feeds context + choice per choice."""
     ours = theirs = 0
     for sample in samples:
-        pairs = [_encode_pair(tokenizer, sample["prompt"], task.delimiter + c) for c in sample["choices"]]
+        pairs = [
+            _encode_pair(tokenizer, sample["prompt"], task.delimiter + c) for c in sample["choices"]
+        ]
         context_length = len(pairs[0][0])
         ours += context_length + sum(len(continuation) - 1 for _, continuation in pairs)
         theirs += sum(context_length + len(continuation) - 1 for _, continuation in pairs)

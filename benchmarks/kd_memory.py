@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 # Runs as a plain script from a checkout: make `distill` importable without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distill.losses import fused_kd_loss, kd_loss  # noqa: E402
+from distill.losses import fused_kd_loss, kd_loss
 
 KD_WEIGHT = CE_WEIGHT = 0.5
 
@@ -70,7 +70,10 @@ def naive_step(inputs: dict, divergence: str) -> None:
 
 def chunked_step(inputs: dict, divergence: str, chunk_size: int) -> None:
     result = fused_kd_loss(
-        **inputs, divergence=divergence, kd_weight=KD_WEIGHT, ce_weight=CE_WEIGHT,
+        **inputs,
+        divergence=divergence,
+        kd_weight=KD_WEIGHT,
+        ce_weight=CE_WEIGHT,
         chunk_size=chunk_size,
     )
     result.loss.backward()
@@ -107,8 +110,15 @@ def measure_one(args) -> dict:
 
 def run_in_subprocess(variant: str, divergence: str) -> dict:
     """Re-run this script with the same flags as a child that measures one variant."""
-    command = [sys.executable, __file__, *sys.argv[1:], "--variant", variant,
-               "--divergence", divergence]
+    command = [
+        sys.executable,
+        __file__,
+        *sys.argv[1:],
+        "--variant",
+        variant,
+        "--divergence",
+        divergence,
+    ]
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
         sys.exit(f"{variant}/{divergence} failed:\n{finished.stderr}")
@@ -135,9 +145,11 @@ def main() -> None:
         return
 
     versions = f"torch {torch.__version__}, python {sys.version.split()[0]}"
-    print(f"KD forward+backward: batch {args.batch} × seq {args.seq} = {args.batch * args.seq} "
-          f"tokens, vocab {args.vocab}, hidden {args.hidden}/{args.teacher_hidden} "
-          f"(student/teacher), chunk {args.chunk_size}, {args.device} {args.dtype}, {versions}")
+    print(
+        f"KD forward+backward: batch {args.batch} × seq {args.seq} = {args.batch * args.seq} "
+        f"tokens, vocab {args.vocab}, hidden {args.hidden}/{args.teacher_hidden} "
+        f"(student/teacher), chunk {args.chunk_size}, {args.device} {args.dtype}, {versions}"
+    )
     print(f"{'divergence':<12}{'variant':<10}{'peak MiB':>10}{'time s':>9}")
     ratios = []
     for divergence in args.divergences.split(","):
@@ -147,8 +159,10 @@ def main() -> None:
             print(f"{divergence:<12}{variant:<10}{peak:>10.0f}{seconds:>9.2f}")
         memory_ratio = results["chunked"]["peak_mib"] / results["naive"]["peak_mib"]
         time_ratio = results["chunked"]["seconds"] / results["naive"]["seconds"]
-        ratios.append(f"{divergence}: chunked/naive peak memory = {memory_ratio:.1%}, "
-                      f"time = {time_ratio:.2f}x")
+        ratios.append(
+            f"{divergence}: chunked/naive peak memory = {memory_ratio:.1%}, "
+            f"time = {time_ratio:.2f}x"
+        )
     print("\n".join(ratios))
 
 

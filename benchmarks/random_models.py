@@ -20,10 +20,22 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 SHAPES = {
     "smollm2-135m": {},  # SRC's own shape
-    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                         num_attention_heads=32, num_key_value_heads=32, head_dim=64),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16),
+    "smollm2-1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=64,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
 }
 
 
@@ -45,9 +57,15 @@ def main() -> None:
         target = args.out / name
         model.save_pretrained(target)
         for file in args.src.iterdir():
-            if file.is_file() and file.name != "config.json" and not file.name.endswith(".safetensors"):
+            if (
+                file.is_file()
+                and file.name != "config.json"
+                and not file.name.endswith(".safetensors")
+            ):
                 shutil.copy(file, target / file.name)
-        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {target}")
+        print(
+            f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {target}"
+        )
         del model
 
 

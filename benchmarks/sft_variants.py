@@ -18,9 +18,16 @@ from pathlib import Path
 # instead of chunked CE, torch.compile, Liger's Triton kernels (CUDA), gradient checkpointing,
 # and (not a recipe switch) plain sdpa with a block-diagonal mask over the packed row instead
 # of packed sdpa, and packed sdpa without torch's varlen kernel.
-STILL_VARIANTS = {"still": {}, "still-fullce": {"loss_chunk_size": None},
-                  "still-compile": {"torch_compile": True}, "still-liger": {"liger_kernel": True},
-                  "still-gc": {"gradient_checkpointing": True}, "still-blockmask": {}, "still-loop": {}}
+STILL_VARIANTS = {
+    "still": {},
+    "still-fullce": {"loss_chunk_size": None},
+    "still-compile": {"torch_compile": True},
+    "still-liger": {"liger_kernel": True},
+    "still-gc": {"gradient_checkpointing": True},
+    "still-blockmask": {},
+    "still-loop": {},
+}
+
 
 class Meter:
     """Counts tokens in the model's forward and times the loop's phases through callbacks."""
@@ -62,10 +69,12 @@ class Meter:
     def counting(self, collator):
         """The collator, counting loss tokens (still's loss takes the labels out of the forward).
         Trainer collates a step's batches before the step begins; each forward takes its count."""
+
         def collate(features):
             batch = collator(features)
             self._collated_loss_tokens.append(int((batch["labels"][:, 1:] != -100).sum()))
             return batch
+
         return collate
 
     def after_forward(self, module, args, kwargs, output):
@@ -87,7 +96,12 @@ class Meter:
                     meter.start_profiler()
                 meter.step_start = meter._now()
                 meter.forward_at_start = meter.forward_s
-                meter.at_start = (meter.effective, meter.computed, meter.loss_tokens, meter.attention_pairs)
+                meter.at_start = (
+                    meter.effective,
+                    meter.computed,
+                    meter.loss_tokens,
+                    meter.attention_pairs,
+                )
 
             def on_pre_optimizer_step(self, args, state, control, **kwargs):
                 meter.pre_optimizer = meter._now()
@@ -97,13 +111,20 @@ class Meter:
                 forward = meter.forward_s - meter.forward_at_start
                 counts = (meter.effective, meter.computed, meter.loss_tokens, meter.attention_pairs)
                 delta = [after - before for after, before in zip(counts, meter.at_start)]
-                meter.steps.append({
-                    "end": now - meter.begin, "seconds": now - meter.last,
-                    "data": meter.step_start - meter.last, "forward": forward,
-                    "backward": meter.pre_optimizer - meter.step_start - forward,
-                    "optimizer": now - meter.pre_optimizer, "effective": delta[0],
-                    "computed": delta[1], "loss_tokens": delta[2], "attention_pairs": delta[3],
-                })
+                meter.steps.append(
+                    {
+                        "end": now - meter.begin,
+                        "seconds": now - meter.last,
+                        "data": meter.step_start - meter.last,
+                        "forward": forward,
+                        "backward": meter.pre_optimizer - meter.step_start - forward,
+                        "optimizer": now - meter.pre_optimizer,
+                        "effective": delta[0],
+                        "computed": delta[1],
+                        "loss_tokens": delta[2],
+                        "attention_pairs": delta[3],
+                    }
+                )
                 meter.last = now
                 if meter.profiler is not None and state.global_step == meter.profile_steps[1]:
                     meter.stop_profiler()
@@ -137,17 +158,36 @@ def write_recipe(args, work: Path) -> Path:
     import yaml
 
     recipe = {
-        "kind": "finetune", "name": "bench-sft-throughput",
-        "model": {"ref": str(args.model_dir)}, "method": args.method,
-        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                 "target": "all-linear"},
-        "data": {"train": {"path": str(work / "rows.jsonl"), "format": "instruction",
-                           "prompt": "question", "response": "answer"},
-                 "max_len": args.max_len, "packing": True},
-        "train": {"lr": args.lr, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-                  "max_steps": args.steps, "warmup_ratio": args.warmup_ratio, "seed": args.seed,
-                  "save_steps": args.steps + 1,  # no checkpoint inside the timed loop
-                  **STILL_VARIANTS.get(args.variant, {})},
+        "kind": "finetune",
+        "name": "bench-sft-throughput",
+        "model": {"ref": str(args.model_dir)},
+        "method": args.method,
+        "lora": {
+            "r": args.lora_r,
+            "alpha": args.lora_alpha,
+            "dropout": args.lora_dropout,
+            "target": "all-linear",
+        },
+        "data": {
+            "train": {
+                "path": str(work / "rows.jsonl"),
+                "format": "instruction",
+                "prompt": "question",
+                "response": "answer",
+            },
+            "max_len": args.max_len,
+            "packing": True,
+        },
+        "train": {
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum,
+            "max_steps": args.steps,
+            "warmup_ratio": args.warmup_ratio,
+            "seed": args.seed,
+            "save_steps": args.steps + 1,  # no checkpoint inside the timed loop
+            **STILL_VARIANTS.get(args.variant, {}),
+        },
     }
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -160,15 +200,23 @@ def shared_arguments(args, recipe) -> dict:
 
     train = recipe.train
     return dict(
-        per_device_train_batch_size=train.batch_size, gradient_accumulation_steps=train.grad_accum,
-        learning_rate=train.lr, max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        max_steps=train.max_steps,
         warmup_steps=math.ceil(train.warmup_ratio * train.max_steps),
-        lr_scheduler_type=train.scheduler, optim=train.optimizer, weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm, seed=train.seed, data_seed=train.seed,
-        logging_steps=1, save_strategy="no", report_to=[],
+        lr_scheduler_type=train.scheduler,
+        optim=train.optimizer,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
         # TRL's default bf16=True stops on a CPU-only machine unless use_cpu is set (its own advice).
-        use_cpu=args.device == "cpu", **(
-            {} if args.variant == "trl" else precision_flags(train)),
+        use_cpu=args.device == "cpu",
+        **({} if args.variant == "trl" else precision_flags(train)),
     )
 
 
@@ -184,8 +232,9 @@ def build_still(args, recipe, work: Path, meter: Meter):
 
     tokenizer = models.load_tokenizer(recipe.model.ref)
     started = time.perf_counter()
-    prepared = data_module.prepare(recipe.data, tokenizer, split="train", cache_dir=work / "cache",
-                                   progress=False)
+    prepared = data_module.prepare(
+        recipe.data, tokenizer, split="train", cache_dir=work / "cache", progress=False
+    )
     tokenize_s = time.perf_counter() - started
     set_seed(recipe.train.seed)
     model = sft.build_model(recipe)
@@ -193,20 +242,40 @@ def build_still(args, recipe, work: Path, meter: Meter):
     # varlen kernel
     attention = {"still-blockmask": "block_mask", "still-loop": "loop"}.get(args.variant, "auto")
     if args.variant in STILL_VARIANTS:
-        training_args = training_arguments(recipe, RunDir(work / "run"), has_eval=False,
-                                           total_steps=recipe.train.max_steps, report=[])
-        trainer = sft.build_trainer(recipe, model, tokenizer, prepared, None, training_args,
-                                    [meter.callback(), *reliability_callbacks(recipe.train)],
-                                    attention=attention)
+        training_args = training_arguments(
+            recipe,
+            RunDir(work / "run"),
+            has_eval=False,
+            total_steps=recipe.train.max_steps,
+            report=[],
+        )
+        trainer = sft.build_trainer(
+            recipe,
+            model,
+            tokenizer,
+            prepared,
+            None,
+            training_args,
+            [meter.callback(), *reliability_callbacks(recipe.train)],
+            attention=attention,
+        )
     else:  # hf: still's tokens and labels, plain padding
         from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
-        training_args = TrainingArguments(output_dir=str(work / "run"), remove_unused_columns=False,
-                                          **shared_arguments(args, recipe))
+        training_args = TrainingArguments(
+            output_dir=str(work / "run"),
+            remove_unused_columns=False,
+            **shared_arguments(args, recipe),
+        )
         collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-        trainer = Trainer(model=model, args=training_args, data_collator=collator, processing_class=tokenizer,
-                          train_dataset=prepared.dataset.select_columns(["input_ids", "labels"]),
-                          callbacks=[meter.callback()])
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            data_collator=collator,
+            processing_class=tokenizer,
+            train_dataset=prepared.dataset.select_columns(["input_ids", "labels"]),
+            callbacks=[meter.callback()],
+        )
     return trainer, tokenize_s, {"bf16": training_args.bf16}
 
 
@@ -215,8 +284,8 @@ def build_trl(args, recipe, work: Path, meter: Meter):
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from still.train import lora_config
     from still import models
+    from still.train import lora_config
 
     # What SFTTrainer does with a model path, by default fp32 weights; trl-matched: still's dtype
     # (fp32 on CPU, bf16 on CUDA). Loaded here so that the load is not timed as tokenization.
@@ -230,16 +299,32 @@ def build_trl(args, recipe, work: Path, meter: Meter):
     model = create_model_from_path(str(recipe.model.ref), dtype=dtype)
     tokenizer = models.load_tokenizer(recipe.model.ref)
     rows = [json.loads(line) for line in (work / "rows.jsonl").open()]
-    dataset = datasets.Dataset.from_list([
-        {"prompt": [{"role": "user", "content": row["question"]}],
-         "completion": [{"role": "assistant", "content": row["answer"]}]} for row in rows])
+    dataset = datasets.Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": row["question"]}],
+                "completion": [{"role": "assistant", "content": row["answer"]}],
+            }
+            for row in rows
+        ]
+    )
     matched = {"gradient_checkpointing": False} if args.variant == "trl-matched" else {}
-    config = SFTConfig(output_dir=str(work / "run"), max_length=recipe.data.max_len,
-                       **shared_arguments(args, recipe), **matched)
+    config = SFTConfig(
+        output_dir=str(work / "run"),
+        max_length=recipe.data.max_len,
+        **shared_arguments(args, recipe),
+        **matched,
+    )
     started = time.perf_counter()  # SFTTrainer tokenizes (and adds the adapter) while constructed
     peft_config = lora_config(recipe.lora, recipe.method) if recipe.method != "full" else None
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[meter.callback()])
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[meter.callback()],
+    )
     tokenize_s = time.perf_counter() - started
     return trainer, tokenize_s, {"bf16": config.bf16}
 
@@ -269,15 +354,23 @@ def measure_variant(args) -> dict:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     trainer.train()
     # What the model did (Trainer turns checkpointing on in the layers), not the argument passed.
-    settings["gradient_checkpointing"] = bool(getattr(trainer.model, "is_activation_checkpointing", None)
-                                              or trainer.model.is_gradient_checkpointing)
-    losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+    settings["gradient_checkpointing"] = bool(
+        getattr(trainer.model, "is_activation_checkpointing", None)
+        or trainer.model.is_gradient_checkpointing
+    )
+    losses = {
+        entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry
+    }
     return {
-        "variant": args.variant, "tokenize_s": tokenize_s, "steps": meter.steps,
+        "variant": args.variant,
+        "tokenize_s": tokenize_s,
+        "steps": meter.steps,
         "losses": [losses.get(step + 1) for step in range(len(meter.steps))],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-        "matmul_params": n_params, "layers": config.num_hidden_layers,
+        "matmul_params": n_params,
+        "layers": config.num_hidden_layers,
         "attention_width": heads * head_dim,
-        "profile": getattr(meter, "profile_table", None), **settings,
+        "profile": getattr(meter, "profile_table", None),
+        **settings,
     }

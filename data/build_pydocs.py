@@ -43,8 +43,20 @@ SPLITS = ("train", "validation", "test")
 # Modules that are not library API, print or open windows on import, or (distutils) may be
 # replaced by setuptools' copy from site-packages, which would make the output depend on it.
 SKIP_MODULES = {
-    "__main__", "antigravity", "this", "test", "idlelib", "lib2to3", "tkinter", "turtle",
-    "turtledemo", "ensurepip", "pydoc_data", "distutils", "xxsubtype", "xxlimited",
+    "__main__",
+    "antigravity",
+    "this",
+    "test",
+    "idlelib",
+    "lib2to3",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "ensurepip",
+    "pydoc_data",
+    "distutils",
+    "xxsubtype",
+    "xxlimited",
     "xxlimited_35",
 }
 # Hundreds of codec implementation modules with almost no documented API.
@@ -55,8 +67,11 @@ EXTRA_SUBMODULES = ("os.path",)
 MODULE_ALIASES = {os.path.__name__: "os.path", "genericpath": "os.path"}
 # Private or C modules whose objects are documented under another name than "<name>.lstrip('_')".
 PRIVATE_MODULE_HOMES = {
-    "posix": "os", "nt": "os", "_curses_panel": "curses.panel",
-    "_frozen_importlib": "importlib.machinery", "_frozen_importlib_external": "importlib.machinery",
+    "posix": "os",
+    "nt": "os",
+    "_curses_panel": "curses.panel",
+    "_frozen_importlib": "importlib.machinery",
+    "_frozen_importlib_external": "importlib.machinery",
 }
 
 # First paragraphs that say nothing about the object (mostly inherited C slot wrappers).
@@ -81,7 +96,8 @@ SUMMARY_STOP = re.compile(
     r"^(>>>|:param|:type|:return|:raises|[-*] |(Args|Arguments?|Parameters|Returns?|Raises|"
     r"Yields?|Examples?|Usage|Keyword arguments?|Attributes|Note)\s*:?\s*$|"
     r"(class \w+.*|def \w+\(.*\)|for \w+.* in .*|with \S+\(.*\)( as \w+)?|while .*|try)\s*:$|"
-    r"@[\w.]+(\(.*\))?$)")
+    r"@[\w.]+(\(.*\))?$)"
+)
 # A code example rather than prose: "csv_reader = reader(iterable [, dialect='excel'] ...".
 ASSIGNMENT = re.compile(r"^\w+\s*=\s*\S")
 # After an arrow, "None. Remove all items from D." or "None -- remove all items from S".
@@ -111,8 +127,10 @@ def quiet():
         os.dup2(devnull.fileno(), 1)
         os.dup2(devnull.fileno(), 2)
         try:
-            with contextlib.redirect_stdout(io.StringIO()), \
-                    contextlib.redirect_stderr(io.StringIO()):
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
                 yield
         finally:
             os.dup2(saved_fds[0], 1)
@@ -126,7 +144,7 @@ def guarded_import(name: str):
     try:
         with quiet():
             module = importlib.import_module(name)
-    except BaseException as error:  # noqa: BLE001 - a module may raise SystemExit on import
+    except BaseException as error:
         if isinstance(error, KeyboardInterrupt):
             raise
         return None
@@ -159,8 +177,9 @@ def discover_modules() -> list[tuple[str, object]]:
         found[name] = module
         if hasattr(module, "__path__") and name.split(".")[0] not in SKIP_SUBMODULES_OF:
             children = sorted(info.name for info in pkgutil.iter_modules(module.__path__))
-            pending.extend(f"{name}.{child}" for child in children
-                           if is_public_module_name(f"{name}.{child}"))
+            pending.extend(
+                f"{name}.{child}" for child in children if is_public_module_name(f"{name}.{child}")
+            )
     return sorted(found.items())
 
 
@@ -253,7 +272,7 @@ def classify_after_call(rest: str, is_last_line: bool, next_line: str) -> tuple[
         return "lead-in", ""  # the summary starts on the next line
     for arrow in ("-->", "->", "=>"):
         if rest.startswith(arrow):
-            tail = rest[len(arrow):].strip()
+            tail = rest[len(arrow) :].strip()
             match = ANNOTATION_THEN_SUMMARY.match(tail)
             if match and match.group(2)[:1].isalpha():
                 return "summary", capitalized(match.group(2))
@@ -267,7 +286,7 @@ def classify_after_call(rest: str, is_last_line: bool, next_line: str) -> tuple[
             return ("prose", "") if is_sentence else ("signature", "")
     for separator in ("--", "- ", ":"):
         if rest.startswith(separator):
-            return "summary", capitalized(rest[len(separator):].strip())
+            return "summary", capitalized(rest[len(separator) :].strip())
     return "prose", ""
 
 
@@ -286,7 +305,7 @@ def leading_signature(lines: list[str]) -> tuple[str, str, int] | None:
         match = BARE_ARROW.match(joined)
         if match is None or len(match.group(1).split()) > 4:
             return None
-        rest = joined[match.end(1):].strip()
+        rest = joined[match.end(1) :].strip()
     next_line = lines[used] if used < len(lines) else ""
     kind, summary = classify_after_call(rest, is_last_line=used == len(lines), next_line=next_line)
     return kind, summary, used
@@ -403,13 +422,23 @@ def collect_rows(modules: list[tuple[str, object]]) -> list[dict]:
         if answer is None or answer in seen_answers:
             return
         seen_answers.add(answer)
-        rows.append({"id": qualified, "module": module_name, "kind": kind,
-                     "question": f"What does `{qualified}` do?", "answer": answer})
+        rows.append(
+            {
+                "id": qualified,
+                "module": module_name,
+                "kind": kind,
+                "question": f"What does `{qualified}` do?",
+                "answer": answer,
+            }
+        )
 
     for display_name, module in modules:
         namespace = vars(module)
-        candidates = [(attr, namespace[attr]) for attr in sorted(namespace)
-                      if not attr.startswith("_") and is_api_object(namespace[attr])]
+        candidates = [
+            (attr, namespace[attr])
+            for attr in sorted(namespace)
+            if not attr.startswith("_") and is_api_object(namespace[attr])
+        ]
         # An object exposed under several names here is documented once: under its own
         # __name__ when that is one of them, else under the first name in sorted order.
         preferred = sorted(candidates, key=lambda item: item[0] != getattr(item[1], "__name__", ""))
@@ -452,10 +481,15 @@ def choice_rows(rows: list[dict], seed: int) -> list[dict]:
         distractors += rng.sample(other_kind, 3 - len(distractors))
         choices = [row["id"], *distractors]
         rng.shuffle(choices)
-        out.append({"id": row["id"], "module": row["module"],
-                    "question": f"Which {row['kind']} in `{row['module']}` does this: "
-                                f"{row['answer']}",
-                    "choices": choices, "label": choices.index(row["id"])})
+        out.append(
+            {
+                "id": row["id"],
+                "module": row["module"],
+                "question": f"Which {row['kind']} in `{row['module']}` does this: {row['answer']}",
+                "choices": choices,
+                "label": choices.index(row["id"]),
+            }
+        )
     return out
 
 
@@ -476,8 +510,10 @@ def write_text(path: Path, text: str) -> None:
 
 def readme_text(counts: dict[str, int], modules_per_split: dict[str, list[str]]) -> str:
     version = ".".join(map(str, sys.version_info[:3]))
-    table = "\n".join(f"| {name} | {count} | {len(modules_per_split.get(name, [])) or '-'} |"
-                      for name, count in counts.items())
+    table = "\n".join(
+        f"| {name} | {count} | {len(modules_per_split.get(name, [])) or '-'} |"
+        for name, count in counts.items()
+    )
     return f"""# pydocs: questions about the Python standard library, answered by its docstrings
 
 "What does `json.dumps` do?" answered with the first paragraph of `json.dumps`'s docstring: a
@@ -534,8 +570,9 @@ def build(out_dir: Path) -> dict:
         split_rows[split_of(row["module"].split(".")[0])].append(row)
     for name in SPLITS:
         split_rows[name].sort(key=lambda row: row["id"])
-    modules_per_split = {name: sorted({row["module"].split(".")[0] for row in split_rows[name]})
-                         for name in SPLITS}
+    modules_per_split = {
+        name: sorted({row["module"].split(".")[0] for row in split_rows[name]}) for name in SPLITS
+    }
     files = {f"{name}.jsonl": split_rows[name] for name in SPLITS}
     files["choice_validation.jsonl"] = choice_rows(split_rows["validation"], CHOICE_SEED)
     files["choice_test.jsonl"] = choice_rows(split_rows["test"], CHOICE_SEED + 1)
@@ -554,8 +591,9 @@ def build(out_dir: Path) -> dict:
         "choice_seed": CHOICE_SEED,
         "counts": counts,
         "modules": modules_per_split,
-        "documented_modules": {name: sorted({row["module"] for row in split_rows[name]})
-                               for name in SPLITS},
+        "documented_modules": {
+            name: sorted({row["module"] for row in split_rows[name]}) for name in SPLITS
+        },
         "sha256": {filename: sha256_of(out_dir / filename) for filename in [*files, "README.md"]},
     }
     write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
@@ -564,8 +602,12 @@ def build(out_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "pydocs",
-                        help="output directory (default: data/pydocs next to this script)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "pydocs",
+        help="output directory (default: data/pydocs next to this script)",
+    )
     args = parser.parse_args(argv)
     manifest = build(args.out)
     print(json.dumps(manifest["counts"]))

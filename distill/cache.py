@@ -36,9 +36,9 @@ from safetensors.torch import save
 from distill.losses import MIN_REST_MASS
 from still import data as data_module
 from still import models
+from still.errors import StillError
 from still.fsutil import atomic_write_bytes, atomic_write_json
 from still.losses import IGNORE_INDEX
-from still.errors import StillError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -86,10 +86,14 @@ class CacheReport:
         if self.mass_covered is None or self.kl_full_to_cached is None:
             quality = "top-k mass and KL not re-measured (every shard was already written)"
         else:
-            quality = (f"top-k mass {self.mass_covered:.4f}, "
-                       f"KL(full‖cached) {self.kl_full_to_cached:.2e} nats/token")
-        return (f"{self.split}: {self.examples} examples, {self.tokens} loss tokens, "
-                f"{self.bytes_per_token:.0f} bytes/token, {quality}")
+            quality = (
+                f"top-k mass {self.mass_covered:.4f}, "
+                f"KL(full‖cached) {self.kl_full_to_cached:.2e} nats/token"
+            )
+        return (
+            f"{self.split}: {self.examples} examples, {self.tokens} loss tokens, "
+            f"{self.bytes_per_token:.0f} bytes/token, {quality}"
+        )
 
 
 def topk_entries(log_probs: torch.Tensor, k: int):
@@ -100,8 +104,12 @@ def topk_entries(log_probs: torch.Tensor, k: int):
     return values, ids, rest_log
 
 
-def kl_full_to_cached(log_probs: torch.Tensor, topk_ids: torch.Tensor, rest_log: torch.Tensor,
-                      stored_topk: torch.Tensor | None = None) -> torch.Tensor:
+def kl_full_to_cached(
+    log_probs: torch.Tensor,
+    topk_ids: torch.Tensor,
+    rest_log: torch.Tensor,
+    stored_topk: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per token KL(p ‖ q), q = the top k as stored (p itself unless `stored_topk`, the
     log-probs after storage rounding, is given) and the rest mass spread evenly over the other
     tokens: what the cache loses (0 for an already even tail, or k = vocab, stored exactly)."""
@@ -123,11 +131,18 @@ def quantize_log_probs(values: torch.Tensor) -> dict[str, torch.Tensor]:
     top = values[:, :1]
     step = ((top - values[:, -1:]) / 255).clamp(min=1e-6)
     steps = ((top - values) / step).round().clamp(0, 255).to(torch.uint8)
-    return {"log_probs_q": steps, "log_probs_top": top.squeeze(1).half(), "log_probs_step": step.squeeze(1).half()}
+    return {
+        "log_probs_q": steps,
+        "log_probs_top": top.squeeze(1).half(),
+        "log_probs_step": step.squeeze(1).half(),
+    }
 
 
 def dequantize_log_probs(stored: dict[str, torch.Tensor]) -> torch.Tensor:
-    return stored["log_probs_top"].float()[:, None] - stored["log_probs_q"].float() * stored["log_probs_step"].float()[:, None]
+    return (
+        stored["log_probs_top"].float()[:, None]
+        - stored["log_probs_q"].float() * stored["log_probs_step"].float()[:, None]
+    )
 
 
 def _stored_log_probs(values: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
@@ -155,31 +170,56 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
 
     out = recipe.distill.teacher_cache
     if not out:
-        raise StillError("the recipe has no distill.teacher_cache", hint="set distill.teacher_cache: DIR")
+        raise StillError(
+            "the recipe has no distill.teacher_cache", hint="set distill.teacher_cache: DIR"
+        )
     out = Path(out)
     teacher, tokenizer = load_teacher(recipe)
     expected = expected_manifest(recipe, tokenizer)
     k, vocab = recipe.distill.cache_top_k, len(tokenizer)
     if k > vocab:
-        raise StillError(f"distill.cache_top_k {k} is larger than the vocabulary ({vocab})",
-                         hint=f"use at most {vocab} (= exact KD)")
+        raise StillError(
+            f"distill.cache_top_k {k} is larger than the vocabulary ({vocab})",
+            hint=f"use at most {vocab} (= exact KD)",
+        )
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         found = json.loads(manifest_path.read_text())
-        problem = _mismatch(found, expected) or (
-            None if found.get("top_k") == k else f"it was made with top_k {found.get('top_k')}") or (
-            None if found.get("dtypes", {}).get("log_probs") == recipe.distill.cache_dtype
-            else f"it stores {found.get('dtypes', {}).get('log_probs')} log-probs") or (
-            None if found.get("examples_per_shard") == EXAMPLES_PER_SHARD else "its shards are sized differently")
+        problem = (
+            _mismatch(found, expected)
+            or (None if found.get("top_k") == k else f"it was made with top_k {found.get('top_k')}")
+            or (
+                None
+                if found.get("dtypes", {}).get("log_probs") == recipe.distill.cache_dtype
+                else f"it stores {found.get('dtypes', {}).get('log_probs')} log-probs"
+            )
+            or (
+                None
+                if found.get("examples_per_shard") == EXAMPLES_PER_SHARD
+                else "its shards are sized differently"
+            )
+        )
         if problem:
-            raise StillError(f"{out} holds another cache: {problem}",
-                             hint="point distill.teacher_cache at a new dir, or delete this one")
+            raise StillError(
+                f"{out} holds another cache: {problem}",
+                hint="point distill.teacher_cache at a new dir, or delete this one",
+            )
     out.mkdir(parents=True, exist_ok=True)
     ids_dtype = torch.uint16 if vocab <= 65536 else torch.int32
-    manifest = {**expected, "top_k": k, "vocab_size": vocab, "teacher_sha256": models.model_content_hash(teacher),
-                "dtypes": {"log_probs": recipe.distill.cache_dtype, "ids": str(ids_dtype).removeprefix("torch."),
-                           "rest_log": "float16"}, "examples_per_shard": EXAMPLES_PER_SHARD,
-                "splits": {}, "complete": False}
+    manifest = {
+        **expected,
+        "top_k": k,
+        "vocab_size": vocab,
+        "teacher_sha256": models.model_content_hash(teacher),
+        "dtypes": {
+            "log_probs": recipe.distill.cache_dtype,
+            "ids": str(ids_dtype).removeprefix("torch."),
+            "rest_log": "float16",
+        },
+        "examples_per_shard": EXAMPLES_PER_SHARD,
+        "splits": {},
+        "complete": False,
+    }
     atomic_write_json(manifest_path, manifest, indent=1)
     collator = data_module.PaddedCollator(tokenizer.pad_token_id)
     reports = []
@@ -190,35 +230,61 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
         dataset, split_dir = prepared.dataset, out / split
         split_dir.mkdir(exist_ok=True)
         shards = math.ceil(len(dataset) / EXAMPLES_PER_SHARD)
-        bar = tqdm(total=len(dataset), desc=f"teacher cache ({split})", disable=not progress, unit="ex")
+        bar = tqdm(
+            total=len(dataset), desc=f"teacher cache ({split})", disable=not progress, unit="ex"
+        )
         fidelity: list[torch.Tensor] = []
         mass: list[torch.Tensor] = []
         for shard in range(shards):
-            start, stop = shard * EXAMPLES_PER_SHARD, min((shard + 1) * EXAMPLES_PER_SHARD, len(dataset))
+            start, stop = (
+                shard * EXAMPLES_PER_SHARD,
+                min((shard + 1) * EXAMPLES_PER_SHARD, len(dataset)),
+            )
             path = split_dir / f"shard-{shard:05d}.safetensors"
             if not path.exists():  # else done by an earlier, interrupted run
-                _write_shard(teacher, dataset, range(start, stop), collator, recipe, k, vocab, ids_dtype,
-                             path, fidelity, mass)
+                _write_shard(
+                    teacher,
+                    dataset,
+                    range(start, stop),
+                    collator,
+                    recipe,
+                    k,
+                    vocab,
+                    ids_dtype,
+                    path,
+                    fidelity,
+                    mass,
+                )
             bar.update(stop - start)
         bar.close()
         tokens = sum(_shard_tokens(split_dir / f"shard-{i:05d}.safetensors") for i in range(shards))
         size = sum((split_dir / f"shard-{i:05d}.safetensors").stat().st_size for i in range(shards))
         report = CacheReport(
-            split, tokens, len(dataset), size / max(tokens, 1),
+            split,
+            tokens,
+            len(dataset),
+            size / max(tokens, 1),
             float(torch.cat(mass).mean()) if mass else None,
             float(torch.cat(fidelity).mean()) if fidelity else None,
         )
-        manifest["splits"][split] = {"shards": shards, "examples": len(dataset), "tokens": tokens,
-                                     "bytes": size, "bytes_per_token": report.bytes_per_token,
-                                     "mass_covered": report.mass_covered,
-                                     "kl_full_to_cached": report.kl_full_to_cached}
+        manifest["splits"][split] = {
+            "shards": shards,
+            "examples": len(dataset),
+            "tokens": tokens,
+            "bytes": size,
+            "bytes_per_token": report.bytes_per_token,
+            "mass_covered": report.mass_covered,
+            "kl_full_to_cached": report.kl_full_to_cached,
+        }
         reports.append(report)
     manifest["complete"] = True
     atomic_write_json(manifest_path, manifest, indent=1)
     return reports
 
 
-def _write_shard(teacher, dataset, indices, collator, recipe, k, vocab, ids_dtype, path, fidelity, mass):
+def _write_shard(
+    teacher, dataset, indices, collator, recipe, k, vocab, ids_dtype, path, fidelity, mass
+):
     batch_size = recipe.train.batch_size
     dtype = recipe.distill.cache_dtype
     log_probs, ids, rest, offsets = [], [], [], [0]
@@ -233,7 +299,9 @@ def _write_shard(teacher, dataset, indices, collator, recipe, k, vocab, ids_dtyp
         stored = {name: tensor.cpu() for name, tensor in _stored_log_probs(values, dtype).items()}
         if sampled < FIDELITY_SAMPLE_TOKENS:
             as_read = _read_log_probs(stored).to(full.device)
-            fidelity.append(kl_full_to_cached(full, top_ids, rest_log.half().float(), as_read).cpu())
+            fidelity.append(
+                kl_full_to_cached(full, top_ids, rest_log.half().float(), as_read).cpu()
+            )
             mass.append(values.exp().sum(-1).cpu())
             sampled += full.shape[0]
         log_probs.append(stored)
@@ -243,7 +311,8 @@ def _write_shard(teacher, dataset, indices, collator, recipe, k, vocab, ids_dtyp
             offsets.append(offsets[-1] + count)
     tensors = {
         **{name: torch.cat([part[name] for part in log_probs]) for name in log_probs[0]},
-        "ids": torch.cat(ids).to(ids_dtype), "rest_log": torch.cat(rest),
+        "ids": torch.cat(ids).to(ids_dtype),
+        "rest_log": torch.cat(rest),
         "offsets": torch.tensor(offsets, dtype=torch.int64),
     }
     atomic_write_bytes(path, save(tensors, metadata={"first_example": str(indices.start)}))
@@ -274,7 +343,9 @@ class TeacherCache:
             raise StillError(f"teacher cache {directory} is incomplete", hint=f"finish it: {hint}")
         problem = _mismatch(manifest, expected_manifest(recipe, tokenizer))
         if problem:
-            raise StillError(f"teacher cache {directory} does not fit this recipe: {problem}", hint=hint)
+            raise StillError(
+                f"teacher cache {directory} does not fit this recipe: {problem}", hint=hint
+            )
         if split not in manifest["splits"]:
             raise StillError(f"teacher cache {directory} has no {split} split", hint=hint)
         return cls(directory, split, manifest)
@@ -300,5 +371,8 @@ class TeacherCache:
             start, stop = int(shard["offsets"][local]), int(shard["offsets"][local + 1])
             rows = {name: tensor[start:stop] for name, tensor in shard.items() if name != "offsets"}
             parts.append((_read_log_probs(rows), rows["ids"], rows["rest_log"]))
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).to(torch.int64),
-                torch.cat([p[2] for p in parts]).float())
+        return (
+            torch.cat([p[0] for p in parts]),
+            torch.cat([p[1] for p in parts]).to(torch.int64),
+            torch.cat([p[2] for p in parts]).float(),
+        )

@@ -16,7 +16,12 @@ from transformers import Trainer, set_seed
 from distill.cache import TeacherCache
 from distill.losses import FusedKDLoss, cached_kd_loss, fused_kd_loss, kd_loss
 from distill.student import carve_student
-from distill.teacher import load_teacher, place_teacher, refuse_transformed_logits, shared_vocab_size
+from distill.teacher import (
+    load_teacher,
+    place_teacher,
+    refuse_transformed_logits,
+    shared_vocab_size,
+)
 from eval.run import evaluate_run
 from still import data as data_module
 from still import models
@@ -85,17 +90,26 @@ def prompts_and_budgets(inputs: dict, labels: torch.Tensor) -> tuple[list[list[i
     if "position_ids" in inputs:  # packed rows: examples restart at position 0
         rows = []
         for row in range(input_ids.shape[0]):
-            starts = (inputs["position_ids"][row] == 0).nonzero().flatten().tolist() + [input_ids.shape[1]]
+            starts = (inputs["position_ids"][row] == 0).nonzero().flatten().tolist() + [
+                input_ids.shape[1]
+            ]
             rows += [(input_ids[row, a:b], labels[row, a:b]) for a, b in zip(starts, starts[1:])]
     else:
         lengths = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None
-        rows = [(input_ids[i, : lengths[i] if lengths else None], labels[i, : lengths[i] if lengths else None])
-                for i in range(input_ids.shape[0])]
+        rows = [
+            (
+                input_ids[i, : lengths[i] if lengths else None],
+                labels[i, : lengths[i] if lengths else None],
+            )
+            for i in range(input_ids.shape[0])
+        ]
     prompts, budgets = [], []
     for ids, example_labels in rows:
         trained = (example_labels[1:] != IGNORE_INDEX).nonzero().flatten() + 1
         first = int(trained[0]) if len(trained) else len(ids)
-        end = int(trained[-1]) + 1 if len(trained) else len(ids)  # a row's padding is not the answer
+        end = (
+            int(trained[-1]) + 1 if len(trained) else len(ids)
+        )  # a row's padding is not the answer
         prompts.append(ids[:first].tolist())
         budgets.append(max(1, end - first))
     return prompts, budgets
@@ -119,14 +133,25 @@ class KDTrainer(Trainer):
     # compute_loss normalises by the global number of loss tokens itself.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, teacher, distill, vocab_size: int, loss_chunk_size: int,
-                 teacher_placement: str = "auto",
-                 teacher_cache: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        teacher,
+        distill,
+        vocab_size: int,
+        loss_chunk_size: int,
+        teacher_placement: str = "auto",
+        teacher_cache: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.teacher_cache = teacher_cache  # split -> TeacherCache, instead of a teacher model
         if teacher_cache is not None and zero_stage(self) == 3:
-            raise StillError("distill.teacher_cache does not work under zero3 yet (the student's head "
-                             "is partitioned)", hint="use strategy ddp or zero2 with a teacher cache")
+            raise StillError(
+                "distill.teacher_cache does not work under zero3 yet (the student's head "
+                "is partitioned)",
+                hint="use strategy ddp or zero2 with a teacher cache",
+            )
         self.teacher = None if teacher is None else self._place_teacher(teacher, teacher_placement)
         # The same draws on every rank, so all ranks generate (or not) at the same step.
         self._on_policy_draws = random.Random(self.args.seed)
@@ -147,7 +172,10 @@ class KDTrainer(Trainer):
             strategy = "ddp" if self.accelerator.num_processes > 1 else "single"
         state = self.accelerator.state
         return place_teacher(
-            teacher, choice, strategy=strategy, device=self.args.device,
+            teacher,
+            choice,
+            strategy=strategy,
+            device=self.args.device,
             num_processes=self.accelerator.num_processes,
             deepspeed_plugin=state.deepspeed_plugin if stage is not None else None,
             fsdp_plugin=state.fsdp_plugin if self.is_fsdp_enabled else None,
@@ -170,8 +198,12 @@ class KDTrainer(Trainer):
         with torch.no_grad():
             teacher_out = self.teacher(**inputs, logits_to_keep=1, output_hidden_states=True)
         # position i predicts token i + 1
-        student_hidden = student_out.hidden_states[-1][:, :-1].reshape(-1, student_out.hidden_states[-1].shape[-1])
-        teacher_hidden = teacher_out.hidden_states[-1][:, :-1].reshape(-1, teacher_out.hidden_states[-1].shape[-1])
+        student_hidden = student_out.hidden_states[-1][:, :-1].reshape(
+            -1, student_out.hidden_states[-1].shape[-1]
+        )
+        teacher_hidden = teacher_out.hidden_states[-1][:, :-1].reshape(
+            -1, teacher_out.hidden_states[-1].shape[-1]
+        )
         target = labels[:, 1:].reshape(-1)
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         teacher_head = getattr(self.teacher, "module", self.teacher).get_output_embeddings()
@@ -205,9 +237,15 @@ class KDTrainer(Trainer):
         student.eval()
         with torch.no_grad():
             generated = student.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(budgets), do_sample=True,
-                temperature=self.distill.on_policy_temperature, top_k=0, top_p=1.0,
-                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max(budgets),
+                do_sample=True,
+                temperature=self.distill.on_policy_temperature,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
                 synced_gpus=zero_stage(self) == 3,
             )[:, width:].tolist()
         student.train(was_training)
@@ -216,7 +254,9 @@ class KDTrainer(Trainer):
             sample = sample[:budget]
             if tokenizer.eos_token_id in sample:  # up to and including the end of the turn
                 sample = sample[: sample.index(tokenizer.eos_token_id) + 1]
-            features.append({"input_ids": prompt + sample, "labels": [IGNORE_INDEX] * len(prompt) + sample})
+            features.append(
+                {"input_ids": prompt + sample, "labels": [IGNORE_INDEX] * len(prompt) + sample}
+            )
         batch = self._prepare_inputs(self.data_collator(features))
         labels = batch.pop("labels")
         batch.pop("example_ids", None)
@@ -239,13 +279,26 @@ class KDTrainer(Trainer):
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         d = self.distill
         return cached_kd_loss(
-            hidden.reshape(-1, hidden.shape[-1]), head.weight, log_probs, ids, rest_log,
-            labels[:, 1:].reshape(-1), divergence=d.loss, temperature=d.temperature, beta=d.beta,
-            alpha=d.alpha, kd_weight=d.kd_weight, ce_weight=d.ce_weight, vocab_size=self.vocab_size,
-            chunk_size=self.loss_chunk_size, student_head_bias=getattr(head, "bias", None),
+            hidden.reshape(-1, hidden.shape[-1]),
+            head.weight,
+            log_probs,
+            ids,
+            rest_log,
+            labels[:, 1:].reshape(-1),
+            divergence=d.loss,
+            temperature=d.temperature,
+            beta=d.beta,
+            alpha=d.alpha,
+            kd_weight=d.kd_weight,
+            ce_weight=d.ce_weight,
+            vocab_size=self.vocab_size,
+            chunk_size=self.loss_chunk_size,
+            student_head_bias=getattr(head, "bias", None),
         )
 
-    def _fused_loss(self, head, teacher_head, student_hidden, teacher_hidden, target) -> FusedKDLoss:
+    def _fused_loss(
+        self, head, teacher_head, student_hidden, teacher_hidden, target
+    ) -> FusedKDLoss:
         d = self.distill
         return fused_kd_loss(
             student_hidden,
@@ -265,7 +318,9 @@ class KDTrainer(Trainer):
             teacher_head_bias=getattr(teacher_head, "bias", None),
         )
 
-    def _unfused_loss(self, head, teacher_head, student_hidden, teacher_hidden, target) -> FusedKDLoss:
+    def _unfused_loss(
+        self, head, teacher_head, student_hidden, teacher_hidden, target
+    ) -> FusedKDLoss:
         """Same sums from full logits: costs [tokens x vocab] memory, used only under ZeRO-3."""
         d, vocab = self.distill, self.vocab_size
         student_logits = head(student_hidden)[:, :vocab].float()
@@ -273,11 +328,18 @@ class KDTrainer(Trainer):
             teacher_logits = teacher_head(teacher_hidden)[:, :vocab].float()
         mask = target != IGNORE_INDEX
         kd_sum = kd_loss(
-            student_logits, teacher_logits, mask, divergence=d.loss, temperature=d.temperature,
-            beta=d.beta, alpha=d.alpha, reduction="sum",
+            student_logits,
+            teacher_logits,
+            mask,
+            divergence=d.loss,
+            temperature=d.temperature,
+            beta=d.beta,
+            alpha=d.alpha,
+            reduction="sum",
         )
-        ce_sum = torch.nn.functional.cross_entropy(student_logits, target, ignore_index=IGNORE_INDEX,
-                                                 reduction="sum")
+        ce_sum = torch.nn.functional.cross_entropy(
+            student_logits, target, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         loss = d.kd_weight * kd_sum + d.ce_weight * ce_sum
         return FusedKDLoss(loss, kd_sum.detach(), ce_sum.detach(), mask.sum())
 
@@ -300,18 +362,26 @@ def check(recipe: DistillRecipe) -> None:
     teacher, tokenizer = load_teacher(recipe)
     train_data = data_module.prepare(recipe.data, tokenizer, split="train")
     eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
-    student, student_tokenizer, _ = recipe_student(recipe, teacher, tokenizer,
-                                                   calibration_batches(recipe, train_data))
+    student, student_tokenizer, _ = recipe_student(
+        recipe, teacher, tokenizer, calibration_batches(recipe, train_data)
+    )
     shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
-    print_report(recipe, tokenizer, train_data, eval_data, model=student,
-                 total_steps=planned_steps(recipe, len(train_data.dataset)))
+    print_report(
+        recipe,
+        tokenizer,
+        train_data,
+        eval_data,
+        model=student,
+        total_steps=planned_steps(recipe, len(train_data.dataset)),
+    )
 
 
 def _teacher_and_tokenizer(recipe: DistillRecipe):
     if recipe.distill.teacher_cache is not None and recipe.student.init is None:
         # the teacher's weights are not needed at all
-        return None, models.load_tokenizer(recipe.teacher.ref,
-                                           trust_remote_code=recipe.teacher.trust_remote_code)
+        return None, models.load_tokenizer(
+            recipe.teacher.ref, trust_remote_code=recipe.teacher.trust_remote_code
+        )
     return load_teacher(recipe)
 
 
@@ -322,14 +392,16 @@ def _lineage(recipe: DistillRecipe, run: RunDir, carve) -> dict:
         teacher=models.absolute_ref(recipe.teacher.ref),
         student=student_ref,
         base=student_ref if recipe.method == "lora" else None,
-        carved=None if carve is None else {"kept_layers": carve.kept_layers,
-                                           "param_fraction": carve.param_fraction},
+        carved=None
+        if carve is None
+        else {"kept_layers": carve.kept_layers, "param_fraction": carve.param_fraction},
         method=recipe.method,
     )
 
 
-def run(recipe: DistillRecipe, run: RunDir, *, resume: bool = False,
-        attention: str = "auto") -> dict:
+def run(
+    recipe: DistillRecipe, run: RunDir, *, resume: bool = False, attention: str = "auto"
+) -> dict:
     # Trainer seeds only when it is created; carving and adapter init happen before that.
     set_seed(recipe.train.seed)
     cached = recipe.distill.teacher_cache is not None
@@ -337,14 +409,16 @@ def run(recipe: DistillRecipe, run: RunDir, *, resume: bool = False,
     caches = open_caches(recipe, tokenizer) if cached else None
     train_data = data_module.prepare(recipe.data, tokenizer, split="train")
     eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
-    student, student_tokenizer, carve = recipe_student(recipe, teacher, tokenizer,
-                                                       calibration_batches(recipe, train_data))
+    student, student_tokenizer, carve = recipe_student(
+        recipe, teacher, tokenizer, calibration_batches(recipe, train_data)
+    )
     if cached:
         teacher = None  # carved from it if asked; the loss reads the cache
         for prepared in (train_data, eval_data):
             if prepared is not None:
                 prepared.dataset = prepared.dataset.add_column(
-                    "example_id", list(range(len(prepared.dataset))))
+                    "example_id", list(range(len(prepared.dataset)))
+                )
     vocab_size = shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
     refuse_transformed_logits(teacher=teacher, student=student)
     total_steps = planned_steps(recipe, len(train_data.dataset))
@@ -352,10 +426,17 @@ def run(recipe: DistillRecipe, run: RunDir, *, resume: bool = False,
 
     lineage = _lineage(recipe, run, carve)
     tracking = start_tracking(recipe, run, job_type="distill", lineage=lineage)
-    isolation = packed_attention(student, teacher, choice=attention) if recipe.data.packing else None
+    isolation = (
+        packed_attention(student, teacher, choice=attention) if recipe.data.packing else None
+    )
     collator = collator_for(recipe.data, tokenizer, isolation, student, teacher)
-    args = training_arguments(recipe, run, has_eval=eval_data is not None,
-                              total_steps=total_steps, report=tracking.report_to)
+    args = training_arguments(
+        recipe,
+        run,
+        has_eval=eval_data is not None,
+        total_steps=total_steps,
+        report=tracking.report_to,
+    )
     trainer = KDTrainer(
         model=student,
         args=args,
@@ -374,8 +455,10 @@ def run(recipe: DistillRecipe, run: RunDir, *, resume: bool = False,
     checkpoint = resume_checkpoint(run) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if stopped_by_signal(trainer, recipe):  # saved a complete checkpoint; --resume continues
-        return {"summary": {"steps": trainer.state.global_step, "stopped": True},
-                "lineage": lineage}
+        return {
+            "summary": {"steps": trainer.state.global_step, "stopped": True},
+            "lineage": lineage,
+        }
     final_eval = trainer.evaluate() if eval_data is not None else {}
     # A carved student has no saved base for an adapter to point at: save it merged.
     if recipe.method == "lora" and carve is not None:

@@ -122,8 +122,9 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
     return _kl(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature))
 
 
-def jsd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
-        beta: float = 0.5) -> Tensor:
+def jsd(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, beta: float = 0.5
+) -> Tensor:
     """Generalized Jensen-Shannon divergence per token, exactly as TRL's GKD trainer defines it.
 
     M = (1-β)·p_S + β·p_T and the value is β·KL(p_T ‖ M) + (1-β)·KL(p_S ‖ M). That formula
@@ -134,8 +135,9 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
     return _jsd(student, _log_probs(teacher_logits, temperature), beta)
 
 
-def skew_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
-            alpha: float = 0.1) -> Tensor:
+def skew_kl(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, alpha: float = 0.1
+) -> Tensor:
     """DistiLLM's skew forward KL per token: KL(p_T ‖ α·p_T + (1-α)·p_S); α=0 is forward KL.
 
     Mixing some teacher into the student keeps the divergence bounded where the student puts
@@ -179,9 +181,17 @@ def _divergence_params(divergence: str, temperature: float, beta: float, alpha: 
     return {"jsd": {"beta": beta}, "skew_kl": {"alpha": alpha}}.get(divergence, {})
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *,
-            divergence: DivergenceName = "forward_kl", temperature: float = 1.0,
-            beta: float = 0.5, alpha: float = 0.1, reduction: Reduction = "mean") -> Tensor:
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    divergence: DivergenceName = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    reduction: Reduction = "mean",
+) -> Tensor:
     """T² · divergence, summed or averaged over the tokens where `mask` is True.
 
     `mask` has the logits' shape without the vocab dim. An all-False mask gives exactly 0 with
@@ -192,8 +202,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *,
     if reduction not in ("mean", "sum"):
         raise StillError(f"unknown reduction '{reduction}'", hint="use 'mean' or 'sum'")
     if mask.shape != student_logits.shape[:-1]:
-        raise ValueError(f"mask shape {tuple(mask.shape)} is not the logits' shape without "
-                         f"the vocab dim, {tuple(student_logits.shape[:-1])}")
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} is not the logits' shape without "
+            f"the vocab dim, {tuple(student_logits.shape[:-1])}"
+        )
     per_token = DIVERGENCES[divergence](student_logits, teacher_logits, temperature, **params)
     mask = mask.to(torch.bool)
     total = torch.where(mask, per_token, 0.0).sum() * temperature**2
@@ -250,14 +262,21 @@ def _chunk_divergence(student_logits: Tensor, teacher, rows: slice, settings) ->
     student_log_probs = _log_probs(student_logits, settings.temperature)
     divergence = _ON_LOG_PROBS[settings.divergence]
     if isinstance(teacher, _TeacherHead):
-        return divergence(student_log_probs,
-                          _log_probs(F.linear(teacher.rows[rows].to(teacher.weight.dtype), teacher.weight, teacher.bias),
-                                     settings.temperature),
-                          **settings.params)
+        return divergence(
+            student_log_probs,
+            _log_probs(
+                F.linear(teacher.rows[rows].to(teacher.weight.dtype), teacher.weight, teacher.bias),
+                settings.temperature,
+            ),
+            **settings.params,
+        )
     ids = teacher.ids[rows]
     picked = student_log_probs.gather(-1, ids)
-    return divergence(_rest_bucket(picked, _student_rest_log(picked)),
-                      _rest_bucket(teacher.log_probs[rows], teacher.rest_log[rows]), **settings.params)
+    return divergence(
+        _rest_bucket(picked, _student_rest_log(picked)),
+        _rest_bucket(teacher.log_probs[rows], teacher.rest_log[rows]),
+        **settings.params,
+    )
 
 
 def _kd_chunk(teacher, labels: Tensor, settings: _ChunkSettings):
@@ -283,29 +302,51 @@ def _kd_chunk(teacher, labels: Tensor, settings: _ChunkSettings):
 
 def _fused(student_rows, student_weight, student_bias, teacher, labels, settings: _ChunkSettings):
     """(weighted loss, KD sum, CE sum) from the student's hidden rows, one chunk of logits at a time."""
-    return chunked_head_loss(student_rows, student_weight, student_bias, _kd_chunk(teacher, labels, settings),
-                             n_sums=3, chunk_size=settings.chunk_size)
+    return chunked_head_loss(
+        student_rows,
+        student_weight,
+        student_bias,
+        _kd_chunk(teacher, labels, settings),
+        n_sums=3,
+        chunk_size=settings.chunk_size,
+    )
 
 
 def _shared_vocab(student_rows: int, teacher_rows: int, vocab_size: int | None) -> int:
     """How many head rows both models score: all of them, or the first `vocab_size`, which
     drops rows a checkpoint pads its vocab with (they never see a softmax)."""
     if vocab_size is None and student_rows != teacher_rows:
-        raise StillError(f"student head has {student_rows} vocab rows, teacher head {teacher_rows}",
-                         hint="pass vocab_size= the shared tokenizer's size to drop padded rows")
+        raise StillError(
+            f"student head has {student_rows} vocab rows, teacher head {teacher_rows}",
+            hint="pass vocab_size= the shared tokenizer's size to drop padded rows",
+        )
     if vocab_size is not None and not 0 < vocab_size <= min(student_rows, teacher_rows):
-        raise StillError(f"vocab_size={vocab_size} does not fit heads of {student_rows} (student) "
-                         f"and {teacher_rows} (teacher) rows", hint="use at most the smaller")
+        raise StillError(
+            f"vocab_size={vocab_size} does not fit heads of {student_rows} (student) "
+            f"and {teacher_rows} (teacher) rows",
+            hint="use at most the smaller",
+        )
     return student_rows if vocab_size is None else vocab_size
 
 
-def fused_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_hidden: Tensor,
-                  teacher_head_weight: Tensor, labels: Tensor, *,
-                  divergence: DivergenceName = "forward_kl", temperature: float = 1.0,
-                  beta: float = 0.5, alpha: float = 0.1, ce_weight: float, kd_weight: float,
-                  vocab_size: int | None = None, chunk_size: int = 1024,
-                  student_head_bias: Tensor | None = None,
-                  teacher_head_bias: Tensor | None = None) -> FusedKDLoss:
+def fused_kd_loss(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    divergence: DivergenceName = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    ce_weight: float,
+    kd_weight: float,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+    student_head_bias: Tensor | None = None,
+    teacher_head_bias: Tensor | None = None,
+) -> FusedKDLoss:
     """KD + hard-label CE from hidden states, never materialising the full logits.
 
     Hidden states are [N, H] (or [..., H], flattened); logits at position i must already be
@@ -326,17 +367,30 @@ def fused_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_h
     student_bias = None if student_head_bias is None else student_head_bias[:vocab]
     settings = _ChunkSettings(divergence, params, temperature, kd_weight, ce_weight, chunk_size)
     teacher = _TeacherHead(teacher_rows, teacher_head_weight[:vocab].detach(), teacher_bias)
-    loss, kd_sum, ce_sum = _fused(student_rows, student_head_weight[:vocab], student_bias, teacher, labels[keep],
-                                  settings)
+    loss, kd_sum, ce_sum = _fused(
+        student_rows, student_head_weight[:vocab], student_bias, teacher, labels[keep], settings
+    )
     return FusedKDLoss(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=keep.sum())
 
 
-def cached_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_log_probs: Tensor,
-                   teacher_ids: Tensor, teacher_rest_log: Tensor, labels: Tensor, *,
-                   divergence: DivergenceName = "forward_kl", temperature: float = 1.0,
-                   beta: float = 0.5, alpha: float = 0.1, ce_weight: float, kd_weight: float,
-                   vocab_size: int, chunk_size: int = 1024,
-                   student_head_bias: Tensor | None = None) -> FusedKDLoss:
+def cached_kd_loss(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher_log_probs: Tensor,
+    teacher_ids: Tensor,
+    teacher_rest_log: Tensor,
+    labels: Tensor,
+    *,
+    divergence: DivergenceName = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    ce_weight: float,
+    kd_weight: float,
+    vocab_size: int,
+    chunk_size: int = 1024,
+    student_head_bias: Tensor | None = None,
+) -> FusedKDLoss:
     """`fused_kd_loss` against a teacher cache: the teacher's top-k log-probs (at `temperature`),
     their ids and the log of the rest mass, one row per loss-carrying label in order.
 
@@ -351,13 +405,24 @@ def cached_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_
     labels = labels.reshape(-1)
     keep = labels != IGNORE_INDEX
     if int(keep.sum()) != teacher_log_probs.shape[0]:
-        raise StillError(f"the teacher cache holds {teacher_log_probs.shape[0]} tokens for this batch "
-                         f"but it has {int(keep.sum())} loss tokens", hint="rebuild it with `still cache`")
+        raise StillError(
+            f"the teacher cache holds {teacher_log_probs.shape[0]} tokens for this batch "
+            f"but it has {int(keep.sum())} loss tokens",
+            hint="rebuild it with `still cache`",
+        )
     student_rows = student_hidden.reshape(-1, student_hidden.shape[-1])[keep]
     student_bias = None if student_head_bias is None else student_head_bias[:vocab_size]
     device = student_rows.device
-    teacher = _TeacherTopK(teacher_log_probs.to(device), teacher_ids.to(device), teacher_rest_log.to(device))
+    teacher = _TeacherTopK(
+        teacher_log_probs.to(device), teacher_ids.to(device), teacher_rest_log.to(device)
+    )
     settings = _ChunkSettings(divergence, params, temperature, kd_weight, ce_weight, chunk_size)
-    loss, kd_sum, ce_sum = _fused(student_rows, student_head_weight[:vocab_size], student_bias, teacher,
-                                  labels[keep], settings)
+    loss, kd_sum, ce_sum = _fused(
+        student_rows,
+        student_head_weight[:vocab_size],
+        student_bias,
+        teacher,
+        labels[keep],
+        settings,
+    )
     return FusedKDLoss(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=keep.sum())

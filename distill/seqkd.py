@@ -73,14 +73,17 @@ class Report:
     def drop(self, reason: str, prompt: Prompt, answer: Answer, **detail) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         if self.dropped[reason] <= MAX_EXAMPLES_PER_REASON:
-            self.drop_examples.append({"origin": prompt.origin, "reason": reason,
-                                       "answer": answer.text[:300], **detail})
+            self.drop_examples.append(
+                {"origin": prompt.origin, "reason": reason, "answer": answer.text[:300], **detail}
+            )
 
     def summary(self) -> str:
         why = ", ".join(f"{count} {reason}" for reason, count in sorted(self.dropped.items()))
         dropped = sum(self.dropped.values())
-        return (f"{self.samples} answers to {self.prompts} prompts: kept {self.kept}, dropped "
-                f"{dropped}{f' ({why})' if why else ''}")
+        return (
+            f"{self.samples} answers to {self.prompts} prompts: kept {self.kept}, dropped "
+            f"{dropped}{f' ({why})' if why else ''}"
+        )
 
 
 # --------------------------------------------------------------------------- prompts
@@ -117,32 +120,42 @@ def load_prompts(data, report: Report) -> list[Prompt]:
     """The prompts of data.train; bad rows raise, or are counted under on_bad_rows: skip."""
     source = data.train
     if source.format == "completion":
-        raise StillError("still generate needs prompts: data.train has format completion",
-                         hint="use format instruction (prompt field) or chat (messages)")
+        raise StillError(
+            "still generate needs prompts: data.train has format completion",
+            hint="use format instruction (prompt field) or chat (messages)",
+        )
     prompts = []
     for origin, row in strict_rows(source):
         try:
             messages, reference = row_to_prompt(row, source, system_prompt=data.system_prompt)
         except BadRow as bad:
             if data.on_bad_rows == "error":
-                raise StillError(f"{origin}: {bad.reason}",
-                                 bad.hint or "fix the row, or set data.on_bad_rows: skip") from None
+                raise StillError(
+                    f"{origin}: {bad.reason}",
+                    bad.hint or "fix the row, or set data.on_bad_rows: skip",
+                ) from None
             report.bad_rows += 1
             continue
         prompts.append(Prompt(origin, messages, reference))
     if not prompts:
-        raise StillError(f"{source.path or source.hf}: no prompts to answer", hint="check data.train")
+        raise StillError(
+            f"{source.path or source.hf}: no prompts to answer", hint="check data.train"
+        )
     return prompts
 
 
 def _check_references(prompts: list[Prompt], judge) -> None:
-    needs = judge is not None and (judge.type in ("exact", "regex") or "{reference}" in judge.prompt)
+    needs = judge is not None and (
+        judge.type in ("exact", "regex") or "{reference}" in judge.prompt
+    )
     missing = next((p for p in prompts if p.reference is None), None) if needs else None
     if missing is not None:
-        raise StillError(f"{missing.origin}: judge type {judge.type} compares with the row's "
-                         "reference answer, and this row has none",
-                         hint="give every row a response (or a final assistant turn), or use "
-                         "a model judge without {reference}")
+        raise StillError(
+            f"{missing.origin}: judge type {judge.type} compares with the row's "
+            "reference answer, and this row has none",
+            hint="give every row a response (or a final assistant turn), or use "
+            "a model judge without {reference}",
+        )
 
 
 # --------------------------------------------------------------------------- local generation
@@ -166,46 +179,72 @@ def _prompt_ids(tokenizer, messages: list[dict], chat_template: str | None, orig
     # Rendered and tokenized as formats.Encoder does, so the teacher sees the very tokens a
     # training example has before its assistant turn.
     try:
-        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        )
     except Exception as error:  # jinja's raise_exception, undefined variables, ...
         first = (str(error).splitlines() or [type(error).__name__])[0]
         raise StillError(f"{origin}: the chat template rejected this prompt: {first}") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def generate_local(model, tokenizer, conversations: list[list[dict]], *, samples: int,
-                   temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
-                   seed: int, chat_template: str | None = None,
-                   origins: list[str] | None = None) -> list[list[Answer]]:
+def generate_local(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    *,
+    samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    chat_template: str | None = None,
+    origins: list[str] | None = None,
+) -> list[list[Answer]]:
     """`samples` answers per conversation. Greedy answers do not depend on batch_size; sampled
     ones depend on the seed and on which prompts share a batch (one seed per batch)."""
     import torch
     from transformers import GenerationConfig
 
     if not (chat_template or tokenizer.chat_template):
-        raise StillError(f"{tokenizer.name_or_path}: the tokenizer has no chat template to "
-                         "render prompts with", hint="set data.chat_template to a Jinja template")
+        raise StillError(
+            f"{tokenizer.name_or_path}: the tokenizer has no chat template to render prompts with",
+            hint="set data.chat_template to a Jinja template",
+        )
     origins = origins or [f"prompt {i}" for i in range(len(conversations))]
-    encoded = [_prompt_ids(tokenizer, messages, chat_template, origin)
-               for messages, origin in zip(conversations, origins)]
+    encoded = [
+        _prompt_ids(tokenizer, messages, chat_template, origin)
+        for messages, origin in zip(conversations, origins)
+    ]
     stop = models.stop_token_ids(model, tokenizer)
     pad = models.pad_token_id(tokenizer)
     sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                              num_return_sequences=samples, pad_token_id=pad,
-                              eos_token_id=stop, **sampling)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        num_return_sequences=samples,
+        pad_token_id=pad,
+        eos_token_id=stop,
+        **sampling,
+    )
     device = next(model.parameters()).device
     answers: list[list[Answer]] = [[] for _ in conversations]
-    for number, batch in enumerate(batches_longest_first([len(ids) for ids in encoded], batch_size)):
+    for number, batch in enumerate(
+        batches_longest_first([len(ids) for ids in encoded], batch_size)
+    ):
         input_ids, attention_mask = left_padded([encoded[i] for i in batch], pad)
         width = input_ids.shape[1]
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                torch.inference_mode():
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.inference_mode(),
+        ):
             torch.manual_seed(seed + number)
-            output = model.generate(input_ids=input_ids.to(device),
-                                    attention_mask=attention_mask.to(device),
-                                    generation_config=config)
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+            )
         for row, generated in enumerate(output[:, width:].tolist()):
             end = next((k for k, token in enumerate(generated) if token in stop), None)
             text = tokenizer.decode(generated[:end], skip_special_tokens=True).strip()
@@ -224,57 +263,101 @@ class EndpointClient:
         if spec.api_key_env:
             key = os.environ.get(spec.api_key_env)
             if not key:
-                raise StillError(f"endpoint {spec.url}: environment variable {spec.api_key_env} "
-                                 "is not set", hint=f"export {spec.api_key_env}=<your API key>")
+                raise StillError(
+                    f"endpoint {spec.url}: environment variable {spec.api_key_env} is not set",
+                    hint=f"export {spec.api_key_env}=<your API key>",
+                )
             self.headers["Authorization"] = f"Bearer {key}"
 
-    def complete(self, messages: list[dict], *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int) -> list[Answer]:
-        payload = {"model": self.spec.model, "messages": messages, "n": n, "seed": seed,
-                   "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+    def complete(
+        self,
+        messages: list[dict],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        seed: int,
+    ) -> list[Answer]:
+        payload = {
+            "model": self.spec.model,
+            "messages": messages,
+            "n": n,
+            "seed": seed,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+        }
         body = self._post(payload)
         try:
             choices = json.loads(body)["choices"]
-            return [Answer((choice["message"].get("content") or "").strip(),
-                           truncated=choice.get("finish_reason") == "length")
-                    for choice in choices]
+            return [
+                Answer(
+                    (choice["message"].get("content") or "").strip(),
+                    truncated=choice.get("finish_reason") == "length",
+                )
+                for choice in choices
+            ]
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise StillError(f"{self.url}: not an OpenAI chat completion response: "
-                             f"{body[:120]!r}", hint="check generate.endpoint.url") from None
+            raise StillError(
+                f"{self.url}: not an OpenAI chat completion response: {body[:120]!r}",
+                hint="check generate.endpoint.url",
+            ) from None
 
     def _post(self, payload: dict) -> bytes:
-        request = urllib.request.Request(self.url, data=json.dumps(payload).encode(),
-                                         headers=self.headers, method="POST")
+        request = urllib.request.Request(
+            self.url, data=json.dumps(payload).encode(), headers=self.headers, method="POST"
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.spec.timeout_s) as response:
                 return response.read()
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace").strip().replace("\n", " ")[:200]
-            hints = {401: f"check the API key in ${self.spec.api_key_env or 'api_key_env'}",
-                     404: "the url should end where /chat/completions starts (often /v1)"}
-            raise StillError(f"{self.url}: HTTP {error.code} {error.reason}: {detail}",
-                             hint=hints.get(error.code, "check generate.endpoint")) from None
+            hints = {
+                401: f"check the API key in ${self.spec.api_key_env or 'api_key_env'}",
+                404: "the url should end where /chat/completions starts (often /v1)",
+            }
+            raise StillError(
+                f"{self.url}: HTTP {error.code} {error.reason}: {detail}",
+                hint=hints.get(error.code, "check generate.endpoint"),
+            ) from None
         except urllib.error.URLError as error:
-            raise StillError(f"cannot reach {self.url}: {error.reason}",
-                             hint="is the server running? check generate.endpoint.url") from None
+            raise StillError(
+                f"cannot reach {self.url}: {error.reason}",
+                hint="is the server running? check generate.endpoint.url",
+            ) from None
         except TimeoutError:
-            raise StillError(f"{self.url}: no response within {self.spec.timeout_s:g} s",
-                             hint="raise generate.endpoint.timeout_s") from None
+            raise StillError(
+                f"{self.url}: no response within {self.spec.timeout_s:g} s",
+                hint="raise generate.endpoint.timeout_s",
+            ) from None
 
 
-def generate_endpoint(spec, conversations: list[list[dict]], *, samples: int, temperature: float,
-                      top_p: float, max_new_tokens: int, batch_size: int,
-                      seed: int) -> list[list[Answer]]:
+def generate_endpoint(
+    spec,
+    conversations: list[list[dict]],
+    *,
+    samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+) -> list[list[Answer]]:
     client = EndpointClient(spec)
     failed = threading.Event()
 
     def answer(index: int) -> list[Answer]:
         got: list[Answer] = []
         while len(got) < samples and not failed.is_set():
-            more = client.complete(conversations[index], n=samples - len(got),
-                                   temperature=temperature, top_p=top_p,
-                                   max_tokens=max_new_tokens,
-                                   seed=seed + index * samples + len(got))
+            more = client.complete(
+                conversations[index],
+                n=samples - len(got),
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                seed=seed + index * samples + len(got),
+            )
             if not more:
                 raise StillError(f"{client.url}: the server returned no choices")
             got += more
@@ -325,19 +408,31 @@ def parse_score(reply: str) -> int | None:
 
 def fill_judge_prompt(template: str, prompt: Prompt, answer: str) -> str:
     # Plain replacement, not str.format: questions and answers hold braces (code, JSON).
-    values = {"{question}": prompt.question, "{answer}": answer,
-              "{reference}": prompt.reference or ""}
+    values = {
+        "{question}": prompt.question,
+        "{answer}": answer,
+        "{reference}": prompt.reference or "",
+    }
     return re.sub(r"\{question\}|\{answer\}|\{reference\}", lambda m: values[m.group(0)], template)
 
 
-def judge_scores(judge, pairs: list[tuple[Prompt, Answer]], settings,
-                 teacher) -> list[tuple[int | None, str]]:
+def judge_scores(
+    judge, pairs: list[tuple[Prompt, Answer]], settings, teacher
+) -> list[tuple[int | None, str]]:
     """The model judge's (score, reply) for each (prompt, answer); score None when the reply
     holds no integer."""
-    requests = [[{"role": "user", "content": fill_judge_prompt(judge.prompt, prompt, answer.text)}]
-                for prompt, answer in pairs]
-    options = dict(samples=1, temperature=0.0, top_p=1.0, max_new_tokens=judge.max_new_tokens,
-                   batch_size=settings.batch_size, seed=settings.seed)
+    requests = [
+        [{"role": "user", "content": fill_judge_prompt(judge.prompt, prompt, answer.text)}]
+        for prompt, answer in pairs
+    ]
+    options = dict(
+        samples=1,
+        temperature=0.0,
+        top_p=1.0,
+        max_new_tokens=judge.max_new_tokens,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+    )
     if judge.endpoint is not None:
         replies = generate_endpoint(judge.endpoint, requests, **options)
     else:
@@ -354,7 +449,9 @@ def _apply_judge(judge, pairs, settings, teacher, report: Report) -> list[tuple[
         return pairs
     kept = []
     if judge.type == "model":
-        for (prompt, answer), (score, reply) in zip(pairs, judge_scores(judge, pairs, settings, teacher)):
+        for (prompt, answer), (score, reply) in zip(
+            pairs, judge_scores(judge, pairs, settings, teacher)
+        ):
             key = "none" if score is None else str(score)
             report.judge_scores[key] = report.judge_scores.get(key, 0) + 1
             if score is None:
@@ -395,18 +492,28 @@ def generate(recipe, *, force: bool = False) -> Report:
     report = Report(out=str(out), settings=_settings(recipe))
     prompts = load_prompts(recipe.data, report)
     _check_references(prompts, settings.judge)
-    options = dict(samples=settings.samples_per_prompt, temperature=settings.temperature,
-                   top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
-                   batch_size=settings.batch_size, seed=settings.seed)
+    options = dict(
+        samples=settings.samples_per_prompt,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+    )
     conversations = [prompt.messages for prompt in prompts]
     teacher = None
     if settings.endpoint is not None:
         answers = generate_endpoint(settings.endpoint, conversations, **options)
     else:
         model, tokenizer = load_generator(recipe.teacher)
-        answers = generate_local(model, tokenizer, conversations, **options,
-                                 chat_template=recipe.data.chat_template,
-                                 origins=[prompt.origin for prompt in prompts])
+        answers = generate_local(
+            model,
+            tokenizer,
+            conversations,
+            **options,
+            chat_template=recipe.data.chat_template,
+            origins=[prompt.origin for prompt in prompts],
+        )
         judge = settings.judge
         if judge is not None and judge.type == "model" and judge.ref == recipe.teacher.ref:
             teacher = (model, tokenizer, recipe.teacher.ref)  # kept for judging; else freed
@@ -430,11 +537,21 @@ def generate(recipe, *, force: bool = False) -> Report:
     atomic_write_text(report_path, json.dumps(_report_dict(report), indent=2) + "\n")
     if not kept:
         left = f"; the existing {out} is left as it was" if out.exists() else ""
-        raise StillError(f"no answer was kept ({report.summary()}); nothing written to {out}{left}",
-                         hint=f"see {report_path}")
-    lines = [json.dumps({"messages": [*prompt.messages, {"role": "assistant", "content": answer.text}],
-                         "origin": prompt.origin}, ensure_ascii=False) + "\n"
-             for prompt, answer in kept]
+        raise StillError(
+            f"no answer was kept ({report.summary()}); nothing written to {out}{left}",
+            hint=f"see {report_path}",
+        )
+    lines = [
+        json.dumps(
+            {
+                "messages": [*prompt.messages, {"role": "assistant", "content": answer.text}],
+                "origin": prompt.origin,
+            },
+            ensure_ascii=False,
+        )
+        + "\n"
+        for prompt, answer in kept
+    ]
     atomic_write_text(out, "".join(lines))
     return report
 
@@ -443,17 +560,27 @@ def _settings(recipe) -> dict:
     settings = recipe.generate.model_dump(mode="json")
     teacher = "endpoint" if recipe.generate.endpoint else recipe.teacher.ref
     source = recipe.data.train
-    return {**settings, "teacher": teacher, "data": source.path or source.hf,
-            "system_prompt": recipe.data.system_prompt, "recipe": getattr(recipe, "_source", None)}
+    return {
+        **settings,
+        "teacher": teacher,
+        "data": source.path or source.hf,
+        "system_prompt": recipe.data.system_prompt,
+        "recipe": getattr(recipe, "_source", None),
+    }
 
 
 def _report_dict(report: Report) -> dict:
     return {
-        "out": report.out, "prompts": report.prompts, "samples": report.samples,
-        "kept": report.kept, "dropped": dict(sorted(report.dropped.items())),
+        "out": report.out,
+        "prompts": report.prompts,
+        "samples": report.samples,
+        "kept": report.kept,
+        "dropped": dict(sorted(report.dropped.items())),
         "bad_rows_skipped": report.bad_rows,
         "prompts_without_answer": report.prompts_without_answer,
-        "judge_scores": report.judge_scores, "drop_examples": report.drop_examples,
-        "settings": report.settings, "seconds": report.seconds,
+        "judge_scores": report.judge_scores,
+        "drop_examples": report.drop_examples,
+        "settings": report.settings,
+        "seconds": report.seconds,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -43,11 +43,15 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher, student) ->
     teacher_rows = vocab if teacher is None else teacher.get_output_embeddings().weight.shape[0]
     student_rows = student.get_output_embeddings().weight.shape[0]
     if min(teacher_rows, student_rows) < vocab:
-        raise StillError(f"an output layer has fewer rows ({min(teacher_rows, student_rows)}) "
-                         f"than the tokenizer ({vocab})")
+        raise StillError(
+            f"an output layer has fewer rows ({min(teacher_rows, student_rows)}) "
+            f"than the tokenizer ({vocab})"
+        )
     if teacher_rows != student_rows and is_main_process():
-        print(f"still: vocab padding differs (teacher {teacher_rows}, student {student_rows} "
-              f"rows); KD uses the {vocab} real tokens")
+        print(
+            f"still: vocab padding differs (teacher {teacher_rows}, student {student_rows} "
+            f"rows); KD uses the {vocab} real tokens"
+        )
     return vocab
 
 
@@ -71,17 +75,27 @@ def refuse_transformed_logits(**roles) -> None:
 
 
 # --------------------------------------------------------------------------- placement
-def place_teacher(teacher, choice: str, *, strategy: str, device, num_processes: int,
-                  deepspeed_plugin=None, fsdp_plugin=None):
+def place_teacher(
+    teacher,
+    choice: str,
+    *,
+    strategy: str,
+    device,
+    num_processes: int,
+    deepspeed_plugin=None,
+    fsdp_plugin=None,
+):
     """A copy per process, or sharded like the student under ZeRO-3 / FSDP."""
     teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
     device_bytes = device_memory_bytes(device)
     placement = teacher_placement(choice, strategy, teacher_bytes, device_bytes)
     if strategy in ("zero3", "fsdp") and is_main_process():
         done = {"replicate": "replicated", "shard": "sharded"}[placement]
-        print(f"still: teacher ({describe_bytes(teacher_bytes)} of weights) {done} "
-              f"across {num_processes} process(es) "
-              f"[{describe_bytes(device_bytes)} per device; distributed.teacher: {choice}]")
+        print(
+            f"still: teacher ({describe_bytes(teacher_bytes)} of weights) {done} "
+            f"across {num_processes} process(es) "
+            f"[{describe_bytes(device_bytes)} per device; distributed.teacher: {choice}]"
+        )
     if placement == "replicate":
         return teacher.to(device)
     if strategy == "zero3":
@@ -152,8 +166,10 @@ def shard_teacher_fsdp(teacher, device, fsdp_plugin):
     policy = CPUOffloadPolicy() if offload else OffloadPolicy()
     layer_classes = set(getattr(teacher, "_no_split_modules", None) or ())
     if not layer_classes:
-        raise StillError(f"cannot shard teacher {type(teacher).__name__}: it names no decoder layer class",
-                         hint="set distributed.teacher: replicate")
+        raise StillError(
+            f"cannot shard teacher {type(teacher).__name__}: it names no decoder layer class",
+            hint="set distributed.teacher: replicate",
+        )
     for module in teacher.modules():
         if type(module).__name__ in layer_classes:
             fully_shard(module, mesh=mesh, reshard_after_forward=True, offload_policy=policy)

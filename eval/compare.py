@@ -56,7 +56,13 @@ def compare(
         reference_model = _find_model(models, reference, "reference")
     teacher_model = _find_model(models, teacher, "teacher") if teacher else None
 
-    header = ["task", "metric", "model", "score ± stderr", f"Δ vs {reference_model.name} [95% paired CI]"]
+    header = [
+        "task",
+        "metric",
+        "model",
+        "score ± stderr",
+        f"Δ vs {reference_model.name} [95% paired CI]",
+    ]
     if teacher_model:
         header.append(f"% of {teacher_model.name}")
     table, numbers = [], []
@@ -65,7 +71,9 @@ def compare(
             row = _table_row(task, metric, model, reference_model, teacher_model)
             table.append(row)
             score = model.summaries.get(task, {}).get("metrics", {}).get(metric) or {}
-            numbers.append([task, metric, model.name, score.get("mean"), score.get("stderr"), *row[4:]])
+            numbers.append(
+                [task, metric, model.name, score.get("mean"), score.get("stderr"), *row[4:]]
+            )
     caveats += _caveats(models)
     caveats.append(
         f"Δ is the mean per-question difference to {reference_model.name}; its CI resamples the same "
@@ -89,7 +97,9 @@ def compare(
         "rows": numbers,
         "caveats": caveats,
     }
-    (out_dir / "compare.json").write_text(json.dumps(comparison, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "compare.json").write_text(
+        json.dumps(comparison, indent=1, ensure_ascii=False), encoding="utf-8"
+    )
     _plot(models, _task_metrics(models), out_dir / "compare.png")
     print(markdown)
     return markdown
@@ -166,7 +176,12 @@ def _table_row(task, metric, model, reference, teacher) -> list[str]:
         return [task, metric, model.name, "—", "—"] + (["—"] if teacher else [])
     score = summary["metrics"][metric]
     decimals = 1 if abs(score["mean"]) >= 100 else 3
-    row = [task, metric, model.name, f"{score['mean']:.{decimals}f} ± {score['stderr']:.{decimals}f}"]
+    row = [
+        task,
+        metric,
+        model.name,
+        f"{score['mean']:.{decimals}f} ± {score['stderr']:.{decimals}f}",
+    ]
     if model is reference:
         row.append("(reference)")
     elif task not in reference.summaries:
@@ -198,7 +213,10 @@ def _paired_difference(task: str, metric: str, model: ModelResults, reference: M
         )
     keys = sorted(model_values, key=str)
     mean, low, high = paired_bootstrap_ci(
-        [model_values[k] for k in keys], [reference_values[k] for k in keys], PAIRED_BOOTSTRAP_SAMPLES, seed=0
+        [model_values[k] for k in keys],
+        [reference_values[k] for k in keys],
+        PAIRED_BOOTSTRAP_SAMPLES,
+        seed=0,
     )
     significant = "*" if low > 0 or high < 0 else ""
     return f"{_signed(mean)} [{_signed(low)}, {_signed(high)}]{significant}"
@@ -222,11 +240,15 @@ def _caveats(models: list[ModelResults]) -> list[str]:
         if missing:
             lines.append(f"{task}: no results for {', '.join(missing)}")
         if len({m.summaries[task]["task_hash"] for m in having}) > 1:
-            lines.append(f"{task}: models scored different versions of the task (spec or data differ)")
+            lines.append(
+                f"{task}: models scored different versions of the task (spec or data differ)"
+            )
         limits = {m.summaries[task].get("limit") for m in having} - {None}
         if limits:
             n = having[0].summaries[task]["n"]
-            lines.append(f"{task}: scored on the first {min(limits)} questions only (limit), n = {n}")
+            lines.append(
+                f"{task}: scored on the first {min(limits)} questions only (limit), n = {n}"
+            )
         if any(LOWER_IS_BETTER & set(m.summaries[task]["metrics"]) for m in having):
             lines.append(
                 f"{task}: loss/perplexity are lower-is-better and comparable only between models sharing a "
@@ -267,8 +289,10 @@ def _plot(models: list[ModelResults], task_metrics: list[tuple[str, str]], path:
             panel.bar(position, score["mean"], yerr=score["stderr"], capsize=4, color=color)
         direction = " (lower is better)" if metric in LOWER_IS_BETTER else ""
         panel.set_title(f"{task} / {metric}{direction}", fontsize=9)
-        panel.set_xticks(range(len(models)), [m.name for m in models], rotation=20, ha="right", fontsize=8)
-    for panel in list(axes.flat)[len(task_metrics):]:
+        panel.set_xticks(
+            range(len(models)), [m.name for m in models], rotation=20, ha="right", fontsize=8
+        )
+    for panel in list(axes.flat)[len(task_metrics) :]:
         panel.set_visible(False)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -44,8 +44,8 @@ from eval.tasks import (
     task_rows,
 )
 from still import models
-from still.fsutil import atomic_write_json, atomic_write_text
 from still.data import batches_longest_first, left_padded
+from still.fsutil import atomic_write_json, atomic_write_text
 
 # Bump when a change here can change a score: old cache entries then stop matching.
 HARNESS_VERSION = "1"
@@ -93,9 +93,14 @@ def evaluate(
     cache_entry = None
     if cache_dir is not None:
         # Sampled text also depends on how rows were batched (one seed per batch).
-        variant = f"limit-{limit or 'all'}" + (f"-batch-{batch_size}" if task.generation.do_sample else "")
+        variant = f"limit-{limit or 'all'}" + (
+            f"-batch-{batch_size}" if task.generation.do_sample else ""
+        )
         cache_entry = Path(cache_dir) / model_hash / current_task_hash / HARNESS_VERSION / variant
-        cached_files = (cache_entry / f"{task.name}.json", cache_entry / f"{task.name}.samples.jsonl")
+        cached_files = (
+            cache_entry / f"{task.name}.json",
+            cache_entry / f"{task.name}.samples.jsonl",
+        )
         if all(file.is_file() for file in cached_files):
             return _reuse_cached(cache_entry, task.name, out_dir, model_name)
 
@@ -103,8 +108,13 @@ def evaluate(
     rows = all_rows[:limit]
     # Shots come from all rows, not just the scored ones, so `limit` never changes a prompt.
     pool, same_pool = fewshot_rows(task, all_rows) if task.fewshot.n else ([], True)
-    shots = [select_shots(pool, task.fewshot.n, task.fewshot.seed, i, row, same_pool) for i, row in enumerate(rows)]
-    contexts = [build_context(task, row, row_shots, tokenizer) for row, row_shots in zip(rows, shots)]
+    shots = [
+        select_shots(pool, task.fewshot.n, task.fewshot.seed, i, row, same_pool)
+        for i, row in enumerate(rows)
+    ]
+    contexts = [
+        build_context(task, row, row_shots, tokenizer) for row, row_shots in zip(rows, shots)
+    ]
     _warn_if_not_fp32(model)
     was_training = model.training
     model.eval()
@@ -140,7 +150,9 @@ def _reuse_cached(cache_entry: Path, task_name: str, out_dir: Path, model_name: 
     if model_name is not None:
         summary["model_name"] = model_name
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cache_entry / f"{task_name}.samples.jsonl", out_dir / f"{task_name}.samples.jsonl")
+    shutil.copyfile(
+        cache_entry / f"{task_name}.samples.jsonl", out_dir / f"{task_name}.samples.jsonl"
+    )
     atomic_write_json(out_dir / f"{task_name}.json", summary)
     log.info("%s: cache hit, reusing %s", task_name, cache_entry)
     print(f"{task_name}: cache hit, reusing results from {cache_entry}", file=sys.stderr)
@@ -149,7 +161,11 @@ def _reuse_cached(cache_entry: Path, task_name: str, out_dir: Path, model_name: 
 
 def _warn_if_not_fp32(model) -> None:
     parameter = next(model.parameters(), None)
-    if parameter is not None and parameter.device.type == "cpu" and parameter.dtype != torch.float32:
+    if (
+        parameter is not None
+        and parameter.device.type == "cpu"
+        and parameter.dtype != torch.float32
+    ):
         warnings.warn(
             f"scoring a {parameter.dtype} model on CPU: scores can shift with batch size; load it in float32",
             stacklevel=3,
@@ -171,7 +187,9 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     """
     if context == "":
         continuation_ids = tokenizer.encode(continuation, add_special_tokens=False)
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        prefix = (
+            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        )
         if continuation_ids and continuation_ids[0] == prefix:
             return continuation_ids[:1], continuation_ids[1:]
         return [prefix], continuation_ids
@@ -180,7 +198,7 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = _encode(tokenizer, context + continuation)
     context_ids = _encode(tokenizer, context)
-    return context_ids, whole[len(context_ids):]
+    return context_ids, whole[len(context_ids) :]
 
 
 # --------------------------------------------------------------------------- generate
@@ -191,7 +209,9 @@ class _StopStrings(StoppingCriteria):
         self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_length :], skip_special_tokens=True
+        )
         done = [any(stop in text for stop in self.stop) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -199,7 +219,9 @@ class _StopStrings(StoppingCriteria):
 def _generation_config(model, tokenizer, task: TaskSpec) -> GenerationConfig:
     # A fresh config: decoding is what the task says, not whatever generation_config.json ships.
     settings = task.generation
-    sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+    sampling = (
+        {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
+    )
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=settings.do_sample,
@@ -214,7 +236,9 @@ def score_generate(model, tokenizer, task, rows, contexts, batch_size, bar) -> l
     config = _generation_config(model, tokenizer, task)
     device = next(model.parameters()).device
     predictions: dict[int, str] = {}
-    for batch_number, batch in enumerate(batches_longest_first([len(ids) for ids in encoded], batch_size)):
+    for batch_number, batch in enumerate(
+        batches_longest_first([len(ids) for ids in encoded], batch_size)
+    ):
         input_ids, attention_mask = left_padded([encoded[i] for i in batch], config.pad_token_id)
         width = input_ids.shape[1]
         stop = task.generation.stop
@@ -234,7 +258,9 @@ def score_generate(model, tokenizer, task, rows, contexts, batch_size, bar) -> l
     samples = []
     for i, row in enumerate(rows):
         target = row_target(task, row)
-        scores = {name: GENERATE_METRICS[name](predictions[i], target, task) for name in task.metrics}
+        scores = {
+            name: GENERATE_METRICS[name](predictions[i], target, task) for name in task.metrics
+        }
         samples.append(_sample(i, row, contexts[i], target, {"prediction": predictions[i]}, scores))
     return samples
 
@@ -254,7 +280,9 @@ def continuation_logliks(
     branch. The 4-D mask lets a branch see the context and itself only; position ids restart
     each branch at the context's end. That equals scoring context+continuation separately.
     """
-    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
+    max_positions = (
+        getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
+    )
     results: list[list[float]] = [[] for _ in items]
     packed = [_pack(context, continuations, max_positions) for context, continuations in items]
     for batch in batches_longest_first([len(p["tokens"]) for p in packed], batch_size):
@@ -267,7 +295,7 @@ def continuation_logliks(
 
 def _pack(context: list[int], continuations: list[list[int]], max_positions: int) -> dict:
     longest = max(len(c) for c in continuations)
-    context = context[-max(1, max_positions - longest):]  # lm-eval also truncates on the left
+    context = context[-max(1, max_positions - longest) :]  # lm-eval also truncates on the left
     tokens, branch, positions = list(context), [0] * len(context), list(range(len(context)))
     targets = []  # per continuation: (sequence index predicting each token, token id)
     for number, continuation in enumerate(continuations, start=1):
@@ -299,9 +327,15 @@ def _score_packed(model, packed: list[dict]) -> list[list[float]]:
     index = torch.arange(width)
     causal = index[None, :, None] >= index[None, None, :]
     same_branch = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
-    allowed = (causal & same_branch) | torch.eye(width, dtype=torch.bool)  # padding sees itself: no NaN
-    attention_mask = _attention_masks(getattr(model, "config", None), allowed, position_ids, dtype, device)
-    scored_starts = [offset + min(pred) for p, offset in zip(packed, offsets) for pred, _ in p["targets"] if pred]
+    allowed = (causal & same_branch) | torch.eye(
+        width, dtype=torch.bool
+    )  # padding sees itself: no NaN
+    attention_mask = _attention_masks(
+        getattr(model, "config", None), allowed, position_ids, dtype, device
+    )
+    scored_starts = [
+        offset + min(pred) for p, offset in zip(packed, offsets) for pred, _ in p["targets"] if pred
+    ]
     first_scored = min(scored_starts, default=width - 1)
     keep = width - first_scored if _accepts_logits_to_keep(model) else width
     logits = model(
@@ -313,10 +347,18 @@ def _score_packed(model, packed: list[dict]) -> list[list[float]]:
     results = []
     for row, (p, offset) in enumerate(zip(packed, offsets)):
         # All of a question's scored positions in one log-softmax, then summed per continuation.
-        columns = [offset + position - (width - keep) for predictors, _ in p["targets"] for position in predictors]
-        token_ids = torch.tensor([token for _, continuation in p["targets"] for token in continuation])
+        columns = [
+            offset + position - (width - keep)
+            for predictors, _ in p["targets"]
+            for position in predictors
+        ]
+        token_ids = torch.tensor(
+            [token for _, continuation in p["targets"] for token in continuation]
+        )
         log_probs = torch.log_softmax(logits[row, columns].float(), dim=-1)
-        token_logprobs = log_probs.gather(-1, token_ids.to(log_probs.device)[:, None])[:, 0].tolist()
+        token_logprobs = log_probs.gather(-1, token_ids.to(log_probs.device)[:, None])[
+            :, 0
+        ].tolist()
         row_logliks, start = [], 0
         for _, continuation in p["targets"]:
             row_logliks.append(float(sum(token_logprobs[start : start + len(continuation)])))
@@ -334,7 +376,9 @@ def _attention_masks(config, allowed: torch.Tensor, position_ids: torch.Tensor, 
     """
 
     def additive(keep: torch.Tensor) -> torch.Tensor:
-        additive_mask = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+        additive_mask = torch.zeros(keep.shape, dtype=dtype).masked_fill(
+            ~keep, torch.finfo(dtype).min
+        )
         return additive_mask[:, None].to(device)
 
     window = getattr(config, "sliding_window", None)
@@ -364,7 +408,9 @@ def score_multiple_choice(model, tokenizer, task, rows, contexts, batch_size, ba
     logliks = continuation_logliks(model, items, batch_size, bar)
     samples = []
     for i, row in enumerate(rows):
-        scores = {m: CHOICE_METRICS[m](logliks[i], choices_per_row[i], golds[i]) for m in task.metrics}
+        scores = {
+            m: CHOICE_METRICS[m](logliks[i], choices_per_row[i], golds[i]) for m in task.metrics
+        }
         extra = {"choices": choices_per_row[i], "label": golds[i], "logliks": logliks[i]}
         samples.append(_sample(i, row, contexts[i], choices_per_row[i][golds[i]], extra, scores))
     return samples
@@ -395,7 +441,14 @@ SCORERS = {
 
 # --------------------------------------------------------------------------- results
 def _sample(idx: int, row: dict, prompt: str, target: str, extra: dict, scores: dict) -> dict:
-    return {"idx": idx, "id": row.get("id"), "prompt": prompt, "target": target, **extra, "metrics": scores}
+    return {
+        "idx": idx,
+        "id": row.get("id"),
+        "prompt": prompt,
+        "target": target,
+        **extra,
+        "metrics": scores,
+    }
 
 
 def _summarise(task: TaskSpec, samples: list[dict]) -> dict:
@@ -411,7 +464,9 @@ def _summarise(task: TaskSpec, samples: list[dict]) -> dict:
             summary["perplexity"] = {"mean": math.exp(mean), "stderr": math.exp(mean) * stderr}
         return summary
     for name in task.metrics:
-        mean, stderr = metrics.bootstrap_stderr([s["metrics"][name] for s in samples], BOOTSTRAP_SAMPLES, 0)
+        mean, stderr = metrics.bootstrap_stderr(
+            [s["metrics"][name] for s in samples], BOOTSTRAP_SAMPLES, 0
+        )
         summary[name] = {"mean": mean, "stderr": stderr}
     return summary
 

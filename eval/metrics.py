@@ -45,7 +45,9 @@ def normalize_text(
     return text
 
 
-def exact_match(prediction: str, reference: str, normalize: Mapping[str, bool] | None = None) -> float:
+def exact_match(
+    prediction: str, reference: str, normalize: Mapping[str, bool] | None = None
+) -> float:
     """1.0 if equal after `normalize_text(**normalize)`; `normalize=None` compares verbatim."""
     if normalize is not None:
         prediction = normalize_text(prediction, **normalize)
@@ -71,7 +73,9 @@ def _longest_common_subsequence(a: Sequence[str], b: Sequence[str]) -> int:
     for token_a in a:
         current = [0]
         for j, token_b in enumerate(b):
-            current.append(previous[j] + 1 if token_a == token_b else max(previous[j + 1], current[j]))
+            current.append(
+                previous[j] + 1 if token_a == token_b else max(previous[j + 1], current[j])
+            )
         previous = current
     return previous[-1]
 
@@ -139,7 +143,9 @@ def bootstrap_stderr(
     unweighted mean the answer is close to std / sqrt(n). Fewer than two values: stderr 0.
     """
     values_array = np.asarray(values, dtype=np.float64)
-    weights_array = np.ones_like(values_array) if weights is None else np.asarray(weights, dtype=np.float64)
+    weights_array = (
+        np.ones_like(values_array) if weights is None else np.asarray(weights, dtype=np.float64)
+    )
     if values_array.size == 0:
         return math.nan, math.nan
     mean = float((weights_array * values_array).sum() / weights_array.sum())
@@ -148,7 +154,9 @@ def bootstrap_stderr(
     means = []
     for rows in _bootstrap_indices(values_array.size, n_boot, seed):
         sampled_weights = weights_array[rows]
-        means.append((sampled_weights * values_array[rows]).sum(axis=1) / sampled_weights.sum(axis=1))
+        means.append(
+            (sampled_weights * values_array[rows]).sum(axis=1) / sampled_weights.sum(axis=1)
+        )
     return mean, float(np.concatenate(means).std(ddof=1))
 
 

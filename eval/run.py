@@ -69,16 +69,22 @@ def evaluate_model(
         )
         summaries.append(summary)
         # into the active W&B run, if any: an eval run, or the training run this eval ends
-        tracking.log_eval_task(summary, Path(out_dir) / f"{task.name}.samples.jsonl", model_name=name)
+        tracking.log_eval_task(
+            summary, Path(out_dir) / f"{task.name}.samples.jsonl", model_name=name
+        )
         cached = " (cached)" if summary.get("cache_hit") else ""
-        metrics = ", ".join(f"{k} {v['mean']:.4f} ± {v['stderr']:.4f}" for k, v in summary["metrics"].items())
+        metrics = ", ".join(
+            f"{k} {v['mean']:.4f} ± {v['stderr']:.4f}" for k, v in summary["metrics"].items()
+        )
         print(f"still: {name} on {task.name}{cached}: {metrics}")
     del model
     gc.collect()
     return summaries
 
 
-def run_eval_recipe(recipe, *, force: bool = False, limit: int | None = None, batch_size: int | None = None) -> int:
+def run_eval_recipe(
+    recipe, *, force: bool = False, limit: int | None = None, batch_size: int | None = None
+) -> int:
     """`still run` / `still eval` on an eval recipe: every model × every task, then compare."""
     from eval.compare import compare
 
@@ -90,10 +96,17 @@ def run_eval_recipe(recipe, *, force: bool = False, limit: int | None = None, ba
     for ref, name in zip(recipe.models, names):
         out_dir = out_root / name
         # One W&B eval run per model (when the recipe tracks), so runs compare side by side.
-        run = tracking.start_wandb(recipe, out_root, job_type="eval", name=f"eval-{name}",
-                                   config={"model": _model_config(ref, name)})
+        run = tracking.start_wandb(
+            recipe,
+            out_root,
+            job_type="eval",
+            name=f"eval-{name}",
+            config={"model": _model_config(ref, name)},
+        )
         model_artifact = tracking.still_run_artifact(ref)
-        tracking.use_artifacts(run, [model_artifact] if model_artifact else [])  # online: a lineage edge
+        tracking.use_artifacts(
+            run, [model_artifact] if model_artifact else []
+        )  # online: a lineage edge
         try:
             evaluate_model(
                 ref,
@@ -131,13 +144,22 @@ def _model_config(ref: str, name: str) -> dict:
     return config
 
 
-def eval_models(refs: list[str], task_paths: list[str], *, out: str | None = None,
-                limit: int | None = None, batch_size: int = 8, force: bool = False) -> int:
+def eval_models(
+    refs: list[str],
+    task_paths: list[str],
+    *,
+    out: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    force: bool = False,
+) -> int:
     """`still eval --model REF --task T.yaml [...]`: each model scored on every task. Results
     go to `out` (one subdir per model when there are several), the run dir's eval/, or
     runs/eval/NAME."""
     if not refs or not task_paths:
-        raise StillError("`still eval` needs an eval recipe, or at least one --model and one --task")
+        raise StillError(
+            "`still eval` needs an eval recipe, or at least one --model and one --task"
+        )
     for ref in refs:
         if out and len(refs) > 1:
             out_dir = Path(out) / display_name(ref)
@@ -147,8 +169,14 @@ def eval_models(refs: list[str], task_paths: list[str], *, out: str | None = Non
             out_dir = RunDir(ref).eval_dir
         else:
             out_dir = Path("runs") / "eval" / display_name(ref)
-        evaluate_model(ref, task_paths, out_dir=out_dir, batch_size=batch_size, limit=limit,
-                       use_cache=not force)
+        evaluate_model(
+            ref,
+            task_paths,
+            out_dir=out_dir,
+            batch_size=batch_size,
+            limit=limit,
+            use_cache=not force,
+        )
         print(f"still: results in {out_dir}")
     return 0
 

@@ -75,15 +75,17 @@ class TaskData(RowSource):
         flat, hub = dict(value), dict(value["hf"])
         unknown = sorted(set(hub) - {"name", "config", "split"})
         if unknown:
-            raise ValueError(f"unknown key '{unknown[0]}' in data.hf (it takes name, config "
-                             "and split)")
+            raise ValueError(
+                f"unknown key '{unknown[0]}' in data.hf (it takes name, config and split)"
+            )
         if "name" not in hub:
             raise ValueError("data.hf needs name (the dataset id)")
         for nested, key in (("name", "hf"), ("config", "subset"), ("split", "split")):
             if nested in hub:
                 if key != "hf" and key in flat:
-                    raise ValueError(f"data.{key} and data.hf.{nested} say the same thing: "
-                                     "give one")
+                    raise ValueError(
+                        f"data.{key} and data.hf.{nested} say the same thing: give one"
+                    )
                 flat[key] = hub[nested]
         return flat
 
@@ -238,8 +240,9 @@ def load_task(path: str | Path) -> TaskSpec:
         task = TaskSpec.model_validate(raw)
     except ValidationError as exc:
         # Whole-task rules (a multiple_choice task needs choices, ...) hinge on `type`: point there.
-        raise one_line_error(exc, TaskSpec, origins, top, whole="task", anchor=("type",),
-                             suggest_values=True) from None
+        raise one_line_error(
+            exc, TaskSpec, origins, top, whole="task", anchor=("type",), suggest_values=True
+        ) from None
     task._base_dir = path.resolve().parent
     for keys, relative in (("data", "path"), ("fewshot", "path")):
         value = getattr(getattr(task, keys), relative)
@@ -278,8 +281,9 @@ def _questions(source: RowSource) -> list[dict]:
     rows = []
     for origin, row in strict_rows(source):
         if not isinstance(row, dict):
-            raise StillError(f"{origin}: expected an object (one row per question), "
-                             f"got {type(row).__name__}")
+            raise StillError(
+                f"{origin}: expected an object (one row per question), got {type(row).__name__}"
+            )
         rows.append(row)
     return rows
 

@@ -61,7 +61,10 @@ def build_model(recipe: FinetuneRecipe):
     )
     if recipe.method == "full":
         if hasattr(model, "peft_config"):
-            raise StillError("method: full cannot train on top of an adapter", hint="merge it first: `still merge`")
+            raise StillError(
+                "method: full cannot train on top of an adapter",
+                hint="merge it first: `still merge`",
+            )
         return model
     if hasattr(model, "peft_config"):
         # A run dir with an adapter as the base: keep training that adapter.
@@ -97,9 +100,11 @@ class FinetuneTrainer(Trainer):
         if self.loss_chunk_size and not models.logits_are_head_output(self.model):
             self.loss_chunk_size = None
             if self.is_world_process_zero():
-                print("still: this model's logits are not its output head alone (e.g. "
-                      "soft-capped); training with its own full-logits loss "
-                      "(train.loss_chunk_size ignored)")
+                print(
+                    "still: this model's logits are not its output head alone (e.g. "
+                    "soft-capped); training with its own full-logits loss "
+                    "(train.loss_chunk_size ignored)"
+                )
         if self.loss_chunk_size is None:
             self.loss_is_scaled_for_ga = None  # Trainer's own rule for the model's loss
 
@@ -112,15 +117,27 @@ class FinetuneTrainer(Trainer):
         hidden = outputs.hidden_states[-1][:, :-1]  # position i predicts token i + 1
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         loss_sum, n_tokens = linear_cross_entropy(
-            hidden, head.weight, labels[:, 1:], bias=getattr(head, "bias", None),
+            hidden,
+            head.weight,
+            labels[:, 1:],
+            bias=getattr(head, "bias", None),
             chunk_size=self.loss_chunk_size,
         )
         loss = token_mean_loss(self, model, loss_sum, n_tokens, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
 
-def build_trainer(recipe: FinetuneRecipe, model, tokenizer, train_data, eval_data, args,
-                  callbacks, *, attention: str = "auto") -> Trainer:
+def build_trainer(
+    recipe: FinetuneRecipe,
+    model,
+    tokenizer,
+    train_data,
+    eval_data,
+    args,
+    callbacks,
+    *,
+    attention: str = "auto",
+) -> Trainer:
     """The Trainer `run` trains with; `attention` is how packed examples are kept apart
     (`still.attention.packed_attention`: auto, block_mask or loop)."""
     isolation = packed_attention(model, choice=attention) if recipe.data.packing else None
@@ -139,20 +156,29 @@ def build_trainer(recipe: FinetuneRecipe, model, tokenizer, train_data, eval_dat
 # --------------------------------------------------------------------------- check, train, save
 def check(recipe: FinetuneRecipe) -> None:
     """`still check`: prepare the data and describe the run without loading any weights."""
-    tokenizer = models.load_tokenizer(recipe.model.ref,
-                                      trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(
+        recipe.model.ref, trust_remote_code=recipe.model.trust_remote_code
+    )
     train = data_module.prepare(recipe.data, tokenizer, split="train")
     eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
     adapter = None if recipe.method == "full" else lora_config(recipe.lora, recipe.method)
     model = meta_model(recipe.model, adapter=adapter)
-    print_report(recipe, tokenizer, train, eval_data, model=model,
-                 total_steps=planned_steps(recipe, len(train.dataset)))
+    print_report(
+        recipe,
+        tokenizer,
+        train,
+        eval_data,
+        model=model,
+        total_steps=planned_steps(recipe, len(train.dataset)),
+    )
 
 
-def run(recipe: FinetuneRecipe, run: RunDir, *, resume: bool = False,
-        attention: str = "auto") -> dict:
-    tokenizer = models.load_tokenizer(recipe.model.ref,
-                                      trust_remote_code=recipe.model.trust_remote_code)
+def run(
+    recipe: FinetuneRecipe, run: RunDir, *, resume: bool = False, attention: str = "auto"
+) -> dict:
+    tokenizer = models.load_tokenizer(
+        recipe.model.ref, trust_remote_code=recipe.model.trust_remote_code
+    )
     train_data = data_module.prepare(recipe.data, tokenizer, split="train")
     eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
     # Trainer seeds only when it is created; the adapter's random init happens before that.
@@ -161,19 +187,34 @@ def run(recipe: FinetuneRecipe, run: RunDir, *, resume: bool = False,
     total_steps = planned_steps(recipe, len(train_data.dataset))
     print_report(recipe, tokenizer, train_data, eval_data, model=model, total_steps=total_steps)
 
-    lineage = run.write_lineage(recipe, base=models.absolute_ref(recipe.model.ref),
-                                method=recipe.method)
+    lineage = run.write_lineage(
+        recipe, base=models.absolute_ref(recipe.model.ref), method=recipe.method
+    )
     tracking = start_tracking(recipe, run, job_type="finetune", lineage=lineage)
-    args = training_arguments(recipe, run, has_eval=eval_data is not None,
-                              total_steps=total_steps, report=tracking.report_to)
-    trainer = build_trainer(recipe, model, tokenizer, train_data, eval_data, args,
-                            [*tracking.callbacks, *reliability_callbacks(recipe.train)],
-                            attention=attention)
+    args = training_arguments(
+        recipe,
+        run,
+        has_eval=eval_data is not None,
+        total_steps=total_steps,
+        report=tracking.report_to,
+    )
+    trainer = build_trainer(
+        recipe,
+        model,
+        tokenizer,
+        train_data,
+        eval_data,
+        args,
+        [*tracking.callbacks, *reliability_callbacks(recipe.train)],
+        attention=attention,
+    )
     checkpoint = resume_checkpoint(run) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if stopped_by_signal(trainer, recipe):  # saved a complete checkpoint; --resume continues
-        return {"summary": {"steps": trainer.state.global_step, "stopped": True},
-                "lineage": lineage}
+        return {
+            "summary": {"steps": trainer.state.global_step, "stopped": True},
+            "lineage": lineage,
+        }
     final_eval = trainer.evaluate() if eval_data is not None else {}
     save_final(trainer, tokenizer, run, full=recipe.method == "full")
     summary = finish_run(trainer, recipe, run, result, final_eval, evaluate=evaluate_run)

@@ -83,8 +83,11 @@ def eval_results(result) -> list:
                     metric_type=metric,
                     metric_name=metric,
                     metric_value=round(value["mean"], 6),
-                    metric_args={"stderr": round(value["stderr"], 6), "n": summary["n"],
-                                 "limit": summary.get("limit")},
+                    metric_args={
+                        "stderr": round(value["stderr"], 6),
+                        "n": summary["n"],
+                        "limit": summary.get("limit"),
+                    },
                 )
             )
     return rows
@@ -111,22 +114,25 @@ def _summary(result, base) -> str:
         carved = lineage.get("carved") or {}
         made = f"distilled from the teacher `{lineage.get('teacher')}`"
         if carved:
-            made += (f" into a student carved from it ({len(carved.get('kept_layers', []))} "
-                     f"layers, {carved.get('param_fraction', 0):.1%} of its parameters)")
+            made += (
+                f" into a student carved from it ({len(carved.get('kept_layers', []))} "
+                f"layers, {carved.get('param_fraction', 0):.1%} of its parameters)"
+            )
     else:
         made = f"fine-tuned ({lineage.get('method')}) from `{base}`"
     merged = " with the adapter merged" if result.merge.get("merged") else ""
     gguf = ", plus GGUF files for llama.cpp" if result.gguf else ""
-    return (f"A small model {made}, with the `still` recipe `{lineage.get('name')}`. "
-            f"Weights are fp32 safetensors{merged}{gguf}.")
+    return (
+        f"A small model {made}, with the `still` recipe `{lineage.get('name')}`. "
+        f"Weights are fp32 safetensors{merged}{gguf}."
+    )
 
 
 def _usage(result) -> str:
     name = result.hub or result.out.name
     # the question is the run's own (its first eval or train prompt), so the example shows
     # the kind of input the model was made for; json.dumps quotes it as a Python literal
-    message = json.dumps({"role": "user", "content": result.samples.prompts[0]},
-                         ensure_ascii=False)
+    message = json.dumps({"role": "user", "content": result.samples.prompts[0]}, ensure_ascii=False)
     text = (
         "## How to use\n\n```python\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -138,8 +144,10 @@ def _usage(result) -> str:
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))\n```"
     )
     for report in result.gguf:
-        text += (f"\n\n```bash\nllama-cli -m {report['file']} -cnv   # {report['type']}, "
-                 f"{report['bytes'] / 1e6:.1f} MB\n```")
+        text += (
+            f"\n\n```bash\nllama-cli -m {report['file']} -cnv   # {report['type']}, "
+            f"{report['bytes'] / 1e6:.1f} MB\n```"
+        )
     return text
 
 
@@ -164,23 +172,35 @@ def _lineage_section(result) -> str:
 def _training_section(result) -> str:
     lineage, train = result.lineage, result.recipe.get("train", {})
     commit = f", git commit `{lineage['git_commit']}`" if lineage.get("git_commit") else ""
-    lines = ["## Training", "", (
-        f"- recipe kind `{lineage.get('kind')}`, method `{lineage.get('method')}`, "
-        f"recipe sha256 `{lineage.get('recipe_sha256')}`{commit}")]
+    lines = [
+        "## Training",
+        "",
+        (
+            f"- recipe kind `{lineage.get('kind')}`, method `{lineage.get('method')}`, "
+            f"recipe sha256 `{lineage.get('recipe_sha256')}`{commit}"
+        ),
+    ]
     if train:
-        lines.append(f"- lr {train.get('lr')}, batch size {train.get('batch_size')} × grad accum "
-                     f"{train.get('grad_accum', 1)}, max steps {train.get('max_steps')}, "
-                     f"seed {train.get('seed')}")
+        lines.append(
+            f"- lr {train.get('lr')}, batch size {train.get('batch_size')} × grad accum "
+            f"{train.get('grad_accum', 1)}, max steps {train.get('max_steps')}, "
+            f"seed {train.get('seed')}"
+        )
     if result.recipe.get("distill"):
         d = result.recipe["distill"]
-        lines.append(f"- distillation loss `{d.get('loss')}`, T={d.get('temperature')}, "
-                     f"kd weight {d.get('kd_weight')}, ce weight {d.get('ce_weight')}")
+        lines.append(
+            f"- distillation loss `{d.get('loss')}`, T={d.get('temperature')}, "
+            f"kd weight {d.get('kd_weight')}, ce weight {d.get('ce_weight')}"
+        )
     metrics = _last_metrics(RunDir(result.run_dir))
     for key in LOGGED:
         if key in metrics:
             value = metrics[key]
-            lines.append(f"- last logged {key}: {value:.4g}" if isinstance(value, float)
-                         else f"- last logged {key}: {value}")
+            lines.append(
+                f"- last logged {key}: {value:.4g}"
+                if isinstance(value, float)
+                else f"- last logged {key}: {value}"
+            )
     return "\n".join(lines)
 
 
@@ -198,15 +218,18 @@ def _data_section(lineage) -> str:
     rows = ["## Training data", "", "| source | sha256 |", "|---|---|"]
     for entry in files:
         source = entry.get("path") or (
-            f"{entry.get('hf')} ({entry.get('subset') or 'default'}, {entry.get('split')})")
+            f"{entry.get('hf')} ({entry.get('subset') or 'default'}, {entry.get('split')})"
+        )
         rows.append(f"| `{source}` | `{entry.get('sha256', 'hub dataset')}` |")
     return "\n".join(rows)
 
 
 def _eval_section(result) -> str:
     if not result.evals:
-        return ("## Evaluation\n\nNot evaluated at publish time (the recipe names no `eval_tasks`, "
-                "or `--no-eval`).")
+        return (
+            "## Evaluation\n\nNot evaluated at publish time (the recipe names no `eval_tasks`, "
+            "or `--no-eval`)."
+        )
     roles = [r for r in ("base", "teacher") if r in result.comparisons]
     header = "| task | metric | n | this model |" + "".join(f" {role} |" for role in roles)
     rows = ["## Evaluation", "", header, "|" + "---|" * (4 + len(roles))]
@@ -214,14 +237,21 @@ def _eval_section(result) -> str:
         for metric, value in summary["metrics"].items():
             cells = [f"{value['mean']:.4f} ± {value['stderr']:.4f}"]
             for role in roles:
-                cells.append(_compared_cell(result.comparisons[role], summary["task"], metric,
-                                            value["mean"]))
-            rows.append(f"| {summary['task']} | {metric} | {summary['n']} | "
-                        + " | ".join(cells) + " |")
-    limit = (f"the first {result.eval_limit} rows of each task (`--quick`)" if result.eval_limit
-             else "the rows each task YAML selects (its `limit`, if any)")
-    rows.append(f"\n± is the bootstrap standard error. Scored by `still eval` on the published "
-                f"weights, {limit}; per-question outputs are in `eval/`.")
+                cells.append(
+                    _compared_cell(result.comparisons[role], summary["task"], metric, value["mean"])
+                )
+            rows.append(
+                f"| {summary['task']} | {metric} | {summary['n']} | " + " | ".join(cells) + " |"
+            )
+    limit = (
+        f"the first {result.eval_limit} rows of each task (`--quick`)"
+        if result.eval_limit
+        else "the rows each task YAML selects (its `limit`, if any)"
+    )
+    rows.append(
+        f"\n± is the bootstrap standard error. Scored by `still eval` on the published "
+        f"weights, {limit}; per-question outputs are in `eval/`."
+    )
     return "\n".join(rows)
 
 
@@ -237,9 +267,11 @@ def _verification_section(result) -> str:
     lines = ["## Verification", ""]
     merge = result.merge
     if merge.get("merged"):
-        lines.append(f"- merge: the merged model's logits equal the adapter model's on "
-                     f"{merge['tokens']} tokens: max |Δ| {merge['max_abs_logit_diff']:.2e} "
-                     f"(tolerance {merge['tolerance']:.1e})")
+        lines.append(
+            f"- merge: the merged model's logits equal the adapter model's on "
+            f"{merge['tokens']} tokens: max |Δ| {merge['max_abs_logit_diff']:.2e} "
+            f"(tolerance {merge['tolerance']:.1e})"
+        )
     else:
         lines.append("- merge: none needed (the run saved full weights)")
     for g in result.gguf:
@@ -257,8 +289,9 @@ def _limits_section(result, base, license_id) -> str:
     task_names = ", ".join(s["task"] for s in result.evals) or "the tasks in its recipe"
     license_line = (
         f"License `{license_id}`, carried from the base model `{base}`; its terms apply."
-        if license_id else
-        f"The license of the base `{base}` could not be determined: check it before use.")
+        if license_id
+        else f"The license of the base `{base}` could not be determined: check it before use."
+    )
     return (
         "## Intended use and limits\n\n"
         f"A small domain model for the data it was trained on, measured on {task_names}. It "
@@ -275,5 +308,7 @@ def _recipe_section(result) -> str:
     text = f"## Recipe\n\nTrained with `{command}`"
     if result.command:
         text += f" and published with `{result.command}`"
-    return (text + ". The resolved recipe (also in `recipe.yaml`):\n\n"
-            f"```yaml\n{result.recipe_text.strip()}\n```")
+    return (
+        text + ". The resolved recipe (also in `recipe.yaml`):\n\n"
+        f"```yaml\n{result.recipe_text.strip()}\n```"
+    )

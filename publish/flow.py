@@ -73,8 +73,9 @@ def publish(
     source, out = _finished_run(Path(run)), Path(out)
     unknown = [t for t in gguf_types if t not in GGUF_TYPES]
     if unknown:
-        raise StillError(f"unknown GGUF type '{unknown[0]}'",
-                         hint=f"choose from {', '.join(GGUF_TYPES)}")
+        raise StillError(
+            f"unknown GGUF type '{unknown[0]}'", hint=f"choose from {', '.join(GGUF_TYPES)}"
+        )
     refuse_existing_out(out, force)
     if dry_run and not hub:
         raise StillError("--dry-run shows a hub upload; it needs --hub ORG/NAME")
@@ -84,8 +85,15 @@ def publish(
         hub_client.refuse_existing_repo(api, hub, force)
 
     recipe = source.recipe_data()
-    result = Publication(source.path, out, source.read_lineage(), recipe, source.recipe_text(),
-                         command=command, hub=hub)
+    result = Publication(
+        source.path,
+        out,
+        source.read_lineage(),
+        recipe,
+        source.recipe_text(),
+        command=command,
+        hub=hub,
+    )
     result.eval_limit = QUICK_LIMIT if quick else None
     result.tasks = [str(task) for task in tasks or recipe.get("eval_tasks") or []]
     if evaluate:
@@ -104,8 +112,9 @@ def publish(
     return out
 
 
-def _build(result: Publication, staging: Path, gguf_types, *, evaluate: bool,
-           compare: bool) -> dict:
+def _build(
+    result: Publication, staging: Path, gguf_types, *, evaluate: bool, compare: bool
+) -> dict:
     """Everything that goes into the published dir, written into `staging`; its lineage."""
     model, tokenizer, result.merge = merged_model(result.run_dir, result.samples)
     save_model(model, tokenizer, staging, name=result.out.name)
@@ -116,8 +125,10 @@ def _build(result: Publication, staging: Path, gguf_types, *, evaluate: bool,
     if evaluate and result.tasks:
         _run_evals(result, staging, compare=compare)
     elif evaluate:
-        print("still: no eval tasks in the run's recipe: the card will have no scores "
-              "(add --task T.yaml)")
+        print(
+            "still: no eval tasks in the run's recipe: the card will have no scores "
+            "(add --task T.yaml)"
+        )
     files = {
         str(path.relative_to(staging)): file_sha256(path)
         for path in sorted(staging.rglob("*"))
@@ -157,8 +168,9 @@ def _check_tasks(tasks: list[str]) -> None:
 
     for task in tasks:
         if not Path(task).is_file():
-            raise StillError(f"eval task {task} not found",
-                             hint="pass --task T.yaml, or --no-eval to skip")
+            raise StillError(
+                f"eval task {task} not found", hint="pass --task T.yaml, or --no-eval to skip"
+            )
         load_task(task)
 
 
@@ -169,8 +181,14 @@ def _write_gguf(model, tokenizer, staging: Path, gguf_type: str, result: Publica
     export_gguf(model, tokenizer, path, gguf_type, name=name, license=license_of(result.lineage))
     check_config(path, model.config)
     # The tokenizer is the same in every file: compare it once.
-    report = verify_gguf(path, model, tokenizer, gguf_type,
-                         check_texts(tokenizer, result.samples), check_tokenizer=not result.gguf)
+    report = verify_gguf(
+        path,
+        model,
+        tokenizer,
+        gguf_type,
+        check_texts(tokenizer, result.samples),
+        check_tokenizer=not result.gguf,
+    )
     report.update(file=path.name, bytes=path.stat().st_size)
     print(
         f"still: {path.name}: loads back exactly (Δ {report['exact_max_abs_diff']:.2g}); vs fp32: "

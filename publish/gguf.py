@@ -65,14 +65,16 @@ def arch_spec(config) -> ArchSpec:
 
 
 # --------------------------------------------------------------------------- export
-def export_gguf(model, tokenizer, path: Path, gguf_type: str, *, name: str,
-                license: str | None = None) -> Path:
+def export_gguf(
+    model, tokenizer, path: Path, gguf_type: str, *, name: str, license: str | None = None
+) -> Path:
     """Write `model` (+ tokenizer) to `path` as `gguf_type` ("f16" or "q8_0")."""
     import gguf
 
     if gguf_type not in TOLERANCES:
-        raise StillError(f"unknown GGUF type '{gguf_type}'",
-                         hint=f"choose from {', '.join(GGUF_TYPES)}")
+        raise StillError(
+            f"unknown GGUF type '{gguf_type}'", hint=f"choose from {', '.join(GGUF_TYPES)}"
+        )
     config = model.config
     spec = arch_spec(config)
     writer = gguf.GGUFWriter(str(path), spec.gguf_arch)
@@ -182,15 +184,17 @@ def _write_tokenizer(writer, tokenizer, vocab_rows: int) -> None:
         raise StillError("GGUF export needs a fast (tokenizers) tokenizer")
     spec = json.loads(backend.to_str())
     if spec["model"]["type"] != "BPE":
-        raise StillError(f"GGUF export: {spec['model']['type']} tokenizers are not supported "
-                         "(BPE only)")
+        raise StillError(
+            f"GGUF export: {spec['model']['type']} tokenizers are not supported (BPE only)"
+        )
     byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(
         spec.get("decoder")
     )
     by_id = {index: token for token, index in backend.get_vocab(with_added_tokens=True).items()}
     if max(by_id) >= vocab_rows:
-        raise StillError(f"tokenizer has ids up to {max(by_id)} but the model only {vocab_rows} "
-                         "embedding rows")
+        raise StillError(
+            f"tokenizer has ids up to {max(by_id)} but the model only {vocab_rows} embedding rows"
+        )
     added = {entry["id"]: entry for entry in spec.get("added_tokens", [])}
     tokens, types = [], []
     for index in range(vocab_rows):
@@ -257,10 +261,23 @@ def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
 # Config fields that change outputs; transformers rebuilds the config from GGUF metadata, and
 # those it does not read (e.g. Gemma-3's query_pre_attn_scalar) come back as class defaults.
 CONFIG_KEYS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings",
-    "rope_parameters", "hidden_act", "hidden_activation", "query_pre_attn_scalar",
-    "sliding_window", "layer_types", "final_logit_softcapping", "attn_logit_softcapping",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "hidden_act",
+    "hidden_activation",
+    "query_pre_attn_scalar",
+    "sliding_window",
+    "layer_types",
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
 )
 
 
@@ -308,8 +325,15 @@ def rounded_copy(model, gguf_type: str):
     return rounded
 
 
-def verify_gguf(path: Path, reference_model, tokenizer, gguf_type: str, texts: list[str], *,
-                check_tokenizer: bool = True) -> dict:
+def verify_gguf(
+    path: Path,
+    reference_model,
+    tokenizer,
+    gguf_type: str,
+    texts: list[str],
+    *,
+    check_tokenizer: bool = True,
+) -> dict:
     """Load `path` back with transformers and compare it with the model it was written from.
 
     Two checks. Exactness: the loaded logits equal those of the source with the file's own
@@ -322,14 +346,18 @@ def verify_gguf(path: Path, reference_model, tokenizer, gguf_type: str, texts: l
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                  dtype=torch.float32).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     if check_tokenizer:
         _check_tokenizer(path, tokenizer, texts)
     reference_model.eval()
     rounded = rounded_copy(reference_model, gguf_type).eval()
-    result = {"type": gguf_type, **_compare(loaded, rounded, reference_model, tokenizer, texts),
-              "tolerance": TOLERANCES[gguf_type]}
+    result = {
+        "type": gguf_type,
+        **_compare(loaded, rounded, reference_model, tokenizer, texts),
+        "tolerance": TOLERANCES[gguf_type],
+    }
     result["tokens"] = result.pop("tokens")  # last, where lineage.json has always had it
     del loaded, rounded
     exact, rms = result["exact_max_abs_diff"], result["rms_relative_diff"]
@@ -356,8 +384,10 @@ def _check_tokenizer(path: Path, tokenizer, texts: list[str]) -> None:
     for text in texts:
         ours, theirs = tokenizer(text)["input_ids"], gguf_tokenizer(text)["input_ids"]
         if ours != theirs:
-            raise StillError(f"GGUF {path.name}: its tokenizer splits {text[:40]!r} differently "
-                             f"({theirs[:12]} vs {ours[:12]})")
+            raise StillError(
+                f"GGUF {path.name}: its tokenizer splits {text[:40]!r} differently "
+                f"({theirs[:12]} vs {ours[:12]})"
+            )
 
 
 def _compare(loaded, rounded, reference_model, tokenizer, texts: list[str]) -> dict:

@@ -24,12 +24,14 @@ def hub_api():
     from huggingface_hub import HfApi
 
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        raise StillError("--hub needs the network but HF_HUB_OFFLINE is set",
-                         hint="unset it, or use --dry-run")
+        raise StillError(
+            "--hub needs the network but HF_HUB_OFFLINE is set", hint="unset it, or use --dry-run"
+        )
     token = hub_token()
     if not token:
-        raise StillError("--hub needs a token in the environment",
-                         hint="export HF_TOKEN=hf_... (write access)")
+        raise StillError(
+            "--hub needs a token in the environment", hint="export HF_TOKEN=hf_... (write access)"
+        )
     return HfApi(token=token)
 
 
@@ -51,8 +53,11 @@ def refuse_existing_repo(api, repo_id: str, force: bool) -> None:
 
 def upload_plan(folder: Path) -> list[tuple[str, int]]:
     """(relative path, bytes) of every file `upload` would send, in sorted order."""
-    return [(str(path.relative_to(folder)), path.stat().st_size)
-            for path in sorted(folder.rglob("*")) if path.is_file()]
+    return [
+        (str(path.relative_to(folder)), path.stat().st_size)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    ]
 
 
 def upload(api, repo_id: str, folder: Path, *, dry_run: bool, private: bool) -> None:
@@ -60,22 +65,30 @@ def upload(api, repo_id: str, folder: Path, *, dry_run: bool, private: bool) -> 
     plan = upload_plan(folder)
     total = sum(size for _, size in plan)
     if dry_run:
-        print(f"still: dry run: would create {'private ' if private else ''}repo {repo_id} and "
-              f"upload {len(plan)} files ({total / 1e6:.1f} MB) from {folder}:")
+        print(
+            f"still: dry run: would create {'private ' if private else ''}repo {repo_id} and "
+            f"upload {len(plan)} files ({total / 1e6:.1f} MB) from {folder}:"
+        )
         for name, size in plan:
             print(f"  {name:48} {size / 1e6:10.3f} MB")
-        token = ("HF_TOKEN is set" if hub_token()
-                 else "no HF_TOKEN in the environment (needed for the real upload)")
+        token = (
+            "HF_TOKEN is set"
+            if hub_token()
+            else "no HF_TOKEN in the environment (needed for the real upload)"
+        )
         print(f"  token: {token}")
         return
     try:
         api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
         commit = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, repo_type="model",
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
             commit_message=f"still publish {folder.name}",
         )
     except Exception as exc:  # noqa: BLE001 -- network, auth, quota: as for the check above
-        raise StillError(f"upload to {repo_id} failed: {str(exc).splitlines()[0]}",
-                         hint=f"the local copy in {folder} is complete; rerun with --force",
-                         ) from None
+        raise StillError(
+            f"upload to {repo_id} failed: {str(exc).splitlines()[0]}",
+            hint=f"the local copy in {folder} is complete; rerun with --force",
+        ) from None
     print(f"still: uploaded {len(plan)} files to {getattr(commit, 'commit_url', None) or repo_id}")

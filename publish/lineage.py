@@ -83,16 +83,32 @@ def lineage_chain(result) -> list[dict]:
     chain = [{"role": "base", "ref": base, "hub_id": hub_id_of(base)}]
     if lineage.get("teacher"):
         teacher_lineage = _lineage_at(lineage["teacher"]) or {}
-        chain.append({"role": "teacher", "ref": lineage["teacher"],
-                      "kind": teacher_lineage.get("kind"), "method": teacher_lineage.get("method")})
-    chain.append({
-        "role": "student" if lineage.get("kind") == "distill" else "fine-tuned",
-        "ref": str(result.run_dir.resolve()), "kind": lineage.get("kind"),
-        "name": lineage.get("name"), "method": lineage.get("method"),
-        "carved": lineage.get("carved"),
-    })
-    chain.append({"role": "published", "ref": str(result.out.resolve()),
-                  "merged": result.merge.get("merged"), "gguf": [g["file"] for g in result.gguf]})
+        chain.append(
+            {
+                "role": "teacher",
+                "ref": lineage["teacher"],
+                "kind": teacher_lineage.get("kind"),
+                "method": teacher_lineage.get("method"),
+            }
+        )
+    chain.append(
+        {
+            "role": "student" if lineage.get("kind") == "distill" else "fine-tuned",
+            "ref": str(result.run_dir.resolve()),
+            "kind": lineage.get("kind"),
+            "name": lineage.get("name"),
+            "method": lineage.get("method"),
+            "carved": lineage.get("carved"),
+        }
+    )
+    chain.append(
+        {
+            "role": "published",
+            "ref": str(result.out.resolve()),
+            "merged": result.merge.get("merged"),
+            "gguf": [g["file"] for g in result.gguf],
+        }
+    )
     return chain
 
 

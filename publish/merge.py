@@ -29,8 +29,9 @@ def check_texts(tokenizer, samples: Samples) -> list[str]:
     texts = list(samples.texts)
     if getattr(tokenizer, "chat_template", None):
         chat = [{"role": "user", "content": samples.prompts[0]}]
-        texts.append(tokenizer.apply_chat_template(chat, tokenize=False,
-                                                   add_generation_prompt=True))
+        texts.append(
+            tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        )
     return texts
 
 
@@ -111,6 +112,8 @@ def merge_run(ref: str, out: Path, *, force: bool = False) -> Path:
     # an empty dir already there passed the check above and is replaced like before
     with staged_dir(out, replace=force or out.exists()) as staging:
         save_model(merged, tokenizer, staging, name=out.name)
-    print(f"still: merged {ref} into {out} "
-          f"(max |Δlogit| vs the adapter model {report['max_abs_logit_diff']:.2g})")
+    print(
+        f"still: merged {ref} into {out} "
+        f"(max |Δlogit| vs the adapter model {report['max_abs_logit_diff']:.2g})"
+    )
     return out

@@ -69,8 +69,9 @@ def _first_examples(section: DataSection, source, split: str, count: int) -> lis
             if isinstance(row, BadRow):
                 continue  # the run itself skipped or refused it; the next row will do
             try:
-                example = row_to_example(row, source, split=split,
-                                         system_prompt=section.system_prompt)
+                example = row_to_example(
+                    row, source, split=split, system_prompt=section.system_prompt
+                )
             except BadRow:
                 continue
             if _prompt(example).strip():  # an empty prompt would be a zero-token check
@@ -78,8 +79,10 @@ def _first_examples(section: DataSection, source, split: str, count: int) -> lis
             if len(examples) == count:
                 break
     except StillError as error:  # moved, deleted or offline: say so, and use what there is
-        print(f"still: sample texts: {split} data unavailable ({error}); "
-              f"{'using what was read' if examples else 'trying the next source'}")
+        print(
+            f"still: sample texts: {split} data unavailable ({error}); "
+            f"{'using what was read' if examples else 'trying the next source'}"
+        )
     return examples
 
 

@@ -127,25 +127,43 @@ class _Varlen:
             self.fn, self.params = varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
     def covers(self, module, query, key, *, dropout, scaling, sliding_window, softcap) -> bool:
-        if self.fn is None or query.device.type not in self.devices or query.dtype not in self.dtypes:
+        if (
+            self.fn is None
+            or query.device.type not in self.devices
+            or query.dtype not in self.dtypes
+        ):
             return False
         if dropout or softcap is not None:
             return False
         if sliding_window is not None and "window_size" not in self.params:
             return False
-        default_scale = scaling is None or math.isclose(scaling, query.shape[-1] ** -0.5, rel_tol=1e-6)
+        default_scale = scaling is None or math.isclose(
+            scaling, query.shape[-1] ** -0.5, rel_tol=1e-6
+        )
         if not default_scale and "scale" not in self.params:
             return False
-        layout = (str(query.device), query.dtype, query.shape[1], key.shape[1], query.shape[-1],
-                  None if default_scale else scaling, sliding_window)
+        layout = (
+            str(query.device),
+            query.dtype,
+            query.shape[1],
+            key.shape[1],
+            query.shape[-1],
+            None if default_scale else scaling,
+            sliding_window,
+        )
         if layout not in self.checked:
-            self.checked[layout] = self._check(module, query, key, scaling=scaling, sliding_window=sliding_window)
+            self.checked[layout] = self._check(
+                module, query, key, scaling=scaling, sliding_window=sliding_window
+            )
         return self.checked[layout]
 
     def __call__(self, query, key, value, rows, *, scaling, sliding_window):
         batch, heads, length, head_dim = query.shape
         kv_heads = key.shape[1]
-        q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], head_dim) for x in (query, key, value))
+        q, k, v = (
+            x.transpose(1, 2).reshape(batch * length, x.shape[1], head_dim)
+            for x in (query, key, value)
+        )
         options = {}
         if kv_heads != heads:
             if "enable_gqa" in self.params:
@@ -166,7 +184,9 @@ class _Varlen:
         """Example offsets in the flattened batch, copied to the device once per forward (every
         layer gets the same cached `rows`)."""
         if rows is not self._offsets[0] or self._offsets[1].device != device:
-            starts = [row * length + start for row, segments in enumerate(rows) for start, _ in segments]
+            starts = [
+                row * length + start for row, segments in enumerate(rows) for start, _ in segments
+            ]
             cu = torch.tensor([*starts, len(rows) * length], dtype=torch.int32, device=device)
             longest = max(end - start for segments in rows for start, end in segments)
             self._offsets = (rows, cu, longest)
@@ -175,13 +195,20 @@ class _Varlen:
     def _check(self, module, query, key, *, scaling, sliding_window) -> bool:
         try:
             with torch.inference_mode(False), torch.enable_grad():  # the first call may be in eval
-                agree = self._agrees(module, query, key, scaling=scaling, sliding_window=sliding_window)
+                agree = self._agrees(
+                    module, query, key, scaling=scaling, sliding_window=sliding_window
+                )
             problem = "its output or gradients differed from per-example sdpa"
         except Exception as exc:  # any failure of an optional kernel means: do not use it
-            agree, problem = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            agree, problem = (
+                False,
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            )
         if not agree:
-            print(f"still: torch's varlen attention failed its check on {query.device} {query.dtype} "
-                  f"({problem}); packed sdpa runs sdpa per example")
+            print(
+                f"still: torch's varlen attention failed its check on {query.device} {query.dtype} "
+                f"({problem}); packed sdpa runs sdpa per example"
+            )
         return agree
 
     def _agrees(self, module, query, key, *, scaling, sliding_window) -> bool:
@@ -193,7 +220,11 @@ class _Varlen:
             x = torch.randn(*shape, generator=generator).to(query.device, query.dtype)
             return x.requires_grad_(grad)
 
-        q, k, v = random(2, heads, 37, head_dim), random(2, kv_heads, 37, head_dim), random(2, kv_heads, 37, head_dim)
+        q, k, v = (
+            random(2, heads, 37, head_dim),
+            random(2, kv_heads, 37, head_dim),
+            random(2, kv_heads, 37, head_dim),
+        )
         upstream = random(2, 37, heads, head_dim, grad=False)
         rows = [[(0, 13), (13, 30), (30, 37)], [(0, 21), (21, 37)]]
         window = None if sliding_window is None else min(sliding_window, 5)  # so that it bites
@@ -202,29 +233,58 @@ class _Varlen:
             if kernel:
                 out = self(q, k, v, rows, scaling=scaling, sliding_window=window)
             else:
-                out = _per_example(module, q, k, v, rows, dropout=0.0, scaling=scaling, sliding_window=window)
+                out = _per_example(
+                    module, q, k, v, rows, dropout=0.0, scaling=scaling, sliding_window=window
+                )
             results.append([out, *torch.autograd.grad(out, (q, k, v), upstream)])
         tolerance = 1e-4 if query.dtype == torch.float32 else 3e-2
-        return all(torch.allclose(a.float(), b.float(), atol=tolerance, rtol=tolerance) for a, b in zip(*results))
+        return all(
+            torch.allclose(a.float(), b.float(), atol=tolerance, rtol=tolerance)
+            for a, b in zip(*results)
+        )
 
 
 _varlen = _Varlen()
 
 
-def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                        sliding_window=None, position_ids=None, varlen: bool = True, **kwargs):
+def packed_sdpa_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    sliding_window=None,
+    position_ids=None,
+    varlen: bool = True,
+    **kwargs,
+):
     """AttentionInterface function: query/key/value [batch, heads, tokens, head_dim]."""
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     if attention_mask is not None or query.shape[2] == 1 or not causal:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if query.shape[2] != key.shape[2] or kwargs.get("position_bias") is not None:
-        raise RuntimeError(f"{PACKED_SDPA}: unmasked attention of {query.shape[2]} queries over "
-                           f"{key.shape[2]} keys (or with a position bias) is not supported")
+        raise RuntimeError(
+            f"{PACKED_SDPA}: unmasked attention of {query.shape[2]} queries over "
+            f"{key.shape[2]} keys (or with a position bias) is not supported"
+        )
     kwargs.pop("is_causal", None)
-    return _attend(module, query, key, value, position_ids, dropout=dropout, scaling=scaling,
-                   sliding_window=sliding_window, varlen=varlen, **kwargs), None
+    return _attend(
+        module,
+        query,
+        key,
+        value,
+        position_ids,
+        dropout=dropout,
+        scaling=scaling,
+        sliding_window=sliding_window,
+        varlen=varlen,
+        **kwargs,
+    ), None
 
 
 def packed_sdpa_loop_forward(*args, **kwargs):
@@ -232,17 +292,34 @@ def packed_sdpa_loop_forward(*args, **kwargs):
 
 
 @torch.compiler.disable  # host reads and a data-dependent loop: eager, between compiled graphs
-def _attend(module, query, key, value, position_ids, *, dropout, scaling, sliding_window, varlen,
-            **kwargs):
+def _attend(
+    module, query, key, value, position_ids, *, dropout, scaling, sliding_window, varlen, **kwargs
+):
     if position_ids is None:
         rows = [[(0, query.shape[2])]] * query.shape[0]
     else:
         rows = _segments(position_ids, query.shape[0])
-    if varlen and _varlen.covers(module, query, key, dropout=dropout, scaling=scaling,
-                                 sliding_window=sliding_window, softcap=kwargs.get("softcap")):
+    if varlen and _varlen.covers(
+        module,
+        query,
+        key,
+        dropout=dropout,
+        scaling=scaling,
+        sliding_window=sliding_window,
+        softcap=kwargs.get("softcap"),
+    ):
         return _varlen(query, key, value, rows, scaling=scaling, sliding_window=sliding_window)
-    return _per_example(module, query, key, value, rows, dropout=dropout, scaling=scaling,
-                        sliding_window=sliding_window, **kwargs)
+    return _per_example(
+        module,
+        query,
+        key,
+        value,
+        rows,
+        dropout=dropout,
+        scaling=scaling,
+        sliding_window=sliding_window,
+        **kwargs,
+    )
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)

@@ -57,7 +57,9 @@ def _any_rank(flag: bool, device) -> bool:
 # --------------------------------------------------------------------------- markers
 def _checkpoint_files(checkpoint: Path) -> list[Path]:
     return sorted(
-        p for p in checkpoint.rglob("*") if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")
+        p
+        for p in checkpoint.rglob("*")
+        if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")
     )
 
 
@@ -123,7 +125,9 @@ def resume_checkpoint(run: RunDir) -> str | None:
     if legacy and candidates and not any((c / MARKER).exists() for c in candidates):
         # Runs from before completion markers existed: trust Trainer's newest, say so.
         if (candidates[0] / "trainer_state.json").exists():
-            say(f"still: resuming from {candidates[0]} (made without completion markers: unverified)")
+            say(
+                f"still: resuming from {candidates[0]} (made without completion markers: unverified)"
+            )
             return str(candidates[0])
     chosen, ignored = None, []
     for candidate in candidates:
@@ -253,7 +257,10 @@ class SignalStop(TrainerCallback):
         if self.received is not None and name == "SIGINT":
             raise KeyboardInterrupt
         self.received = self.received or name
-        print(f"still: {name} received: saving a checkpoint after this step, then stopping", file=sys.stderr)
+        print(
+            f"still: {name} received: saving a checkpoint after this step, then stopping",
+            file=sys.stderr,
+        )
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is not threading.main_thread():
@@ -297,7 +304,9 @@ class NonFiniteSteps(TrainerCallback):
         self._skipped_this_step = False
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [
+            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
         finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
         self._skipped_this_step = _any_rank(not finite, args.device)
         if self._skipped_this_step:
@@ -345,12 +354,18 @@ def _last_complete(args) -> str:
 def reliability_callbacks(train) -> list[TrainerCallback]:
     """What every runner adds to its Trainer; `train` is the recipe's TrainSection."""
     # Order matters: SignalStop may request a save that the other two then check.
-    return [SignalStop(), NonFiniteSteps(train.max_nonfinite_steps), CompleteCheckpoints(train.save_total_limit)]
+    return [
+        SignalStop(),
+        NonFiniteSteps(train.max_nonfinite_steps),
+        CompleteCheckpoints(train.save_total_limit),
+    ]
 
 
 def stopped_by_signal(trainer, recipe) -> bool:
     """After train(): if a signal stopped it, say how to resume (the checkpoint is saved)."""
-    stop = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SignalStop)), None)
+    stop = next(
+        (cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SignalStop)), None
+    )
     if stop is None or stop.stopped_at is None:
         return False
     if trainer.is_world_process_zero():
@@ -359,5 +374,7 @@ def stopped_by_signal(trainer, recipe) -> bool:
             source = os.path.relpath(source)
         except ValueError:
             pass
-        print(f"still: stopped by {stop.received} at step {stop.stopped_at}; resume with: still run {source} --resume")
+        print(
+            f"still: stopped by {stop.received} at step {stop.stopped_at}; resume with: still run {source} --resume"
+        )
     return True

@@ -37,9 +37,15 @@ def _cmd_models(args) -> int:
     from still.models import cache_dir, describe_builtins
 
     for row in describe_builtins():
-        state = f"installed {row['installed']}" if row["installed"] else f"not installed: {row['install']}"
+        state = (
+            f"installed {row['installed']}"
+            if row["installed"]
+            else f"not installed: {row['install']}"
+        )
         cached = f"converted: {row['cached']}" if row["cached"] else "not converted yet"
-        print(f"{row['ref']:32} {row['description']}\n{'':32} {state}; {cached}; license {row['license']}")
+        print(
+            f"{row['ref']:32} {row['description']}\n{'':32} {state}; {cached}; license {row['license']}"
+        )
     print(f"cache: {cache_dir()}")
     return 0
 
@@ -57,8 +63,10 @@ def _cmd_run(args) -> int:
 
     if launch.inside_launch():
         if args.nproc:
-            raise StillError("--nproc under `accelerate launch`: the launcher already set the processes",
-                             hint="drop --nproc, or run `still run` without accelerate launch")
+            raise StillError(
+                "--nproc under `accelerate launch`: the launcher already set the processes",
+                hint="drop --nproc, or run `still run` without accelerate launch",
+            )
         launch.note_launcher_mismatch(recipe.distributed)
     else:
         plan = launch.plan(recipe.distributed, args.nproc)
@@ -115,7 +123,9 @@ def _launch(recipe, plan, args) -> int:
         # Machine 0 opens the run dir (on the shared filesystem) and writes the run; the others
         # only start their processes, from configs kept outside the run dir.
         launch_dir = Path(tempfile.mkdtemp(prefix=f"still-launch-{recipe.name}-"))
-        config = launch.write_configs(dist, plan, launch_dir, mixed_precision=mixed_precision, command=[])
+        config = launch.write_configs(
+            dist, plan, launch_dir, mixed_precision=mixed_precision, command=[]
+        )
         launch.launch(config, args.recipe, args.overrides, None, resume=args.resume)
         return 0
     with open_run_dir(recipe, resume=args.resume, force=args.force) as run:
@@ -123,9 +133,13 @@ def _launch(recipe, plan, args) -> int:
         launch_dir = run.launch_dir.resolve()
         config_file = launch_dir / "accelerate.yaml"
         by_hand = launch.command(config_file, args.recipe, args.overrides)
-        launch.write_configs(dist, plan, launch_dir, mixed_precision=mixed_precision, command=by_hand)
-        print(f"still: launching {plan.total_processes} process(es) with {plan.strategy}; "
-              f"configs in {launch_dir}")
+        launch.write_configs(
+            dist, plan, launch_dir, mixed_precision=mixed_precision, command=by_hand
+        )
+        print(
+            f"still: launching {plan.total_processes} process(es) with {plan.strategy}; "
+            f"configs in {launch_dir}"
+        )
         # LaunchFailed cleans up the run dir on its way out, unless the run saved something
         launch.launch(config_file, args.recipe, args.overrides, run_dir, resume=args.resume)
     return 0
@@ -137,7 +151,9 @@ def _cmd_cache(args) -> int:
 
     recipe = recipe_module.load(args.recipe, args.overrides)
     if recipe.kind != "distill":
-        raise StillError(f"still cache needs a distill recipe; {args.recipe} is kind: {recipe.kind}")
+        raise StillError(
+            f"still cache needs a distill recipe; {args.recipe} is kind: {recipe.kind}"
+        )
     for report in build_cache(recipe):
         print(f"still: teacher cache {recipe.distill.teacher_cache} {report.summary()}")
     return 0
@@ -148,15 +164,21 @@ def _cmd_generate(args) -> int:
 
     recipe = recipe_module.load(args.recipe, args.overrides)
     if recipe.kind != "distill":
-        raise StillError(f"still generate needs a distill recipe; {args.recipe} is kind: {recipe.kind}")
+        raise StillError(
+            f"still generate needs a distill recipe; {args.recipe} is kind: {recipe.kind}"
+        )
     if recipe.generate is None:
-        raise StillError(f"{args.recipe} has no generate: section",
-                         hint="add generate: {out: teacher-written.jsonl} (docs/distillation.md)")
+        raise StillError(
+            f"{args.recipe} has no generate: section",
+            hint="add generate: {out: teacher-written.jsonl} (docs/distillation.md)",
+        )
     from distill.seqkd import generate
 
     report = generate(recipe, force=args.force)
-    print(f"still: teacher-written data {report.summary()} -> {report.out} "
-          f"(report: {report.out}.report.json)")
+    print(
+        f"still: teacher-written data {report.summary()} -> {report.out} "
+        f"(report: {report.out}.report.json)"
+    )
     return 0
 
 
@@ -165,8 +187,9 @@ def _cmd_check(args) -> int:
 
     recipe = recipe_module.load(args.recipe, args.overrides)
     if recipe.kind == "eval":
-        raise StillError("`still check` inspects finetune and distill recipes; "
-                         "this one is kind: eval")
+        raise StillError(
+            "`still check` inspects finetune and distill recipes; this one is kind: eval"
+        )
     if recipe.kind == "finetune":
         from finetune.sft import check
     else:
@@ -182,12 +205,21 @@ def _cmd_eval(args) -> int:
     if args.recipe:
         recipe = recipe_module.load(args.recipe, [])
         if recipe.kind != "eval":
-            raise StillError(f"{args.recipe} is a {recipe.kind} recipe",
-                             hint="`still eval` takes an eval recipe or --model/--task")
-        return run_eval_recipe(recipe, force=args.force, limit=args.limit,
-                               batch_size=args.batch_size)
-    return eval_models(args.model, args.task, out=args.out, limit=args.limit,
-                       batch_size=args.batch_size, force=args.force)
+            raise StillError(
+                f"{args.recipe} is a {recipe.kind} recipe",
+                hint="`still eval` takes an eval recipe or --model/--task",
+            )
+        return run_eval_recipe(
+            recipe, force=args.force, limit=args.limit, batch_size=args.batch_size
+        )
+    return eval_models(
+        args.model,
+        args.task,
+        out=args.out,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        force=args.force,
+    )
 
 
 def _cmd_link(args) -> int:
@@ -238,7 +270,9 @@ def _cmd_publish(args) -> int:
         dry_run=args.dry_run,
         private=args.private,
         tasks=args.task,
-        command=shlex.join(["still", "publish", args.run, "--out", args.out, *_publish_flags(args)]),
+        command=shlex.join(
+            ["still", "publish", args.run, "--out", args.out, *_publish_flags(args)]
+        ),
     )
     return 0
 
@@ -266,8 +300,12 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--reference", help="name of the model differences are taken against")
     p.add_argument("--teacher", help="name of the teacher, for retention %%")
     p.add_argument("--out", help="where compare.md and compare.png go")
-    p.add_argument("--wandb", metavar="PROJECT", help="also log the table and chart to a W&B comparison run")
-    p.add_argument("--wandb-group", metavar="GROUP", help="W&B group of that run (e.g. the pipeline's)")
+    p.add_argument(
+        "--wandb", metavar="PROJECT", help="also log the table and chart to a W&B comparison run"
+    )
+    p.add_argument(
+        "--wandb-group", metavar="GROUP", help="W&B group of that run (e.g. the pipeline's)"
+    )
     p.set_defaults(handler=_cmd_compare)
 
 
@@ -286,8 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_recipe("run", "run a recipe (finetune, distill or eval)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--force", action="store_true", help="delete an existing run dir first")
-    p.add_argument("--nproc", type=int, metavar="N",
-                   help="processes on this machine (one per GPU), launched through accelerate")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="processes on this machine (one per GPU), launched through accelerate",
+    )
     p.set_defaults(handler=_cmd_run)
     with_recipe("validate", "resolve a recipe (extends, overrides) and print it").set_defaults(
         handler=_cmd_validate
@@ -310,27 +352,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run", help="run dir (adapter/ or model/)")
     p.add_argument("--out", required=True, help="output dir (refused if it exists, unless --force)")
-    p.add_argument("--gguf", action="append", default=[], metavar="TYPE",
-                   help="also write GGUF: f16, q8_0 (repeatable or comma-separated)")
-    p.add_argument("--hub", metavar="ORG/NAME", help="upload to this hub repo (token from $HF_TOKEN)")
-    p.add_argument("--dry-run", action="store_true", help="with --hub: build locally, show what would upload")
-    p.add_argument("--private", action="store_true", help="with --hub: create the repo private")
-    p.add_argument("--task", action="append", default=[], metavar="T.yaml",
-                   help="score on this task YAML (repeatable; default: the recipe's eval_tasks)")
-    p.add_argument("--quick", action="store_true", help="score only the first 32 rows of each eval task")
-    p.add_argument("--no-eval", action="store_true", help="do not re-run the recipe's eval tasks")
-    p.add_argument("--no-compare", action="store_true", help="do not score the base / teacher for the card")
-    p.add_argument("--force", action="store_true", help="replace --out and upload over an existing hub repo")
-    p.set_defaults(handler=_cmd_publish)
-    with_recipe("cache", "run a distill recipe's teacher once; store its top-k log-probs").set_defaults(
-        handler=_cmd_cache
+    p.add_argument(
+        "--gguf",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="also write GGUF: f16, q8_0 (repeatable or comma-separated)",
     )
-    p = with_recipe("generate",
-                    "the teacher answers the training prompts: a chat dataset (sequence-level KD)")
+    p.add_argument(
+        "--hub", metavar="ORG/NAME", help="upload to this hub repo (token from $HF_TOKEN)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="with --hub: build locally, show what would upload"
+    )
+    p.add_argument("--private", action="store_true", help="with --hub: create the repo private")
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="T.yaml",
+        help="score on this task YAML (repeatable; default: the recipe's eval_tasks)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="score only the first 32 rows of each eval task"
+    )
+    p.add_argument("--no-eval", action="store_true", help="do not re-run the recipe's eval tasks")
+    p.add_argument(
+        "--no-compare", action="store_true", help="do not score the base / teacher for the card"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace --out and upload over an existing hub repo"
+    )
+    p.set_defaults(handler=_cmd_publish)
+    with_recipe(
+        "cache", "run a distill recipe's teacher once; store its top-k log-probs"
+    ).set_defaults(handler=_cmd_cache)
+    p = with_recipe(
+        "generate", "the teacher answers the training prompts: a chat dataset (sequence-level KD)"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing generate.out")
     p.set_defaults(handler=_cmd_generate)
-    p = sub.add_parser("link", help="online, after `wandb sync`: mark the W&B model artifacts "
-                       "each run was made from as used by it (its lineage)")
+    p = sub.add_parser(
+        "link",
+        help="online, after `wandb sync`: mark the W&B model artifacts "
+        "each run was made from as used by it (its lineage)",
+    )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="W&B-tracked still run dirs")
     p.set_defaults(handler=_cmd_link)
     sub.add_parser("schema", help="print the recipe JSON schema").set_defaults(handler=_cmd_schema)
@@ -351,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     # peft reads transformers' renamed property on every adapter it attaches; nothing a user can change.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     try:
         return args.handler(args)
     except StillError as exc:

@@ -68,10 +68,17 @@ class PreparedData:
 # --------------------------------------------------------------------------- fingerprints
 def tokenizer_hash(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(
-        sorted(tokenizer.get_vocab().items()))
-    parts = [type(tokenizer).__name__, vocab, json.dumps(tokenizer.special_tokens_map,
-             sort_keys=True, default=str), json.dumps(tokenizer.chat_template, default=str)]
+    vocab = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
+    parts = [
+        type(tokenizer).__name__,
+        vocab,
+        json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+        json.dumps(tokenizer.chat_template, default=str),
+    ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
@@ -94,16 +101,26 @@ def _settings_json(data) -> str:
 
 def data_fingerprint(data, tokenizer) -> str:
     """sha256 of the data files (or dataset ids), the tokenizer and the data section."""
-    parts = [CACHE_VERSION, _settings_json(data), tokenizer_hash(tokenizer),
-             _source_hash(data.train), _source_hash(data.eval) if data.eval else ""]
+    parts = [
+        CACHE_VERSION,
+        _settings_json(data),
+        tokenizer_hash(tokenizer),
+        _source_hash(data.train),
+        _source_hash(data.eval) if data.eval else "",
+    ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def split_fingerprint(data, tokenizer, split: str) -> str:
     # Per split, so that editing the eval file does not re-tokenize the training set.
     source = data.train if split == "train" else data.eval
-    parts = [CACHE_VERSION, split, _settings_json(data), tokenizer_hash(tokenizer),
-             _source_hash(source)]
+    parts = [
+        CACHE_VERSION,
+        split,
+        _settings_json(data),
+        tokenizer_hash(tokenizer),
+        _source_hash(source),
+    ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
@@ -112,15 +129,17 @@ def default_cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- tokenization
-FEATURES = datasets.Features({
-    "origin": datasets.Value("string"),
-    "input_ids": datasets.List(datasets.Value("int32")),
-    "labels": datasets.List(datasets.Value("int32")),
-    "length": datasets.Value("int32"),
-    "loss_tokens": datasets.Value("int32"),
-    "status": datasets.Value("string"),  # ok | truncated | too_long | no_loss | bad: reason
-    "eos_trained": datasets.Value("bool"),
-})
+FEATURES = datasets.Features(
+    {
+        "origin": datasets.Value("string"),
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "length": datasets.Value("int32"),
+        "loss_tokens": datasets.Value("int32"),
+        "status": datasets.Value("string"),  # ok | truncated | too_long | no_loss | bad: reason
+        "eos_trained": datasets.Value("bool"),
+    }
+)
 
 
 def _tokenize_batch(batch, *, encoder, max_len: int, truncation: str) -> dict[str, list]:
@@ -158,8 +177,9 @@ def _examples(data, source, split: str, stats: DataStats) -> list[dict]:
         try:
             if isinstance(row, BadRow):
                 raise row
-            example = formats.row_to_example(row, source, split=split,
-                                             system_prompt=data.system_prompt)
+            example = formats.row_to_example(
+                row, source, split=split, system_prompt=data.system_prompt
+            )
         except BadRow as bad:
             _bad_row(data, stats, origin, bad)
             continue
@@ -169,8 +189,11 @@ def _examples(data, source, split: str, stats: DataStats) -> list[dict]:
 
 def _bad_row(data, stats: DataStats, origin: str, bad: BadRow) -> None:
     if data.on_bad_rows == "error":
-        hint = f"{bad.hint}, or set data.on_bad_rows: skip" if bad.hint else (
-            "fix the row, or set data.on_bad_rows: skip")
+        hint = (
+            f"{bad.hint}, or set data.on_bad_rows: skip"
+            if bad.hint
+            else ("fix the row, or set data.on_bad_rows: skip")
+        )
         raise StillError(f"{origin}: {bad.reason}", hint)
     stats.bad_rows += 1
     if len(stats.bad_row_examples) < MAX_BAD_ROW_EXAMPLES:
@@ -194,8 +217,9 @@ def tokenizing_processes(num_proc: int | None, examples: int) -> int:
     return max(1, min(num_proc, examples))
 
 
-def _tokenize(data, tokenizer, records, cache_file: Path, fingerprint: str, split: str,
-              progress: bool) -> datasets.Dataset:
+def _tokenize(
+    data, tokenizer, records, cache_file: Path, fingerprint: str, split: str, progress: bool
+) -> datasets.Dataset:
     encoder = formats.Encoder(tokenizer, data.train_on, data.chat_template)
     num_proc = tokenizing_processes(data.num_proc, len(records))
     bars_were_on = datasets.is_progress_bar_enabled()
@@ -205,8 +229,7 @@ def _tokenize(data, tokenizer, records, cache_file: Path, fingerprint: str, spli
         return datasets.Dataset.from_list(records).map(
             _tokenize_batch,
             batched=True,
-            fn_kwargs={"encoder": encoder, "max_len": data.max_len,
-                       "truncation": data.truncation},
+            fn_kwargs={"encoder": encoder, "max_len": data.max_len, "truncation": data.truncation},
             remove_columns=["example"],
             features=FEATURES,
             num_proc=num_proc if num_proc > 1 else None,
@@ -237,16 +260,20 @@ def _finish(data, mapped: datasets.Dataset, stats: DataStats, source_name: str):
     eos = table.column("eos_trained").to_pylist()
     stats.eos_trained = bool(keep) and all(eos[index] for index in keep)
     if not keep:
-        raise StillError(f"{source_name}: no usable examples ({_breakdown(data, stats)})",
-                         _no_examples_hint(data, stats))
+        raise StillError(
+            f"{source_name}: no usable examples ({_breakdown(data, stats)})",
+            _no_examples_hint(data, stats),
+        )
     dataset = mapped.select(keep) if len(keep) < len(statuses) else mapped
     return dataset.select_columns(["input_ids", "labels", "length"])
 
 
 def _breakdown(data, stats: DataStats) -> str:
-    counts = [(stats.bad_rows, "bad"),
-              (stats.dropped_too_long, f"longer than max_len {data.max_len}"),
-              (stats.dropped_no_loss, "with no loss token left after truncation")]
+    counts = [
+        (stats.bad_rows, "bad"),
+        (stats.dropped_too_long, f"longer than max_len {data.max_len}"),
+        (stats.dropped_no_loss, "with no loss token left after truncation"),
+    ]
     return ", ".join([f"{stats.rows} rows"] + [f"{n} {what}" for n, what in counts if n])
 
 
@@ -260,8 +287,14 @@ def _no_examples_hint(data, stats: DataStats) -> str:
     return "check the data file"
 
 
-def prepare(data, tokenizer, *, split: Literal["train", "eval"] = "train",
-            cache_dir: Path | None = None, progress: bool = True) -> PreparedData | None:
+def prepare(
+    data,
+    tokenizer,
+    *,
+    split: Literal["train", "eval"] = "train",
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> PreparedData | None:
     """Read, check, tokenize and mask one split; None for split="eval" without eval data."""
     source = data.train if split == "train" else data.eval
     if source is None:
@@ -271,8 +304,10 @@ def prepare(data, tokenizer, *, split: Literal["train", "eval"] = "train",
     records = _examples(data, source, split, stats)
     source_name = source.path or source.hf
     if not records:
-        raise StillError(f"{source_name}: no usable examples ({_breakdown(data, stats)})",
-                         _no_examples_hint(data, stats))
+        raise StillError(
+            f"{source_name}: no usable examples ({_breakdown(data, stats)})",
+            _no_examples_hint(data, stats),
+        )
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = split_fingerprint(data, tokenizer, split)
@@ -301,9 +336,14 @@ class PackedCollator:
     varlen, which separates examples from position_ids alone.
     """
 
-    def __init__(self, pad_token_id: int,
-                 attention: Literal["block_mask", "position_ids"] = "block_mask", *,
-                 mask_dtype: torch.dtype = torch.float32, row_tokens: int | None = None):
+    def __init__(
+        self,
+        pad_token_id: int,
+        attention: Literal["block_mask", "position_ids"] = "block_mask",
+        *,
+        mask_dtype: torch.dtype = torch.float32,
+        row_tokens: int | None = None,
+    ):
         if attention not in ("block_mask", "position_ids"):
             raise ValueError(f"unknown attention mode {attention!r}")
         self.pad_token_id = pad_token_id
@@ -390,7 +430,7 @@ class PaddedCollator:
 def batches_longest_first(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Row indices grouped into batches of similar length (less padding; order restored later)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,6 +440,6 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
     return input_ids, attention_mask

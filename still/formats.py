@@ -63,11 +63,13 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
             raise BadRow(f"message {number} is not an object with 'role' and 'content'")
         role, content = message["role"], message["content"]
         if role not in ROLES:
-            raise BadRow(f"message {number} has unknown role {role!r} (expected system, user "
-                         "or assistant)")
+            raise BadRow(
+                f"message {number} has unknown role {role!r} (expected system, user or assistant)"
+            )
         if not isinstance(content, str):
-            raise BadRow(f"message {number} ({role}) content is {type(content).__name__}, "
-                         "not a string")
+            raise BadRow(
+                f"message {number} ({role}) content is {type(content).__name__}, not a string"
+            )
         if role == "assistant" and not content.strip():
             raise BadRow(f"message {number} (assistant) is empty")
         previous = clean[-1]["role"] if clean else None
@@ -78,8 +80,7 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
         if role == "assistant" and previous in (None, "system"):
             raise BadRow(f"message {number} is 'assistant' before any 'user' message")
         if role == "assistant" and previous == "assistant":
-            raise BadRow(f"message {number} is 'assistant' after 'assistant': turns must "
-                         "alternate")
+            raise BadRow(f"message {number} is 'assistant' after 'assistant': turns must alternate")
         clean.append({"role": role, "content": content})
     if not any(message["role"] == "assistant" for message in clean):
         raise BadRow("the conversation has no assistant message to train on")
@@ -195,9 +196,9 @@ class Encoder:
 
     def _is_blank(self, token_id: int) -> bool:
         if token_id not in self._blank:
-            self._blank[token_id] = token_id not in self._special and not self.tokenizer.decode(
-                [token_id]
-            ).strip()
+            self._blank[token_id] = (
+                token_id not in self._special and not self.tokenizer.decode([token_id]).strip()
+            )
         return self._blank[token_id]
 
     def _spans_by_prefix(self, messages, ids) -> list[tuple[int, int]] | None:
@@ -217,8 +218,10 @@ class Encoder:
 
     def _spans_by_offsets(self, messages, text, ids) -> list[tuple[int, int]]:
         if not getattr(self.tokenizer, "is_fast", False):
-            raise BadRow("the chat template is not prefix-stable and a slow tokenizer has no "
-                         "offsets to locate assistant turns; set data.chat_template")
+            raise BadRow(
+                "the chat template is not prefix-stable and a slow tokenizer has no "
+                "offsets to locate assistant turns; set data.chat_template"
+            )
         offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
             "offset_mapping"
         ]
@@ -229,8 +232,10 @@ class Encoder:
             position = text.find(needle, cursor) if needle else -1
             if position < 0:
                 if message["role"] == "assistant":
-                    raise BadRow(f"message {number} (assistant) is not in the chat template's "
-                                 "rendering; set data.chat_template")
+                    raise BadRow(
+                        f"message {number} (assistant) is not in the chat template's "
+                        "rendering; set data.chat_template"
+                    )
                 continue
             cursor = position + len(needle)
             if message["role"] != "assistant":

@@ -49,7 +49,9 @@ def json_text(value, *, indent: int | None = 2) -> str:
     return json.dumps(value, indent=indent, ensure_ascii=False, allow_nan=False, default=str) + "\n"
 
 
-def atomic_write_json(path: str | Path, value, *, indent: int | None = 2, fsync: bool = False) -> Path:
+def atomic_write_json(
+    path: str | Path, value, *, indent: int | None = 2, fsync: bool = False
+) -> Path:
     return atomic_write_text(path, json_text(value, indent=indent), fsync=fsync)
 
 

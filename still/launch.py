@@ -84,8 +84,10 @@ def plan(dist: DistributedSection, nproc: int | None = None) -> LaunchPlan:
         )
     if strategy == "fsdp" and not _visible_gpus():
         # accelerate turns FSDP on only for GPU process groups; on CPU it would silently be DDP.
-        raise StillError("distributed.strategy fsdp needs GPUs; this machine has none",
-                         hint="use zero3 to shard on CPU")
+        raise StillError(
+            "distributed.strategy fsdp needs GPUs; this machine has none",
+            hint="use zero3 to shard on CPU",
+        )
     return LaunchPlan(strategy, per_machine, dist.num_machines)
 
 
@@ -129,8 +131,13 @@ def deepspeed_config(dist: DistributedSection, stage: int) -> dict:
     return config
 
 
-def accelerate_config(dist: DistributedSection, launch: LaunchPlan, *, mixed_precision: str,
-                      deepspeed_file: Path | None) -> dict:
+def accelerate_config(
+    dist: DistributedSection,
+    launch: LaunchPlan,
+    *,
+    mixed_precision: str,
+    deepspeed_file: Path | None,
+) -> dict:
     config: dict = {
         "compute_environment": "LOCAL_MACHINE",
         "num_processes": launch.total_processes,  # accelerate counts every machine's processes
@@ -140,7 +147,11 @@ def accelerate_config(dist: DistributedSection, launch: LaunchPlan, *, mixed_pre
         "use_cpu": False,  # Trainer picks CPU itself when there is no GPU
     }
     if launch.num_machines > 1:
-        config |= {"main_process_ip": dist.main_process_ip, "same_network": True, "rdzv_backend": "static"}
+        config |= {
+            "main_process_ip": dist.main_process_ip,
+            "same_network": True,
+            "rdzv_backend": "static",
+        }
     if launch.strategy in ("zero2", "zero3"):
         # With a DeepSpeed file, precision lives in the file ("auto" = the recipe's precision).
         config["distributed_type"] = "DEEPSPEED"
@@ -167,31 +178,51 @@ def accelerate_config(dist: DistributedSection, launch: LaunchPlan, *, mixed_pre
     return config
 
 
-def write_configs(dist: DistributedSection, launch: LaunchPlan, launch_dir: Path, *,
-                  mixed_precision: str, command: list[str]) -> Path:
+def write_configs(
+    dist: DistributedSection,
+    launch: LaunchPlan,
+    launch_dir: Path,
+    *,
+    mixed_precision: str,
+    command: list[str],
+) -> Path:
     """Write the configs and a launch.sh that reruns this job by hand; returns accelerate.yaml."""
     launch_dir.mkdir(parents=True, exist_ok=True)
     deepspeed_file = None
     if launch.strategy in ("zero2", "zero3"):
         deepspeed_file = launch_dir / "deepspeed.json"
-        deepspeed_file.write_text(json.dumps(deepspeed_config(dist, int(launch.strategy[-1])), indent=2) + "\n")
+        deepspeed_file.write_text(
+            json.dumps(deepspeed_config(dist, int(launch.strategy[-1])), indent=2) + "\n"
+        )
     config_file = launch_dir / "accelerate.yaml"
-    config = accelerate_config(dist, launch, mixed_precision=mixed_precision, deepspeed_file=deepspeed_file)
+    config = accelerate_config(
+        dist, launch, mixed_precision=mixed_precision, deepspeed_file=deepspeed_file
+    )
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     if command:
         script = launch_dir / "launch.sh"
         script.write_text(
             "#!/bin/sh\n# Written by `still run`: the same job with plain accelerate.\n"
-            + " ".join(shlex.quote(part) for part in command) + "\n"
+            + " ".join(shlex.quote(part) for part in command)
+            + "\n"
         )
         script.chmod(0o755)
     return config_file
 
 
-def command(config_file: Path, recipe_path: str, overrides: list[str], *, resume: bool = False) -> list[str]:
+def command(
+    config_file: Path, recipe_path: str, overrides: list[str], *, resume: bool = False
+) -> list[str]:
     """The `accelerate launch` command line that runs this recipe in every process."""
     child = ["-m", "still.cli", "run", str(Path(recipe_path).resolve()), *overrides]
-    return ["accelerate", "launch", "--config_file", str(config_file), *child, *(["--resume"] if resume else [])]
+    return [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(config_file),
+        *child,
+        *(["--resume"] if resume else []),
+    ]
 
 
 class LaunchFailed(Exception):
@@ -202,8 +233,9 @@ class LaunchFailed(Exception):
         self.code = code
 
 
-def launch(config_file: Path, recipe_path: str, overrides: list[str], run_dir: Path | None, *,
-           resume: bool) -> None:
+def launch(
+    config_file: Path, recipe_path: str, overrides: list[str], run_dir: Path | None, *, resume: bool
+) -> None:
     """Run `accelerate launch`; LaunchFailed(2) when a process stopped on a user error, else
     LaunchFailed(its exit code) when it failed.
 
@@ -211,8 +243,12 @@ def launch(config_file: Path, recipe_path: str, overrides: list[str], run_dir: P
     as it comes, up to the first `still: error:` line: the same error from the other ranks and
     the launcher's report of the failed child (a traceback) are not the user's problem.
     """
-    argv = [sys.executable, "-m", "accelerate.commands.launch",
-            *command(config_file, recipe_path, overrides, resume=resume)[2:]]
+    argv = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *command(config_file, recipe_path, overrides, resume=resume)[2:],
+    ]
     env = dict(os.environ)
     if run_dir is not None:  # the processes take this already opened run dir as theirs
         env[LAUNCHED_RUN_DIR_ENV] = str(Path(run_dir).resolve())
@@ -238,7 +274,9 @@ def launch(config_file: Path, recipe_path: str, overrides: list[str], run_dir: P
 
 def _children(pid: int) -> list[int]:
     try:
-        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return [
+            int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        ]
     except (OSError, ValueError):  # not Linux, or already gone
         return []
 
@@ -274,7 +312,11 @@ def launched_as() -> str:
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
         config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         if config_file and Path(config_file).is_file():
-            stage = str(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage", stage))
+            stage = str(
+                json.loads(Path(config_file).read_text())
+                .get("zero_optimization", {})
+                .get("stage", stage)
+            )
         return f"zero{stage}" if stage in ("2", "3") else "deepspeed"
     return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
 
@@ -282,5 +324,7 @@ def launched_as() -> str:
 def note_launcher_mismatch(dist: DistributedSection) -> None:
     actual = launched_as()
     if dist.strategy not in ("auto", actual) and is_main_process():
-        print(f"still: note: this process was launched as {actual}; the recipe's "
-              f"distributed.strategy {dist.strategy} applies only when `still run` launches")
+        print(
+            f"still: note: this process was launched as {actual}; the recipe's "
+            f"distributed.strategy {dist.strategy} applies only when `still run` launches"
+        )

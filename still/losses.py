@@ -53,13 +53,22 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_other_sums):
-        grads = [None if grad is None else (grad * grad_loss).to(dtype)
-                 for grad, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)]
+        grads = [
+            None if grad is None else (grad * grad_loss).to(dtype)
+            for grad, dtype in zip(ctx.saved_tensors, ctx.input_dtypes)
+        ]
         return *grads, None, None, None
 
 
-def chunked_head_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_loss, *, n_sums: int = 1,
-                      chunk_size: int = 1024) -> tuple[Tensor, ...]:
+def chunked_head_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    chunk_loss,
+    *,
+    n_sums: int = 1,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, ...]:
     """Σ over chunks of `chunk_loss`, never holding more than one chunk's [rows × vocab] logits.
 
     hidden is [N, H]. `chunk_loss(logits, rows)` gets one chunk's fp32 logits (its own buffer,
@@ -83,8 +92,14 @@ def _cross_entropy_chunk(labels: Tensor):
     return chunk_loss
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-                         chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
     """Σ cross entropy of `hidden @ weight.T (+ bias)` against `labels`, and the label count.
 
     hidden is [..., H] and labels [...], already aligned (position i predicts labels[i]);
@@ -96,12 +111,22 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias
     labels = labels.reshape(-1)
     keep = labels != IGNORE_INDEX
     rows = hidden.reshape(-1, hidden.shape[-1])[keep]
-    (total,) = chunked_head_loss(rows, weight, bias, _cross_entropy_chunk(labels[keep]), chunk_size=chunk_size)
+    (total,) = chunked_head_loss(
+        rows, weight, bias, _cross_entropy_chunk(labels[keep]), chunk_size=chunk_size
+    )
     return total, keep.sum()
 
 
-def per_token_loss(loss_sum: Tensor, n_tokens: Tensor, *, num_items_in_batch, training: bool,
-                   accumulation_steps: int, num_processes: int, average_across_devices: bool) -> Tensor:
+def per_token_loss(
+    loss_sum: Tensor,
+    n_tokens: Tensor,
+    *,
+    num_items_in_batch,
+    training: bool,
+    accumulation_steps: int,
+    num_processes: int,
+    average_across_devices: bool,
+) -> Tensor:
     """A summed loss → the loss Trainer backpropagates.
 
     With Trainer's `num_items_in_batch` (the loss tokens of the whole optimizer step, over all

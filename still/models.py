@@ -82,7 +82,9 @@ def _gemma3_gguf(cache: Path) -> Path:
         # assemble() joins the four part packages and checks the whole file's sha256.
         return gemma_package.assemble(_gemma3_located(cache))
     except (FileNotFoundError, ModuleNotFoundError) as exc:
-        raise StillError(f"Gemma-3-270M part packages are incomplete: {exc}", hint=install) from None
+        raise StillError(
+            f"Gemma-3-270M part packages are incomplete: {exc}", hint=install
+        ) from None
     except (ValueError, FileExistsError) as exc:
         raise StillError(f"Gemma-3-270M GGUF failed its checksum: {exc}", hint=install) from None
 
@@ -119,9 +121,10 @@ BUILTINS: dict[str, Builtin] = {
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("STILL_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
-    ) / "still"
+    root = (
+        os.environ.get("STILL_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "still"
+    )
     return Path(root)
 
 
@@ -164,9 +167,9 @@ def _resolve_builtin(ref: str) -> ResolvedModel:
     name = ref.removeprefix("builtin:")
     builtin = BUILTINS.get(name)
     if builtin is None:
-        close = [n for n in BUILTINS if n.startswith(name) or name in n] or difflib.get_close_matches(
-            name, BUILTINS, n=1, cutoff=0.4
-        )
+        close = [
+            n for n in BUILTINS if n.startswith(name) or name in n
+        ] or difflib.get_close_matches(name, BUILTINS, n=1, cutoff=0.4)
         hint = f"did you mean 'builtin:{close[0]}'?" if close else "see `still models`"
         raise StillError(f"unknown built-in model '{name}'", hint=hint)
     gguf_path = builtin.gguf(cache_dir())
@@ -182,8 +185,9 @@ def _resolve_dir(ref: str, path: Path) -> ResolvedModel:
         base = run.read_lineage().get("base")
         if not base:
             raise StillError(f"run dir {ref}: {run.lineage_file.name} does not name its base model")
-        return ResolvedModel(ref, "run", resolve(base).weights, run.adapter_dir,
-                             _tokenizer_in(run.adapter_dir))
+        return ResolvedModel(
+            ref, "run", resolve(base).weights, run.adapter_dir, _tokenizer_in(run.adapter_dir)
+        )
     if has_lineage and (path / "config.json").exists():
         return ResolvedModel(ref, "dir", str(path))  # a `still publish` output: a plain model dir
     if has_lineage:
@@ -221,7 +225,9 @@ def _resolve_hub(ref: str) -> ResolvedModel:
                 if close
                 else "unset HF_HUB_OFFLINE to download it, or use a local dir / builtin:NAME"
             )
-            raise StillError(f"model '{ref}' is not a local path and not in the offline HF cache", hint=hint)
+            raise StillError(
+                f"model '{ref}' is not a local path and not in the offline HF cache", hint=hint
+            )
     return ResolvedModel(ref, "hub", ref)
 
 
@@ -344,17 +350,25 @@ def logits_are_head_output(model) -> bool:
     logits = out.logits[:, -1].float()
     # The same matmul on the same tensor: equal up to kernel rounding when nothing follows it.
     scale = float(logits.abs().max().clamp(min=1.0))
-    return rebuilt.shape == logits.shape and bool(torch.allclose(rebuilt, logits, rtol=1e-3, atol=1e-3 * scale))
+    return rebuilt.shape == logits.shape and bool(
+        torch.allclose(rebuilt, logits, rtol=1e-3, atol=1e-3 * scale)
+    )
 
 
 def load_tokenizer(ref_or_resolved, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    resolved = ref_or_resolved if isinstance(ref_or_resolved, ResolvedModel) else resolve(ref_or_resolved)
+    resolved = (
+        ref_or_resolved if isinstance(ref_or_resolved, ResolvedModel) else resolve(ref_or_resolved)
+    )
     try:
-        return AutoTokenizer.from_pretrained(resolved.tokenizer_path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            resolved.tokenizer_path, trust_remote_code=trust_remote_code
+        )
     except OSError as exc:
-        raise StillError(f"cannot load tokenizer for {resolved.ref}: {str(exc).splitlines()[0]}") from None
+        raise StillError(
+            f"cannot load tokenizer for {resolved.ref}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def load_model(
@@ -390,7 +404,9 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(resolved.weights, **kwargs)
     except OSError as exc:
         first = str(exc).splitlines()[0]
-        hint = "set model.allow_pickle: true to load .bin weights" if "safetensors" in first else None
+        hint = (
+            "set model.allow_pickle: true to load .bin weights" if "safetensors" in first else None
+        )
         raise StillError(f"cannot load model {ref}: {first}", hint=hint) from None
     if resolved.adapter is not None:
         model = attach_adapter(model, resolved.adapter, trainable=trainable_adapter)
@@ -475,10 +491,16 @@ def model_content_hash(model, tokenizer=None) -> str:
         digest.update(f"{name}|{tuple(state[name].shape)}|{tensor.dtype}\n".encode())
         digest.update(memoryview(tensor.view(torch.uint8).numpy()))
     for adapter_name, config in sorted(getattr(model, "peft_config", {}).items()):
-        settings = {k: v for k, v in config.to_dict().items() if "path" not in k and "revision" not in k}
+        settings = {
+            k: v for k, v in config.to_dict().items() if "path" not in k and "revision" not in k
+        }
         # PEFT keeps target_modules as a set, whose order changes with PYTHONHASHSEED
-        settings = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in settings.items()}
-        digest.update(f"adapter {adapter_name}: {json.dumps(settings, sort_keys=True, default=str)}".encode())
+        settings = {
+            k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in settings.items()
+        }
+        digest.update(
+            f"adapter {adapter_name}: {json.dumps(settings, sort_keys=True, default=str)}".encode()
+        )
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
@@ -487,5 +509,7 @@ def model_content_hash(model, tokenizer=None) -> str:
             vocabulary = json.dumps(tokenizer.get_vocab(), sort_keys=True)
         digest.update(vocabulary.encode())
         digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
-        digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+        digest.update(
+            json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode()
+        )
     return digest.hexdigest()

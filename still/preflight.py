@@ -64,7 +64,11 @@ def measured_matmul_flops() -> tuple[float, str]:
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
     return 2 * size**3 * reps / seconds, name
 
 
@@ -122,7 +126,9 @@ def print_report(recipe, tokenizer, train, eval_data, *, model, total_steps: int
         )
         for example in s.bad_row_examples[:3]:
             lines.append(f"             skipped: {example}")
-    lines.append(f"  eos trained: {'yes' if train.stats.eos_trained else 'NO: the model may not learn to stop'}")
+    lines.append(
+        f"  eos trained: {'yes' if train.stats.eos_trained else 'NO: the model may not learn to stop'}"
+    )
     first = train.dataset[0]
     rendered = data_module.render_loss_mask(tokenizer, first["input_ids"], first["labels"])
     lines.append("  example (loss-carrying tokens marked):")

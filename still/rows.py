@@ -51,12 +51,16 @@ def source_files(source: RowSource) -> list[Path]:
             raise StillError(f"no files match '{path}'", "check data paths (relative to the YAML)")
         for file in files:
             if file.is_dir():
-                raise StillError(f"{file}: is a directory, not a data file",
-                                 f"narrow the glob '{path}' to files, e.g. end it in *.jsonl")
+                raise StillError(
+                    f"{file}: is a directory, not a data file",
+                    f"narrow the glob '{path}' to files, e.g. end it in *.jsonl",
+                )
         return files
     if Path(path).is_dir():
-        raise StillError(f"{path}: is a directory, not a data file",
-                         f"name a file, or a glob such as {path.rstrip('/')}/*.jsonl")
+        raise StillError(
+            f"{path}: is a directory, not a data file",
+            f"name a file, or a glob such as {path.rstrip('/')}/*.jsonl",
+        )
     if not Path(path).is_file():
         raise StillError(f"data file not found: {path}", "check the path (relative to the YAML)")
     return [Path(path)]
@@ -67,8 +71,9 @@ def _decode(path: Path, data: bytes) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise StillError(f"{path}:{line}: not UTF-8 text ({error.reason})",
-                         "save the file as UTF-8") from None
+        raise StillError(
+            f"{path}:{line}: not UTF-8 text ({error.reason})", "save the file as UTF-8"
+        ) from None
 
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
@@ -79,16 +84,23 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as error:
-                yield origin, BadRow(f"not UTF-8 text ({error.reason} at column {error.start + 1})",
-                                     "save the file as UTF-8")
+                yield (
+                    origin,
+                    BadRow(
+                        f"not UTF-8 text ({error.reason} at column {error.start + 1})",
+                        "save the file as UTF-8",
+                    ),
+                )
                 continue
             if not line.strip():
                 continue
             try:
                 yield origin, json.loads(line)
             except json.JSONDecodeError as error:
-                yield origin, BadRow(f"invalid JSON ({error.msg} at column {error.colno})",
-                                     "fix the line")
+                yield (
+                    origin,
+                    BadRow(f"invalid JSON ({error.msg} at column {error.colno})", "fix the line"),
+                )
 
 
 def _read_json(path: Path) -> Iterator[Row]:
@@ -99,8 +111,10 @@ def _read_json(path: Path) -> Iterator[Row]:
     if isinstance(content, dict) and isinstance(content.get("data"), list):
         content = content["data"]
     if not isinstance(content, list):
-        raise StillError(f"{path}: expected a list of objects or {{\"data\": [...]}}",
-                         "JSON Lines files need the .jsonl extension")
+        raise StillError(
+            f'{path}: expected a list of objects or {{"data": [...]}}',
+            "JSON Lines files need the .jsonl extension",
+        )
     for index, row in enumerate(content):
         yield f"{path}[{index}]", row
 
@@ -122,21 +136,23 @@ def _read_parquet(path: Path) -> Iterator[Row]:
         rows = pyarrow.parquet.read_table(path).to_pylist()
     except pyarrow.ArrowException as error:
         detail = (str(error).splitlines() or [type(error).__name__])[0]
-        raise StillError(f"{path}: not a readable Parquet file ({detail})",
-                         "check the file: it may be truncated or in another format") from None
+        raise StillError(
+            f"{path}: not a readable Parquet file ({detail})",
+            "check the file: it may be truncated or in another format",
+        ) from None
     for index, row in enumerate(rows):
         yield f"{path}[{index}]", row
 
 
-READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
-           ".parquet": _read_parquet}
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
 def _read_file(path: Path) -> Iterator[Row]:
     reader = READERS.get(path.suffix.lower())
     if reader is None:
-        raise StillError(f"{path}: unsupported file type '{path.suffix}'",
-                         "use .jsonl, .json, .csv or .parquet")
+        raise StillError(
+            f"{path}: unsupported file type '{path.suffix}'", "use .jsonl, .json, .csv or .parquet"
+        )
     try:
         yield from reader(path)
     except OSError as error:  # permissions, a file that vanished or changed into a directory
@@ -151,8 +167,10 @@ def _read_hub(source: RowSource) -> Iterator[Row]:
         dataset = datasets.load_dataset(source.hf, source.subset, split=source.split)
     except Exception as error:  # noqa: BLE001 - network, auth, unknown id or split: user-fixable
         detail = (str(error).splitlines() or [type(error).__name__])[0]
-        raise StillError(f"could not load dataset '{source.hf}' (split '{source.split}'): "
-                         f"{detail}", "check the id, subset and split, and your network") from None
+        raise StillError(
+            f"could not load dataset '{source.hf}' (split '{source.split}'): {detail}",
+            "check the id, subset and split, and your network",
+        ) from None
     if source.limit is not None:
         dataset = dataset.select(range(min(source.limit, len(dataset))))
     for index, row in enumerate(dataset):

@@ -120,11 +120,15 @@ class RunDir:
         try:
             lineage = json.loads(self.lineage_file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise StillError(f"{self.lineage_file}: not valid JSON ({error})",
-                             hint="the run dir is damaged; rerun its recipe with --force") from None
+            raise StillError(
+                f"{self.lineage_file}: not valid JSON ({error})",
+                hint="the run dir is damaged; rerun its recipe with --force",
+            ) from None
         if not isinstance(lineage, dict):
-            raise StillError(f"{self.lineage_file}: expected a JSON object",
-                             hint="the run dir is damaged; rerun its recipe with --force")
+            raise StillError(
+                f"{self.lineage_file}: expected a JSON object",
+                hint="the run dir is damaged; rerun its recipe with --force",
+            )
         return lineage
 
     def recipe_text(self) -> str:
@@ -133,8 +137,10 @@ class RunDir:
         try:
             return self.recipe_file.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise StillError(f"{self.recipe_file}: not UTF-8 text",
-                             hint="the run dir is damaged; rerun its recipe with --force") from None
+            raise StillError(
+                f"{self.recipe_file}: not UTF-8 text",
+                hint="the run dir is damaged; rerun its recipe with --force",
+            ) from None
 
     def recipe_data(self) -> dict:
         """The resolved recipe as plain data ({} when absent)."""
@@ -142,14 +148,18 @@ class RunDir:
         try:
             data = yaml.safe_load(text) if text else {}
         except yaml.YAMLError:
-            raise StillError(f"{self.recipe_file}: not valid YAML",
-                             hint="the run dir is damaged; rerun its recipe with --force") from None
+            raise StillError(
+                f"{self.recipe_file}: not valid YAML",
+                hint="the run dir is damaged; rerun its recipe with --force",
+            ) from None
         return data if isinstance(data, dict) else {}
 
     def recipe_source(self) -> str | None:
         """The recipe YAML this run was resolved from, as recorded when it started."""
         first = self.recipe_text().partition("\n")[0]
-        return first.removeprefix(SOURCE_HEADER).strip() if first.startswith(SOURCE_HEADER) else None
+        return (
+            first.removeprefix(SOURCE_HEADER).strip() if first.startswith(SOURCE_HEADER) else None
+        )
 
     def metrics(self) -> list[dict]:
         """Every row of metrics.jsonl; a line cut short by a kill is skipped."""

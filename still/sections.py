@@ -104,7 +104,9 @@ class DataSection(Section):
         "attends to another. Off: plain right padding.",
     )
     pack_row_tokens: int | None = Field(
-        None, ge=8, description="With packing: fill rows of at most this many tokens instead of "
+        None,
+        ge=8,
+        description="With packing: fill rows of at most this many tokens instead of "
         "one row per batch (rows are padded to the longest); only pays where a block mask is used "
         "(eager attention), whose cost is each row's length squared. None: one row.",
     )
@@ -120,7 +122,8 @@ class DataSection(Section):
         "error", description="error: stop at the first bad row; skip: drop bad rows and report."
     )
     num_proc: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Processes for tokenisation; default: one per 1,500 examples, up to the CPU cores.",
     )
 
@@ -158,14 +161,17 @@ class TrainSection(Section):
         "auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU."
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: less activation memory, one more forward per step."
+        False,
+        description="Recompute activations in backward: less activation memory, one more forward per step.",
     )
     torch_compile: bool = Field(
-        False, description="Compile the model with torch.compile (Trainer's torch_compile). The "
+        False,
+        description="Compile the model with torch.compile (Trainer's torch_compile). The "
         "first steps pay for compilation, and each new sequence shape can cost a recompile.",
     )
     liger_kernel: bool = Field(
-        False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU; in a finetune "
+        False,
+        description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU; in a finetune "
         "with loss_chunk_size: null also its fused linear cross entropy). CUDA only; pip install liger-kernel.",
     )
     eval_steps: int | None = Field(None, ge=1, description="Eval loss every N steps (and at end).")
@@ -179,7 +185,9 @@ class TrainSection(Section):
 
 class FinetuneTrainSection(TrainSection):
     loss_chunk_size: int | None = Field(
-        1024, ge=1, description="Cross entropy straight from hidden states, this many label "
+        1024,
+        ge=1,
+        description="Cross entropy straight from hidden states, this many label "
         "tokens at a time: prompt positions never reach the output head and no [tokens × vocab] "
         "logits are kept for backward. null: the model's own loss over full logits.",
     )
@@ -187,7 +195,9 @@ class FinetuneTrainSection(TrainSection):
 
 class DistillTrainSection(TrainSection):
     loss_chunk_size: int = Field(
-        1024, ge=1, description="The KD loss straight from both models' hidden states, this "
+        1024,
+        ge=1,
+        description="The KD loss straight from both models' hidden states, this "
         "many label tokens at a time: no [tokens × vocab] logits of either model are kept.",
     )
 
@@ -196,9 +206,12 @@ class WandbSection(Section):
     project: str = Field("still", description="W&B project.")
     entity: str | None = Field(None, description="W&B team or user; default: your default entity.")
     group: str | None = Field(
-        None, description="Run group; default: the recipe's directory (one pipeline, e.g. quickstart)."
+        None,
+        description="Run group; default: the recipe's directory (one pipeline, e.g. quickstart).",
     )
-    tags: list[str] = Field(default_factory=list, description="Extra run tags (the kind is always one).")
+    tags: list[str] = Field(
+        default_factory=list, description="Extra run tags (the kind is always one)."
+    )
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto",
         description="auto: online if an API key is set and W&B is reachable, else offline "
@@ -248,18 +261,25 @@ class DistributedSection(Section):
         "the parameters (DeepSpeed ZeRO-3 / PyTorch FSDP2).",
     )
     num_processes: int | None = Field(
-        None, ge=1, description="Processes per machine (one per GPU); `--nproc` overrides. "
+        None,
+        ge=1,
+        description="Processes per machine (one per GPU); `--nproc` overrides. "
         "Default: every visible GPU, or 1 on a CPU-only machine.",
     )
     num_machines: int = Field(1, ge=1, description="Machines (nodes) in the job.")
     machine_rank: int = Field(0, ge=0, description="This machine's index, 0 .. num_machines-1.")
-    main_process_ip: str | None = Field(None, description="Address of machine 0 (several machines).")
-    main_process_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on machine 0.")
+    main_process_ip: str | None = Field(
+        None, description="Address of machine 0 (several machines)."
+    )
+    main_process_port: int = Field(
+        29500, ge=1, le=65535, description="Rendezvous port on machine 0."
+    )
     offload_optimizer: Literal["none", "cpu", "nvme"] = Field(
         "none", description="zero2/zero3: keep optimizer state in CPU memory or on NVMe."
     )
     offload_params: Literal["none", "cpu", "nvme"] = Field(
-        "none", description="zero3: parameters in CPU memory or on NVMe; fsdp: cpu offloads "
+        "none",
+        description="zero3: parameters in CPU memory or on NVMe; fsdp: cpu offloads "
         "parameters, gradients and optimizer state together.",
     )
     nvme_path: str | None = Field(None, description="A fast local dir for NVMe offload.")
@@ -278,13 +298,16 @@ class DistributedSection(Section):
         if self.num_machines > 1 and not self.main_process_ip:
             raise ValueError("several machines need main_process_ip (the address of machine 0)")
         if self.machine_rank >= self.num_machines:
-            raise ValueError(f"machine_rank {self.machine_rank} is not below num_machines {self.num_machines}")
+            raise ValueError(
+                f"machine_rank {self.machine_rank} is not below num_machines {self.num_machines}"
+            )
         return self
 
 
 class DistillDistributedSection(DistributedSection):
     teacher: Literal["auto", "replicate", "shard"] = Field(
-        "auto", description="Under zero3/fsdp: a full teacher copy per process, or sharded like "
+        "auto",
+        description="Under zero3/fsdp: a full teacher copy per process, or sharded like "
         "the student. auto: replicate while the teacher's weights take at most a quarter of one "
         "device's memory, else shard.",
     )
@@ -298,7 +321,9 @@ class DistillDistributedSection(DistributedSection):
 
 # --------------------------------------------------------------------------- distillation
 class StudentInit(Section):
-    from_: Literal["teacher"] = Field("teacher", alias="from", description="Carve from the teacher.")
+    from_: Literal["teacher"] = Field(
+        "teacher", alias="from", description="Carve from the teacher."
+    )
     keep_layers: list[int] | None = Field(
         None, description="Exact decoder layer indices to keep (0-based)."
     )
@@ -336,8 +361,10 @@ class DistillSection(Section):
     def _moved_keys(cls, data):
         # one knob, one name: the chunking of the head loss is train.loss_chunk_size everywhere
         if isinstance(data, dict) and "chunk_size" in data:
-            raise ValueError("distill.chunk_size is now train.loss_chunk_size (the same knob "
-                             "in finetune and distill recipes): move it there")
+            raise ValueError(
+                "distill.chunk_size is now train.loss_chunk_size (the same knob "
+                "in finetune and distill recipes): move it there"
+            )
         return data
 
     loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = Field(
@@ -349,23 +376,32 @@ class DistillSection(Section):
     kd_weight: float = Field(1.0, ge=0, description="Weight of the KD term.")
     ce_weight: float = Field(0.0, ge=0, description="Weight of hard-label cross entropy.")
     teacher_cache: str | None = Field(
-        None, description="A teacher cache dir (`still cache R.yaml` builds it): distill from the "
+        None,
+        description="A teacher cache dir (`still cache R.yaml` builds it): distill from the "
         "teacher's stored top-k log-probs instead of running the teacher.",
     )
     cache_top_k: int = Field(
-        64, ge=1, description="Teacher log-probs kept per token in the cache; the rest of the "
+        64,
+        ge=1,
+        description="Teacher log-probs kept per token in the cache; the rest of the "
         "mass is one bucket. k = vocabulary size is exact KD.",
     )
     cache_dtype: Literal["float16", "uint8"] = Field(
-        "float16", description="How cached log-probs are stored: float16, or uint8 steps below "
+        "float16",
+        description="How cached log-probs are stored: float16, or uint8 steps below "
         "each token's top value (1 byte instead of 2; about 198 bytes/token at k=64).",
     )
 
     on_policy_ratio: float = Field(
-        0.0, ge=0, le=1, description="GKD: the share of batches whose responses the student "
+        0.0,
+        ge=0,
+        le=1,
+        description="GKD: the share of batches whose responses the student "
         "samples itself (the teacher scores them); 0 = the dataset's responses only.",
     )
-    on_policy_temperature: float = Field(1.0, gt=0, description="Sampling temperature of those responses.")
+    on_policy_temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature of those responses."
+    )
     on_policy_max_new_tokens: int | None = Field(
         None, ge=1, description="Cap on a sampled response; default: the dataset response's length."
     )
@@ -375,8 +411,10 @@ class DistillSection(Section):
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to train on")
         if self.on_policy_ratio > 0 and self.teacher_cache:
-            raise ValueError("on_policy_ratio needs the teacher itself: it scores the student's own "
-                             "samples, which no cache holds")
+            raise ValueError(
+                "on_policy_ratio needs the teacher itself: it scores the student's own "
+                "samples, which no cache holds"
+            )
         return self
 
 
@@ -384,11 +422,14 @@ class DistillSection(Section):
 class EndpointSection(Section):
     """An OpenAI-compatible server (vLLM, `transformers serve`, llama.cpp, a hosted API)."""
 
-    url: str = Field(description="Base URL up to /v1, e.g. http://localhost:8000/v1; "
-                     "requests go to <url>/chat/completions.")
+    url: str = Field(
+        description="Base URL up to /v1, e.g. http://localhost:8000/v1; "
+        "requests go to <url>/chat/completions."
+    )
     model: str = Field(description="The model name the server expects in each request.")
     api_key_env: str | None = Field(
-        None, description="Name of the environment variable holding the API key (sent as a "
+        None,
+        description="Name of the environment variable holding the API key (sent as a "
         "Bearer token). The key itself never goes in a recipe.",
     )
     timeout_s: float = Field(300.0, gt=0, description="Seconds to wait for one response.")
@@ -408,11 +449,14 @@ class JudgeSection(Section):
         "model: a model scores each answer with `prompt`.",
     )
     pattern: str | None = Field(
-        None, description="regex: a Python regex; its first group (or whole match) is compared, "
+        None,
+        description="regex: a Python regex; its first group (or whole match) is compared, "
         "e.g. '#### *(-?[0-9.,]+)'. A reference the pattern does not match is compared whole.",
     )
-    ref: str | None = Field(None, description="model: a model reference for the judge "
-                            "(runs locally; may be the teacher's).")
+    ref: str | None = Field(
+        None,
+        description="model: a model reference for the judge (runs locally; may be the teacher's).",
+    )
     endpoint: EndpointSection | None = Field(None, description="model: an OpenAI-compatible judge.")
     prompt: str = Field(
         "Rate the answer to the question from 0 (wrong or useless) to 10 (correct and complete). "
@@ -436,8 +480,9 @@ class JudgeSection(Section):
                 raise ValueError(f"pattern is not a valid regex: {exc}") from None
         if self.type == "model":
             if (self.ref is None) == (self.endpoint is None):
-                raise ValueError("judge type model needs exactly one of 'ref' (a model) or "
-                                 "'endpoint' (a server)")
+                raise ValueError(
+                    "judge type model needs exactly one of 'ref' (a model) or 'endpoint' (a server)"
+                )
             if "{answer}" not in self.prompt:
                 raise ValueError("the judge prompt must contain {answer}")
         elif self.ref is not None or self.endpoint is not None:
@@ -448,19 +493,29 @@ class JudgeSection(Section):
 class GenerateSection(Section):
     """`still generate R.yaml`: the teacher answers data.train's prompts; a chat JSONL comes out."""
 
-    out: str = Field(description="Output chat-format JSONL, relative to the YAML; a report goes "
-                     "to <out>.report.json. Refused if it exists, unless --force.")
+    out: str = Field(
+        description="Output chat-format JSONL, relative to the YAML; a report goes "
+        "to <out>.report.json. Refused if it exists, unless --force."
+    )
     samples_per_prompt: int = Field(1, ge=1, description="Answers sampled per prompt.")
-    max_new_tokens: int = Field(256, ge=1, description="Longest answer; longer ones are cut "
-                                "and dropped unless keep_truncated.")
+    max_new_tokens: int = Field(
+        256,
+        ge=1,
+        description="Longest answer; longer ones are cut and dropped unless keep_truncated.",
+    )
     temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     seed: int = Field(0, description="Seed for sampling (local batches; sent to endpoints).")
-    batch_size: int = Field(8, ge=1, description="Prompts per local generate call, or requests "
-                            "in flight at once to an endpoint.")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="Prompts per local generate call, or requests "
+        "in flight at once to an endpoint.",
+    )
     keep_truncated: bool = Field(False, description="Keep answers cut at max_new_tokens.")
     endpoint: EndpointSection | None = Field(
-        None, description="Ask an OpenAI-compatible server instead of running the recipe's "
+        None,
+        description="Ask an OpenAI-compatible server instead of running the recipe's "
         "teacher locally.",
     )
     judge: JudgeSection | None = Field(None, description="Keep only answers the judge accepts.")
@@ -468,8 +523,10 @@ class GenerateSection(Section):
     @model_validator(mode="after")
     def _distinct_samples(self):
         if self.temperature == 0 and self.samples_per_prompt > 1:
-            raise ValueError("samples_per_prompt > 1 with temperature 0 gives identical copies; "
-                             "set a temperature above 0")
+            raise ValueError(
+                "samples_per_prompt > 1 with temperature 0 gives identical copies; "
+                "set a temperature above 0"
+            )
         return self
 
 
@@ -514,7 +571,8 @@ class DistillRecipe(RecipeBase):
     distributed: DistillDistributedSection = Field(default_factory=DistillDistributedSection)
     eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
     generate: GenerateSection | None = Field(
-        None, description="Sequence-level KD: `still generate R.yaml` writes the teacher's "
+        None,
+        description="Sequence-level KD: `still generate R.yaml` writes the teacher's "
         "answers to data.train's prompts as a chat dataset.",
     )
 

@@ -71,8 +71,10 @@ class MetricsJsonl(TrainerCallback):
 def warn(what: str, exc: BaseException) -> None:
     """The one line a tracking failure costs: the run itself goes on."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    print(f"still: warning: W&B {what} failed, continuing without it ({type(exc).__name__}: {message})",
-          file=sys.stderr)
+    print(
+        f"still: warning: W&B {what} failed, continuing without it ({type(exc).__name__}: {message})",
+        file=sys.stderr,
+    )
 
 
 def redact(value, secrets: tuple[str, ...] | None = None):
@@ -133,8 +135,15 @@ def wandb_mode(configured: str) -> str:
 
 
 # --------------------------------------------------------------------------- W&B runs
-def start_wandb(recipe, run_dir: Path, *, job_type: str, name: str | None = None,
-                run_id: str | None = None, config: dict | None = None):
+def start_wandb(
+    recipe,
+    run_dir: Path,
+    *,
+    job_type: str,
+    name: str | None = None,
+    run_id: str | None = None,
+    config: dict | None = None,
+):
     """Open the W&B run of a recipe's run dir (main process only); None when off or failed.
 
     The config is the resolved recipe plus `config`; `run_id` resumes that run (--resume).
@@ -143,10 +152,15 @@ def start_wandb(recipe, run_dir: Path, *, job_type: str, name: str | None = None
     if settings is None:
         return None
     dumped = recipe.model_dump(mode="json", exclude_none=True, by_alias=True)
-    return open_wandb(settings, run_dir, job_type=job_type, name=name or recipe.name,
-                      group=settings.group or run_group(recipe.source_path, recipe.name),
-                      run_id=run_id,
-                      config={"recipe": dumped, **(config or {})})
+    return open_wandb(
+        settings,
+        run_dir,
+        job_type=job_type,
+        name=name or recipe.name,
+        group=settings.group or run_group(recipe.source_path, recipe.name),
+        run_id=run_id,
+        config={"recipe": dumped, **(config or {})},
+    )
 
 
 def run_group(source_path: str | None, fallback: str) -> str:
@@ -155,8 +169,16 @@ def run_group(source_path: str | None, fallback: str) -> str:
     return Path(source_path).parent.name if source_path else fallback
 
 
-def open_wandb(settings: WandbSection, run_dir: Path, *, job_type: str, name: str, group: str | None,
-               run_id: str | None = None, config: dict | None = None):
+def open_wandb(
+    settings: WandbSection,
+    run_dir: Path,
+    *,
+    job_type: str,
+    name: str,
+    group: str | None,
+    run_id: str | None = None,
+    config: dict | None = None,
+):
     """`wandb.init` with still's conventions: files under `run_dir/wandb`, tags, notes, redacted
     config, offline when W&B can't be reached. Never raises: a failure is one warning."""
     if not is_main_process():
@@ -199,7 +221,11 @@ def _save_files(run, run_dir: Path) -> None:
     import yaml
 
     for name, load, dump in (
-        (RESOLVED_RECIPE, yaml.safe_load, lambda data: yaml.safe_dump(data, sort_keys=False, allow_unicode=True)),
+        (
+            RESOLVED_RECIPE,
+            yaml.safe_load,
+            lambda data: yaml.safe_dump(data, sort_keys=False, allow_unicode=True),
+        ),
         (LINEAGE, json.loads, lambda data: json.dumps(data, indent=2)),
     ):
         if not (run_dir / name).is_file():
@@ -207,7 +233,9 @@ def _save_files(run, run_dir: Path) -> None:
         try:
             # a copy inside the run's files dir: what the run had, not what the dir holds later
             text = (run_dir / name).read_text()
-            header = "".join(f"{line}\n" for line in text.splitlines() if line.startswith("# Resolved from"))
+            header = "".join(
+                f"{line}\n" for line in text.splitlines() if line.startswith("# Resolved from")
+            )
             copy = Path(run.dir) / name
             copy.write_text(redact(header) + dump(redact(load(text))))
             run.save(str(copy), base_path=run.dir, policy="now")
@@ -223,7 +251,9 @@ def finish_wandb(summary: dict | None = None, *, exit_code: int | None = None) -
         return
     try:
         if summary:
-            wandb.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            wandb.run.summary.update(
+                {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+            )
         wandb.run.finish(exit_code=exit_code)
     except Exception as exc:  # noqa: BLE001
         warn("finish", exc)
@@ -236,7 +266,9 @@ class ResilientWandbCallback(WandbCallback):
     def __init__(self, log_model: str = "false"):
         super().__init__()
         # "end" is logged by `finish_training_run` with lineage; Trainer only does checkpoints.
-        self._log_model = WandbLogModel.CHECKPOINT if log_model == "checkpoint" else WandbLogModel.FALSE
+        self._log_model = (
+            WandbLogModel.CHECKPOINT if log_model == "checkpoint" else WandbLogModel.FALSE
+        )
 
     def _guard(self, event: str, *args, **kwargs):
         if self._wandb is None:
@@ -285,14 +317,20 @@ def start_tracking(recipe, run: RunDir, *, job_type: str, lineage: dict | None =
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise StillError("track.tensorboard needs the tensorboard package",
-                             hint="pip install tensorboard") from None
+            raise StillError(
+                "track.tensorboard needs the tensorboard package", hint="pip install tensorboard"
+            ) from None
         board = TensorBoardCallback()
         board.logging_dir = str(run.path / "tensorboard")
         tracking.callbacks.append(board)
     if track.wandb is not None:
-        wandb_run = start_wandb(recipe, run.path, job_type=job_type, run_id=stable_run_id(run),
-                                config={"lineage": lineage} if lineage else None)
+        wandb_run = start_wandb(
+            recipe,
+            run.path,
+            job_type=job_type,
+            run_id=stable_run_id(run),
+            config={"lineage": lineage} if lineage else None,
+        )
         if wandb_run is not None:
             tracking.callbacks.append(ResilientWandbCallback(track.wandb.log_model))
     return tracking
@@ -327,8 +365,15 @@ def use_artifacts(run, names: list[str]) -> None:
             warn(f"use_artifact {name}", exc)
 
 
-def log_model_artifact(path: Path, *, name: str, lineage: dict, aliases: tuple[str, ...] = (),
-                       metadata: dict | None = None, run=None):
+def log_model_artifact(
+    path: Path,
+    *,
+    name: str,
+    lineage: dict,
+    aliases: tuple[str, ...] = (),
+    metadata: dict | None = None,
+    run=None,
+):
     """Log a model dir as a W&B `model` artifact carrying its lineage; None if not logged.
 
     Online, parents that are artifacts of earlier still runs are also marked as used, which
@@ -341,8 +386,11 @@ def log_model_artifact(path: Path, *, name: str, lineage: dict, aliases: tuple[s
     if run is None:
         return None
     try:
-        artifact = wandb.Artifact(artifact_name(name), type="model",
-                                  metadata=redact({"lineage": lineage, **(metadata or {})}))
+        artifact = wandb.Artifact(
+            artifact_name(name),
+            type="model",
+            metadata=redact({"lineage": lineage, **(metadata or {})}),
+        )
         artifact.add_dir(str(path))
         with artifact.new_file("lineage.json", mode="w", encoding="utf-8") as handle:
             json.dump(redact(lineage), handle, indent=2)
@@ -364,9 +412,13 @@ def finish_training_run(run: RunDir, summary: dict) -> None:
     settings = _wandb_settings(run)
     if saved is not None and settings.get("log_model", "end") != "false":
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-        log_model_artifact(saved, name=run.name, lineage=lineage, aliases=("final",),
-                           metadata={"kind": lineage.get("kind"), "format": saved.name,
-                                     "summary": numbers})
+        log_model_artifact(
+            saved,
+            name=run.name,
+            lineage=lineage,
+            aliases=("final",),
+            metadata={"kind": lineage.get("kind"), "format": saved.name, "summary": numbers},
+        )
     # Trainer already logged the final eval as eval/*; add what it did not (e.g. steps).
     finish_wandb({k: v for k, v in summary.items() if not k.startswith("eval_")})
 
@@ -378,16 +430,28 @@ def log_published_model(out_dir: Path, lineage: dict, *, source_run_dir: Path) -
     settings = _wandb_settings(source)
     if not settings:
         return
-    wandb_settings = WandbSection(**{k: v for k, v in settings.items()
-                                     if k in WandbSection.model_fields})
+    wandb_settings = WandbSection(
+        **{k: v for k, v in settings.items() if k in WandbSection.model_fields}
+    )
     group = wandb_settings.group or run_group(source.recipe_source(), source.name)
     # W&B's files go next to the source run's, never into the published dir itself
-    run = open_wandb(wandb_settings, source.path, job_type="publish",
-                     name=f"publish-{Path(out_dir).name}", group=group,
-                     config={"lineage": lineage, "published_dir": str(Path(out_dir).resolve())})
+    run = open_wandb(
+        wandb_settings,
+        source.path,
+        job_type="publish",
+        name=f"publish-{Path(out_dir).name}",
+        group=group,
+        config={"lineage": lineage, "published_dir": str(Path(out_dir).resolve())},
+    )
     if run is not None:
-        log_model_artifact(out_dir, name=Path(out_dir).name, lineage=lineage,
-                           aliases=("published",), metadata={"kind": "published"}, run=run)
+        log_model_artifact(
+            out_dir,
+            name=Path(out_dir).name,
+            lineage=lineage,
+            aliases=("published",),
+            metadata={"kind": "published"},
+            run=run,
+        )
         finish_wandb()
 
 
@@ -418,19 +482,27 @@ def samples_table(samples_path: Path, model_name: str | None = None):
     """`<task>.samples.jsonl` as a wandb.Table: one row per question, one column per metric."""
     import wandb
 
-    rows = [json.loads(line) for line in Path(samples_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in Path(samples_path).read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     fields = list(dict.fromkeys(key for row in rows for key in row if key != "metrics"))
     metrics = list(dict.fromkeys(name for row in rows for name in row.get("metrics", {})))
     columns = ["model", *fields, *metrics]
     data = []
     for row in rows:
-        cells = [_cell(row.get(key)) for key in fields] + [row.get("metrics", {}).get(name) for name in metrics]
+        cells = [_cell(row.get(key)) for key in fields] + [
+            row.get("metrics", {}).get(name) for name in metrics
+        ]
         data.append([model_name, *cells])
     return wandb.Table(columns=columns, data=data)
 
 
 def _cell(value):
-    return value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
+    return (
+        value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
+    )
 
 
 def log_comparison(out_dir: Path) -> None:
@@ -454,8 +526,14 @@ def log_comparison(out_dir: Path) -> None:
 def log_comparison_run(out_dir: Path, *, project: str, group: str | None = None, inputs=()) -> None:
     """`still compare --wandb PROJECT`: a comparison run holding compare.json and compare.png."""
     settings = WandbSection(project=project, group=group)
-    run = open_wandb(settings, out_dir, job_type="compare", name=Path(out_dir).resolve().name, group=group,
-                     config={"inputs": [str(Path(path).resolve()) for path in inputs]})
+    run = open_wandb(
+        settings,
+        out_dir,
+        job_type="compare",
+        name=Path(out_dir).resolve().name,
+        group=group,
+        config={"inputs": [str(Path(path).resolve()) for path in inputs]},
+    )
     if run is not None:
         log_comparison(out_dir)
         finish_wandb()
@@ -469,14 +547,23 @@ def link_lineage(run_dir: Path) -> list[str]:
     run = RunDir(run_dir)
     run_id = run.tracker_run_id()
     if run_id is None or not run.lineage_file.is_file():
-        raise StillError(f"{run_dir}: not a W&B-tracked still run dir "
-                         f"(no {run.tracker_run_id_file.name} or {run.lineage_file.name})")
+        raise StillError(
+            f"{run_dir}: not a W&B-tracked still run dir "
+            f"(no {run.tracker_run_id_file.name} or {run.lineage_file.name})"
+        )
     if wandb_mode("auto") != "online":
-        raise StillError("linking lineage needs W&B online", hint="wandb login, then run this again")
+        raise StillError(
+            "linking lineage needs W&B online", hint="wandb login, then run this again"
+        )
     settings = _wandb_settings(run)
     parents = lineage_parents(run.read_lineage())
-    online = wandb.init(project=settings.get("project", "still"), entity=settings.get("entity"),
-                        id=run_id, resume="must", mode="online")
+    online = wandb.init(
+        project=settings.get("project", "still"),
+        entity=settings.get("entity"),
+        id=run_id,
+        resume="must",
+        mode="online",
+    )
     use_artifacts(online, parents)
     online.finish()
     return parents

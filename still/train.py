@@ -53,17 +53,21 @@ def kernel_flags(train: TrainSection) -> dict:
     """torch.compile and Liger, each opt-in; Liger's Triton kernels need CUDA and the package."""
     if train.liger_kernel:
         if not torch.cuda.is_available():
-            raise StillError("train.liger_kernel: true needs a CUDA GPU; this machine has none",
-                             hint="set liger_kernel: false on CPU")
+            raise StillError(
+                "train.liger_kernel: true needs a CUDA GPU; this machine has none",
+                hint="set liger_kernel: false on CPU",
+            )
         if importlib.util.find_spec("liger_kernel") is None:
-            raise StillError("train.liger_kernel: true but liger-kernel is not installed",
-                             hint="pip install 'still[gpu]' (or liger-kernel), "
-                             "or set liger_kernel: false")
+            raise StillError(
+                "train.liger_kernel: true but liger-kernel is not installed",
+                hint="pip install 'still[gpu]' (or liger-kernel), or set liger_kernel: false",
+            )
     return {"torch_compile": train.torch_compile, "use_liger_kernel": train.liger_kernel}
 
 
-def training_arguments(recipe, run: RunDir, *, has_eval: bool, total_steps: int,
-                       report: list[str]) -> TrainingArguments:
+def training_arguments(
+    recipe, run: RunDir, *, has_eval: bool, total_steps: int, report: list[str]
+) -> TrainingArguments:
     train = recipe.train
     # Fractions below 1 are read by Trainer as a share of the total steps.
     save_steps = train.save_steps or 0.25
@@ -134,7 +138,9 @@ def collator_for(data: DataSection, tokenizer, attention: str, *models):
     """Padded batches, or packed ones kept apart by `attention` ("position_ids" or
     "block_mask", from `still.attention.packed_attention`, which the runner calls first: it
     is the one that switches the models' attention). Pure: the models are only read."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     if not data.packing:
         return data_module.PaddedCollator(pad_id)
     if attention == "block_mask":
@@ -147,10 +153,12 @@ def collator_for(data: DataSection, tokenizer, attention: str, *models):
                     f"sliding window ({window} tokens) inside examples of up to data.max_len "
                     f"{data.max_len} tokens",
                     hint=f"use attn_implementation: sdpa (the default), data.max_len: {window}, "
-                    "or packing: false")
+                    "or packing: false",
+                )
     # The additive mask must match the query dtype: CUDA sdpa refuses fp32 masks with bf16.
-    return data_module.PackedCollator(pad_id, attention=attention, mask_dtype=models[0].dtype,
-                                      row_tokens=data.pack_row_tokens)
+    return data_module.PackedCollator(
+        pad_id, attention=attention, mask_dtype=models[0].dtype, row_tokens=data.pack_row_tokens
+    )
 
 
 # --------------------------------------------------------------------------- loss
@@ -159,7 +167,10 @@ def token_mean_loss(trainer: Trainer, model, loss_sum, n_tokens, num_items_in_ba
     the label tokens of the whole accumulated step across processes (Trainer's
     `loss_is_scaled_for_ga = True` contract)."""
     return per_token_loss(
-        loss_sum, n_tokens, num_items_in_batch=num_items_in_batch, training=model.training,
+        loss_sum,
+        n_tokens,
+        num_items_in_batch=num_items_in_batch,
+        training=model.training,
         # unset before the first step
         accumulation_steps=getattr(trainer, "current_gradient_accumulation_steps", 1),
         num_processes=trainer.accelerator.num_processes,
@@ -201,12 +212,20 @@ def consolidate_zero3(trainer: Trainer, target: Path) -> None:
 
 
 def format_summary(summary: dict) -> str:
-    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in summary.items())
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+    )
 
 
-def finish_run(trainer: Trainer, recipe, run: RunDir, result, final_eval: dict, *,
-               evaluate: Callable[[RunDir, list[str]], None]) -> dict:
+def finish_run(
+    trainer: Trainer,
+    recipe,
+    run: RunDir,
+    result,
+    final_eval: dict,
+    *,
+    evaluate: Callable[[RunDir, list[str]], None],
+) -> dict:
     """The closing summary line, then `evaluate(run, recipe.eval_tasks)` on the saved run (main
     process), then the tracker's model artifact. The runner passes the scorer (eval's), so
     this core module needs nothing above it."""

@@ -100,8 +100,10 @@ def _refuse_duplicate_keys(node: yaml.Node, path: Path | str, ancestors: tuple[i
             line = key_node.start_mark.line + 1
             identity = (key_node.tag, key_node.value)
             if identity in first_line:
-                raise StillError(f"{path}:{line}: duplicate key '{key_node.value}' "
-                                 f"(first at line {first_line[identity]})")
+                raise StillError(
+                    f"{path}:{line}: duplicate key '{key_node.value}' "
+                    f"(first at line {first_line[identity]})"
+                )
             first_line[identity] = line
     for child in _children(node):
         _refuse_duplicate_keys(child, path, (*ancestors, id(node)))
@@ -114,8 +116,9 @@ def key_lines(node: yaml.Node | None, file: str) -> dict[KeyPath, Origin]:
     return origins
 
 
-def _collect_lines(node, prefix: KeyPath, file: str, origins: dict[KeyPath, Origin],
-                   ancestors: tuple[int, ...]) -> None:
+def _collect_lines(
+    node, prefix: KeyPath, file: str, origins: dict[KeyPath, Origin], ancestors: tuple[int, ...]
+) -> None:
     if node is None or id(node) in ancestors:
         return
     ancestors = (*ancestors, id(node))
@@ -185,13 +188,17 @@ def _suggest(key: str, names: list[str]) -> str | None:
 
 
 # --------------------------------------------------------------------------- the one line
-def _describe(error: dict, model: type[BaseModel], whole: str,
-              suggest_values: bool) -> tuple[KeyPath, str, str | None]:
+def _describe(
+    error: dict, model: type[BaseModel], whole: str, suggest_values: bool
+) -> tuple[KeyPath, str, str | None]:
     """(key path, message, hint) for one pydantic error."""
     # pydantic names union branches in the path (`function-after[...]`, `literal['all-linear']`,
     # `list[str]`); users know only their keys.
-    loc = tuple(p for p in error["loc"]
-                if not (isinstance(p, str) and (p.startswith("function-") or "[" in p)))
+    loc = tuple(
+        p
+        for p in error["loc"]
+        if not (isinstance(p, str) and (p.startswith("function-") or "[" in p))
+    )
     key = loc[-1] if loc else ""
     kind = error["type"]
     if kind == "extra_forbidden":
@@ -217,9 +224,16 @@ def _describe(error: dict, model: type[BaseModel], whole: str,
     return loc, message, hint
 
 
-def one_line_error(exc: ValidationError, model: type[BaseModel], origins: dict[KeyPath, Origin],
-                   default: str, *, whole: str = "the recipe", anchor: KeyPath = (),
-                   suggest_values: bool = False) -> StillError:
+def one_line_error(
+    exc: ValidationError,
+    model: type[BaseModel],
+    origins: dict[KeyPath, Origin],
+    default: str,
+    *,
+    whole: str = "the recipe",
+    anchor: KeyPath = (),
+    suggest_values: bool = False,
+) -> StillError:
     """The first error of `exc` as `file:line: message (+N more) (hint)`.
 
     `whole` names the top level ("the recipe", "task"); an error about the whole document is

@@ -13,9 +13,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-
-from tiny_models import build_tiny_llama, build_tiny_tokenizer  # noqa: E402
+import pytest
+from tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")

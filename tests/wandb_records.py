@@ -30,14 +30,16 @@ def raw_records(path: Path):
         if left_in_block < RECORD_HEADER:  # block trailer: zero padding
             position += left_in_block
             continue
-        checksum, length, kind = struct.unpack("<IHB", data[position:position + RECORD_HEADER])
+        checksum, length, kind = struct.unpack("<IHB", data[position : position + RECORD_HEADER])
         if (checksum, length, kind) == (0, 0, 0):
             position += left_in_block
             continue
         if position + RECORD_HEADER + length > len(data):
             return  # the writer is still writing this record
-        payload = data[position + RECORD_HEADER:position + RECORD_HEADER + length]
-        assert zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == checksum, "corrupt record"
+        payload = data[position + RECORD_HEADER : position + RECORD_HEADER + length]
+        assert zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == checksum, (
+            "corrupt record"
+        )
         position += RECORD_HEADER + length
         if kind == FULL:
             yield payload
@@ -115,7 +117,12 @@ def _decode(run_directory: Path) -> OfflineRun:
         if kind == "run":
             r = record.run
             run.run_id, run.name, run.project = r.run_id, r.display_name, r.project
-            run.group, run.job_type, run.tags, run.notes = r.run_group, r.job_type, list(r.tags), r.notes
+            run.group, run.job_type, run.tags, run.notes = (
+                r.run_group,
+                r.job_type,
+                list(r.tags),
+                r.notes,
+            )
             run.started = r.start_time.seconds + r.start_time.nanos / 1e9
             for item in r.config.update:
                 run.config[_key(item)] = json.loads(item.value_json)
@@ -123,7 +130,9 @@ def _decode(run_directory: Path) -> OfflineRun:
             for item in record.config.update:
                 run.config[_key(item)] = json.loads(item.value_json)
         elif kind == "history":
-            run.history.append({_key(item): json.loads(item.value_json) for item in record.history.item})
+            run.history.append(
+                {_key(item): json.loads(item.value_json) for item in record.history.item}
+            )
         elif kind == "summary":
             for item in record.summary.update:
                 run.summary[_key(item)] = json.loads(item.value_json)

@@ -4,7 +4,6 @@ import json
 import textwrap
 
 import pytest
-
 from tiny_models import QA  # shared with tests that write their own data files
 
 
@@ -23,21 +22,25 @@ def qa_files(tmp_path):
 
 def write_recipe(tmp_path, kind: str, name: str, models: str, train: str, extra: str):
     """A recipe YAML in tmp_path on the QA files, runs under tmp_path/runs; returns its path."""
-    text = textwrap.dedent(
-        f"""\
+    text = (
+        textwrap.dedent(
+            f"""\
         # Run: still run {name}.yaml
         kind: {kind}
         name: {name}
-        output_dir: {tmp_path / 'runs'}
+        output_dir: {tmp_path / "runs"}
         """
-    ) + textwrap.dedent(models) + textwrap.dedent(
-        f"""\
+        )
+        + textwrap.dedent(models)
+        + textwrap.dedent(
+            f"""\
         data:
           train: {{path: train.jsonl, format: instruction, prompt: question, response: answer}}
           eval: {{path: val.jsonl}}
           max_len: 64
         train: {train}
         """
+        )
     )
     path = tmp_path / f"{name}.yaml"
     path.write_text(text + textwrap.dedent(extra))
@@ -53,7 +56,9 @@ def finetune_recipe(tmp_path, qa_files, tiny_model_dir):
             model: {{ref: "{tiny_model_dir}"}}
             lora: {{r: 4, alpha: 8, dropout: 0.0}}
             """
-        train = "{lr: 5.0e-3, batch_size: 4, max_steps: 6, save_steps: 2, warmup_ratio: 0.0, seed: 3}"
+        train = (
+            "{lr: 5.0e-3, batch_size: 4, max_steps: 6, save_steps: 2, warmup_ratio: 0.0, seed: 3}"
+        )
         return write_recipe(tmp_path, "finetune", name, models, train, extra)
 
     return make
@@ -69,8 +74,10 @@ def distill_recipe(tmp_path, qa_files, tiny_model_dir_4layers):
             student: {{{student}}}
             distill: {{loss: forward_kl, temperature: 2.0, kd_weight: 1.0, ce_weight: 0.0}}
             """
-        train = ("{lr: 1.0e-2, batch_size: 4, max_steps: 10, save_steps: 5, warmup_ratio: 0.0, seed: 1, "
-                 "loss_chunk_size: 16}")
+        train = (
+            "{lr: 1.0e-2, batch_size: 4, max_steps: 10, save_steps: 5, warmup_ratio: 0.0, seed: 1, "
+            "loss_chunk_size: 16}"
+        )
         return write_recipe(tmp_path, "distill", name, models, train, extra)
 
     return make

@@ -22,14 +22,28 @@ def test_carved_student_learns_from_teacher(distill_recipe, tmp_path, tiny_model
     evals = logged(run_dir, "eval_loss")
     assert evals[-1] < evals[0]
     lineage = json.loads((run_dir / "lineage.json").read_text())
-    assert lineage["carved"]["kept_layers"] == [0, 3] and lineage["teacher"] == str(tiny_model_dir_4layers)
+    assert lineage["carved"]["kept_layers"] == [0, 3] and lineage["teacher"] == str(
+        tiny_model_dir_4layers
+    )
     student, _ = models.load_model(str(run_dir))
     assert student.config.num_hidden_layers == 2
 
 
 def test_hard_label_only_baseline_and_lora_student(distill_recipe, tmp_path):
     recipe = distill_recipe()
-    assert cli.main(["run", str(recipe), "name=ce-only", "distill.kd_weight=0", "distill.ce_weight=1", "train.max_steps=3"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(recipe),
+                "name=ce-only",
+                "distill.kd_weight=0",
+                "distill.ce_weight=1",
+                "train.max_steps=3",
+            ]
+        )
+        == 0
+    )
     ce = logged(tmp_path / "runs" / "ce-only", "ce_loss")
     assert len(ce) == 3 and ce[-1] < ce[0]
     assert cli.main(["run", str(recipe), "name=lora-kd", "method=lora", "train.max_steps=2"]) == 0
@@ -37,7 +51,9 @@ def test_hard_label_only_baseline_and_lora_student(distill_recipe, tmp_path):
     assert (tmp_path / "runs" / "lora-kd" / "model" / "config.json").exists()
 
 
-def test_student_reference_with_other_tokenizer_is_refused(distill_recipe, tmp_path, tiny_model_dir, capsys):
+def test_student_reference_with_other_tokenizer_is_refused(
+    distill_recipe, tmp_path, tiny_model_dir, capsys
+):
     from transformers import AutoTokenizer
 
     other = tmp_path / "other_student"
@@ -55,23 +71,38 @@ def test_student_reference_with_other_tokenizer_is_refused(distill_recipe, tmp_p
 
 
 def test_teacher_weights_unchanged_and_only_student_trains(tiny_model_dir_4layers, tmp_path):
+    import datasets
+    from transformers import TrainingArguments
+
     from distill.kd import KDTrainer
     from distill.student import carve_student
     from still.data import PackedCollator
     from still.sections import DistillSection, StudentInit
-    from transformers import TrainingArguments
-    import datasets
 
     teacher, tokenizer = models.load_model(str(tiny_model_dir_4layers))
     teacher.requires_grad_(False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student, _ = carve_student(teacher, StudentInit(keep_layers=[0, 3]))
     rows = [{"input_ids": list(range(5, 25)), "labels": [-100] * 5 + list(range(10, 25))}] * 8
-    args = TrainingArguments(output_dir=str(tmp_path / "o"), max_steps=3, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no")
-    trainer = KDTrainer(model=student, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                        data_collator=PackedCollator(tokenizer.pad_token_id), teacher=teacher,
-                        distill=DistillSection(), vocab_size=len(tokenizer), loss_chunk_size=16)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "o"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
+    trainer = KDTrainer(
+        model=student,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        data_collator=PackedCollator(tokenizer.pad_token_id),
+        teacher=teacher,
+        distill=DistillSection(),
+        vocab_size=len(tokenizer),
+        loss_chunk_size=16,
+    )
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer.train()
     for name, value in teacher.state_dict().items():
@@ -80,7 +111,9 @@ def test_teacher_weights_unchanged_and_only_student_trains(tiny_model_dir_4layer
     assert changed
 
 
-def test_student_with_padded_vocab_rows_is_reconciled(distill_recipe, tmp_path, tiny_model_dir, capsys):
+def test_student_with_padded_vocab_rows_is_reconciled(
+    distill_recipe, tmp_path, tiny_model_dir, capsys
+):
     """Same tokenizer, but the student's embedding has 8 extra (padding) rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,14 +126,16 @@ def test_student_with_padded_vocab_rows_is_reconciled(distill_recipe, tmp_path, 
     recipe = distill_recipe(name="padded", student=f'ref: "{padded}"')
     assert cli.main(["run", str(recipe), "train.max_steps=2"]) == 0
     out = capsys.readouterr().out
-    assert f"vocab padding differs (teacher {len(tokenizer)}, student {len(tokenizer) + 8} rows)" in out
+    assert (
+        f"vocab padding differs (teacher {len(tokenizer)}, student {len(tokenizer) + 8} rows)"
+        in out
+    )
     assert len(logged(tmp_path / "runs" / "padded", "kd_loss")) == 2
 
 
 def test_soft_capped_teacher_is_refused(distill_recipe, tmp_path, tiny_tokenizer_dir, capsys):
-    from transformers import AutoTokenizer
-
     from tiny_models import build_tiny_softcapped
+    from transformers import AutoTokenizer
 
     teacher = tmp_path / "capped-teacher"
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
@@ -122,6 +157,9 @@ def test_gradient_checkpointing_trains_the_same_student(distill_recipe, tmp_path
     assert cli.main([*common, "name=checkpointed", "train.gradient_checkpointing=true"]) == 0
     # The frozen teacher is not rerun; the student's 2 layers are, once in each of the 3 steps.
     assert len(mlp_forwards) == plain_calls + 2 * 3
-    plain, checkpointed = logged(tmp_path / "runs" / "plain", "kd_loss"), logged(tmp_path / "runs" / "checkpointed", "kd_loss")
+    plain, checkpointed = (
+        logged(tmp_path / "runs" / "plain", "kd_loss"),
+        logged(tmp_path / "runs" / "checkpointed", "kd_loss"),
+    )
     assert len(plain) == 3 and plain[-1] < plain[0]
     assert checkpointed == pytest.approx(plain, rel=1e-5)

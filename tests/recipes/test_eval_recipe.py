@@ -21,18 +21,44 @@ def write_tasks(tmp_path, qa_files):
     train, _ = qa_files
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     choice = tmp_path / "choice.jsonl"
-    choice.write_text("".join(
-        json.dumps({"id": str(i), "question": r["question"], "choices": [r["answer"], rows[(i + 1) % len(rows)]["answer"]], "label": 0}) + "\n"
-        for i, r in enumerate(rows)
-    ))
+    choice.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": str(i),
+                    "question": r["question"],
+                    "choices": [r["answer"], rows[(i + 1) % len(rows)]["answer"]],
+                    "label": 0,
+                }
+            )
+            + "\n"
+            for i, r in enumerate(rows)
+        )
+    )
     qa = tmp_path / "qa.yaml"
-    qa.write_text(TASK.format(name="qa", type="generate", data=train.name, extra="generation: {max_new_tokens: 6}\nmetrics: [rouge_l, token_f1]"))
+    qa.write_text(
+        TASK.format(
+            name="qa",
+            type="generate",
+            data=train.name,
+            extra="generation: {max_new_tokens: 6}\nmetrics: [rouge_l, token_f1]",
+        )
+    )
     mc = tmp_path / "mc.yaml"
-    mc.write_text(TASK.format(name="mc", type="multiple_choice", data=choice.name, extra="choices: choices\nlabel: label"))
+    mc.write_text(
+        TASK.format(
+            name="mc",
+            type="multiple_choice",
+            data=choice.name,
+            extra="choices: choices\nlabel: label",
+        )
+    )
     return qa, mc
 
 
-def test_eval_recipe_scores_models_and_compares(tmp_path, qa_files, finetune_recipe, tiny_model_dir, monkeypatch, capsys):
+def test_eval_recipe_scores_models_and_compares(
+    tmp_path, qa_files, finetune_recipe, tiny_model_dir, monkeypatch, capsys
+):
     monkeypatch.setenv("STILL_CACHE", str(tmp_path / "cache"))
     qa, mc = write_tasks(tmp_path, qa_files)
     ft = finetune_recipe()
@@ -41,16 +67,18 @@ def test_eval_recipe_scores_models_and_compares(tmp_path, qa_files, finetune_rec
     assert json.loads((run_dir / "eval" / "qa.json").read_text())["n"] == 8  # end-of-run eval
 
     recipe = tmp_path / "eval.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         # Run: still run eval.yaml
         kind: eval
         name: cmp
-        output_dir: {tmp_path / 'runs'}
+        output_dir: {tmp_path / "runs"}
         models: ["{tiny_model_dir}", "{run_dir}"]
         tasks: [qa.yaml, mc.yaml]
         reference: "{tiny_model_dir}"
         batch_size: 4
-        """))
+        """)
+    )
     assert cli.main(["run", str(recipe)]) == 0
     out = tmp_path / "runs" / "cmp"
     assert (out / "compare.md").exists() and (out / "compare.png").stat().st_size > 1000
@@ -66,7 +94,9 @@ def test_eval_cli_model_and_task(tmp_path, qa_files, tiny_model_dir, monkeypatch
     monkeypatch.setenv("STILL_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     qa, mc = write_tasks(tmp_path, qa_files)
-    assert cli.main(["eval", "--model", str(tiny_model_dir), "--task", str(mc), "--limit", "3"]) == 0
+    assert (
+        cli.main(["eval", "--model", str(tiny_model_dir), "--task", str(mc), "--limit", "3"]) == 0
+    )
     summary = json.loads((tmp_path / "runs" / "eval" / tiny_model_dir.name / "mc.json").read_text())
     assert summary["n"] == 3 and set(summary["metrics"]) == {"acc", "acc_norm"}
     assert cli.main(["eval", "--model", str(tiny_model_dir)]) == 2

@@ -17,8 +17,14 @@ def test_lora_run_writes_a_complete_run_dir_and_learns(finetune_recipe, tmp_path
     recipe = finetune_recipe(extra="")
     assert cli.main(["run", str(recipe), "train.max_steps=12", "train.lr=2e-2"]) == 0
     run_dir = tmp_path / "runs" / "tiny-ft"
-    for name in ("recipe.resolved.yaml", "lineage.json", "metrics.jsonl", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "adapter/tokenizer_config.json"):
+    for name in (
+        "recipe.resolved.yaml",
+        "lineage.json",
+        "metrics.jsonl",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer_config.json",
+    ):
         assert (run_dir / name).exists(), name
     lineage = json.loads((run_dir / "lineage.json").read_text())
     assert lineage["base"] and len(lineage["data"][0]["sha256"]) == 64
@@ -32,8 +38,10 @@ def test_lora_run_writes_a_complete_run_dir_and_learns(finetune_recipe, tmp_path
     model, tokenizer = models.load_model(str(run_dir))
     assert hasattr(model, "peft_config")
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What does abs do?"}], add_generation_prompt=True,
-        return_tensors="pt", return_dict=True,
+        [{"role": "user", "content": "What does abs do?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
@@ -71,7 +79,10 @@ def test_resume_continues_from_the_last_checkpoint(finetune_recipe, tmp_path):
 @pytest.mark.parametrize("method", ["full", "dora"])
 def test_full_and_dora(finetune_recipe, tmp_path, method):
     recipe = finetune_recipe()
-    assert cli.main(["run", str(recipe), f"method={method}", "train.max_steps=2", "train.lr=1e-3"]) == 0
+    assert (
+        cli.main(["run", str(recipe), f"method={method}", "train.max_steps=2", "train.lr=1e-3"])
+        == 0
+    )
     run_dir = tmp_path / "runs" / "tiny-ft"
     saved = run_dir / ("model" if method == "full" else "adapter")
     assert saved.exists()
@@ -130,7 +141,10 @@ def test_resume_continues_the_same_wandb_run(finetune_recipe, tmp_path):
     shutil.rmtree(run_dir / "checkpoints" / "checkpoint-4")
     shutil.rmtree(run_dir / "adapter")
     first = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert subprocess.run(run + ["--resume"], env=env, capture_output=True, timeout=300).returncode == 0
+    assert (
+        subprocess.run(run + ["--resume"], env=env, capture_output=True, timeout=300).returncode
+        == 0
+    )
     run_id = (run_dir / "wandb_run_id").read_text()
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(first) == 1 and len(runs) == 2, runs
@@ -138,23 +152,38 @@ def test_resume_continues_the_same_wandb_run(finetune_recipe, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_chunked_loss_gives_the_models_own_loss_curve(finetune_recipe, tmp_path, monkeypatch, method):
+def test_chunked_loss_gives_the_models_own_loss_curve(
+    finetune_recipe, tmp_path, monkeypatch, method
+):
     """train.loss_chunk_size (the default) vs null (the model's full-logits loss): same run."""
     from finetune import sft
 
     calls = []
     chunked_loss = sft.linear_cross_entropy
-    monkeypatch.setattr(sft, "linear_cross_entropy", lambda *a, **k: calls.append(k) or chunked_loss(*a, **k))
+    monkeypatch.setattr(
+        sft, "linear_cross_entropy", lambda *a, **k: calls.append(k) or chunked_loss(*a, **k)
+    )
     recipe = finetune_recipe()
-    common = ["run", str(recipe), f"method={method}", "train.max_steps=4", "train.grad_accum=2",
-              "train.lr=1e-2", "train.eval_steps=2"]
+    common = [
+        "run",
+        str(recipe),
+        f"method={method}",
+        "train.max_steps=4",
+        "train.grad_accum=2",
+        "train.lr=1e-2",
+        "train.eval_steps=2",
+    ]
     assert cli.main([*common, "name=chunked", "train.loss_chunk_size=3"]) == 0
-    assert len(calls) > 8 and all(call["chunk_size"] == 3 for call in calls)  # every train + eval batch
+    assert len(calls) > 8 and all(
+        call["chunk_size"] == 3 for call in calls
+    )  # every train + eval batch
     calls.clear()
     assert cli.main([*common, "name=full-logits", "train.loss_chunk_size=null"]) == 0
     assert not calls
     assert_same_curves(tmp_path / "runs" / "chunked", tmp_path / "runs" / "full-logits")
-    losses = [row["loss"] for row in RunDir(tmp_path / "runs" / "chunked").metrics() if "loss" in row]
+    losses = [
+        row["loss"] for row in RunDir(tmp_path / "runs" / "chunked").metrics() if "loss" in row
+    ]
     assert losses[-1] < losses[0]
 
 
@@ -177,21 +206,34 @@ def test_packed_sdpa_gives_the_block_masks_curve(finetune_recipe, tmp_path, monk
 
     calls = []
     per_example = attention._per_example
-    monkeypatch.setattr(attention, "_per_example", lambda *a, **k: calls.append(a[4]) or per_example(*a, **k))
+    monkeypatch.setattr(
+        attention, "_per_example", lambda *a, **k: calls.append(a[4]) or per_example(*a, **k)
+    )
     recipe = finetune_recipe()
-    common = ["run", str(recipe), "train.max_steps=4", "train.grad_accum=2", "train.lr=1e-2", "train.eval_steps=2"]
+    common = [
+        "run",
+        str(recipe),
+        "train.max_steps=4",
+        "train.grad_accum=2",
+        "train.lr=1e-2",
+        "train.eval_steps=2",
+    ]
     assert cli.main([*common, "name=packed-sdpa"]) == 0
     # every layer of every train forward (4 steps x 2 micro-batches x 2 layers), each batch's 4
     # examples apart; then eval batches (the first calls are the one-row logits probe)
     packed_calls = [rows for rows in calls if len(rows[0]) > 1]
-    assert len(packed_calls) > 16 and all(len(rows) == 1 and len(rows[0]) == 4 for rows in packed_calls[:16])
+    assert len(packed_calls) > 16 and all(
+        len(rows) == 1 and len(rows[0]) == 4 for rows in packed_calls[:16]
+    )
     calls.clear()
     block_mask = recipe_module.load(recipe, [*common[2:], "name=block-mask"])
     with open_run_dir(block_mask) as run:
         sft.run(block_mask, run, attention="block_mask")
     assert not calls
     assert_same_curves(tmp_path / "runs" / "packed-sdpa", tmp_path / "runs" / "block-mask")
-    assert json.loads((tmp_path / "runs" / "packed-sdpa" / "adapter" / "adapter_config.json").read_text())
+    assert json.loads(
+        (tmp_path / "runs" / "packed-sdpa" / "adapter" / "adapter_config.json").read_text()
+    )
 
 
 def test_liger_kernel_on_cpu_is_a_one_line_error(finetune_recipe, tmp_path, capsys):
@@ -212,15 +254,19 @@ def test_torch_compile_trains_the_same_curve(finetune_recipe, tmp_path):
     torch._dynamo.utils.counters.clear()
     assert cli.main([*common, "name=compiled", "train.torch_compile=true"]) == 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it really was compiled
-    eager, compiled = train_losses(tmp_path / "runs" / "eager"), train_losses(tmp_path / "runs" / "compiled")
+    eager, compiled = (
+        train_losses(tmp_path / "runs" / "eager"),
+        train_losses(tmp_path / "runs" / "compiled"),
+    )
     assert sorted(compiled) == sorted(eager) == [1, 2]
     assert [compiled[s] for s in (1, 2)] == pytest.approx([eager[s] for s in (1, 2)], rel=1e-4)
     torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_gradient_checkpointing_recomputes_and_trains_the_same_curve(finetune_recipe, tmp_path, mlp_forwards,
-                                                                      method):
+def test_gradient_checkpointing_recomputes_and_trains_the_same_curve(
+    finetune_recipe, tmp_path, mlp_forwards, method
+):
     common = ["run", str(finetune_recipe()), "train.max_steps=2", f"method={method}"]
     assert cli.main([*common, "name=plain"]) == 0
     plain_calls = len(mlp_forwards)
@@ -228,19 +274,23 @@ def test_gradient_checkpointing_recomputes_and_trains_the_same_curve(finetune_re
     assert cli.main([*common, "name=checkpointed", "train.gradient_checkpointing=true"]) == 0
     # The same evals and training forwards, plus each of the 2 layers run again in each step's backward.
     assert len(mlp_forwards) == plain_calls + 2 * 2
-    plain, checkpointed = train_losses(tmp_path / "runs" / "plain"), train_losses(tmp_path / "runs" / "checkpointed")
+    plain, checkpointed = (
+        train_losses(tmp_path / "runs" / "plain"),
+        train_losses(tmp_path / "runs" / "checkpointed"),
+    )
     assert sorted(checkpointed) == sorted(plain) == [1, 2]
     assert [checkpointed[s] for s in (1, 2)] == pytest.approx([plain[s] for s in (1, 2)], rel=1e-5)
 
 
-def test_soft_capped_model_trains_with_its_own_loss(finetune_recipe, tmp_path, tiny_tokenizer_dir, monkeypatch,
-                                                    capsys):
+def test_soft_capped_model_trains_with_its_own_loss(
+    finetune_recipe, tmp_path, tiny_tokenizer_dir, monkeypatch, capsys
+):
     """Gemma-2-style logits (capped after the head) cannot be rebuilt from hidden states: the
     run notices and uses the model's loss, which gives the same curve as asking for it."""
+    from tiny_models import build_tiny_softcapped
     from transformers import AutoTokenizer
 
     from finetune import sft
-    from tiny_models import build_tiny_softcapped
 
     model_dir = tmp_path / "capped"
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
@@ -254,5 +304,8 @@ def test_soft_capped_model_trains_with_its_own_loss(finetune_recipe, tmp_path, t
     assert "training with its own full-logits loss" in capsys.readouterr().out
     assert cli.main([*common, "name=model-loss", "train.loss_chunk_size=null"]) == 0
     assert not calls
-    default, own = train_losses(tmp_path / "runs" / "default"), train_losses(tmp_path / "runs" / "model-loss")
+    default, own = (
+        train_losses(tmp_path / "runs" / "default"),
+        train_losses(tmp_path / "runs" / "model-loss"),
+    )
     assert default == own and len(default) == 3

@@ -23,8 +23,20 @@ def curve(run_dir, key="loss"):
 
 def run(recipe, name, *overrides):
     """Train 6 steps; a non-zero exit shows the captured `still: error:` line in the report."""
-    assert cli.main(["run", str(recipe), f"name={name}", "train.max_steps=6", "train.lr=2e-2",
-                     "train.eval_steps=3", *overrides]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(recipe),
+                f"name={name}",
+                "train.max_steps=6",
+                "train.lr=2e-2",
+                "train.eval_steps=3",
+                *overrides,
+            ]
+        )
+        == 0
+    )
 
 
 def test_precision_auto_trains_in_bf16_on_cuda(finetune_recipe, tmp_path):
@@ -44,12 +56,17 @@ def test_chunked_loss_matches_the_models_loss_in_bf16(finetune_recipe, tmp_path)
     run(recipe, "chunked", "train.loss_chunk_size=5")
     run(recipe, "full-logits", "train.loss_chunk_size=null")
     for key in ("loss", "eval_loss"):
-        chunked, full = curve(tmp_path / "runs" / "chunked", key), curve(tmp_path / "runs" / "full-logits", key)
+        chunked, full = (
+            curve(tmp_path / "runs" / "chunked", key),
+            curve(tmp_path / "runs" / "full-logits", key),
+        )
         assert len(chunked) == len(full) >= 3
         assert chunked == pytest.approx(full, rel=2e-2), key  # bf16 matmuls, same fp32 softmax
 
 
-@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed"
+)
 def test_liger_kernel_trains_like_the_plain_model(finetune_recipe, tmp_path):
     recipe = finetune_recipe()
     run(recipe, "plain")
@@ -59,7 +76,9 @@ def test_liger_kernel_trains_like_the_plain_model(finetune_recipe, tmp_path):
     assert liger == pytest.approx(plain, rel=3e-2)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed"
+)
 def test_qlora_trains_on_a_4bit_base_and_merges_at_full_precision(finetune_recipe, tmp_path):
     import json
 
@@ -90,8 +109,15 @@ def tiny_bf16_model_and_rows():
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_llama(tokenizer).to("cuda", torch.bfloat16).eval()
     generator = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": (ids := torch.randint(4, len(tokenizer), (n,), generator=generator).tolist()),
-             "labels": ids} for n in (7, 12, 3, 9)]
+    rows = [
+        {
+            "input_ids": (
+                ids := torch.randint(4, len(tokenizer), (n,), generator=generator).tolist()
+            ),
+            "labels": ids,
+        }
+        for n in (7, 12, 3, 9)
+    ]
     return model, rows
 
 
@@ -105,8 +131,12 @@ def test_packed_sdpa_runs_on_the_flash_kernel_in_bf16():
 
     model, rows = tiny_bf16_model_and_rows()
     with torch.no_grad():
-        alone = [model(input_ids=torch.tensor([r["input_ids"]], device="cuda")).logits[0] for r in rows]
-        blocked = {k: v.cuda() for k, v in PackedCollator(0, mask_dtype=torch.bfloat16)(rows).items()}
+        alone = [
+            model(input_ids=torch.tensor([r["input_ids"]], device="cuda")).logits[0] for r in rows
+        ]
+        blocked = {
+            k: v.cuda() for k, v in PackedCollator(0, mask_dtype=torch.bfloat16)(rows).items()
+        }
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), pytest.raises(RuntimeError):
             model(**blocked)
         assert use_packed_sdpa(model)
@@ -120,7 +150,9 @@ def test_packed_sdpa_runs_on_the_flash_kernel_in_bf16():
         start += len(row["input_ids"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch.nn.attention.varlen") is None, reason="torch < 2.10")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch.nn.attention.varlen") is None, reason="torch < 2.10"
+)
 def test_varlen_kernel_passes_its_check_and_matches_the_loop_in_bf16():
     """torch's varlen kernel is used on CUDA once its check passes; then a packed batch's logits
     equal the per-example loop's (bf16 tolerance)."""
@@ -133,7 +165,9 @@ def test_varlen_kernel_passes_its_check_and_matches_the_loop_in_bf16():
     attention._varlen.checked.clear()
     with torch.no_grad():
         kernel = model(**batch).logits
-    assert attention._varlen.checked and all(attention._varlen.checked.values()), attention._varlen.checked
+    assert attention._varlen.checked and all(attention._varlen.checked.values()), (
+        attention._varlen.checked
+    )
     devices, attention._varlen.devices = attention._varlen.devices, ()
     try:
         with torch.no_grad():

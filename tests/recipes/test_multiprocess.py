@@ -18,33 +18,46 @@ from still.rundir import RunDir
 
 pytestmark = pytest.mark.multiproc
 
+
 def _recipe(path: Path, kind: str, model_dir: Path, teacher_dir: Path) -> Path:
     data = path / "train.jsonl"
-    rows = [("What does json.dumps do?", "Serialize obj to a JSON formatted str."),
-            ("What does abs do?", "Return the absolute value."),
-            ("What does len do?", "Return the number of items."),
-            ("What does min do?", "Return the smallest item.")] * 2
+    rows = [
+        ("What does json.dumps do?", "Serialize obj to a JSON formatted str."),
+        ("What does abs do?", "Return the absolute value."),
+        ("What does len do?", "Return the number of items."),
+        ("What does min do?", "Return the smallest item."),
+    ] * 2
     data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
-    head = f"kind: finetune\nname: x\nmodel: {{ref: \"{model_dir}\"}}\nlora: {{r: 4, alpha: 8, dropout: 0.0}}\n"
+    head = f'kind: finetune\nname: x\nmodel: {{ref: "{model_dir}"}}\nlora: {{r: 4, alpha: 8, dropout: 0.0}}\n'
     if kind == "distill":
-        head = (f"kind: distill\nname: x\nteacher: {{ref: \"{teacher_dir}\"}}\n"
-                "student: {init: {keep_layers: [0, 3]}}\ndistill: {loss: forward_kl, temperature: 2.0}\n")
+        head = (
+            f'kind: distill\nname: x\nteacher: {{ref: "{teacher_dir}"}}\n'
+            "student: {init: {keep_layers: [0, 3]}}\ndistill: {loss: forward_kl, temperature: 2.0}\n"
+        )
     (path / "ppl.yaml").write_text(
         "name: ppl\ntype: perplexity\ndata: {path: train.jsonl}\nprompt: '{{ question }}'\n"
         "target: '{{ answer }}'\nmetrics: [loss]\n"
     )
     recipe = path / f"{kind}.yaml"
-    recipe.write_text(head + textwrap.dedent("""\
+    recipe.write_text(
+        head
+        + textwrap.dedent("""\
         data:
           train: {path: train.jsonl, format: instruction, prompt: question, response: answer}
           max_len: 64
         train: {lr: 1.0e-2, batch_size: 2, max_steps: 4, warmup_ratio: 0.0, seed: 3}
-        """))
+        """)
+    )
     return recipe
 
 
 def _run(cwd: Path, args: list[str]) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -59,7 +72,18 @@ def single(tmp_path_factory, tiny_model_dir, tiny_model_dir_4layers):
     root = tmp_path_factory.mktemp("multiproc")
     for kind in ("finetune", "distill"):
         recipe = _recipe(root, kind, tiny_model_dir, tiny_model_dir_4layers)
-        _run(root, [sys.executable, "-m", "still.cli", "run", recipe.name, f"name={kind}-single", "train.batch_size=4"])
+        _run(
+            root,
+            [
+                sys.executable,
+                "-m",
+                "still.cli",
+                "run",
+                recipe.name,
+                f"name={kind}-single",
+                "train.batch_size=4",
+            ],
+        )
     return root
 
 
@@ -67,7 +91,9 @@ def _assert_same_run(run_dir: Path, baseline: Path, kind: str) -> None:
     # 2 ranks x 2 examples == 1 rank x 4: only reduction order differs
     assert _losses(run_dir) == pytest.approx(_losses(baseline), abs=1e-4)
     saved = run_dir / ("model" if kind == "distill" else "adapter")
-    assert (saved / ("model.safetensors" if kind == "distill" else "adapter_model.safetensors")).exists()
+    assert (
+        saved / ("model.safetensors" if kind == "distill" else "adapter_model.safetensors")
+    ).exists()
     assert not list(saved.glob("global_step*"))  # ZeRO-3 shards were consolidated
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     ours, _ = models.load_model(str(run_dir))
@@ -84,8 +110,17 @@ def _still(*args: str) -> list[str]:
 def test_nproc_2_matches_one_process(single, kind, strategy):
     name = f"{kind}-{strategy}"
     # eval_tasks run on the main process after a sharded run, on the saved model loaded whole
-    _run(single, _still(f"{kind}.yaml", f"name={name}", f"distributed.strategy={strategy}", "--nproc", "2",
-                        "eval_tasks=[ppl.yaml]"))
+    _run(
+        single,
+        _still(
+            f"{kind}.yaml",
+            f"name={name}",
+            f"distributed.strategy={strategy}",
+            "--nproc",
+            "2",
+            "eval_tasks=[ppl.yaml]",
+        ),
+    )
     run_dir = single / "runs" / name
     _assert_same_run(run_dir, single / "runs" / f"{kind}-single", kind)
     assert json.loads((run_dir / "eval" / "ppl.json").read_text())["n"] == 8
@@ -100,11 +135,24 @@ def test_plain_accelerate_launch_by_hand(single, how):
     """`accelerate launch ... -m still.cli run R.yaml` works, also with the configs still wrote."""
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     if how == "flags":
-        launcher = [accelerate, "launch", "--use_deepspeed", "--zero_stage", "3", "--num_processes", "2"]
+        launcher = [
+            accelerate,
+            "launch",
+            "--use_deepspeed",
+            "--zero_stage",
+            "3",
+            "--num_processes",
+            "2",
+        ]
     else:
         written = single / "runs" / "written" / "launch" / "accelerate.yaml"
         if not written.exists():
-            _run(single, _still("distill.yaml", "name=written", "distributed.strategy=zero3", "--nproc", "2"))
+            _run(
+                single,
+                _still(
+                    "distill.yaml", "name=written", "distributed.strategy=zero3", "--nproc", "2"
+                ),
+            )
         launcher = [accelerate, "launch", "--config_file", str(written)]
     name = f"by-hand-{how.replace(' ', '-')}"
     _run(single, [*launcher, "-m", "still.cli", "run", "distill.yaml", f"name={name}"])
@@ -114,25 +162,58 @@ def test_plain_accelerate_launch_by_hand(single, how):
 
 def test_grad_accum_across_processes_is_normalised_by_tokens(single):
     """2 processes x 1 example x 2 accumulation steps == 1 process x 4 examples."""
-    _run(single, _still("finetune.yaml", "name=accum", "train.batch_size=1", "train.grad_accum=2", "--nproc", "2"))
+    _run(
+        single,
+        _still(
+            "finetune.yaml",
+            "name=accum",
+            "train.batch_size=1",
+            "train.grad_accum=2",
+            "--nproc",
+            "2",
+        ),
+    )
     _assert_same_run(single / "runs" / "accum", single / "runs" / "finetune-single", "finetune")
 
 
 def test_zero3_with_a_sharded_teacher(single):
-    args = _still("distill.yaml", "name=teacher-sharded", "distributed.strategy=zero3",
-                  "distributed.teacher=shard", "--nproc", "2")
+    args = _still(
+        "distill.yaml",
+        "name=teacher-sharded",
+        "distributed.strategy=zero3",
+        "distributed.teacher=shard",
+        "--nproc",
+        "2",
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(args, cwd=single, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("still: teacher (") == 1 and "sharded across 2 process(es)" in result.stdout
-    _assert_same_run(single / "runs" / "teacher-sharded", single / "runs" / "distill-single", "distill")
+    assert (
+        result.stdout.count("still: teacher (") == 1
+        and "sharded across 2 process(es)" in result.stdout
+    )
+    _assert_same_run(
+        single / "runs" / "teacher-sharded", single / "runs" / "distill-single", "distill"
+    )
 
 
 def test_zero3_with_cpu_offload(single):
-    _run(single, _still("finetune.yaml", "name=offloaded", "distributed.strategy=zero3",
-                        "distributed.offload_optimizer=cpu", "distributed.offload_params=cpu", "--nproc", "2"))
+    _run(
+        single,
+        _still(
+            "finetune.yaml",
+            "name=offloaded",
+            "distributed.strategy=zero3",
+            "distributed.offload_optimizer=cpu",
+            "distributed.offload_params=cpu",
+            "--nproc",
+            "2",
+        ),
+    )
     _assert_same_run(single / "runs" / "offloaded", single / "runs" / "finetune-single", "finetune")
-    zero = json.loads((single / "runs" / "offloaded" / "launch" / "deepspeed.json").read_text())["zero_optimization"]
+    zero = json.loads((single / "runs" / "offloaded" / "launch" / "deepspeed.json").read_text())[
+        "zero_optimization"
+    ]
     assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
 
 
@@ -155,16 +236,46 @@ def test_sigterm_to_one_rank_stops_both_with_a_complete_checkpoint(single):
     from still.checkpoint import checkpoint_problem
 
     accelerate = Path(sys.executable).with_name("accelerate")
-    args = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "-m", "still.cli", "run",
-            "finetune.yaml", "name=preempted", "train.max_steps=400", "train.save_steps=100", "train.batch_size=1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launcher = subprocess.Popen(args, cwd=single, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+    args = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "-m",
+        "still.cli",
+        "run",
+        "finetune.yaml",
+        "name=preempted",
+        "train.max_steps=400",
+        "train.save_steps=100",
+        "train.batch_size=1",
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    launcher = subprocess.Popen(
+        args,
+        cwd=single,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     metrics = single / "runs" / "preempted" / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (
+        metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+    ):
         time.sleep(0.1)
-    workers = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+    workers = [
+        int(pid)
+        for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    ]
     assert len(workers) == 2
     os.kill(workers[-1], signal.SIGTERM)  # only the second rank hears it
     output, _ = launcher.communicate(timeout=300)
@@ -176,7 +287,9 @@ def test_sigterm_to_one_rank_stops_both_with_a_complete_checkpoint(single):
     assert stopped_at < 400
 
     _run(single, args + ["--resume"])
-    steps = [row["step"] for row in RunDir(single / "runs" / "preempted").metrics() if "loss" in row]
+    steps = [
+        row["step"] for row in RunDir(single / "runs" / "preempted").metrics() if "loss" in row
+    ]
     assert steps == list(range(1, 401))
 
 
@@ -187,18 +300,36 @@ def test_sigterm_to_still_run_stops_the_workers_with_a_checkpoint(single):
 
     from still.checkpoint import checkpoint_problem
 
-    args = _still("finetune.yaml", "name=preempted-parent", "train.max_steps=400", "train.save_steps=100",
-                  "train.batch_size=1", "--nproc", "2")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    parent = subprocess.Popen(args, cwd=single, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = _still(
+        "finetune.yaml",
+        "name=preempted-parent",
+        "train.max_steps=400",
+        "train.save_steps=100",
+        "train.batch_size=1",
+        "--nproc",
+        "2",
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    parent = subprocess.Popen(
+        args, cwd=single, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = single / "runs" / "preempted-parent" / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (
+        metrics.exists() and len(metrics.read_text().splitlines()) >= 3
+    ):
         time.sleep(0.1)
     parent.send_signal(signal.SIGTERM)
     output, _ = parent.communicate(timeout=300)
     assert parent.returncode == 0, output[-3000:]
     assert output.count("still: stopped by SIGTERM at step") == 1
-    checkpoints = sorted((single / "runs" / "preempted-parent" / "checkpoints").glob("checkpoint-*"))
+    checkpoints = sorted(
+        (single / "runs" / "preempted-parent" / "checkpoints").glob("checkpoint-*")
+    )
     assert len(checkpoints) == 1 and checkpoint_problem(checkpoints[0]) is None
     assert int(checkpoints[0].name.split("-")[1]) < 400

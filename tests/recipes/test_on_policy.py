@@ -16,12 +16,17 @@ from still.rundir import RunDir
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_model_dir_4layers):
     root = tmp_path_factory.mktemp("on_policy")
-    rows = [("What does json.dumps do?", "Serialize obj to a JSON formatted str."),
-            ("What does abs do?", "Return the absolute value."),
-            ("What does len do?", "Return the number of items."),
-            ("What does min do?", "Return the smallest item.")]
-    (root / "train.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
-    (root / "distill.yaml").write_text(textwrap.dedent(f"""\
+    rows = [
+        ("What does json.dumps do?", "Serialize obj to a JSON formatted str."),
+        ("What does abs do?", "Return the absolute value."),
+        ("What does len do?", "Return the number of items."),
+        ("What does min do?", "Return the smallest item."),
+    ]
+    (root / "train.jsonl").write_text(
+        "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows)
+    )
+    (root / "distill.yaml").write_text(
+        textwrap.dedent(f"""\
         kind: distill
         name: x
         teacher: {{ref: "{tiny_model_dir_4layers}"}}
@@ -31,7 +36,8 @@ def work(tmp_path_factory, tiny_model_dir_4layers):
           train: {{path: train.jsonl, format: instruction, prompt: question, response: answer}}
           max_len: 64
         train: {{lr: 1.0e-2, batch_size: 2, max_steps: 4, warmup_ratio: 0.0, seed: 3, loss_chunk_size: 16}}
-        """))
+        """)
+    )
     return root
 
 
@@ -49,12 +55,20 @@ def test_ratio_zero_is_off_policy(work, monkeypatch):
 
 def test_ratio_one_trains_on_the_students_own_answers(work, monkeypatch):
     off = _run(work, monkeypatch, "off-2")
-    on = _run(work, monkeypatch, "on", "distill.on_policy_ratio=1.0", "distill.on_policy_max_new_tokens=8")
+    on = _run(
+        work, monkeypatch, "on", "distill.on_policy_ratio=1.0", "distill.on_policy_max_new_tokens=8"
+    )
     assert all(row["on_policy_fraction"] == 1.0 for row in on)
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in on)
     # other sequences than the dataset's: other losses from the first step on
     assert on[0]["loss"] != pytest.approx(off[0]["loss"], rel=1e-3)
-    again = _run(work, monkeypatch, "on-again", "distill.on_policy_ratio=1.0", "distill.on_policy_max_new_tokens=8")
+    again = _run(
+        work,
+        monkeypatch,
+        "on-again",
+        "distill.on_policy_ratio=1.0",
+        "distill.on_policy_max_new_tokens=8",
+    )
     assert [r["loss"] for r in again] == [r["loss"] for r in on]  # sampling is seeded
 
 
@@ -66,12 +80,16 @@ def test_half_the_batches_on_policy(work, monkeypatch):
 
 def test_on_policy_and_a_teacher_cache_are_refused_together(work, monkeypatch, capsys):
     monkeypatch.chdir(work)
-    code = cli.main(["validate", "distill.yaml", "distill.on_policy_ratio=0.5", "distill.teacher_cache=c"])
+    code = cli.main(
+        ["validate", "distill.yaml", "distill.on_policy_ratio=0.5", "distill.teacher_cache=c"]
+    )
     assert code == 2
     assert "on_policy_ratio needs the teacher itself" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("collator", [PaddedCollator(3), PackedCollator(3), PackedCollator(3, row_tokens=6)])
+@pytest.mark.parametrize(
+    "collator", [PaddedCollator(3), PackedCollator(3), PackedCollator(3, row_tokens=6)]
+)
 def test_prompts_and_budgets_from_padded_and_packed_batches(collator):
     features = [
         {"input_ids": [10, 11, 12, 20, 21, 2], "labels": [-100, -100, -100, 20, 21, 2]},

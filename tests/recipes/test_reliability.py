@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from still import checkpoint as ckpt
 from still import cli
 from still.rundir import RunDir
@@ -39,28 +40,34 @@ def workdir(tmp_path_factory, tiny_model_dir, tiny_model_dir_4layers):
     root = tmp_path_factory.mktemp("reliability")
     (root / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     common = f"""\
-        output_dir: {root / 'runs'}
+        output_dir: {root / "runs"}
         data:
           train: {{path: train.jsonl, format: instruction, prompt: question, response: answer}}
           max_len: 64
         train: {{lr: 5.0e-3, batch_size: 4, max_steps: {STEPS}, save_steps: 2, save_total_limit: 3,
                  warmup_ratio: 0.0, seed: 3}}
         """
-    (root / "ft.yaml").write_text(textwrap.dedent(f"""\
+    (root / "ft.yaml").write_text(
+        textwrap.dedent(f"""\
         # Run: still run ft.yaml
         kind: finetune
         name: ft
         model: {{ref: "{tiny_model_dir}"}}
         lora: {{r: 4, alpha: 8, dropout: 0.0}}
-        """) + textwrap.dedent(common))
-    (root / "kd.yaml").write_text(textwrap.dedent(f"""\
+        """)
+        + textwrap.dedent(common)
+    )
+    (root / "kd.yaml").write_text(
+        textwrap.dedent(f"""\
         # Run: still run kd.yaml
         kind: distill
         name: kd
         teacher: {{ref: "{tiny_model_dir_4layers}"}}
         student: {{init: {{keep_layers: [0, 3]}}}}
         distill: {{loss: forward_kl, temperature: 2.0}}
-        """) + textwrap.dedent(common).replace(f"max_steps: {STEPS}", "max_steps: 40"))
+        """)
+        + textwrap.dedent(common).replace(f"max_steps: {STEPS}", "max_steps: 40")
+    )
     return root
 
 
@@ -78,7 +85,11 @@ def start(workdir, recipe, *overrides):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "still.cli", "run", recipe, *overrides],
-        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -90,7 +101,9 @@ def wait_for_marker(process, checkpoints: Path, min_step: int, timeout=180):
             return
         if process.poll() is not None:
             out, err = process.communicate()
-            pytest.fail(f"run ended (rc {process.returncode}) before a checkpoint was complete:\n{err[-3000:]}")
+            pytest.fail(
+                f"run ended (rc {process.returncode}) before a checkpoint was complete:\n{err[-3000:]}"
+            )
         time.sleep(0.02)
     process.kill()
     pytest.fail("no complete checkpoint appeared in time")
@@ -128,13 +141,18 @@ def test_sigterm_saves_a_complete_checkpoint_exits_0_and_resumes(workdir, straig
     stop_lines = [line for line in out.splitlines() if line.startswith("still: stopped by")]
     assert len(stop_lines) == 1, out[-2000:]
     step = int(stop_lines[0].split(" at step ")[1].split(";")[0])
-    assert stop_lines[0] == f"still: stopped by SIGTERM at step {step}; resume with: still run ft.yaml --resume"
+    assert (
+        stop_lines[0]
+        == f"still: stopped by SIGTERM at step {step}; resume with: still run ft.yaml --resume"
+    )
     assert 4 <= step < STEPS
     assert ckpt.checkpoint_problem(run_dir / "checkpoints" / f"checkpoint-{step}") is None
     assert not (run_dir / "adapter").exists()  # stopped, not finished
 
     assert cli.main(["run", str(workdir / "ft.yaml"), "name=ft-term", "--resume"]) == 0
-    assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{step}'}" in capsys.readouterr().out
+    assert (
+        f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{step}'}" in capsys.readouterr().out
+    )
     expected, resumed = losses(straight["ft"]), losses(run_dir)
     assert sorted(resumed) == sorted(expected)
     assert resumed[STEPS] == pytest.approx(expected[STEPS], abs=1e-3)
@@ -166,8 +184,11 @@ def test_partial_and_corrupt_checkpoints_are_ignored_on_resume(workdir, straight
 
 
 def test_secrets_never_reach_the_run_dir(workdir, monkeypatch):
-    fake = {"WANDB_API_KEY": "fakewandbkey0123456789abcdef", "HF_TOKEN": "hf_FAKEtoken0123456789SECRET",
-            "HUGGING_FACE_HUB_TOKEN": "hf_FAKEtoken9876543210OTHER"}
+    fake = {
+        "WANDB_API_KEY": "fakewandbkey0123456789abcdef",
+        "HF_TOKEN": "hf_FAKEtoken0123456789SECRET",
+        "HUGGING_FACE_HUB_TOKEN": "hf_FAKEtoken9876543210OTHER",
+    }
     for key, value in fake.items():
         monkeypatch.setenv(key, value)
     assert cli.main(["run", str(workdir / "ft.yaml"), "name=ft-secrets", "train.max_steps=2"]) == 0

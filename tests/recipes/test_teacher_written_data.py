@@ -12,10 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tiny_models import QA
 
 from still import cli
 from still.rundir import RunDir
-from tiny_models import QA
 
 # The teacher also learns to act as a judge with this prompt: 9 for the right answer, 2 for
 # another question's answer, so the model judge can be tested with a real model's replies.
@@ -44,38 +44,45 @@ def teacher_dir(workdir, tiny_model_dir):
     rows = [{"question": q, "answer": a} for q, a in QA]
     for index, (question, answer) in enumerate(QA):
         rows.append({"question": _judge_request(question, answer), "answer": "9"})
-        rows.append({"question": _judge_request(question, QA[(index + 3) % len(QA)][1]), "answer": "2"})
+        rows.append(
+            {"question": _judge_request(question, QA[(index + 3) % len(QA)][1]), "answer": "2"}
+        )
     _write_jsonl(workdir / "teacher-train.jsonl", rows)
     recipe = workdir / "teacher.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         # Run: still run teacher.yaml
         kind: finetune
         name: teacher
-        output_dir: {workdir / 'runs'}
+        output_dir: {workdir / "runs"}
         model: {{ref: "{tiny_model_dir}"}}
         method: full
         data:
           train: {{path: teacher-train.jsonl, format: instruction, prompt: question, response: answer}}
           max_len: 128
         train: {{lr: 1.0e-2, batch_size: 24, max_steps: 80, warmup_ratio: 0.0, scheduler: constant, seed: 0}}
-        """))
+        """)
+    )
     assert cli.main(["run", str(recipe)]) == 0
     return workdir / "runs" / "teacher" / "model"
 
 
 def _generate_recipe(workdir, teacher_dir, student_dir, name, generate):
     path = workdir / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         # Run: still generate {name}.yaml
         kind: distill
         name: {name}
-        output_dir: {workdir / 'runs'}
+        output_dir: {workdir / "runs"}
         teacher: {{ref: "{teacher_dir}"}}
         student: {{ref: "{student_dir}"}}
         data:
           train: {{path: qa.jsonl, format: instruction, prompt: question, response: answer}}
           max_len: 128
-        """) + textwrap.dedent(generate))
+        """)
+        + textwrap.dedent(generate)
+    )
     return path
 
 
@@ -87,15 +94,23 @@ def _report(out):
     return json.loads(Path(f"{out}.report.json").read_text())
 
 
-def test_teacher_written_data_round_trips_into_finetune(workdir, teacher_dir, tiny_model_dir, capsys):
-    recipe = _generate_recipe(workdir, teacher_dir, tiny_model_dir, "gen-exact", """\
+def test_teacher_written_data_round_trips_into_finetune(
+    workdir, teacher_dir, tiny_model_dir, capsys
+):
+    recipe = _generate_recipe(
+        workdir,
+        teacher_dir,
+        tiny_model_dir,
+        "gen-exact",
+        """\
         generate:
           out: gen/exact.jsonl
           temperature: 0
           max_new_tokens: 32
           batch_size: 3
           judge: {type: exact}
-        """)
+        """,
+    )
     assert cli.main(["generate", str(recipe)]) == 0
     out = workdir / "gen" / "exact.jsonl"
     report = _report(out)
@@ -119,18 +134,20 @@ def test_teacher_written_data_round_trips_into_finetune(workdir, teacher_dir, ti
 
     # The round trip: a plain finetune recipe trains on the teacher-written file.
     finetune = workdir / "student.yaml"
-    finetune.write_text(textwrap.dedent(f"""\
+    finetune.write_text(
+        textwrap.dedent(f"""\
         # Run: still run student.yaml
         kind: finetune
         name: student
-        output_dir: {workdir / 'runs'}
+        output_dir: {workdir / "runs"}
         model: {{ref: "{tiny_model_dir}"}}
         lora: {{r: 4, alpha: 8, dropout: 0.0}}
         data:
           train: {{path: gen/exact.jsonl, format: chat}}
           max_len: 64
         train: {{lr: 5.0e-3, batch_size: 4, max_steps: 2, warmup_ratio: 0.0, seed: 0}}
-        """))
+        """)
+    )
     assert cli.main(["run", str(finetune)]) == 0
     run_dir = workdir / "runs" / "student"
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
@@ -146,13 +163,19 @@ def test_teacher_written_data_round_trips_into_finetune(workdir, teacher_dir, ti
 
 
 def test_model_judge_keeps_and_drops_by_score(workdir, teacher_dir, tiny_model_dir):
-    recipe = _generate_recipe(workdir, teacher_dir, tiny_model_dir, "gen-judge", f"""\
+    recipe = _generate_recipe(
+        workdir,
+        teacher_dir,
+        tiny_model_dir,
+        "gen-judge",
+        f"""\
         generate:
           out: gen/judged.jsonl
           temperature: 0
           max_new_tokens: 32
           judge: {{type: model, ref: "{teacher_dir}", prompt: {json.dumps(JUDGE_PROMPT)}, min_score: 5}}
-        """)
+        """,
+    )
     assert cli.main(["generate", str(recipe)]) == 0
     report = _report(workdir / "gen" / "judged.jsonl")
     judged = sum(report["judge_scores"].values())
@@ -161,12 +184,24 @@ def test_model_judge_keeps_and_drops_by_score(workdir, teacher_dir, tiny_model_d
     assert report["judge_scores"] == {"9": judged} and report["kept"] == judged
 
     # Nobody reaches min_score 10: nothing is written, the report says why.
-    assert cli.main(["generate", str(recipe), "--force", f"generate.out={workdir / 'gen' / 'none.jsonl'}",
-                     "generate.judge.min_score=10"]) == 2
+    assert (
+        cli.main(
+            [
+                "generate",
+                str(recipe),
+                "--force",
+                f"generate.out={workdir / 'gen' / 'none.jsonl'}",
+                "generate.judge.min_score=10",
+            ]
+        )
+        == 2
+    )
     assert not (workdir / "gen" / "none.jsonl").exists()
     report = _report(workdir / "gen" / "none.jsonl")
     assert report["kept"] == 0 and report["dropped"]["judge_score_below_min"] == judged
-    assert all(e["score"] == 9 for e in report["drop_examples"] if e["reason"] == "judge_score_below_min")
+    assert all(
+        e["score"] == 9 for e in report["drop_examples"] if e["reason"] == "judge_score_below_min"
+    )
 
 
 def _free_port():
@@ -183,8 +218,23 @@ def served_teacher(teacher_dir, workdir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     log = open(workdir / "serve.log", "w")
     server = subprocess.Popen(
-        [str(executable), "serve", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", str(teacher_dir)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        [
+            str(executable),
+            "serve",
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            str(teacher_dir),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -210,47 +260,82 @@ def served_teacher(teacher_dir, workdir):
         log.close()
 
 
-def test_endpoint_teacher_against_transformers_serve(workdir, teacher_dir, tiny_model_dir, served_teacher):
+def test_endpoint_teacher_against_transformers_serve(
+    workdir, teacher_dir, tiny_model_dir, served_teacher
+):
     # max_new_tokens 30: no answer is exactly 29 tokens. transformers serve 5.24 reports
     # finish_reason "length" when the end-of-turn token is the max_tokens-th token, which the
     # client (seeing only text) counts as truncated, where local generation sees the stop.
-    local = _generate_recipe(workdir, teacher_dir, tiny_model_dir, "gen-local", """\
+    local = _generate_recipe(
+        workdir,
+        teacher_dir,
+        tiny_model_dir,
+        "gen-local",
+        """\
         generate: {out: gen/local.jsonl, temperature: 0, max_new_tokens: 30}
-        """)
-    remote = _generate_recipe(workdir, teacher_dir, tiny_model_dir, "gen-remote", f"""\
+        """,
+    )
+    remote = _generate_recipe(
+        workdir,
+        teacher_dir,
+        tiny_model_dir,
+        "gen-remote",
+        f"""\
         generate:
           out: gen/remote.jsonl
           temperature: 0
           max_new_tokens: 30
           batch_size: 4
           endpoint: {{url: "{served_teacher}", model: "{teacher_dir}"}}
-        """)
+        """,
+    )
     assert cli.main(["generate", str(local)]) == 0
     assert cli.main(["generate", str(remote)]) == 0
     # Greedy answers from the server are the local teacher's, truncation included.
     assert _rows(workdir / "gen" / "remote.jsonl") == _rows(workdir / "gen" / "local.jsonl")
-    dropped = [_report(workdir / "gen" / f"{name}.jsonl")["dropped"] for name in ("remote", "local")]
+    dropped = [
+        _report(workdir / "gen" / f"{name}.jsonl")["dropped"] for name in ("remote", "local")
+    ]
     assert dropped[0] == dropped[1] and dropped[0]  # some answers were cut, the same ones
 
     # Several samples per prompt: the server ignores `n`, so the client asks again.
-    assert cli.main(["generate", str(remote), "--force", "generate.temperature=1.0",
-                     "generate.samples_per_prompt=3", "generate.keep_truncated=true"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                str(remote),
+                "--force",
+                "generate.temperature=1.0",
+                "generate.samples_per_prompt=3",
+                "generate.keep_truncated=true",
+            ]
+        )
+        == 0
+    )
     report = _report(workdir / "gen" / "remote.jsonl")
     assert report["samples"] == 3 * len(QA)
     assert report["kept"] + sum(report["dropped"].values()) == report["samples"]
 
     # A judge through the endpoint: the same server scores the answers.
-    judge = (f"{{type: model, endpoint: {{url: '{served_teacher}', model: '{teacher_dir}'}}, "
-             f"prompt: {json.dumps(JUDGE_PROMPT)}, min_score: 5}}")
+    judge = (
+        f"{{type: model, endpoint: {{url: '{served_teacher}', model: '{teacher_dir}'}}, "
+        f"prompt: {json.dumps(JUDGE_PROMPT)}, min_score: 5}}"
+    )
     assert cli.main(["generate", str(remote), "--force", f"generate.judge={judge}"]) == 0
     report = _report(workdir / "gen" / "remote.jsonl")
     assert report["judge_scores"] == {"9": report["kept"]} and report["kept"] > 0
 
 
 def test_endpoint_errors_are_one_line(workdir, teacher_dir, tiny_model_dir, served_teacher, capsys):
-    recipe = _generate_recipe(workdir, teacher_dir, tiny_model_dir, "gen-bad", f"""\
+    recipe = _generate_recipe(
+        workdir,
+        teacher_dir,
+        tiny_model_dir,
+        "gen-bad",
+        f"""\
         generate: {{out: gen/bad.jsonl, endpoint: {{url: "{served_teacher}", model: not-served}}}}
-        """)
+        """,
+    )
     capsys.readouterr()
     assert cli.main(["generate", str(recipe)]) == 2
     error = capsys.readouterr().err.strip()

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 from still.attention import (
     PACKED_SDPA,
@@ -17,7 +18,6 @@ from still.data import PackedCollator
 from still.errors import StillError
 from still.losses import IGNORE_INDEX
 from still.sections import DataSection
-from tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 LENGTHS = (7, 12, 3, 9)
 
@@ -37,11 +37,21 @@ def build_tiny_gemma3(tokenizer, window: int):
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-        sliding_window=window, layer_types=["sliding_attention", "full_attention"],
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, initializer_range=0.2, attn_implementation="sdpa",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2,
+        attn_implementation="sdpa",
     )
     return Gemma3ForCausalLM(config)
 
@@ -62,8 +72,10 @@ def split_packed(logits: torch.Tensor, batch, rows) -> list[torch.Tensor]:
     for row in range(logits.shape[0]):
         starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist()
         pieces += [(row, start) for start in starts]
-    return [logits[row, start : start + len(example["input_ids"])]
-            for (row, start), example in zip(pieces, rows, strict=True)]
+    return [
+        logits[row, start : start + len(example["input_ids"])]
+        for (row, start), example in zip(pieces, rows, strict=True)
+    ]
 
 
 @pytest.mark.parametrize("row_tokens", [None, 16])
@@ -73,7 +85,9 @@ def test_packed_sdpa_equals_each_example_alone(tokenizer, row_tokens):
     alone = logits_alone(model, rows)
     assert use_packed_sdpa(model) and implementation(model) == PACKED_SDPA
     batch = PackedCollator(0, attention="position_ids", row_tokens=row_tokens)(rows)
-    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == (1 if row_tokens is None else 3)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == (
+        1 if row_tokens is None else 3
+    )
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     for here, reference in zip(split_packed(packed, batch, rows), alone):
@@ -96,7 +110,9 @@ def test_packed_sdpa_gradients_equal_the_block_mask_under_checkpointing(tokenize
         model(**batch).loss.backward()
         grads[mode] = {name: p.grad for name, p in model.named_parameters()}
     for name, grad in grads["block_mask"].items():
-        torch.testing.assert_close(grads["position_ids"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(
+            grads["position_ids"][name], grad, atol=1e-5, rtol=1e-4, msg=name
+        )
 
 
 def test_packed_sdpa_keeps_the_sliding_window_inside_each_example(tokenizer):
@@ -118,7 +134,11 @@ def test_packed_sdpa_keeps_the_sliding_window_inside_each_example(tokenizer):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_switched_model_generates_like_sdpa(tokenizer, family):
-    build = (lambda: build_tiny_llama(tokenizer)) if family == "llama" else (lambda: build_tiny_gemma3(tokenizer, 4))
+    build = (
+        (lambda: build_tiny_llama(tokenizer))
+        if family == "llama"
+        else (lambda: build_tiny_gemma3(tokenizer, 4))
+    )
     prompts = [row["input_ids"] for row in features(len(tokenizer), lengths=(5, 9))]
     width = max(map(len, prompts))
     input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
@@ -128,9 +148,20 @@ def test_switched_model_generates_like_sdpa(tokenizer, family):
         model = build().eval()
         if switch:
             assert use_packed_sdpa(model)
-        outputs.append(model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8,
-                                      do_sample=False, pad_token_id=0))
-        outputs.append(model.generate(input_ids=input_ids[1:], max_new_tokens=8, do_sample=False, pad_token_id=0))
+        outputs.append(
+            model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        )
+        outputs.append(
+            model.generate(
+                input_ids=input_ids[1:], max_new_tokens=8, do_sample=False, pad_token_id=0
+            )
+        )
     assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
 
 
@@ -147,7 +178,9 @@ def test_switch_is_not_saved(tokenizer, tmp_path):
 def test_packed_attention_needs_every_model_to_isolate_examples(tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    student = get_peft_model(build_tiny_llama(tokenizer), LoraConfig(r=4, target_modules="all-linear"))
+    student = get_peft_model(
+        build_tiny_llama(tokenizer), LoraConfig(r=4, target_modules="all-linear")
+    )
     teacher = build_tiny_llama(tokenizer, hidden=64, seed=1)
     teacher.set_attn_implementation("eager")
     # eager cannot: the batch carries the block mask, which the switched student honours too
@@ -212,8 +245,20 @@ def test_packed_loss_is_unchanged_by_the_switch(tokenizer):
 
 
 # --------------------------------------------------------------------------- varlen kernel
-def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), scale=None,
-                     enable_gqa=False, return_aux=None):
+def reference_varlen(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    window_size=(-1, -1),
+    scale=None,
+    enable_gqa=False,
+    return_aux=None,
+):
     """What torch.nn.attention.varlen.varlen_attn computes (its CUDA kernel, written out for the
     CPU): [tokens, heads, dim] with examples at cu_seq offsets; window_size (left, right)."""
     assert max_q == max_k == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
@@ -222,17 +267,34 @@ def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, win
         q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))
         i, j = torch.arange(end - start)[:, None], torch.arange(end - start)[None, :]
         left, right = window_size
-        allowed = ((j <= i + right) if right >= 0 else torch.ones_like(i == j)) & ((j >= i - left) if left >= 0 else True)
-        out.append(torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1))
+        allowed = ((j <= i + right) if right >= 0 else torch.ones_like(i == j)) & (
+            (j >= i - left) if left >= 0 else True
+        )
+        out.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa
+            )[0].transpose(0, 1)
+        )
     return torch.cat(out)
 
 
-def older_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+def older_varlen(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None
+):
     """torch 2.10's signature: causality as a flag, no scale, window or GQA keywords."""
-    assert key.shape[1] == value.shape[1] == query.shape[1]  # no GQA keyword: heads repeated by the caller
-    return reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-                            window_size=(-1, 0 if is_causal else -1))
+    assert (
+        key.shape[1] == value.shape[1] == query.shape[1]
+    )  # no GQA keyword: heads repeated by the caller
+    return reference_varlen(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        window_size=(-1, 0 if is_causal else -1),
+    )
 
 
 @pytest.fixture
@@ -251,7 +313,9 @@ def varlen_on_cpu(monkeypatch):
 
         counted.__signature__ = inspect.signature(kernel)
         monkeypatch.setattr(attention._varlen, "fn", counted)
-        monkeypatch.setattr(attention._varlen, "params", frozenset(inspect.signature(kernel).parameters))
+        monkeypatch.setattr(
+            attention._varlen, "params", frozenset(inspect.signature(kernel).parameters)
+        )
         monkeypatch.setattr(attention._varlen, "devices", ("cpu",))
         monkeypatch.setattr(attention._varlen, "dtypes", (torch.float32,))
         monkeypatch.setattr(attention._varlen, "checked", {})

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from tiny_models import CHATML_TEMPLATE
 
 from still import data as still_data
 from still import formats
@@ -13,8 +14,6 @@ from still.formats import IGNORE_INDEX
 from still.rows import strict_rows
 from still.sections import DataSection
 
-from tiny_models import CHATML_TEMPLATE
-
 SYSTEM = "Answer in one line."
 Q1, A1 = "What does json.dumps do?", "Serialize obj to a JSON formatted str."
 Q2, A2 = "What does os.path.join do?", "Join two or more pathname components."
@@ -22,8 +21,9 @@ EOT = "<|im_end|>"
 
 
 def write_jsonl(path, rows):
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n"
-                            for row in rows))
+    path.write_text(
+        "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+    )
     return path
 
 
@@ -36,8 +36,9 @@ def section(path, **settings) -> DataSection:
 
 
 def prep(data, tokenizer, tmp_path, **kwargs):
-    return still_data.prepare(data, tokenizer, cache_dir=tmp_path / "cache", progress=False,
-                              **kwargs)
+    return still_data.prepare(
+        data, tokenizer, cache_dir=tmp_path / "cache", progress=False, **kwargs
+    )
 
 
 def loss_spans(tokenizer, input_ids, labels) -> list[str]:
@@ -57,8 +58,11 @@ def loss_spans(tokenizer, input_ids, labels) -> list[str]:
 
 def after_each_span(input_ids, labels) -> list[tuple[int, int]]:
     """(token id, label) of the token right after each loss run."""
-    return [(input_ids[i + 1], labels[i + 1]) for i in range(len(labels) - 1)
-            if labels[i] != IGNORE_INDEX and labels[i + 1] == IGNORE_INDEX]
+    return [
+        (input_ids[i + 1], labels[i + 1])
+        for i in range(len(labels) - 1)
+        if labels[i] != IGNORE_INDEX and labels[i + 1] == IGNORE_INDEX
+    ]
 
 
 def chat_row(*turns, system=None):
@@ -105,11 +109,14 @@ def test_train_on_all_trains_every_token(tiny_tokenizer, tmp_path):
 
 
 def test_instruction_without_and_with_alpaca_input(tiny_tokenizer, tmp_path):
-    rows = [{"instruction": Q1, "input": "", "output": A1},
-            {"instruction": Q2, "input": "a, b", "output": A2}]
+    rows = [
+        {"instruction": Q1, "input": "", "output": A1},
+        {"instruction": Q2, "input": "a, b", "output": A2},
+    ]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    data = section(path, format="instruction", prompt="instruction", input="input",
-                   response="output")
+    data = section(
+        path, format="instruction", prompt="instruction", input="input", response="output"
+    )
     prepared = prep(data, tiny_tokenizer, tmp_path)
     texts = [tiny_tokenizer.decode(row["input_ids"]) for row in prepared.dataset]
     assert texts[0] == f"<|im_start|>user\n{Q1}{EOT}\n<|im_start|>assistant\n{A1}{EOT}\n"
@@ -121,10 +128,13 @@ def test_instruction_without_and_with_alpaca_input(tiny_tokenizer, tmp_path):
 def test_instruction_system_field_and_system_prompt(tiny_tokenizer, tmp_path):
     rows = [{"q": Q1, "a": A1, "sys": "Row system."}, {"q": Q2, "a": A2}]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    data = section(path, format="instruction", prompt="q", response="a", system="sys",
-                   system_prompt=SYSTEM)
-    texts = [tiny_tokenizer.decode(row["input_ids"])
-             for row in prep(data, tiny_tokenizer, tmp_path).dataset]
+    data = section(
+        path, format="instruction", prompt="q", response="a", system="sys", system_prompt=SYSTEM
+    )
+    texts = [
+        tiny_tokenizer.decode(row["input_ids"])
+        for row in prep(data, tiny_tokenizer, tmp_path).dataset
+    ]
     assert texts[0].startswith(f"<|im_start|>system\nRow system.{EOT}")
     assert texts[1].startswith(f"<|im_start|>system\n{SYSTEM}{EOT}")
 
@@ -167,8 +177,10 @@ def test_not_prefix_stable_template_falls_back_to_offsets(tiny_tokenizer):
 
 
 def test_recipe_chat_template_replaces_the_tokenizers(tiny_tokenizer, tmp_path):
-    template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}<|im_end|>"
-                "{% endfor %}{% if add_generation_prompt %}### assistant: {% endif %}")
+    template = (
+        "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}<|im_end|>"
+        "{% endfor %}{% if add_generation_prompt %}### assistant: {% endif %}"
+    )
     path = write_jsonl(tmp_path / "train.jsonl", [chat_row(Q1, A1)])
     ids, labels = first(prep(section(path, chat_template=template), tiny_tokenizer, tmp_path))
     assert tiny_tokenizer.decode(ids).startswith(f"### user: {Q1}")
@@ -199,7 +211,14 @@ def one_line_error(data, tokenizer, tmp_path) -> str:
 
 
 def test_invalid_json_names_file_and_line(tiny_tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", [chat_row(Q1, A1), "", '{"messages": [', ])
+    path = write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            chat_row(Q1, A1),
+            "",
+            '{"messages": [',
+        ],
+    )
     message = one_line_error(section(path), tiny_tokenizer, tmp_path)
     assert "train.jsonl:3: invalid JSON" in message and "on_bad_rows: skip" in message
 
@@ -230,16 +249,28 @@ def test_bad_instruction_rows(tiny_tokenizer, tmp_path, row, expected):
     "messages, expected",
     [
         ([{"role": "assistant", "content": A1}], "before any 'user'"),
-        ([{"role": "user", "content": Q1}, {"role": "assistant", "content": A1},
-          {"role": "assistant", "content": A2}], "'assistant' after 'assistant'"),
+        (
+            [
+                {"role": "user", "content": Q1},
+                {"role": "assistant", "content": A1},
+                {"role": "assistant", "content": A2},
+            ],
+            "'assistant' after 'assistant'",
+        ),
         ([{"role": "user", "content": Q1}, {"role": "user", "content": Q2}], "after 'user'"),
-        ([{"role": "user", "content": Q1}, {"role": "system", "content": SYSTEM}],
-         "only the first"),
+        (
+            [{"role": "user", "content": Q1}, {"role": "system", "content": SYSTEM}],
+            "only the first",
+        ),
         ([{"role": "user", "content": Q1}, {"role": "tool", "content": A1}], "unknown role"),
-        ([{"role": "user", "content": Q1}, {"role": "assistant", "content": ""}],
-         "(assistant) is empty"),
-        ([{"role": "user", "content": Q1}, {"role": "assistant", "content": ["x"]}],
-         "not a string"),
+        (
+            [{"role": "user", "content": Q1}, {"role": "assistant", "content": ""}],
+            "(assistant) is empty",
+        ),
+        (
+            [{"role": "user", "content": Q1}, {"role": "assistant", "content": ["x"]}],
+            "not a string",
+        ),
         ([{"role": "user", "content": Q1}], "no assistant message"),
     ],
 )
@@ -250,13 +281,22 @@ def test_bad_chat_rows(tiny_tokenizer, tmp_path, messages, expected):
 
 
 def test_skip_mode_counts_bad_rows_and_keeps_three_examples(tiny_tokenizer, tmp_path):
-    rows = [chat_row(Q1, A1), "not json", {"msgs": []}, chat_row(Q2, A2),
-            {"messages": [{"role": "assistant", "content": A1}]}, "{"]
+    rows = [
+        chat_row(Q1, A1),
+        "not json",
+        {"msgs": []},
+        chat_row(Q2, A2),
+        {"messages": [{"role": "assistant", "content": A1}]},
+        "{",
+    ]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     stats = prep(section(path, on_bad_rows="skip"), tiny_tokenizer, tmp_path).stats
     assert (stats.rows, stats.examples, stats.bad_rows) == (6, 2, 4)
     assert [example.split(": ")[0].rsplit("/", 1)[-1] for example in stats.bad_row_examples] == [
-        "train.jsonl:2", "train.jsonl:3", "train.jsonl:5"]
+        "train.jsonl:2",
+        "train.jsonl:3",
+        "train.jsonl:5",
+    ]
 
 
 def test_every_row_bad_raises_even_in_skip_mode(tiny_tokenizer, tmp_path):
@@ -273,8 +313,7 @@ def test_missing_file_and_empty_glob(tiny_tokenizer, tmp_path):
 
 
 # --------------------------------------------------------------------------- truncation
-def test_truncate_keeps_first_tokens_and_drops_examples_left_without_loss(tiny_tokenizer,
-                                                                          tmp_path):
+def test_truncate_keeps_first_tokens_and_drops_examples_left_without_loss(tiny_tokenizer, tmp_path):
     short, long_answer, long_prompt = chat_row(Q1, A1), chat_row(Q1, A1 * 4), chat_row(Q1 * 8, A1)
     path = write_jsonl(tmp_path / "train.jsonl", [short, long_answer, long_prompt])
     prepared = prep(section(path, max_len=80), tiny_tokenizer, tmp_path)
@@ -289,8 +328,7 @@ def test_drop_mode_counts_and_all_dropped_raises(tiny_tokenizer, tmp_path):
     stats = prep(section(path, max_len=80, truncation="drop"), tiny_tokenizer, tmp_path).stats
     assert (stats.examples, stats.dropped_too_long, stats.truncated) == (1, 1, 0)
     assert stats.eos_trained
-    message = one_line_error(section(path, max_len=8, truncation="drop"), tiny_tokenizer,
-                             tmp_path)
+    message = one_line_error(section(path, max_len=8, truncation="drop"), tiny_tokenizer, tmp_path)
     assert "no usable examples" in message and "raise data.max_len" in message
 
 
@@ -304,8 +342,9 @@ def test_all_masked_dataset_raises(tiny_tokenizer, tmp_path):
 def test_second_prepare_reuses_cache_and_changes_miss(tiny_tokenizer, tmp_path, monkeypatch):
     calls = []
     original = formats.Encoder.encode
-    monkeypatch.setattr(formats.Encoder, "encode",
-                        lambda self, example: calls.append(1) or original(self, example))
+    monkeypatch.setattr(
+        formats.Encoder, "encode", lambda self, example: calls.append(1) or original(self, example)
+    )
     path = write_jsonl(tmp_path / "train.jsonl", [chat_row(Q1, A1), chat_row(Q2, A2)])
 
     def encodes(data) -> int:
@@ -347,19 +386,28 @@ def test_csv_json_parquet_and_glob_sources(tiny_tokenizer, tmp_path):
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "train.parquet")
     write_jsonl(tmp_path / "part-1.jsonl", rows[:1])
     write_jsonl(tmp_path / "part-0.jsonl", rows[1:] * 2)
-    expected_prompts = {"train.csv": [Q1, Q2], "list.json": [Q1, Q2], "wrapped.json": [Q1, Q2],
-                        "train.parquet": [Q1, Q2], "part-*.jsonl": [Q2, Q2, Q1]}
+    expected_prompts = {
+        "train.csv": [Q1, Q2],
+        "list.json": [Q1, Q2],
+        "wrapped.json": [Q1, Q2],
+        "train.parquet": [Q1, Q2],
+        "part-*.jsonl": [Q2, Q2, Q1],
+    }
     for name, prompts in expected_prompts.items():
-        data = section(tmp_path / name, format="instruction", prompt="question",
-                       response="answer")
+        data = section(tmp_path / name, format="instruction", prompt="question", response="answer")
         loaded = strict_rows(data.train)
         assert [row["question"] for _, row in loaded] == prompts, name
         prepared = prep(data, tiny_tokenizer, tmp_path)
         assert prepared.stats.examples == len(prompts)
     origins = [origin for origin, _ in strict_rows(section(tmp_path / "train.csv").train)]
     assert [origin.rsplit("/", 1)[-1] for origin in origins] == ["train.csv:2", "train.csv:3"]
-    limited = section(tmp_path / "part-*.jsonl", format="instruction", prompt="question",
-                      response="answer", limit=2)
+    limited = section(
+        tmp_path / "part-*.jsonl",
+        format="instruction",
+        prompt="question",
+        response="answer",
+        limit=2,
+    )
     assert len(strict_rows(limited.train)) == 2
 
 
@@ -377,23 +425,35 @@ def test_chat_messages_as_json_text_in_csv(tiny_tokenizer, tmp_path):
 def test_eval_split_inherits_format_and_is_optional(tiny_tokenizer, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"q": Q1, "a": A1}])
     held_out = write_jsonl(tmp_path / "eval.jsonl", [{"q": Q2, "a": A2}])
-    data = DataSection(train={"path": str(train), "format": "instruction", "prompt": "q",
-                              "response": "a"}, eval={"path": str(held_out)})
+    data = DataSection(
+        train={"path": str(train), "format": "instruction", "prompt": "q", "response": "a"},
+        eval={"path": str(held_out)},
+    )
     prepared = prep(data, tiny_tokenizer, tmp_path, split="eval")
     ids, labels = first(prepared)
     assert loss_spans(tiny_tokenizer, ids, labels) == [A2 + EOT]
-    assert prep(section(train, format="instruction", prompt="q", response="a"),
-                tiny_tokenizer, tmp_path, split="eval") is None
+    assert (
+        prep(
+            section(train, format="instruction", prompt="q", response="a"),
+            tiny_tokenizer,
+            tmp_path,
+            split="eval",
+        )
+        is None
+    )
 
 
 def test_rows_the_chat_template_rejects_are_bad_rows(tiny_tokenizer, tmp_path):
-    template = ("{% for m in messages %}{% if 'BOOM' in m['content'] %}"
-                "{{ raise_exception('no booms here') }}{% endif %}{% endfor %}" + CHATML_TEMPLATE)
+    template = (
+        "{% for m in messages %}{% if 'BOOM' in m['content'] %}"
+        "{{ raise_exception('no booms here') }}{% endif %}{% endfor %}" + CHATML_TEMPLATE
+    )
     path = write_jsonl(tmp_path / "train.jsonl", [chat_row(Q1, A1), chat_row("BOOM", A2)])
     message = one_line_error(section(path, chat_template=template), tiny_tokenizer, tmp_path)
     assert "train.jsonl:2: the chat template rejected this conversation: no booms here" in message
-    stats = prep(section(path, chat_template=template, on_bad_rows="skip"), tiny_tokenizer,
-                 tmp_path).stats
+    stats = prep(
+        section(path, chat_template=template, on_bad_rows="skip"), tiny_tokenizer, tmp_path
+    ).stats
     assert (stats.rows, stats.examples, stats.bad_rows) == (2, 1, 1)
 
 
@@ -406,7 +466,8 @@ def test_num_proc_tokenizes_in_parallel_like_serial(tiny_tokenizer, tmp_path):
 
 
 def test_num_proc_defaults_to_one_process_per_chunk_of_examples_up_to_the_cores(
-        tiny_tokenizer, tmp_path, monkeypatch):
+    tiny_tokenizer, tmp_path, monkeypatch
+):
     cores = len(os.sched_getaffinity(0))
     per = still_data.EXAMPLES_PER_PROCESS
     assert still_data.tokenizing_processes(None, per - 1) == 1  # too few to pay for a pool

@@ -52,10 +52,19 @@ def test_plan_refuses_what_cannot_run(fields, nproc, message, monkeypatch):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"strategy": "ddp", "offload_optimizer": "cpu"}, "offload_optimizer needs strategy zero2 or zero3"),
+        (
+            {"strategy": "ddp", "offload_optimizer": "cpu"},
+            "offload_optimizer needs strategy zero2 or zero3",
+        ),
         ({"strategy": "fsdp", "offload_optimizer": "cpu"}, "FSDP offloads it with offload_params"),
-        ({"strategy": "zero2", "offload_params": "cpu"}, "offload_params needs strategy zero3 or fsdp"),
-        ({"strategy": "fsdp", "offload_params": "nvme", "nvme_path": "/nvme"}, "FSDP offloads to CPU only"),
+        (
+            {"strategy": "zero2", "offload_params": "cpu"},
+            "offload_params needs strategy zero3 or fsdp",
+        ),
+        (
+            {"strategy": "fsdp", "offload_params": "nvme", "nvme_path": "/nvme"},
+            "FSDP offloads to CPU only",
+        ),
         ({"strategy": "zero3", "offload_params": "nvme"}, "needs nvme_path"),
         ({"num_machines": 2}, "need main_process_ip"),
         ({"num_machines": 2, "machine_rank": 2, "main_process_ip": "h"}, "not below num_machines"),
@@ -84,30 +93,58 @@ def test_deepspeed_config_leaves_training_values_to_trainer_and_offloads_on_requ
     assert "stage3_gather_16bit_weights_on_model_save" not in zero2["zero_optimization"]
 
     offloaded = launch.deepspeed_config(
-        dist(strategy="zero3", offload_optimizer="cpu", offload_params="nvme", nvme_path="/local/nvme"), 3
+        dist(
+            strategy="zero3",
+            offload_optimizer="cpu",
+            offload_params="nvme",
+            nvme_path="/local/nvme",
+        ),
+        3,
     )
     zero = offloaded["zero_optimization"]
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
     assert zero["offload_optimizer"]["device"] == "cpu"
-    assert zero["offload_param"] == {"device": "nvme", "nvme_path": "/local/nvme", "pin_memory": True}
+    assert zero["offload_param"] == {
+        "device": "nvme",
+        "nvme_path": "/local/nvme",
+        "pin_memory": True,
+    }
     assert offloaded["optimizer"]["type"] == "AdamW"  # DeepSpeed's CPU Adam for offloaded state
 
 
 def test_accelerate_config_per_strategy(tmp_path):
-    ds = launch.accelerate_config(dist(strategy="zero3"), launch.LaunchPlan("zero3", 2, 1),
-                                  mixed_precision="bf16", deepspeed_file=tmp_path / "ds.json")
+    ds = launch.accelerate_config(
+        dist(strategy="zero3"),
+        launch.LaunchPlan("zero3", 2, 1),
+        mixed_precision="bf16",
+        deepspeed_file=tmp_path / "ds.json",
+    )
     assert ds["distributed_type"] == "DEEPSPEED" and ds["num_processes"] == 2
     assert ds["deepspeed_config"]["deepspeed_config_file"] == str(tmp_path / "ds.json")
     # accelerate refuses a top-level mixed_precision next to a DeepSpeed file
     assert "mixed_precision" not in ds
-    ddp = launch.accelerate_config(dist(), launch.LaunchPlan("ddp", 2, 1), mixed_precision="no", deepspeed_file=None)
+    ddp = launch.accelerate_config(
+        dist(), launch.LaunchPlan("ddp", 2, 1), mixed_precision="no", deepspeed_file=None
+    )
     assert ddp["distributed_type"] == "MULTI_GPU" and ddp["mixed_precision"] == "no"
-    fsdp = launch.accelerate_config(dist(strategy="fsdp", offload_params="cpu"), launch.LaunchPlan("fsdp", 8, 1),
-                                    mixed_precision="bf16", deepspeed_file=None)
+    fsdp = launch.accelerate_config(
+        dist(strategy="fsdp", offload_params="cpu"),
+        launch.LaunchPlan("fsdp", 8, 1),
+        mixed_precision="bf16",
+        deepspeed_file=None,
+    )
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
     assert fsdp["fsdp_config"]["fsdp_offload_params"] is True
-    nodes = dist(num_processes=8, num_machines=2, machine_rank=1, main_process_ip="10.1.2.3", main_process_port=29600)
-    multi = launch.accelerate_config(nodes, launch.plan(nodes), mixed_precision="bf16", deepspeed_file=None)
+    nodes = dist(
+        num_processes=8,
+        num_machines=2,
+        machine_rank=1,
+        main_process_ip="10.1.2.3",
+        main_process_port=29600,
+    )
+    multi = launch.accelerate_config(
+        nodes, launch.plan(nodes), mixed_precision="bf16", deepspeed_file=None
+    )
     assert (multi["num_processes"], multi["num_machines"], multi["machine_rank"]) == (16, 2, 1)
     assert (multi["main_process_ip"], multi["main_process_port"]) == ("10.1.2.3", 29600)
 
@@ -115,20 +152,32 @@ def test_accelerate_config_per_strategy(tmp_path):
 def test_write_configs_writes_reusable_files(tmp_path):
     section = dist(strategy="zero2")
     command = launch.command(tmp_path / "launch" / "accelerate.yaml", "r e.yaml", ["name=a b"])
-    config_file = launch.write_configs(section, launch.LaunchPlan("zero2", 2, 1), tmp_path / "launch",
-                                       mixed_precision="no", command=command)
+    config_file = launch.write_configs(
+        section,
+        launch.LaunchPlan("zero2", 2, 1),
+        tmp_path / "launch",
+        mixed_precision="no",
+        command=command,
+    )
     config = yaml.safe_load(config_file.read_text())
     deepspeed_file = Path(config["deepspeed_config"]["deepspeed_config_file"])
     assert json.loads(deepspeed_file.read_text())["zero_optimization"]["stage"] == 2
     script = (tmp_path / "launch" / "launch.sh").read_text()
-    assert script.splitlines()[-1].startswith(f"accelerate launch --config_file {config_file} -m still.cli run ")
+    assert script.splitlines()[-1].startswith(
+        f"accelerate launch --config_file {config_file} -m still.cli run "
+    )
     assert "'name=a b'" in script  # quoted for the shell
     assert os.access(tmp_path / "launch" / "launch.sh", os.X_OK)
 
 
 def test_launched_as_reads_accelerate_environment(tmp_path, monkeypatch):
-    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
-                 "ACCELERATE_DEEPSPEED_CONFIG_FILE", "WORLD_SIZE"):
+    for name in (
+        "ACCELERATE_USE_FSDP",
+        "ACCELERATE_USE_DEEPSPEED",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+        "WORLD_SIZE",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert launch.launched_as() == "single"
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -148,8 +197,10 @@ def test_nproc_inside_a_launch_is_refused(tiny_model_dir, tmp_path, monkeypatch,
     from still import cli
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"kind: finetune\nname: x\nmodel: {{ref: \"{tiny_model_dir}\"}}\n"
-                      "data: {train: {path: t.jsonl, format: completion}}\n")
+    recipe.write_text(
+        f'kind: finetune\nname: x\nmodel: {{ref: "{tiny_model_dir}"}}\n'
+        "data: {train: {path: t.jsonl, format: completion}}\n"
+    )
     (tmp_path / "t.jsonl").write_text('{"text": "hello"}\n')
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LOCAL_RANK", "0")

@@ -9,8 +9,12 @@ from still.losses import IGNORE_INDEX, linear_cross_entropy, per_token_loss
 
 def full_logits_loss(hidden, weight, labels, bias=None):
     logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 def leaves(seed=0, tokens=(3, 7), hidden=16, vocab=40, bias=True):
@@ -78,17 +82,45 @@ def test_per_token_loss_weighs_every_token_of_the_step_the_same():
     loss_sum, n_tokens = torch.tensor(12.0), torch.tensor(4)
     common = dict(training=True, accumulation_steps=3, num_processes=2)
     # Trainer counted 24 tokens over the step (all micro-batches, both ranks)
-    assert per_token_loss(loss_sum, n_tokens, num_items_in_batch=torch.tensor(24), average_across_devices=True,
-                          **common).item() == pytest.approx(1.0)  # DDP then halves it again
-    assert per_token_loss(loss_sum, n_tokens, num_items_in_batch=torch.tensor(24), average_across_devices=False,
-                          **common).item() == pytest.approx(0.5)
+    assert per_token_loss(
+        loss_sum,
+        n_tokens,
+        num_items_in_batch=torch.tensor(24),
+        average_across_devices=True,
+        **common,
+    ).item() == pytest.approx(1.0)  # DDP then halves it again
+    assert per_token_loss(
+        loss_sum,
+        n_tokens,
+        num_items_in_batch=torch.tensor(24),
+        average_across_devices=False,
+        **common,
+    ).item() == pytest.approx(0.5)
     # no count (eval, or a model-made batch): this batch's mean, split over accumulation in training
-    assert per_token_loss(loss_sum, n_tokens, num_items_in_batch=None, average_across_devices=True,
-                          **common).item() == pytest.approx(1.0)
-    assert per_token_loss(loss_sum, n_tokens, num_items_in_batch=None, average_across_devices=True,
-                          training=False, accumulation_steps=3, num_processes=2).item() == pytest.approx(3.0)
-    assert per_token_loss(torch.tensor(0.0), torch.tensor(0), num_items_in_batch=None, average_across_devices=False,
-                          training=False, accumulation_steps=1, num_processes=1).item() == 0.0
+    assert per_token_loss(
+        loss_sum, n_tokens, num_items_in_batch=None, average_across_devices=True, **common
+    ).item() == pytest.approx(1.0)
+    assert per_token_loss(
+        loss_sum,
+        n_tokens,
+        num_items_in_batch=None,
+        average_across_devices=True,
+        training=False,
+        accumulation_steps=3,
+        num_processes=2,
+    ).item() == pytest.approx(3.0)
+    assert (
+        per_token_loss(
+            torch.tensor(0.0),
+            torch.tensor(0),
+            num_items_in_batch=None,
+            average_across_devices=False,
+            training=False,
+            accumulation_steps=1,
+            num_processes=1,
+        ).item()
+        == 0.0
+    )
 
 
 def test_chunk_size_must_be_positive():
@@ -99,13 +131,15 @@ def test_chunk_size_must_be_positive():
 
 def test_logits_are_head_output_tells_plain_heads_from_soft_capped_ones(tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
+    from tiny_models import build_tiny_llama, build_tiny_softcapped
 
     from still.models import logits_are_head_output
-    from tiny_models import build_tiny_llama, build_tiny_softcapped
 
     llama = build_tiny_llama(tiny_tokenizer)
     assert logits_are_head_output(llama)
-    lora = get_peft_model(build_tiny_llama(tiny_tokenizer), LoraConfig(r=2, target_modules="all-linear"))
+    lora = get_peft_model(
+        build_tiny_llama(tiny_tokenizer), LoraConfig(r=2, target_modules="all-linear")
+    )
     lora.train()
     assert logits_are_head_output(lora) and lora.training  # the probe leaves the mode as it was
     assert not logits_are_head_output(build_tiny_softcapped(tiny_tokenizer))

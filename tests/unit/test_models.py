@@ -25,7 +25,9 @@ def make_adapter(base_dir, out_dir, seed=0):
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
     peft_model.save_pretrained(out_dir)
     return peft_model
 
@@ -75,7 +77,10 @@ def test_adapter_for_a_different_base(tiny_model_dir, tiny_model_dir_4layers, tm
 @pytest.mark.parametrize(
     "ref, message",
     [
-        ("builtin:smolm2", r"unknown built-in model 'smolm2' \(did you mean 'builtin:smollm2-135m-instruct'\?\)"),
+        (
+            "builtin:smolm2",
+            r"unknown built-in model 'smolm2' \(did you mean 'builtin:smollm2-135m-instruct'\?\)",
+        ),
         ("./nope", "model path not found: ./nope"),
         ("missing.gguf", "GGUF file not found: missing.gguf"),
         ("", "empty model reference"),
@@ -130,10 +135,12 @@ def test_real_builtin_smollm2_loads_offline_generates_and_reloads_fast(monkeypat
     model, tokenizer = models.load_model("builtin:smollm2-135m-instruct")
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What does json.dumps do?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
-    text = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "json" in text.lower()
     start = time.perf_counter()
     again, _ = models.load_model("builtin:smollm2-135m-instruct")
@@ -161,7 +168,9 @@ def test_a_published_dir_resolves_as_a_plain_model_dir(tiny_model_dir, tmp_path)
     shutil.copytree(tiny_model_dir, published)
     (published / "lineage.json").write_text(json.dumps({"kind": "published"}))
     resolved = models.resolve(str(published))
-    assert resolved.kind == "dir" and resolved.weights == str(published) and resolved.adapter is None
+    assert (
+        resolved.kind == "dir" and resolved.weights == str(published) and resolved.adapter is None
+    )
 
 
 def _fake_conversion(gguf: Path) -> Path:
@@ -190,7 +199,9 @@ def test_models_lists_the_conversion_resolve_uses_not_another_venvs(tmp_path, mo
         if models._conversion_target(other.resolve()) > current:
             break
     assert _fake_conversion(other) > current
-    builtin = dataclasses.replace(models.BUILTINS["smollm2-135m-instruct"], locate=lambda cache: here)
+    builtin = dataclasses.replace(
+        models.BUILTINS["smollm2-135m-instruct"], locate=lambda cache: here
+    )
     monkeypatch.setitem(models.BUILTINS, "smollm2-135m-instruct", builtin)
 
     listed = {row["ref"]: row for row in models.describe_builtins()}
@@ -215,7 +226,9 @@ def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "_dequantize_to", slow_dequantize)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(models.convert_gguf(fake))) for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(models.convert_gguf(fake))) for _ in range(3)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

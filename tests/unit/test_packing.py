@@ -37,7 +37,10 @@ def test_packed_rows_are_capped_at_row_tokens_and_padded_as_the_last_example():
     # 3 + 5 tokens fill the first row; the 2-token example starts a second, padded to 8
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 0, 0, 0, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]]
-    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, 10, 11, 12], [-100, 14] + [-100] * 6]
+    assert batch["labels"].tolist() == [
+        [-100, 6, 7, -100, -100, 10, 11, 12],
+        [-100, 14] + [-100] * 6,
+    ]
     mask = batch["attention_mask"]
     assert mask.shape == (2, 1, 8, 8)
     allowed = mask[:, 0] == 0
@@ -69,7 +72,9 @@ def token_losses(model, batch) -> torch.Tensor:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     labels = batch["labels"]
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="none",
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        reduction="none",
         ignore_index=IGNORE_INDEX,
     ).view(labels.shape[0], -1)
 
@@ -81,11 +86,15 @@ def features(tiny_model_dir, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = []
     for index in range(4):
-        messages = [{"role": "user", "content": "What does json.dumps do? " * (index + 1)},
-                    {"role": "assistant", "content": "Serialize obj. " * (4 - index)}]
+        messages = [
+            {"role": "user", "content": "What does json.dumps do? " * (index + 1)},
+            {"role": "assistant", "content": "Serialize obj. " * (4 - index)},
+        ]
         if index == 2:
-            messages += [{"role": "user", "content": "Why?"},
-                         {"role": "assistant", "content": "The quick brown fox."}]
+            messages += [
+                {"role": "user", "content": "Why?"},
+                {"role": "assistant", "content": "The quick brown fox."},
+            ]
         rows.append(json.dumps({"messages": messages}))
     folder = tmp_path_factory.mktemp("packing")
     (folder / "train.jsonl").write_text("\n".join(rows) + "\n")
@@ -119,7 +128,9 @@ def test_packed_loss_equals_unpacked_per_token(tiny_model_dir, features, attn_im
     assert worst < 1e-5
 
     # Rows capped at a few examples' worth of tokens (padded as the row's last example): same.
-    capped_batch = PackedCollator(pad_token_id=0, row_tokens=max(len(f["input_ids"]) for f in features) + 8)(features)
+    capped_batch = PackedCollator(
+        pad_token_id=0, row_tokens=max(len(f["input_ids"]) for f in features) + 8
+    )(features)
     assert capped_batch["input_ids"].shape[0] > 1
     capped = token_losses(model, capped_batch)
     segments = []

@@ -14,8 +14,13 @@ BUILDER = REPO / "data" / "build_pydocs.py"
 SPLITS = ("train", "validation", "test")
 QA_FIELDS = ("id", "module", "kind", "question", "answer")
 CHOICE_FIELDS = ("id", "module", "question", "choices", "label")
-MIN_ROWS = {"train": 2400, "validation": 200, "test": 200,
-            "choice_validation": 150, "choice_test": 150}
+MIN_ROWS = {
+    "train": 2400,
+    "validation": 200,
+    "test": 200,
+    "choice_validation": 150,
+    "choice_test": 150,
+}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -69,8 +74,10 @@ def test_splits_are_disjoint_by_top_level_module_and_sorted(splits, manifest):
 
 
 def test_counts_meet_targets_and_match_manifest(splits, choices, manifest):
-    counts = {**{name: len(rows) for name, rows in splits.items()},
-              **{f"choice_{name}": len(rows) for name, rows in choices.items()}}
+    counts = {
+        **{name: len(rows) for name, rows in splits.items()},
+        **{f"choice_{name}": len(rows) for name, rows in choices.items()},
+    }
     assert counts == manifest["counts"]
     assert sum(counts[name] for name in SPLITS) >= 3000
     for name, minimum in MIN_ROWS.items():
@@ -102,14 +109,23 @@ def test_manifest_hashes_match_files_and_data_stays_small(manifest):
 def test_rebuild_is_byte_identical(manifest, tmp_path):
     here = ".".join(map(str, sys.version_info[:3]))
     if (here, sys.platform) != (manifest["python_version"], manifest["platform"]):
-        pytest.skip(f"shipped data was built with Python {manifest['python_version']} on "
-                    f"{manifest['platform']}; docstrings differ on {here} {sys.platform}")
-    subprocess.run([sys.executable, str(BUILDER), "--out", str(tmp_path)], check=True,
-                   capture_output=True, timeout=120, cwd=REPO)
+        pytest.skip(
+            f"shipped data was built with Python {manifest['python_version']} on "
+            f"{manifest['platform']}; docstrings differ on {here} {sys.platform}"
+        )
+    subprocess.run(
+        [sys.executable, str(BUILDER), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        cwd=REPO,
+    )
     rebuilt = json.loads((tmp_path / "manifest.json").read_text(encoding="utf-8"))
     if rebuilt["documented_modules"] != manifest["documented_modules"]:
-        pytest.skip("this interpreter has a different set of importable stdlib modules "
-                    "(optional C extensions) than the one that built the shipped data")
+        pytest.skip(
+            "this interpreter has a different set of importable stdlib modules "
+            "(optional C extensions) than the one that built the shipped data"
+        )
     shipped = sorted(path.name for path in DATA.iterdir())
     assert sorted(path.name for path in tmp_path.iterdir()) == shipped
     for filename in shipped:

@@ -67,7 +67,10 @@ def test_unknown_key_names_file_line_and_suggestion(tmp_path):
     path = write(tmp_path / "a.yaml", FINETUNE.replace("lr: 1.0e-4", "lerning_rate: 1.0e-4"))
     with pytest.raises(StillError) as info:
         recipe_module.load(path)
-    assert str(info.value) == f"{path.resolve()}:8: unknown key 'lerning_rate' in train (did you mean 'lr'?)"
+    assert (
+        str(info.value)
+        == f"{path.resolve()}:8: unknown key 'lerning_rate' in train (did you mean 'lr'?)"
+    )
 
 
 def test_unknown_key_in_extended_file_points_at_that_file(tmp_path):
@@ -75,12 +78,16 @@ def test_unknown_key_in_extended_file_points_at_that_file(tmp_path):
     child = write(tmp_path / "c.yaml", "extends: base.yaml\n" + FINETUNE)
     with pytest.raises(StillError) as info:
         recipe_module.load(child)
-    assert str(info.value).startswith(f"{base.resolve()}:2: unknown key 'rank' in lora (did you mean 'r'?)")
+    assert str(info.value).startswith(
+        f"{base.resolve()}:2: unknown key 'rank' in lora (did you mean 'r'?)"
+    )
 
 
 def test_wrong_type_and_out_of_range(tmp_path):
     path = write(tmp_path / "a.yaml", FINETUNE.replace("max_steps: 5", "max_steps: lots"))
-    with pytest.raises(StillError, match=r"a.yaml:9: train.max_steps: Input should be a valid integer.*\"lots\""):
+    with pytest.raises(
+        StillError, match=r"a.yaml:9: train.max_steps: Input should be a valid integer.*\"lots\""
+    ):
         recipe_module.load(path)
     path = write(tmp_path / "b.yaml", FINETUNE.replace("lr: 1.0e-4", "lr: -1"))
     with pytest.raises(StillError, match=r"b.yaml:8: train.lr: Input should be greater than 0"):
@@ -100,7 +107,9 @@ def test_overrides_typed_nested_and_lists(tmp_path):
 
 def test_yaml_1_1_booleans_stay_words_in_overrides(tmp_path):
     path = write(tmp_path / "a.yaml", FINETUNE)
-    recipe = recipe_module.load(path, ["name=off", "data.packing=no", "train.gradient_checkpointing=on"])
+    recipe = recipe_module.load(
+        path, ["name=off", "data.packing=no", "train.gradient_checkpointing=on"]
+    )
     assert recipe.name == "off"  # not False
     assert recipe.data.packing is False and recipe.train.gradient_checkpointing is True
 
@@ -108,11 +117,20 @@ def test_yaml_1_1_booleans_stay_words_in_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.max_steps=abc", r"override 'train.max_steps=abc': train.max_steps: Input should be a valid integer"),
-        ("train.lerning_rate=1", r"override 'train.lerning_rate=1': unknown key 'lerning_rate' in train \(did you mean 'lr'\?\)"),
+        (
+            "train.max_steps=abc",
+            r"override 'train.max_steps=abc': train.max_steps: Input should be a valid integer",
+        ),
+        (
+            "train.lerning_rate=1",
+            r"override 'train.lerning_rate=1': unknown key 'lerning_rate' in train \(did you mean 'lr'\?\)",
+        ),
         ("train", r"bad override 'train': expected KEY=VALUE"),
         ("train.lr.x=1", r"bad override 'train.lr.x=1': 'train.lr' is not a section"),
-        ("kind=finetun", r"kind must be one of finetune \| distill \| eval, got 'finetun' \(did you mean 'finetune'\?\)"),
+        (
+            "kind=finetun",
+            r"kind must be one of finetune \| distill \| eval, got 'finetun' \(did you mean 'finetune'\?\)",
+        ),
     ],
 )
 def test_bad_overrides(tmp_path, override, message):
@@ -138,7 +156,9 @@ def test_missing_required_key(tmp_path):
 
 
 def test_cross_field_validation_messages(tmp_path):
-    path = write(tmp_path / "a.yaml", FINETUNE.replace("path: train.jsonl,", "path: t.jsonl, hf: x/y,"))
+    path = write(
+        tmp_path / "a.yaml", FINETUNE.replace("path: train.jsonl,", "path: t.jsonl, hf: x/y,")
+    )
     with pytest.raises(StillError, match="give exactly one of 'path'"):
         recipe_module.load(path)
 
@@ -164,7 +184,9 @@ def every_shipped_yaml():
     return sorted(root.rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", every_shipped_yaml(), ids=lambda p: str(p.relative_to(p.parents[2])))
+@pytest.mark.parametrize(
+    "path", every_shipped_yaml(), ids=lambda p: str(p.relative_to(p.parents[2]))
+)
 def test_every_shipped_yaml_loads_and_says_how_to_run(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# Run: "), f"{path} must start with '# Run: <command>'"

@@ -54,7 +54,10 @@ def test_glob_reads_files_in_sorted_order_up_to_the_limit(tmp_path):
     write(tmp_path / "part-0.jsonl", json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[0]) + "\n")
     source = RowSource(path=str(tmp_path / "part-*.jsonl"))
     assert [origin.rsplit("/", 1)[-1] for origin, _ in strict_rows(source)] == [
-        "part-0.jsonl:1", "part-0.jsonl:3", "part-1.jsonl:1"]
+        "part-0.jsonl:1",
+        "part-0.jsonl:3",
+        "part-1.jsonl:1",
+    ]
     assert len(strict_rows(RowSource(path=source.path, limit=2))) == 2
     assert [p.name for p in source_files(source)] == ["part-0.jsonl", "part-1.jsonl"]
 
@@ -74,14 +77,17 @@ def test_a_byte_order_mark_is_not_part_of_the_first_key(tmp_path):
     assert strict_rows(RowSource(path=str(path)))[0][1] == ROWS[0]
 
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("t.json", b'[{"q": 1},\n oops]', r"t\.json:2: invalid JSON \(Expecting value\)$"),
-    ("t.json", b'{"q": 1}', r"t\.json: expected a list of objects"),
-    ("t.json", b'[{"q": "\xff"}]', r"t\.json:1: not UTF-8 text .*\(save the file as UTF-8\)$"),
-    ("t.csv", b'q,a\nx,y\n\xe9,z\n', r"t\.csv:3: not UTF-8 text .*\(save the file as UTF-8\)$"),
-    ("t.parquet", b"PAR1 this is not parquet", r"t\.parquet: not a readable Parquet file \("),
-    ("t.txt", b"hello", r"t\.txt: unsupported file type '\.txt' \(use \.jsonl"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("t.json", b'[{"q": 1},\n oops]', r"t\.json:2: invalid JSON \(Expecting value\)$"),
+        ("t.json", b'{"q": 1}', r"t\.json: expected a list of objects"),
+        ("t.json", b'[{"q": "\xff"}]', r"t\.json:1: not UTF-8 text .*\(save the file as UTF-8\)$"),
+        ("t.csv", b"q,a\nx,y\n\xe9,z\n", r"t\.csv:3: not UTF-8 text .*\(save the file as UTF-8\)$"),
+        ("t.parquet", b"PAR1 this is not parquet", r"t\.parquet: not a readable Parquet file \("),
+        ("t.txt", b"hello", r"t\.txt: unsupported file type '\.txt' \(use \.jsonl"),
+    ],
+)
 def test_unreadable_files_are_one_line_errors(tmp_path, name, content, expected):
     path = write(tmp_path / name, content)
     assert re.search(expected, one_line(RowSource(path=str(path))))
@@ -93,7 +99,8 @@ def test_missing_files_directories_and_empty_globs(tmp_path):
     write(tmp_path / "a.jsonl", json.dumps(ROWS[0]) + "\n")
     assert "data file not found" in one_line(RowSource(path=str(tmp_path / "nope.jsonl")))
     assert "folder: is a directory, not a data file" in one_line(
-        RowSource(path=str(tmp_path / "folder")))
+        RowSource(path=str(tmp_path / "folder"))
+    )
     assert "sub.jsonl: is a directory" in one_line(RowSource(path=str(tmp_path / "*.jsonl")))
     assert "no files match" in one_line(RowSource(path=str(tmp_path / "*.csv")))
 
@@ -107,7 +114,8 @@ def test_unreadable_file_is_one_line_error(tmp_path):
         if os.access(path, os.R_OK):
             pytest.skip("running as a user who reads any file")
         assert "locked.jsonl: cannot read (Permission denied)" in one_line(
-            RowSource(path=str(path)))
+            RowSource(path=str(path))
+        )
     finally:
         path.chmod(0o600)
 

@@ -5,15 +5,19 @@ import json
 import pytest
 
 from still import tracking
-from still.rundir import RunDir
 from still.errors import StillError
+from still.rundir import RunDir
 from still.sections import FinetuneRecipe, TrackSection, WandbSection
 
 
 def recipe_with(track: dict, tmp_path) -> FinetuneRecipe:
     return FinetuneRecipe(
-        kind="finetune", name="unit", output_dir=str(tmp_path), model={"ref": "m"},
-        data={"train": {"path": "t.jsonl"}}, track=track,
+        kind="finetune",
+        name="unit",
+        output_dir=str(tmp_path),
+        model={"ref": "m"},
+        data={"train": {"path": "t.jsonl"}},
+        track=track,
     )
 
 
@@ -25,7 +29,12 @@ def test_redact_hides_secret_keys_and_secret_values(monkeypatch):
         "password": "",
     }
     assert tracking.redact(config) == {
-        "model": {"ref": "org/m", "hub_token": "<redacted>", "api_key": "<redacted>", "revision": None},
+        "model": {
+            "ref": "org/m",
+            "hub_token": "<redacted>",
+            "api_key": "<redacted>",
+            "revision": None,
+        },
         "notes": ["pushed with <redacted>", 3],
         "password": "",  # nothing to hide
     }
@@ -47,26 +56,36 @@ def test_mode_env_wins_then_recipe_then_key_and_route(monkeypatch, tmp_path, cap
 
 
 def test_trackers_from_the_track_section(tmp_path):
-    plain = tracking.start_tracking(recipe_with({}, tmp_path), RunDir(tmp_path), job_type="finetune")
+    plain = tracking.start_tracking(
+        recipe_with({}, tmp_path), RunDir(tmp_path), job_type="finetune"
+    )
     assert plain.report_to == [] and [type(c).__name__ for c in plain.callbacks] == ["MetricsJsonl"]
-    other = tracking.start_tracking(recipe_with({"report_to": ["mlflow"]}, tmp_path), RunDir(tmp_path), job_type="finetune")
+    other = tracking.start_tracking(
+        recipe_with({"report_to": ["mlflow"]}, tmp_path), RunDir(tmp_path), job_type="finetune"
+    )
     assert other.report_to == ["mlflow"]
     with pytest.raises(StillError, match="unknown tracker 'mlfow'"):
-        tracking.start_tracking(recipe_with({"report_to": ["mlfow"]}, tmp_path), RunDir(tmp_path), job_type="finetune")
+        tracking.start_tracking(
+            recipe_with({"report_to": ["mlfow"]}, tmp_path), RunDir(tmp_path), job_type="finetune"
+        )
     with pytest.raises(ValueError, match="set 'wandb' with track.wandb"):
         TrackSection(report_to=["wandb"])
 
 
 def test_tensorboard_writes_into_the_run_dir(tmp_path):
     pytest.importorskip("tensorboard")
-    board = tracking.start_tracking(recipe_with({"tensorboard": True}, tmp_path), RunDir(tmp_path), job_type="finetune")
+    board = tracking.start_tracking(
+        recipe_with({"tensorboard": True}, tmp_path), RunDir(tmp_path), job_type="finetune"
+    )
     (callback,) = [c for c in board.callbacks if type(c).__name__ == "TensorBoardCallback"]
     assert callback.logging_dir == str(tmp_path / "tensorboard")
 
 
 def test_wandb_disabled_adds_no_callback(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    result = tracking.start_tracking(recipe_with({"wandb": {"project": "p"}}, tmp_path), RunDir(tmp_path), job_type="finetune")
+    result = tracking.start_tracking(
+        recipe_with({"wandb": {"project": "p"}}, tmp_path), RunDir(tmp_path), job_type="finetune"
+    )
     assert len(result.callbacks) == 1
     assert not (tmp_path / "wandb").exists()
 
@@ -80,8 +99,12 @@ def test_lineage_parents_are_the_still_run_dirs(tmp_path):
     teacher = tmp_path / "runs" / "pydocs-teacher"
     teacher.mkdir(parents=True)
     (teacher / "lineage.json").write_text("{}")
-    lineage = {"base": "builtin:smollm2-135m-instruct", "teacher": str(teacher), "student": None,
-               "data": [{"path": str(teacher)}]}
+    lineage = {
+        "base": "builtin:smollm2-135m-instruct",
+        "teacher": str(teacher),
+        "student": None,
+        "data": [{"path": str(teacher)}],
+    }
     assert tracking.lineage_parents(lineage) == ["pydocs-teacher:latest"]
     assert tracking.artifact_name("org/model name") == "org-model-name"
 
@@ -89,14 +112,38 @@ def test_lineage_parents_are_the_still_run_dirs(tmp_path):
 def test_samples_table_has_a_row_per_question_and_a_column_per_metric(tmp_path):
     pytest.importorskip("wandb")
     rows = [
-        {"idx": 0, "id": "a", "prompt": "p0", "target": "t0", "prediction": "x", "metrics": {"rouge_l": 0.5}},
-        {"idx": 1, "id": "b", "prompt": "p1", "target": "t1", "prediction": "y", "choices": [1, 2],
-         "metrics": {"rouge_l": 1.0, "exact_match": 1.0}},
+        {
+            "idx": 0,
+            "id": "a",
+            "prompt": "p0",
+            "target": "t0",
+            "prediction": "x",
+            "metrics": {"rouge_l": 0.5},
+        },
+        {
+            "idx": 1,
+            "id": "b",
+            "prompt": "p1",
+            "target": "t1",
+            "prediction": "y",
+            "choices": [1, 2],
+            "metrics": {"rouge_l": 1.0, "exact_match": 1.0},
+        },
     ]
     path = tmp_path / "qa.samples.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = tracking.samples_table(path, model_name="m")
-    assert table.columns == ["model", "idx", "id", "prompt", "target", "prediction", "choices", "rouge_l", "exact_match"]
+    assert table.columns == [
+        "model",
+        "idx",
+        "id",
+        "prompt",
+        "target",
+        "prediction",
+        "choices",
+        "rouge_l",
+        "exact_match",
+    ]
     assert table.data[0] == ["m", 0, "a", "p0", "t0", "x", None, 0.5, None]
     assert table.data[1][6] == "[1, 2]"
 
@@ -155,7 +202,9 @@ def test_online_runs_mark_parent_models_as_inputs(tmp_path, capsys):
         (tmp_path / name).mkdir()
         (tmp_path / name / "lineage.json").write_text("{}")
     run = FakeRun()
-    parents = tracking.lineage_parents({"teacher": str(tmp_path / "pydocs-teacher"), "base": str(tmp_path / "missing-run")})
+    parents = tracking.lineage_parents(
+        {"teacher": str(tmp_path / "pydocs-teacher"), "base": str(tmp_path / "missing-run")}
+    )
     tracking.use_artifacts(run, parents)
     assert run.used == ["pydocs-teacher:latest"]
     assert "W&B use_artifact missing-run:latest failed" in capsys.readouterr().err

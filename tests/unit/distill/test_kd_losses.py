@@ -33,11 +33,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}}  # off the defaults on purpose
 
 
-def reference_divergence(name, student_logits, teacher_logits, temperature=1.0, beta=0.5,
-                         alpha=0.1):
+def reference_divergence(
+    name, student_logits, teacher_logits, temperature=1.0, beta=0.5, alpha=0.1
+):
     """The textbook formulas on explicit probabilities; fine for moderate logits in float64."""
     student = torch.softmax(student_logits / temperature, dim=-1)
     teacher = torch.softmax(teacher_logits / temperature, dim=-1)
@@ -152,8 +155,9 @@ def test_kd_loss_mean_and_sum_over_masked_tokens():
 def test_all_masked_gives_zero_not_nan_and_zero_grads(name, reduction):
     student = random_logits(2, 5, 9, seed=1).requires_grad_()
     teacher = random_logits(2, 5, 9, seed=2)
-    loss = kd_loss(student, teacher, torch.zeros(2, 5, dtype=torch.bool), divergence=name,
-                   reduction=reduction)
+    loss = kd_loss(
+        student, teacher, torch.zeros(2, 5, dtype=torch.bool), divergence=name, reduction=reduction
+    )
     loss.backward()
     assert loss.item() == 0.0
     assert torch.equal(student.grad, torch.zeros_like(student))
@@ -184,8 +188,16 @@ def test_bad_settings_raise_still_error_with_hints():
 # ---- chunked == naive ---------------------------------------------------------------------
 
 
-def fused_inputs(tokens=37, student_hidden=12, teacher_hidden=9, vocab=29, dtype=F64, seed=0,
-                 student_vocab=None, teacher_vocab=None):
+def fused_inputs(
+    tokens=37,
+    student_hidden=12,
+    teacher_hidden=9,
+    vocab=29,
+    dtype=F64,
+    seed=0,
+    student_vocab=None,
+    teacher_vocab=None,
+):
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -207,8 +219,11 @@ def fused_inputs(tokens=37, student_hidden=12, teacher_hidden=9, vocab=29, dtype
 def naive_loss(inputs, vocab_size=None, **options):
     """Full logits → kd_loss + cross entropy, the way it reads on paper."""
     vocab = vocab_size or inputs["student_head_weight"].shape[0]
-    student_logits = F.linear(inputs["student_hidden"], inputs["student_head_weight"][:vocab],
-                              inputs["student_head_bias"][:vocab])
+    student_logits = F.linear(
+        inputs["student_hidden"],
+        inputs["student_head_weight"][:vocab],
+        inputs["student_head_bias"][:vocab],
+    )
     teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_head_weight"][:vocab].T
     mask = inputs["labels"] != IGNORE_INDEX
     kd_options = {k: v for k, v in options.items() if k not in ("ce_weight", "kd_weight")}
@@ -226,8 +241,9 @@ def student_grads(loss, inputs):
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 def test_fused_equals_naive_in_float64(name, chunk_size):
     inputs = fused_inputs(seed=chunk_size)
-    options = dict(divergence=name, temperature=1.5, ce_weight=0.4, kd_weight=0.6,
-                   **PARAMS.get(name, {}))
+    options = dict(
+        divergence=name, temperature=1.5, ce_weight=0.4, kd_weight=0.6, **PARAMS.get(name, {})
+    )
     fused = fused_kd_loss(**inputs, chunk_size=chunk_size, **options)
     loss, kd_sum, ce_sum = naive_loss(inputs, **options)
     torch.testing.assert_close(fused.loss, loss, atol=1e-5, rtol=1e-5)
@@ -279,9 +295,12 @@ def test_fused_all_ignored_gives_zero_and_zero_grads():
 def test_fused_treats_teacher_as_constant_and_accepts_batch_dims():
     inputs = fused_inputs(tokens=24)
     inputs["teacher_hidden"].requires_grad_()
-    batched = {k: v.reshape(4, 6, *v.shape[1:]) if k in ("student_hidden", "teacher_hidden",
-                                                            "labels") else v
-               for k, v in inputs.items()}
+    batched = {
+        k: v.reshape(4, 6, *v.shape[1:])
+        if k in ("student_hidden", "teacher_hidden", "labels")
+        else v
+        for k, v in inputs.items()
+    }
     fused = fused_kd_loss(**batched, divergence="reverse_kl", ce_weight=0.0, kd_weight=1.0)
     flat = fused_kd_loss(**inputs, divergence="reverse_kl", ce_weight=0.0, kd_weight=1.0)
     fused.loss.backward()
@@ -305,8 +324,12 @@ def test_fused_frozen_head_gets_no_gradient_and_hidden_still_matches():
 
 def test_fused_bfloat16_is_close_to_float32():
     inputs32 = fused_inputs(tokens=40, dtype=torch.float32, seed=5)
-    inputs16 = {k: v.detach().to(torch.bfloat16).requires_grad_(v.requires_grad)
-                if v.is_floating_point() else v for k, v in inputs32.items()}
+    inputs16 = {
+        k: v.detach().to(torch.bfloat16).requires_grad_(v.requires_grad)
+        if v.is_floating_point()
+        else v
+        for k, v in inputs32.items()
+    }
     options = dict(divergence="jsd", temperature=2.0, ce_weight=0.5, kd_weight=0.5, chunk_size=16)
     fused32, fused16 = fused_kd_loss(**inputs32, **options), fused_kd_loss(**inputs16, **options)
     assert fused16.loss.dtype == torch.float32  # accumulated in fp32 from bf16 matmuls
@@ -326,8 +349,12 @@ vocab_logits = st.integers(min_value=2, max_value=12).flatmap(
 
 
 @settings(max_examples=150, deadline=None)
-@given(pair=vocab_logits, temperature=st.floats(0.25, 4.0), beta=st.floats(0.0, 1.0),
-       alpha=st.floats(0.0, 1.0))
+@given(
+    pair=vocab_logits,
+    temperature=st.floats(0.25, 4.0),
+    beta=st.floats(0.0, 1.0),
+    alpha=st.floats(0.0, 1.0),
+)
 def test_divergences_are_non_negative_and_tvd_at_most_one(pair, temperature, beta, alpha):
     student, teacher = (torch.tensor(values, dtype=F64) for values in pair)
     values = {

@@ -6,8 +6,8 @@ from fractions import Fraction
 
 import pytest
 import torch
-from tiny_models import build_tiny_llama, build_tiny_tokenizer
 from peft import LoraConfig, get_peft_model
+from tiny_models import build_tiny_llama, build_tiny_tokenizer
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
 from distill.student import (
@@ -35,10 +35,20 @@ def gemma3_teacher(layers: int = 4, seed: int = 0) -> Gemma3ForCausalLM:
     """Sliding / full attention alternating, with a window shorter than the test prompts."""
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-        sliding_window=4, sliding_window_pattern=2, max_position_embeddings=512,
-        pad_token_id=0, bos_token_id=2, eos_token_id=1,
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        sliding_window_pattern=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
     )
     return Gemma3ForCausalLM(config).eval()
 
@@ -58,7 +68,7 @@ def assert_layers_copied(student, teacher, kept: list[int]) -> None:
     teacher_state, student_state = teacher.state_dict(), student.state_dict()
     for key, value in student_state.items():
         if key.startswith("model.layers."):
-            index, rest = key[len("model.layers."):].split(".", 1)
+            index, rest = key[len("model.layers.") :].split(".", 1)
             key = f"model.layers.{kept[int(index)]}.{rest}"
         assert torch.equal(value, teacher_state[key]), key
 
@@ -90,8 +100,15 @@ def test_uniform_layers_are_rounded_linspace_keeping_first_and_last():
 
 @pytest.mark.parametrize(
     ("num_layers", "keep_ratio", "count"),
-    [(30, 0.4, 12), (5, 0.5, 3), (7, 0.5, 4), (10, 0.05, 2), (4, 1.0, 4), (30, 0.49, 15),
-     (45, 0.7, 32)],
+    [
+        (30, 0.4, 12),
+        (5, 0.5, 3),
+        (7, 0.5, 4),
+        (10, 0.05, 2),
+        (4, 1.0, 4),
+        (30, 0.49, 15),
+        (45, 0.7, 32),
+    ],
 )
 def test_keep_ratio_rounds_half_up_with_at_least_two_layers(num_layers, keep_ratio, count):
     assert len(choose_layers(num_layers, keep_ratio=keep_ratio)) == count
@@ -103,8 +120,13 @@ def test_explicit_keep_layers_win_over_ratio():
 
 @pytest.mark.parametrize(
     ("keep_layers", "named"),
-    [([0, 4], "index 4"), ([-1, 2], "index -1"), ([0, 2, 2], "index 2 repeated"),
-     ([0, 3, 1], "index 1 out of order"), ([], "empty")],
+    [
+        ([0, 4], "index 4"),
+        ([-1, 2], "index -1"),
+        ([0, 2, 2], "index 2 repeated"),
+        ([0, 3, 1], "index 1 out of order"),
+        ([], "empty"),
+    ],
 )
 def test_bad_keep_layers_are_one_line_errors(keep_layers, named):
     with pytest.raises(StillError) as error:
@@ -162,8 +184,12 @@ def test_student_keeps_the_teachers_dtype_and_attention_kernel(llama_teacher):
 
 def generate(model, prompt: torch.Tensor, use_cache: bool) -> torch.Tensor:
     return model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
-        use_cache=use_cache, pad_token_id=model.config.pad_token_id,
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=6,
+        do_sample=False,
+        use_cache=use_cache,
+        pad_token_id=model.config.pad_token_id,
     )
 
 
@@ -177,8 +203,11 @@ def test_student_generates_the_same_with_and_without_kv_cache(llama_teacher):
 
 def test_summary_is_one_line_and_abbreviates_long_layer_lists():
     report = CarveReport(
-        kept_layers=[0, 3, 5, 8, 11, 13, 16, 18, 21, 24, 26, 29], teacher_layers=30,
-        teacher_params=134_515_008, student_params=81_000_000, importance=None,
+        kept_layers=[0, 3, 5, 8, 11, 13, 16, 18, 21, 24, 26, 29],
+        teacher_layers=30,
+        teacher_params=134_515_008,
+        student_params=81_000_000,
+        importance=None,
     )
     assert report.summary() == (
         "student keeps layers [0, 3, 5, ..., 29] (12/30): 81.0M of 134.5M parameters (60.2%)"
@@ -258,8 +287,9 @@ def test_importance_leaves_the_teacher_in_its_mode(llama_teacher):
 # --------------------------------------------------------------------------- PEFT teacher
 def test_peft_teacher_is_carved_merged_and_left_unchanged(tokenizer):
     base = build_tiny_llama(tokenizer, hidden=64, layers=4, seed=3)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                      init_lora_weights=False)  # random B: the adapter really changes outputs
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )  # random B: the adapter really changes outputs
     teacher = get_peft_model(base, lora).eval()
     batch = token_batch(base.config.vocab_size)
     logits_before = logits(teacher, batch)
@@ -284,12 +314,19 @@ def test_peft_teacher_is_carved_merged_and_left_unchanged(tokenizer):
 def test_gemma3_student_slices_layer_types_and_copies_weights(tmp_path):
     teacher = gemma3_teacher()
     assert teacher.config.layer_types == [
-        "sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+        "full_attention",
+    ]
 
     student, report = carve_student(teacher, StudentInit(keep_layers=[0, 2, 3]))
 
     assert student.config.layer_types == [
-        "sliding_attention", "sliding_attention", "full_attention"]
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+    ]
     windows = [layer.self_attn.sliding_window for layer in student.model.layers]
     assert windows == [4, 4, None]
     assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1, 2]

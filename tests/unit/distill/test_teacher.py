@@ -16,14 +16,19 @@ from still.errors import StillError
 
 def test_teacher_placement_rule():
     gib = 1 << 30
-    assert teacher.teacher_placement("auto", "ddp", 100 * gib, 80 * gib) == "replicate"  # only copies possible
-    assert teacher.teacher_placement("auto", "zero3", 16 * gib, 80 * gib) == "replicate"  # 20% of the device
-    assert teacher.teacher_placement("auto", "fsdp", 21 * gib, 80 * gib) == "shard"  # over a quarter
+    assert (
+        teacher.teacher_placement("auto", "ddp", 100 * gib, 80 * gib) == "replicate"
+    )  # only copies possible
+    assert (
+        teacher.teacher_placement("auto", "zero3", 16 * gib, 80 * gib) == "replicate"
+    )  # 20% of the device
+    assert (
+        teacher.teacher_placement("auto", "fsdp", 21 * gib, 80 * gib) == "shard"
+    )  # over a quarter
     assert teacher.teacher_placement("replicate", "zero3", 140 * gib, 80 * gib) == "replicate"
     assert teacher.teacher_placement("shard", "fsdp", 1, 80 * gib) == "shard"
     with pytest.raises(StillError, match="needs a zero3 or fsdp launch; this one is zero2"):
         teacher.teacher_placement("shard", "zero2", 1, 80 * gib)
-
 
 
 SHARD_SCRIPT = textwrap.dedent("""\
@@ -59,11 +64,25 @@ def test_fsdp_teacher_is_sharded_and_gives_the_same_hidden_states(tiny_model_dir
     script.write_text(SHARD_SCRIPT)
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[3])}
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(tiny_model_dir_4layers), str(tmp_path)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tiny_model_dir_4layers),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(row["rank"] for row in rows) == [0, 1]
     for row in rows:
         assert row["hidden_diff"] < 1e-5 and row["head_diff"] == 0.0
-        assert row["local_layer_params"] * 2 == row["full_layer_params"]  # half the layers' weights each
+        assert (
+            row["local_layer_params"] * 2 == row["full_layer_params"]
+        )  # half the layers' weights each

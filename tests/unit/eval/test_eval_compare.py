@@ -10,18 +10,29 @@ from eval.compare import compare
 from still.errors import StillError
 
 
-def write_results(run_dir: Path, correct: list[int], task: str = "pydocs-choice", ids=None, **summary_extra) -> Path:
+def write_results(
+    run_dir: Path, correct: list[int], task: str = "pydocs-choice", ids=None, **summary_extra
+) -> Path:
     """An eval dir as `evaluate` writes it: <task>.json + <task>.samples.jsonl."""
     eval_dir = run_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     ids = ids or [f"q{i}" for i in range(len(correct))]
     with (eval_dir / f"{task}.samples.jsonl").open("w") as handle:
         for idx, (question_id, value) in enumerate(zip(ids, correct)):
-            handle.write(json.dumps({"idx": idx, "id": question_id, "metrics": {"acc": float(value)}}) + "\n")
+            handle.write(
+                json.dumps({"idx": idx, "id": question_id, "metrics": {"acc": float(value)}}) + "\n"
+            )
     summary = {
-        "task": task, "task_hash": "t", "model_hash": run_dir.name, "harness_version": "1", "n": len(correct),
-        "metrics": {"acc": {"mean": float(np.mean(correct)), "stderr": 0.02}}, "batch_size": 8, "limit": None,
-        "created": "2025-01-01T00:00:00+00:00", **summary_extra,
+        "task": task,
+        "task_hash": "t",
+        "model_hash": run_dir.name,
+        "harness_version": "1",
+        "n": len(correct),
+        "metrics": {"acc": {"mean": float(np.mean(correct)), "stderr": 0.02}},
+        "batch_size": 8,
+        "limit": None,
+        "created": "2025-01-01T00:00:00+00:00",
+        **summary_extra,
     }
     (eval_dir / f"{task}.json").write_text(json.dumps(summary))
     return eval_dir
@@ -42,13 +53,19 @@ def three_models(tmp_path):
 
 
 def test_compare_writes_table_and_chart_with_paired_ci(three_models, tmp_path, capsys):
-    markdown = compare(three_models, reference="teacher", teacher="teacher", out_dir=tmp_path / "cmp")
+    markdown = compare(
+        three_models, reference="teacher", teacher="teacher", out_dir=tmp_path / "cmp"
+    )
     assert (tmp_path / "cmp" / "compare.md").read_text() == markdown
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert markdown in capsys.readouterr().out
     header = markdown.splitlines()[0]
     assert "Δ vs teacher [95% paired CI]" in header and "% of teacher" in header
-    rows = {line.split("|")[3].strip(): line for line in markdown.splitlines()[2:] if line.startswith("| pydocs")}
+    rows = {
+        line.split("|")[3].strip(): line
+        for line in markdown.splitlines()[2:]
+        if line.startswith("| pydocs")
+    }
     assert set(rows) == {"teacher", "student", "base"}
     assert "(reference)" in rows["teacher"] and "100.0%" in rows["teacher"]
     # The student lost ~30 of 200: the paired CI excludes 0, shown by the * marker.

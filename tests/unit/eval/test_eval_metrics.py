@@ -20,7 +20,9 @@ from eval.metrics import (
 )
 
 SQUAD = {"lowercase": True, "strip_punctuation": True, "strip_articles": True, "whitespace": True}
-words = st.lists(st.sampled_from(["json", "dumps", "a", "the", "str", "obj", "to", "x1"]), max_size=8)
+words = st.lists(
+    st.sampled_from(["json", "dumps", "a", "the", "str", "obj", "to", "x1"]), max_size=8
+)
 
 
 def test_normalize_text_is_squad_normalisation():
@@ -94,7 +96,9 @@ def test_bootstrap_is_deterministic_by_seed():
     values = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1]
     assert bootstrap_stderr(values, seed=7) == bootstrap_stderr(values, seed=7)
     assert bootstrap_stderr(values, seed=7) != bootstrap_stderr(values, seed=8)
-    assert paired_bootstrap_ci(values, values[::-1], seed=7) == paired_bootstrap_ci(values, values[::-1], seed=7)
+    assert paired_bootstrap_ci(values, values[::-1], seed=7) == paired_bootstrap_ci(
+        values, values[::-1], seed=7
+    )
 
 
 def test_bootstrap_edge_cases_and_weights():

@@ -22,7 +22,12 @@ RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 
 def write_rows(path: Path, n: int = 6) -> Path:
     rows = [
-        {"id": f"json.f{i}", "module": "json", "question": f"What does `json.f{i}` do?", "answer": f"Does thing {i}."}
+        {
+            "id": f"json.f{i}",
+            "module": "json",
+            "question": f"What does `json.f{i}` do?",
+            "answer": f"Does thing {i}.",
+        }
         for i in range(n)
     ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -78,7 +83,9 @@ def test_nested_unknown_key_points_at_its_line(task_dir):
     path = write_task(task_dir, QA + "generation:\n  max_tokens: 10\n  stop: ['\\n']\n")
     with pytest.raises(StillError) as caught:
         load_task(path)
-    assert_one_line(caught.value, "task.yaml:8:", "'max_tokens' in generation", "did you mean 'max_new_tokens'?")
+    assert_one_line(
+        caught.value, "task.yaml:8:", "'max_tokens' in generation", "did you mean 'max_new_tokens'?"
+    )
 
 
 def test_multiple_choice_without_choices_is_an_error(task_dir):
@@ -132,10 +139,14 @@ def test_fewshot_is_deterministic_by_seed(task_dir):
     rows = task_rows(task)
     same = [select_shots(rows, 3, 1, 0, rows[0], True) for _ in range(2)]
     assert same[0] == same[1]
-    orders = {tuple(r["id"] for r in select_shots(rows, 3, seed, 0, rows[0], True)) for seed in range(6)}
+    orders = {
+        tuple(r["id"] for r in select_shots(rows, 3, seed, 0, rows[0], True)) for seed in range(6)
+    }
     assert len(orders) > 1  # different seeds draw different shots or orders
     prompt = build_context(task, rows[0], same[0], tokenizer=None)
-    assert prompt == build_context(task, rows[0], select_shots(rows, 3, 1, 0, rows[0], True), tokenizer=None)
+    assert prompt == build_context(
+        task, rows[0], select_shots(rows, 3, 1, 0, rows[0], True), tokenizer=None
+    )
     assert prompt.endswith("Q: What does `json.f0` do?") and prompt.count("Q: ") == 4
 
 
@@ -147,32 +158,45 @@ def test_query_row_is_never_among_its_own_shots(task_dir):
             assert row not in shots and len(shots) == 5
     separate_pool = rows + [dict(rows[2])]  # a separate file that also holds the query (twice)
     for seed in range(10):
-        assert all(s["id"] != "json.f2" for s in select_shots(separate_pool, 5, seed, 2, rows[2], False))
+        assert all(
+            s["id"] != "json.f2" for s in select_shots(separate_pool, 5, seed, 2, rows[2], False)
+        )
     with pytest.raises(StillError):
         select_shots(rows, 6, 0, 0, rows[0], True)
 
 
 def test_chat_context_puts_shots_in_turns(task_dir, tiny_tokenizer):
-    task = load_task(write_task(task_dir, QA + "chat_template: true\nsystem: Be brief.\nfewshot: {n: 1}\n"))
+    task = load_task(
+        write_task(task_dir, QA + "chat_template: true\nsystem: Be brief.\nfewshot: {n: 1}\n")
+    )
     rows = task_rows(task)
     context = build_context(task, rows[0], [rows[1]], tiny_tokenizer)
     assert context.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert "<|im_start|>assistant\nDoes thing 1.<|im_end|>" in context
-    assert context.endswith("<|im_start|>user\nQ: What does `json.f0` do?<|im_end|>\n<|im_start|>assistant\n")
+    assert context.endswith(
+        "<|im_start|>user\nQ: What does `json.f0` do?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert task.delimiter == ""
 
 
 @pytest.mark.parametrize("path", sorted((RECIPES / "tasks").glob("*.yaml")), ids=lambda p: p.name)
 def test_bundled_tasks_validate_and_say_how_to_run(path):
     text = path.read_text()
-    assert text.startswith(f"# Run: still eval --model builtin:smollm2-135m-instruct --task recipes/tasks/{path.name}")
-    task = TaskSpec.model_validate(yaml.safe_load(text))  # the schema only: data may not be built yet
+    assert text.startswith(
+        f"# Run: still eval --model builtin:smollm2-135m-instruct --task recipes/tasks/{path.name}"
+    )
+    task = TaskSpec.model_validate(
+        yaml.safe_load(text)
+    )  # the schema only: data may not be built yet
     assert task.name == path.stem
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
 def test_rows_load_from_every_local_format(tmp_path, suffix):
-    rows = [{"id": "a", "question": "q1", "answer": "x"}, {"id": "b", "question": "q2", "answer": "y"}]
+    rows = [
+        {"id": "a", "question": "q1", "answer": "x"},
+        {"id": "b", "question": "q2", "answer": "y"},
+    ]
     path = tmp_path / f"rows{suffix}"
     if suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -204,9 +228,14 @@ def hub_dir(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("data", [
-    "{{hf: {folder}}}", "{{hf: {{name: {folder}}}}}", "{{hf: {{name: {folder}, split: test}}}}",
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        "{{hf: {folder}}}",
+        "{{hf: {{name: {folder}}}}}",
+        "{{hf: {{name: {folder}, split: test}}}}",
+    ],
+)
 def test_hub_data_in_the_flat_and_the_nested_form(tmp_path, data):
     folder = hub_dir(tmp_path)
     text = QA.replace("{path: data/test.jsonl}", data.format(folder=folder))
@@ -220,12 +249,15 @@ def test_hub_data_in_the_flat_and_the_nested_form(tmp_path, data):
     assert task_hash(task) == task_hash(flat_task)
 
 
-@pytest.mark.parametrize("data, fragment", [
-    ("{hf: {name: x, confg: y}}", "task.yaml:4: data: unknown key 'confg' in data.hf"),
-    ("{hf: {config: y}}", "task.yaml:4: data: data.hf needs name"),
-    ("{hf: {name: x, split: a}, split: b}", "data.split and data.hf.split say the same thing"),
-    ("{path: data/test.jsonl, hf: x}", "task.yaml:4: data: give exactly one of 'path'"),
-])
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ("{hf: {name: x, confg: y}}", "task.yaml:4: data: unknown key 'confg' in data.hf"),
+        ("{hf: {config: y}}", "task.yaml:4: data: data.hf needs name"),
+        ("{hf: {name: x, split: a}, split: b}", "data.split and data.hf.split say the same thing"),
+        ("{path: data/test.jsonl, hf: x}", "task.yaml:4: data: give exactly one of 'path'"),
+    ],
+)
 def test_bad_hub_data_is_one_line(task_dir, data, fragment):
     with pytest.raises(StillError) as caught:
         load_task(write_task(task_dir, QA.replace("{path: data/test.jsonl}", data)))
@@ -238,5 +270,6 @@ def test_a_row_that_is_not_an_object_names_its_line(task_dir):
     task = load_task(write_task(task_dir, QA))
     with pytest.raises(StillError) as caught:
         task_rows(task)
-    assert_one_line(caught.value,
-                    "test.jsonl:7: expected an object (one row per question), got list")
+    assert_one_line(
+        caught.value, "test.jsonl:7: expected an object (one row per question), got list"
+    )

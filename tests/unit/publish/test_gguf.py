@@ -31,10 +31,19 @@ def tiny_gemma3(tokenizer, **overrides):
 
     torch.manual_seed(0)
     settings = dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        sliding_window=16, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        sliding_window=16,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = Gemma3ForCausalLM(Gemma3TextConfig(**{**settings, **overrides}))
     with torch.no_grad():  # norms start at zero (scale 1 + w); make the +1 offset matter
@@ -46,8 +55,9 @@ def tiny_gemma3(tokenizer, **overrides):
 
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
 def test_tiny_llama_round_trip(tmp_path, llama, tokenizer, gguf_type):
-    path = gguf_export.export_gguf(llama, tokenizer, tmp_path / f"m-{gguf_type}.gguf", gguf_type,
-                                   name="tiny")
+    path = gguf_export.export_gguf(
+        llama, tokenizer, tmp_path / f"m-{gguf_type}.gguf", gguf_type, name="tiny"
+    )
     gguf_export.check_config(path, llama.config)
     report = gguf_export.verify_gguf(path, llama, tokenizer, gguf_type, TEXTS)
     assert report["exact_max_abs_diff"] <= gguf_export.EXACT_TOLERANCE
@@ -58,8 +68,9 @@ def test_tiny_llama_round_trip(tmp_path, llama, tokenizer, gguf_type):
 def test_file_carries_tokenizer_and_quantized_types(tmp_path, llama, tokenizer):
     from gguf import GGMLQuantizationType, GGUFReader
 
-    f16 = gguf_export.export_gguf(llama, tokenizer, tmp_path / "a.gguf", "f16", name="tiny",
-                                  license="mit")
+    f16 = gguf_export.export_gguf(
+        llama, tokenizer, tmp_path / "a.gguf", "f16", name="tiny", license="mit"
+    )
     q8 = gguf_export.export_gguf(llama, tokenizer, tmp_path / "b.gguf", "q8_0", name="tiny")
     assert q8.stat().st_size < f16.stat().st_size
     reader = GGUFReader(q8)
@@ -85,8 +96,9 @@ def test_without_the_rotary_permutation_the_check_fails(tmp_path, llama, tokeniz
 def test_tiny_gemma3_round_trip(tmp_path, tokenizer, gguf_type):
     model = tiny_gemma3(tokenizer)
     texts = [TEXTS[0] * 3]  # longer than the sliding window
-    path = gguf_export.export_gguf(model, tokenizer, tmp_path / "g.gguf", gguf_type,
-                                   name="tiny-gemma")
+    path = gguf_export.export_gguf(
+        model, tokenizer, tmp_path / "g.gguf", gguf_type, name="tiny-gemma"
+    )
     gguf_export.check_config(path, model.config)
     report = gguf_export.verify_gguf(path, model, tokenizer, gguf_type, texts)
     assert report["exact_max_abs_diff"] <= gguf_export.EXACT_TOLERANCE
@@ -130,8 +142,9 @@ def tiny_gemma_tokenizer():
     backend.normalizer = normalizers.Replace(" ", "▁")
     backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
     bytes_ = [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials + bytes_,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials + bytes_, show_progress=False
+    )
     backend.train_from_iterator(CORPUS * 4, trainer=trainer)
     model = json.loads(backend.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
@@ -148,9 +161,11 @@ def tiny_gemma_tokenizer():
 def test_gemma_style_sentencepiece_tokenizer_round_trips(tmp_path):
     tokenizer = tiny_gemma_tokenizer()
     model = tiny_gemma3(tokenizer)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What does abs do?"}],
-                                         tokenize=False,
-                                         add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What does abs do?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     texts = ["What does  json.dumps do? é ü 12345", chat]  # double space, byte fallback, specials
     path = gguf_export.export_gguf(model, tokenizer, tmp_path / "g.gguf", "q8_0", name="tiny-gemma")
     report = gguf_export.verify_gguf(path, model, tokenizer, "q8_0", texts)  # raises if ids differ

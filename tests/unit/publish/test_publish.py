@@ -53,18 +53,25 @@ def base_dir(tmp_path, tiny_model_dir):
 def tasks(tmp_path):
     data = write_jsonl(tmp_path / "qa.jsonl", ROWS)
     choice = tmp_path / "choice.jsonl"
-    choice.write_text("".join(
-        json.dumps({"question": q, "choices": [a, "Join paths.", "Sort it."], "label": 0}) + "\n"
-        for q, a in ROWS
-    ))
+    choice.write_text(
+        "".join(
+            json.dumps({"question": q, "choices": [a, "Join paths.", "Sort it."], "label": 0})
+            + "\n"
+            for q, a in ROWS
+        )
+    )
     qa = tmp_path / "qa.yaml"
-    qa.write_text("name: qa\ntype: generate\ndata: {path: qa.jsonl}\nprompt: '{{ question }}'\n"
-                  "target: '{{ answer }}'\nchat_template: true\ngeneration: {max_new_tokens: 4}\n"
-                  "metrics: [rouge_l, exact_match]\n")
+    qa.write_text(
+        "name: qa\ntype: generate\ndata: {path: qa.jsonl}\nprompt: '{{ question }}'\n"
+        "target: '{{ answer }}'\nchat_template: true\ngeneration: {max_new_tokens: 4}\n"
+        "metrics: [rouge_l, exact_match]\n"
+    )
     mc = tmp_path / "mc.yaml"
-    mc.write_text("name: mc\ntype: multiple_choice\ndata: {path: choice.jsonl}\n"
-                  "prompt: '{{ question }}'\n"
-                  "choices: choices\nlabel: label\nchat_template: true\nmetrics: [acc]\n")
+    mc.write_text(
+        "name: mc\ntype: multiple_choice\ndata: {path: choice.jsonl}\n"
+        "prompt: '{{ question }}'\n"
+        "choices: choices\nlabel: label\nchat_template: true\nmetrics: [acc]\n"
+    )
     return [str(qa), str(mc)], data
 
 
@@ -72,8 +79,13 @@ def write_run(run_dir, lineage, tasks=(), kind="finetune", data=None):
     """What `still run` leaves behind, written through RunDir's own file names."""
     run = RunDir(run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
-    recipe = {"kind": kind, "name": run.name, "train": {"lr": 0.001, "max_steps": 2, "seed": 0},
-              "eval_tasks": list(tasks), **({"data": data} if data else {})}
+    recipe = {
+        "kind": kind,
+        "name": run.name,
+        "train": {"lr": 0.001, "max_steps": 2, "seed": 0},
+        "eval_tasks": list(tasks),
+        **({"data": data} if data else {}),
+    }
     header = f"# Resolved from /recipes/{run.name}.yaml\n"
     run.recipe_file.write_text(header + yaml.safe_dump(recipe))
     run.lineage_file.write_text(json.dumps({"kind": kind, "name": run.name, **lineage}))
@@ -95,12 +107,22 @@ def lora_run(tmp_path, base_dir, tasks):
     run = RunDir(tmp_path / "runs" / "tiny-ft")
     adapted.save_pretrained(run.adapter_dir)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(run.adapter_dir)
-    lineage = {"base": str(base_dir), "method": "lora", "recipe_sha256": "abc123",
-               "data": [{"path": str(data), "sha256": file_sha256(data)}]}
+    lineage = {
+        "base": str(base_dir),
+        "method": "lora",
+        "recipe_sha256": "abc123",
+        "data": [{"path": str(data), "sha256": file_sha256(data)}],
+    }
     held_out = write_jsonl(tmp_path / "held-out.jsonl", EVAL_ROWS)
-    data_section = {"train": {"path": str(data), "format": "instruction", "prompt": "question",
-                              "response": "answer"},
-                    "eval": {"path": str(held_out)}}
+    data_section = {
+        "train": {
+            "path": str(data),
+            "format": "instruction",
+            "prompt": "question",
+            "response": "answer",
+        },
+        "eval": {"path": str(held_out)},
+    }
     return write_run(run.path, lineage, task_paths, data=data_section)
 
 
@@ -113,9 +135,18 @@ def test_lora_run_publishes_a_merged_dir_that_loads_and_generates(lora_run, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = publish(lora_run, tmp_path / "published", compare=False)
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                 "chat_template.jinja", "README.md", "lineage.json", "recipe.yaml", "eval/qa.json",
-                 "eval/mc.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "README.md",
+        "lineage.json",
+        "recipe.yaml",
+        "eval/qa.json",
+        "eval/mc.json",
+    ):
         assert (out / name).is_file(), name
     assert not (out / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -126,9 +157,12 @@ def test_lora_run_publishes_a_merged_dir_that_loads_and_generates(lora_run, tmp_
     expected = logits(adapter_model.eval(), tokenizer)
     assert torch.allclose(logits(merged, tokenizer), expected, atol=1e-4)
     assert (logits(base.eval(), tokenizer) - expected).abs().max() > 1e-2  # the adapter mattered
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What does abs do?"}],
-                                           add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What does abs do?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     generated = merged.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     lineage = json.loads((out / "lineage.json").read_text())
@@ -171,16 +205,22 @@ def distill_run(tmp_path, base_dir, tiny_model_dir_4layers):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher = tmp_path / "runs" / "teacher"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=2, target_modules="all-linear"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, target_modules="all-linear")
+    )
     model.save_pretrained(RunDir(teacher).adapter_dir)
     write_run(teacher, {"base": str(base_dir), "method": "lora"})
     student = tmp_path / "runs" / "student"
     full = RunDir(student).model_dir
     AutoModelForCausalLM.from_pretrained(tiny_model_dir_4layers).save_pretrained(full)
     AutoTokenizer.from_pretrained(tiny_model_dir_4layers).save_pretrained(full)
-    lineage = {"teacher": str(teacher), "student": None, "base": None, "method": "full",
-               "carved": {"kept_layers": [0, 3], "param_fraction": 0.5}}
+    lineage = {
+        "teacher": str(teacher),
+        "student": None,
+        "base": None,
+        "method": "full",
+        "carved": {"kept_layers": [0, 3], "param_fraction": 0.5},
+    }
     return write_run(student, lineage, kind="distill")
 
 
@@ -366,8 +406,26 @@ def test_cli_flags_reach_publish(lora_run, tasks, tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda **kwargs: pytest.fail("built a client"))
     task_paths, _ = tasks
     out = tmp_path / "o"
-    assert cli.main(["publish", str(lora_run), "--out", str(out), "--gguf", "f16,q8_0", "--hub",
-                     "org/x", "--dry-run", "--quick", "--task", task_paths[1], "--no-compare"]) == 0
+    assert (
+        cli.main(
+            [
+                "publish",
+                str(lora_run),
+                "--out",
+                str(out),
+                "--gguf",
+                "f16,q8_0",
+                "--hub",
+                "org/x",
+                "--dry-run",
+                "--quick",
+                "--task",
+                task_paths[1],
+                "--no-compare",
+            ]
+        )
+        == 0
+    )
     lineage = json.loads((out / "lineage.json").read_text())
     assert [g["file"] for g in lineage["gguf"]] == ["o-f16.gguf", "o-q8_0.gguf"]  # --gguf a,b
     assert "dry run: would create repo org/x" in capsys.readouterr().out  # --hub, --dry-run
@@ -380,8 +438,20 @@ def test_cli_flags_reach_publish(lora_run, tasks, tmp_path, capsys, monkeypatch)
 
 def test_task_flag_scores_a_run_whose_recipe_names_no_tasks(distill_run, tasks, tmp_path):
     task_paths, _ = tasks
-    assert cli.main(["publish", str(distill_run), "--out", str(tmp_path / "p"),
-                     "--task", task_paths[1], "--no-compare"]) == 0
+    assert (
+        cli.main(
+            [
+                "publish",
+                str(distill_run),
+                "--out",
+                str(tmp_path / "p"),
+                "--task",
+                task_paths[1],
+                "--no-compare",
+            ]
+        )
+        == 0
+    )
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(tmp_path / "p" / "README.md")
@@ -390,8 +460,9 @@ def test_task_flag_scores_a_run_whose_recipe_names_no_tasks(distill_run, tasks, 
     assert "--task=" + task_paths[1] in lineage["command"]
 
 
-def test_merge_verb_writes_the_merged_model_and_refuses_a_full_model(lora_run, distill_run,
-                                                                      tmp_path):
+def test_merge_verb_writes_the_merged_model_and_refuses_a_full_model(
+    lora_run, distill_run, tmp_path
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert cli.main(["merge", str(lora_run), "--out", str(tmp_path / "merged")]) == 0
@@ -410,8 +481,11 @@ def test_merge_verb_writes_the_merged_model_and_refuses_a_full_model(lora_run, d
 def test_a_missing_task_is_refused_before_any_model_loads(lora_run, tmp_path, monkeypatch):
     import transformers
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *args, **kwargs: pytest.fail("loaded a model"))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda *args, **kwargs: pytest.fail("loaded a model"),
+    )
     with pytest.raises(StillError, match="eval task .*nope.yaml not found"):
         publish(lora_run, tmp_path / "p", tasks=[str(tmp_path / "nope.yaml")])
     assert not (tmp_path / "p").exists()
