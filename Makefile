@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-all bench setup clean
+.PHONY: demo test test-all lint bench setup clean
 
 setup:
 	bash scripts/setup.sh dev
@@ -13,10 +13,16 @@ demo:
 	bash scripts/setup.sh dev
 	bash scripts/quickstart.sh
 
-# The default suite: fast tests, plus one run of the real built-in SmolLM2 for a few steps.
+# Lint (config in pyproject.toml), then the default suite: fast tests, plus one run of the real
+# built-in SmolLM2 for a few steps.
 test:
 	bash scripts/setup.sh dev
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+lint:
+	bash scripts/setup.sh dev
+	$(VENV)/bin/ruff check .
 
 # Everything, including tests marked slow.
 test-all:
