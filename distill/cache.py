@@ -164,8 +164,6 @@ def _teacher_log_probs(teacher, batch: dict, temperature: float, vocab: int) -> 
 
 def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
     """`still cache`: write (or finish) the cache at recipe.distill.teacher_cache."""
-    from tqdm.auto import tqdm
-
     from distill.teacher import load_teacher
 
     out = recipe.distill.teacher_cache
@@ -183,27 +181,7 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
             hint=f"use at most {vocab} (= exact KD)",
         )
     manifest_path = out / MANIFEST
-    if manifest_path.exists():
-        found = json.loads(manifest_path.read_text())
-        problem = (
-            _mismatch(found, expected)
-            or (None if found.get("top_k") == k else f"it was made with top_k {found.get('top_k')}")
-            or (
-                None
-                if found.get("dtypes", {}).get("log_probs") == recipe.distill.cache_dtype
-                else f"it stores {found.get('dtypes', {}).get('log_probs')} log-probs"
-            )
-            or (
-                None
-                if found.get("examples_per_shard") == EXAMPLES_PER_SHARD
-                else "its shards are sized differently"
-            )
-        )
-        if problem:
-            raise StillError(
-                f"{out} holds another cache: {problem}",
-                hint="point distill.teacher_cache at a new dir, or delete this one",
-            )
+    _refuse_another_cache(out, expected, k, recipe)
     out.mkdir(parents=True, exist_ok=True)
     ids_dtype = torch.uint16 if vocab <= 65536 else torch.int32
     manifest = {
@@ -227,59 +205,104 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
         prepared = data_module.prepare(recipe.data, tokenizer, split=split, progress=progress)
         if prepared is None:
             continue
-        dataset, split_dir = prepared.dataset, out / split
-        split_dir.mkdir(exist_ok=True)
-        shards = math.ceil(len(dataset) / EXAMPLES_PER_SHARD)
-        bar = tqdm(
-            total=len(dataset), desc=f"teacher cache ({split})", disable=not progress, unit="ex"
+        report, manifest["splits"][split] = _cache_split(
+            teacher,
+            prepared.dataset,
+            out / split,
+            collator,
+            recipe,
+            (k, vocab, ids_dtype),
+            progress=progress,
         )
-        fidelity: list[torch.Tensor] = []
-        mass: list[torch.Tensor] = []
-        for shard in range(shards):
-            start, stop = (
-                shard * EXAMPLES_PER_SHARD,
-                min((shard + 1) * EXAMPLES_PER_SHARD, len(dataset)),
-            )
-            path = split_dir / f"shard-{shard:05d}.safetensors"
-            if not path.exists():  # else done by an earlier, interrupted run
-                _write_shard(
-                    teacher,
-                    dataset,
-                    range(start, stop),
-                    collator,
-                    recipe,
-                    k,
-                    vocab,
-                    ids_dtype,
-                    path,
-                    fidelity,
-                    mass,
-                )
-            bar.update(stop - start)
-        bar.close()
-        tokens = sum(_shard_tokens(split_dir / f"shard-{i:05d}.safetensors") for i in range(shards))
-        size = sum((split_dir / f"shard-{i:05d}.safetensors").stat().st_size for i in range(shards))
-        report = CacheReport(
-            split,
-            tokens,
-            len(dataset),
-            size / max(tokens, 1),
-            float(torch.cat(mass).mean()) if mass else None,
-            float(torch.cat(fidelity).mean()) if fidelity else None,
-        )
-        manifest["splits"][split] = {
-            "shards": shards,
-            "examples": len(dataset),
-            "tokens": tokens,
-            "bytes": size,
-            "bytes_per_token": report.bytes_per_token,
-            "mass_covered": report.mass_covered,
-            "kl_full_to_cached": report.kl_full_to_cached,
-        }
         reports.append(report)
     manifest["complete"] = True
     atomic_write_json(manifest_path, manifest, indent=1)
     return reports
+
+
+def _refuse_another_cache(out: Path, expected: dict, k: int, recipe) -> None:
+    """A cache dir may be finished only by the recipe and settings that started it."""
+    manifest_path = out / MANIFEST
+    if not manifest_path.exists():
+        return
+    found = json.loads(manifest_path.read_text())
+    problem = (
+        _mismatch(found, expected)
+        or (None if found.get("top_k") == k else f"it was made with top_k {found.get('top_k')}")
+        or (
+            None
+            if found.get("dtypes", {}).get("log_probs") == recipe.distill.cache_dtype
+            else f"it stores {found.get('dtypes', {}).get('log_probs')} log-probs"
+        )
+        or (
+            None
+            if found.get("examples_per_shard") == EXAMPLES_PER_SHARD
+            else "its shards are sized differently"
+        )
+    )
+    if problem:
+        raise StillError(
+            f"{out} holds another cache: {problem}",
+            hint="point distill.teacher_cache at a new dir, or delete this one",
+        )
+
+
+def _cache_split(
+    teacher, dataset, split_dir: Path, collator, recipe, layout: tuple, *, progress: bool
+) -> tuple[CacheReport, dict]:
+    """Write one split's missing shards; return its report and its manifest entry.
+
+    `layout` is (top_k, vocab size, ids dtype)."""
+    from tqdm.auto import tqdm
+
+    k, vocab, ids_dtype = layout
+    split = split_dir.name
+    split_dir.mkdir(exist_ok=True)
+    shards = math.ceil(len(dataset) / EXAMPLES_PER_SHARD)
+    bar = tqdm(total=len(dataset), desc=f"teacher cache ({split})", disable=not progress, unit="ex")
+    fidelity: list[torch.Tensor] = []
+    mass: list[torch.Tensor] = []
+    for shard in range(shards):
+        start, stop = (
+            shard * EXAMPLES_PER_SHARD,
+            min((shard + 1) * EXAMPLES_PER_SHARD, len(dataset)),
+        )
+        path = split_dir / f"shard-{shard:05d}.safetensors"
+        if not path.exists():  # else done by an earlier, interrupted run
+            _write_shard(
+                teacher,
+                dataset,
+                range(start, stop),
+                collator,
+                recipe,
+                k,
+                vocab,
+                ids_dtype,
+                path,
+                fidelity,
+                mass,
+            )
+        bar.update(stop - start)
+    bar.close()
+    tokens = sum(_shard_tokens(split_dir / f"shard-{i:05d}.safetensors") for i in range(shards))
+    size = sum((split_dir / f"shard-{i:05d}.safetensors").stat().st_size for i in range(shards))
+    report = CacheReport(
+        split,
+        tokens,
+        len(dataset),
+        size / max(tokens, 1),
+        float(torch.cat(mass).mean()) if mass else None,
+        float(torch.cat(fidelity).mean()) if fidelity else None,
+    )
+    return report, {
+        "shards": shards,
+        "examples": len(dataset),
+        "tokens": tokens,
+        "bytes": size,
+        "bytes_per_token": report.bytes_per_token,
+        "mass_covered": report.mass_covered,
+        "kl_full_to_cached": report.kl_full_to_cached,
+    }
 
 
 def _write_shard(

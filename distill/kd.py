@@ -31,8 +31,8 @@ from still.errors import StillError
 from still.launch import is_main_process
 from still.losses import IGNORE_INDEX
 from still.preflight import print_report
+from still.recipe import DistillRecipe
 from still.rundir import RunDir
-from still.sections import DistillRecipe
 from still.tracking import start_tracking
 from still.train import (
     collator_for,

@@ -301,7 +301,8 @@ def _kd_chunk(teacher, labels: Tensor, settings: _ChunkSettings):
 
 
 def _fused(student_rows, student_weight, student_bias, teacher, labels, settings: _ChunkSettings):
-    """(weighted loss, KD sum, CE sum) from the student's hidden rows, one chunk of logits at a time."""
+    """(weighted loss, KD sum, CE sum) from the student's hidden rows, one chunk of logits at a
+    time."""
     return chunked_head_loss(
         student_rows,
         student_weight,

@@ -34,8 +34,8 @@ from peft import PeftModel
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from still.distill_sections import StudentInit
 from still.errors import StillError
-from still.sections import StudentInit
 
 # Where Llama-style and Gemma-3 text models keep their decoder blocks, in the module tree and
 # in the state dict.

@@ -13,7 +13,7 @@ import os
 from still import models
 from still.errors import StillError
 from still.launch import is_main_process
-from still.sections import DistillRecipe
+from still.recipe import DistillRecipe
 
 # A teacher copy per process is fine while it takes at most this share of one device's memory.
 REPLICATE_TEACHER_MAX_SHARE = 0.25

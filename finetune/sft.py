@@ -20,8 +20,8 @@ from still.checkpoint import reliability_callbacks, resume_checkpoint, stopped_b
 from still.errors import StillError
 from still.losses import linear_cross_entropy
 from still.preflight import meta_model, print_report
+from still.recipe import FinetuneRecipe
 from still.rundir import RunDir
-from still.sections import FinetuneRecipe
 from still.tracking import start_tracking
 from still.train import (
     collator_for,

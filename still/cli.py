@@ -44,7 +44,8 @@ def _cmd_models(args) -> int:
         )
         cached = f"converted: {row['cached']}" if row["cached"] else "not converted yet"
         print(
-            f"{row['ref']:32} {row['description']}\n{'':32} {state}; {cached}; license {row['license']}"
+            f"{row['ref']:32} {row['description']}\n"
+            f"{'':32} {state}; {cached}; license {row['license']}"
         )
     print(f"cache: {cache_dir()}")
     return 0
@@ -309,19 +310,15 @@ def _add_eval_parsers(sub) -> None:
     p.set_defaults(handler=_cmd_compare)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="still", description="Fine-tune, distill, evaluate and publish small domain models."
-    )
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+def _with_recipe(sub, name: str, help_text: str):
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
+    return p
 
-    def with_recipe(name: str, help_text: str):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("recipe", help="recipe YAML")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
-        return p
 
-    p = with_recipe("run", "run a recipe (finetune, distill or eval)")
+def _add_recipe_parsers(sub) -> None:
+    p = _with_recipe(sub, "run", "run a recipe (finetune, distill or eval)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--force", action="store_true", help="delete an existing run dir first")
     p.add_argument(
@@ -331,14 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes on this machine (one per GPU), launched through accelerate",
     )
     p.set_defaults(handler=_cmd_run)
-    with_recipe("validate", "resolve a recipe (extends, overrides) and print it").set_defaults(
-        handler=_cmd_validate
-    )
-    with_recipe("check", "preflight: data, loss mask, parameters, memory and time").set_defaults(
-        handler=_cmd_check
-    )
+    _with_recipe(
+        sub, "validate", "resolve a recipe (extends, overrides) and print it"
+    ).set_defaults(handler=_cmd_validate)
+    _with_recipe(
+        sub, "check", "preflight: data, loss mask, parameters, memory and time"
+    ).set_defaults(handler=_cmd_check)
 
-    _add_eval_parsers(sub)
+
+def _add_publish_parsers(sub) -> None:
     p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model")
     p.add_argument("run", help="run dir with an adapter/")
     p.add_argument("--out", required=True, help="output dir for the merged model")
@@ -384,14 +382,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace --out and upload over an existing hub repo"
     )
     p.set_defaults(handler=_cmd_publish)
-    with_recipe(
-        "cache", "run a distill recipe's teacher once; store its top-k log-probs"
+
+
+def _add_teacher_parsers(sub) -> None:
+    _with_recipe(
+        sub, "cache", "run a distill recipe's teacher once; store its top-k log-probs"
     ).set_defaults(handler=_cmd_cache)
-    p = with_recipe(
-        "generate", "the teacher answers the training prompts: a chat dataset (sequence-level KD)"
+    p = _with_recipe(
+        sub,
+        "generate",
+        "the teacher answers the training prompts: a chat dataset (sequence-level KD)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing generate.out")
     p.set_defaults(handler=_cmd_generate)
+
+
+def _add_other_parsers(sub) -> None:
     p = sub.add_parser(
         "link",
         help="online, after `wandb sync`: mark the W&B model artifacts "
@@ -403,6 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list built-in models and the conversion cache").set_defaults(
         handler=_cmd_models
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="still", description="Fine-tune, distill, evaluate and publish small domain models."
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _add_recipe_parsers(sub)
+    _add_eval_parsers(sub)
+    _add_publish_parsers(sub)
+    _add_teacher_parsers(sub)
+    _add_other_parsers(sub)
     return parser
 
 
@@ -416,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         extras = [e for e in extras if e not in args.overrides]
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
-    # peft reads transformers' renamed property on every adapter it attaches; nothing a user can change.
+    # peft reads transformers' renamed property on every adapter it attaches; nothing a user can
+    # change.
     warnings.filterwarnings(
         "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
     )

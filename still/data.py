@@ -95,7 +95,8 @@ def _source_hash(source) -> str:
 
 
 def _settings_json(data) -> str:
-    # pack_row_tokens only arranges batches: the tokenized rows (and caches keyed by them) are the same
+    # pack_row_tokens only arranges batches: the tokenized rows (and caches keyed by them) are the
+    # same
     return data.model_dump_json(exclude={"train", "eval", "pack_row_tokens"})
 
 
@@ -426,7 +427,7 @@ class PaddedCollator:
         }
 
 
-# --------------------------------------------------------------------------- prompts to generate from
+# ------------------------------------------------------------------------ prompts to generate from
 def batches_longest_first(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Row indices grouped into batches of similar length (less padding; order restored later)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

@@ -172,7 +172,8 @@ class Encoder:
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
             )
-        except Exception as error:  # jinja's raise_exception, undefined variables, ...
+        # a template can raise anything (jinja's raise_exception, undefined variables, ...)
+        except Exception as error:  # noqa: BLE001 — any template error becomes one BadRow
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise BadRow(f"the chat template rejected this conversation: {message}") from None
 

@@ -1,9 +1,10 @@
 """Recipes: YAML in, a typed, validated `Recipe` out.
 
 `load(path, overrides)` reads the YAML (following `extends:` chains), applies dotted CLI
-overrides, resolves file paths, and validates against the pydantic sections in
-`still/sections.py`. Every key remembers the file and line it came from, so a mistake is
-reported as `teacher.yaml:12: unknown key 'lerning_rate' in train (did you mean 'lr'?)`.
+overrides, resolves file paths, and validates against the recipe models below, built from the
+sections in `still/sections.py` and `still/distill_sections.py`. Every key remembers the file and
+line it came from, so a mistake is reported as
+`teacher.yaml:12: unknown key 'lerning_rate' in train (did you mean 'lr'?)`.
 
 Path rule: file paths inside a recipe (`extends`, data files, task YAMLs) are relative to the
 YAML file that names them; model references and `output_dir` are resolved like
@@ -17,14 +18,95 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, PrivateAttr, ValidationError
 
+from still.distill_sections import (
+    DistillDistributedSection,
+    DistillSection,
+    DistillTrainSection,
+    GenerateSection,
+    StudentSection,
+)
 from still.errors import StillError
-from still.sections import RECIPE_KINDS, Recipe
+from still.sections import (
+    DataSection,
+    DistributedSection,
+    FinetuneTrainSection,
+    LoraSection,
+    ModelSection,
+    Section,
+    TrackSection,
+)
 from still.yaml_errors import KeyPath, Origin, key_lines, one_line_error, parse_yaml, where
+
+
+# --------------------------------------------------------------------------- the recipe models
+class RecipeBase(Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Run name: the run dir is output_dir/name.",
+    )
+    output_dir: str = Field("runs", description="Parent of the run dir (relative to the cwd).")
+    track: TrackSection = Field(default_factory=TrackSection)
+    _source: str | None = PrivateAttr(None)
+
+    @property
+    def source_path(self) -> str | None:
+        """The YAML file this recipe was loaded from (None when built in code)."""
+        return self._source
+
+
+class FinetuneRecipe(RecipeBase):
+    kind: Literal["finetune"]
+    model: ModelSection
+    method: Literal["lora", "dora", "qlora", "full"] = Field(
+        "lora", description="lora / dora / qlora (4-bit base, GPU only) / full fine-tuning."
+    )
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    train: FinetuneTrainSection = Field(default_factory=FinetuneTrainSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+    eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
+
+
+class DistillRecipe(RecipeBase):
+    kind: Literal["distill"]
+    teacher: ModelSection
+    student: StudentSection
+    method: Literal["full", "lora"] = Field("full", description="Train the student fully or LoRA.")
+    lora: LoraSection = Field(default_factory=LoraSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    data: DataSection
+    train: DistillTrainSection = Field(default_factory=DistillTrainSection)
+    distributed: DistillDistributedSection = Field(default_factory=DistillDistributedSection)
+    eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
+    generate: GenerateSection | None = Field(
+        None,
+        description="Sequence-level KD: `still generate R.yaml` writes the teacher's "
+        "answers to data.train's prompts as a chat dataset.",
+    )
+
+
+class EvalRecipe(RecipeBase):
+    kind: Literal["eval"]
+    models: list[str] = Field(min_length=1, description="Model references or run dirs to score.")
+    tasks: list[str] = Field(min_length=1, description="Task YAML files.")
+    batch_size: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1, description="Score only the first N rows of each task.")
+    reference: str | None = Field(None, description="Model the comparison is made against.")
+    teacher: str | None = Field(None, description="Teacher, for teacher-retention %.")
+
+
+Recipe = FinetuneRecipe | DistillRecipe | EvalRecipe
+RECIPE_KINDS: dict[str, type[Section]] = {
+    "finetune": FinetuneRecipe,
+    "distill": DistillRecipe,
+    "eval": EvalRecipe,
+}
+
 
 # Keys whose string values are file paths relative to the YAML that sets them. "*" matches any
 # list index.

@@ -77,7 +77,7 @@ def test_teacher_weights_unchanged_and_only_student_trains(tiny_model_dir_4layer
     from distill.kd import KDTrainer
     from distill.student import carve_student
     from still.data import PackedCollator
-    from still.sections import DistillSection, StudentInit
+    from still.distill_sections import DistillSection, StudentInit
 
     teacher, tokenizer = models.load_model(str(tiny_model_dir_4layers))
     teacher.requires_grad_(False)

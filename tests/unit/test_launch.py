@@ -76,7 +76,7 @@ def test_section_rejects_inconsistent_settings(fields, message):
 
 
 def test_only_distill_recipes_place_a_teacher():
-    from still.sections import DistillDistributedSection
+    from still.distill_sections import DistillDistributedSection
 
     with pytest.raises(ValidationError, match="teacher: shard needs strategy zero3 or fsdp"):
         DistillDistributedSection(strategy="ddp", teacher="shard")

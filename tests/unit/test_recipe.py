@@ -8,7 +8,7 @@ import pytest
 
 from still import recipe as recipe_module
 from still.errors import StillError
-from still.sections import FinetuneRecipe
+from still.recipe import FinetuneRecipe
 
 FINETUNE = """\
 kind: finetune

@@ -8,8 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from still.errors import StillError
-from still.recipe import apply_override, load
-from still.sections import RECIPE_KINDS
+from still.recipe import RECIPE_KINDS, apply_override, load
 
 # Real key names make the fuzzer reach deep validation, not just "unknown key".
 KEYS = sorted(

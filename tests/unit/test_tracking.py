@@ -6,8 +6,9 @@ import pytest
 
 from still import tracking
 from still.errors import StillError
+from still.recipe import FinetuneRecipe
 from still.rundir import RunDir
-from still.sections import FinetuneRecipe, TrackSection, WandbSection
+from still.sections import TrackSection, WandbSection
 
 
 def recipe_with(track: dict, tmp_path) -> FinetuneRecipe:

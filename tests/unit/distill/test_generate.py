@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from distill import seqkd
+from distill import endpoint, seqkd
 from still import cli
 from still import recipe as recipe_module
 from still.errors import StillError
@@ -179,7 +179,7 @@ def test_an_immediate_stop_is_an_empty_answer_not_a_truncated_one(tiny_model_dir
         batch_size=2,
         seed=0,
     )
-    assert [a[0] for a in answers] == [seqkd.Answer("", truncated=False)] * 2
+    assert [a[0] for a in answers] == [endpoint.Answer("", truncated=False)] * 2
 
 
 def test_generate_writes_nothing_when_every_answer_is_dropped(tmp_path, tiny_model_dir, capsys):
@@ -267,7 +267,7 @@ class _Server:
 
 
 def _endpoint(url, **extra):
-    from still.sections import EndpointSection
+    from still.distill_sections import EndpointSection
 
     return EndpointSection(url=url, model="m", **extra)
 
@@ -287,7 +287,7 @@ def test_endpoint_asks_again_when_the_server_ignores_n(monkeypatch):
     server = _Server(200, _one_choice)
     monkeypatch.setenv("TEST_KEY", "sekret")
     try:
-        answers = seqkd.generate_endpoint(
+        answers = endpoint.generate_endpoint(
             _endpoint(server.url, api_key_env="TEST_KEY"),
             CONVERSATIONS[:2],
             samples=2,
@@ -300,8 +300,8 @@ def test_endpoint_asks_again_when_the_server_ignores_n(monkeypatch):
     finally:
         server.close()
     assert answers == [
-        [seqkd.Answer("seed 10", False), seqkd.Answer("seed 11", False)],
-        [seqkd.Answer("seed 12", False), seqkd.Answer("seed 13", False)],
+        [endpoint.Answer("seed 10", False), endpoint.Answer("seed 11", False)],
+        [endpoint.Answer("seed 12", False), endpoint.Answer("seed 13", False)],
     ]
     path, headers, body = server.requests[0]
     assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sekret"
@@ -318,22 +318,22 @@ def test_endpoint_errors_are_still_errors(monkeypatch):
     server = _Server(401, {"error": {"message": "bad key"}})
     try:
         with pytest.raises(StillError, match=r"chat/completions: HTTP 401 Unauthorized: .*bad key"):
-            seqkd.EndpointClient(_endpoint(server.url)).complete(
+            endpoint.EndpointClient(_endpoint(server.url)).complete(
                 CONVERSATIONS[0], n=1, temperature=0, top_p=1, max_tokens=4, seed=0
             )
     finally:
         server.close()
     with pytest.raises(StillError, match=f"cannot reach {server.url}/chat/completions"):
-        seqkd.EndpointClient(_endpoint(server.url)).complete(
+        endpoint.EndpointClient(_endpoint(server.url)).complete(
             CONVERSATIONS[0], n=1, temperature=0, top_p=1, max_tokens=4, seed=0
         )
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     with pytest.raises(StillError, match="NO_SUCH_KEY_VAR is not set"):
-        seqkd.EndpointClient(_endpoint(server.url, api_key_env="NO_SUCH_KEY_VAR"))
+        endpoint.EndpointClient(_endpoint(server.url, api_key_env="NO_SUCH_KEY_VAR"))
     server = _Server(200, {"object": "not a completion"})
     try:
         with pytest.raises(StillError, match="not an OpenAI chat completion response"):
-            seqkd.EndpointClient(_endpoint(server.url)).complete(
+            endpoint.EndpointClient(_endpoint(server.url)).complete(
                 CONVERSATIONS[0], n=1, temperature=0, top_p=1, max_tokens=4, seed=0
             )
     finally:

@@ -17,8 +17,8 @@ from distill.student import (
     count_parameters,
     layer_importance,
 )
+from still.distill_sections import StudentInit
 from still.errors import StillError
-from still.sections import StudentInit
 
 
 @pytest.fixture(scope="module")
