@@ -1,7 +1,7 @@
-"""Our multiple-choice scoring next to lm-evaluation-harness: same task, model, batch size, fp32 CPU.
+"""Our multiple-choice scoring next to lm-evaluation-harness: same task, model, batch, fp32 CPU.
 
 Run: python benchmarks/eval_vs_lm_eval.py --limit 200
-     python benchmarks/eval_vs_lm_eval.py --model /path/to/hf_dir --data data/pydocs/choice_test.jsonl
+     python benchmarks/eval_vs_lm_eval.py --model HF_DIR --data data/pydocs/choice_test.jsonl
 
 The task YAML (default: recipes/tasks/pydocs-choice.yaml) is translated into an lm-eval task
 (`dataset_path: json`, `output_type: multiple_choice`, registered through
@@ -185,7 +185,8 @@ def main() -> None:
     )
     our_rate, their_rate = n / our_seconds, n / their_seconds
     print(
-        f"throughput  still {our_rate:.2f} q/s ({our_seconds:.1f} s)   lm-eval {their_rate:.2f} q/s "
+        f"throughput  still {our_rate:.2f} q/s ({our_seconds:.1f} s)   "
+        f"lm-eval {their_rate:.2f} q/s "
         f"({their_seconds:.1f} s)   ratio still/lm-eval {our_rate / their_rate:.2f}x"
     )
     our_tokens, their_tokens = tokens_through_model(tokenizer, task, our_samples)
@@ -198,7 +199,7 @@ def main() -> None:
 
 
 def tokens_through_model(tokenizer, task, samples: list[dict]) -> tuple[int, int]:
-    """Input tokens: ours packs context + every choice; lm-eval feeds context + choice per choice."""
+    """Input tokens: ours packs context + all choices; lm-eval: context + choice, per choice."""
     ours = theirs = 0
     for sample in samples:
         pairs = [

@@ -64,7 +64,8 @@ def main() -> None:
             ):
                 shutil.copy(file, target / file.name)
         print(
-            f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {target}"
+            f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
+            f"-> {target}"
         )
         del model
 

@@ -1,4 +1,4 @@
-"""SFT throughput: `still` finetune vs TRL SFTTrainer (its defaults) vs plain HF Trainer with padding.
+"""SFT throughput: `still` finetune vs TRL SFTTrainer (its defaults) vs plain HF Trainer, padded.
 
     python benchmarks/sft_throughput.py                       # CPU, built-in SmolLM2, 30 steps
     python benchmarks/sft_throughput.py --device cuda --batch-size 32 --steps 50
@@ -296,7 +296,8 @@ def print_report(args, results: list[dict], header: list[str]) -> None:
         )
         print(
             f"| {result['variant']} | {result['tokens_per_s']:.1f} | {ratio} | {peak:.0f} | "
-            f"{result['final_loss']:.4f} | {result['tail_loss']:.4f} | {LOSS_COVERS[result['variant']]} | "
+            f"{result['final_loss']:.4f} | {result['tail_loss']:.4f} | "
+            f"{LOSS_COVERS[result['variant']]} | "
             f"{padding:.0%} | {'on' if result['gradient_checkpointing'] else 'off'} | "
             f"{'on' if result['bf16'] else 'off'} | {result['tokenize_s']:.1f} |{mfu}"
         )
@@ -312,7 +313,8 @@ def print_report(args, results: list[dict], header: list[str]) -> None:
         print(
             f"| {result['variant']} | {per_step:.2f} | {phase['data']:.2f} | "
             f"{phase['forward']:.2f} | {phase['backward']:.2f} | {phase['optimizer']:.2f} | "
-            f"{result['effective_total']} | {result['computed_total']} | {result['loss_tokens_total']} |"
+            f"{result['effective_total']} | {result['computed_total']} | "
+            f"{result['loss_tokens_total']} |"
         )
     print()
     reference = by_name.get("still") or results[0]
@@ -335,7 +337,8 @@ def print_report(args, results: list[dict], header: list[str]) -> None:
         if pairs:
             gaps = [abs(a - b) for a, b in pairs]
             print(
-                f"loss curve {result['variant']} vs {reference['variant']}: max |diff| {max(gaps):.4f}, "
+                f"loss curve {result['variant']} vs {reference['variant']}: "
+                f"max |diff| {max(gaps):.4f}, "
                 f"mean |diff| {statistics.fmean(gaps):.4f} over {len(pairs)} steps "
                 f"(loss tokens {result['loss_tokens_total']} vs {reference['loss_tokens_total']})"
             )
@@ -349,7 +352,8 @@ def print_report(args, results: list[dict], header: list[str]) -> None:
         print("(profiled run: torch.profiler was on for some steps; do not quote these rates)")
         for result in results:
             print(
-                f"\n--- top operators, {result['variant']}, {args.profile} steps ---\n{result['profile']}"
+                f"\n--- top operators, {result['variant']}, {args.profile} steps ---\n"
+                f"{result['profile']}"
             )
 
 
@@ -388,11 +392,13 @@ def main() -> None:
     header = [
         f"SFT throughput, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {description}",
         f"{versions()}",
-        f"model {args.model} ({args.method}, r {args.lora_r}, alpha {args.lora_alpha:g}, all-linear), "
+        f"model {args.model} ({args.method}, r {args.lora_r}, alpha {args.lora_alpha:g}, "
+        "all-linear), "
         f"{args.device}, {args.steps} steps × global batch {global_batch} "
         f"({args.batch_size} × {args.grad_accum}), max_len {args.max_len}, lr {args.lr:g} cosine, "
         f"seed {args.seed}",
-        f"data {DATA_FILE.relative_to(ROOT)}: {len(rows)} rows ({args.lengths} lengths), tokens per example: "
+        f"data {DATA_FILE.relative_to(ROOT)}: {len(rows)} rows ({args.lengths} lengths), "
+        "tokens per example: "
         f"{distribution(lengths)}",
         f"tokens/s over steps {args.warmup_steps + 1}..{args.steps} (loop time only)"
         + (

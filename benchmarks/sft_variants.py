@@ -214,7 +214,7 @@ def shared_arguments(args, recipe) -> dict:
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        # TRL's default bf16=True stops on a CPU-only machine unless use_cpu is set (its own advice).
+        # TRL's default bf16=True stops on a CPU-only machine without use_cpu (its own advice).
         use_cpu=args.device == "cpu",
         **({} if args.variant == "trl" else precision_flags(train)),
     )

@@ -76,13 +76,15 @@ def compare(
             )
     caveats += _caveats(models)
     caveats.append(
-        f"Δ is the mean per-question difference to {reference_model.name}; its CI resamples the same "
+        f"Δ is the mean per-question difference to {reference_model.name}; "
+        "its CI resamples the same "
         f"question ids for both models ({PAIRED_BOOTSTRAP_SAMPLES} paired bootstrap draws); "
         "* marks a CI that excludes 0."
     )
     if teacher_model:
         caveats.append(
-            f"% of {teacher_model.name} is model score / teacher score × 100 (higher-is-better metrics only)."
+            f"% of {teacher_model.name} is model score / teacher score × 100 "
+            "(higher-is-better metrics only)."
         )
 
     markdown = _markdown_table(header, table) + "\n" + "".join(f"- {line}\n" for line in caveats)
@@ -251,7 +253,8 @@ def _caveats(models: list[ModelResults]) -> list[str]:
             )
         if any(LOWER_IS_BETTER & set(m.summaries[task]["metrics"]) for m in having):
             lines.append(
-                f"{task}: loss/perplexity are lower-is-better and comparable only between models sharing a "
+                f"{task}: loss/perplexity are lower-is-better and comparable only between "
+                "models sharing a "
                 "tokenizer; the score is token-weighted, Δ averages per-question losses"
             )
     if len({s["harness_version"] for m in models for s in m.summaries.values()}) > 1:

@@ -11,8 +11,8 @@ and itself and explicit position ids so every branch starts where the context en
 is encoded once per question instead of once per choice, and padding never touches a score.
 
 Caching: results live under `cache_dir/<model_hash>/<task_hash>/<HARNESS_VERSION>/<limit>/`.
-`still.models.model_content_hash` covers the weights (adapter included), `task_hash` the spec and the data
-bytes, so a changed weight, adapter, prompt or data row is a miss.
+`still.models.model_content_hash` covers the weights (adapter included), `task_hash` the spec
+and the data bytes, so a changed weight, adapter, prompt or data row is a miss.
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ def _warn_if_not_fp32(model) -> None:
         and parameter.dtype != torch.float32
     ):
         warnings.warn(
-            f"scoring a {parameter.dtype} model on CPU: scores can shift with batch size; load it in float32",
+            f"scoring a {parameter.dtype} model on CPU: scores can shift with batch size; "
+            "load it in float32",
             stacklevel=3,
         )
 
@@ -274,7 +275,8 @@ def _cut_at_stop(text: str, stop: list[str]) -> str:
 def continuation_logliks(
     model, items: list[tuple[list[int], list[list[int]]]], batch_size: int, bar=None
 ) -> list[list[float]]:
-    """Summed log-probability of each continuation after its context, for (context, [continuations]).
+    """Summed log-probability of each continuation after its context, for each
+    (context, [continuations]).
 
     One sequence per item: the context once, then each continuation's tokens but its last as a
     branch. The 4-D mask lets a branch see the context and itself only; position ids restart

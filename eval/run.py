@@ -14,7 +14,7 @@ from pathlib import Path
 
 from eval.harness import evaluate
 from eval.tasks import load_task
-from still import models, tracking
+from still import builtins, models, tracking, wandb_logs
 from still.errors import StillError
 from still.rundir import RunDir
 
@@ -36,7 +36,7 @@ def is_run_dir(ref: str) -> bool:
 
 
 def eval_cache_dir() -> Path:
-    return models.cache_dir() / "eval"
+    return builtins.cache_dir() / "eval"
 
 
 def evaluate_model(
@@ -69,7 +69,7 @@ def evaluate_model(
         )
         summaries.append(summary)
         # into the active W&B run, if any: an eval run, or the training run this eval ends
-        tracking.log_eval_task(
+        wandb_logs.log_eval_task(
             summary, Path(out_dir) / f"{task.name}.samples.jsonl", model_name=name
         )
         cached = " (cached)" if summary.get("cache_hit") else ""
@@ -127,7 +127,7 @@ def run_eval_recipe(
         teacher = display_name(recipe.teacher) if recipe.teacher else None
         compare(result_dirs, reference=reference, teacher=teacher, out_dir=out_root)
         if tracking.start_wandb(recipe, out_root, job_type="compare", name=recipe.name) is not None:
-            tracking.log_comparison(out_root)
+            wandb_logs.log_comparison(out_root)
             tracking.finish_wandb()
     return 0
 

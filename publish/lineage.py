@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from still import __version__, models
+from still import __version__
+from still.builtins import BUILTINS
 from still.rundir import RunDir
 
 # Hub ids of the built-ins, for the card's `base_model` (a local path is no use to the hub).
@@ -52,7 +53,7 @@ def license_of(lineage: dict) -> str | None:
     if not base:
         return None
     if base.startswith("builtin:"):
-        builtin = models.BUILTINS.get(base.removeprefix("builtin:"))
+        builtin = BUILTINS.get(base.removeprefix("builtin:"))
         return builtin.license if builtin else None
     card_path = Path(base) / "README.md"
     if not card_path.exists() and not Path(base).exists():

@@ -199,7 +199,7 @@ class _Varlen:
                     module, query, key, scaling=scaling, sliding_window=sliding_window
                 )
             problem = "its output or gradients differed from per-example sdpa"
-        except Exception as exc:  # any failure of an optional kernel means: do not use it
+        except Exception as exc:  # noqa: BLE001 — any failure of an optional kernel: do not use it
             agree, problem = (
                 False,
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",

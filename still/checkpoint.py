@@ -126,7 +126,8 @@ def resume_checkpoint(run: RunDir) -> str | None:
         # Runs from before completion markers existed: trust Trainer's newest, say so.
         if (candidates[0] / "trainer_state.json").exists():
             say(
-                f"still: resuming from {candidates[0]} (made without completion markers: unverified)"
+                f"still: resuming from {candidates[0]} "
+                "(made without completion markers: unverified)"
             )
             return str(candidates[0])
     chosen, ignored = None, []
@@ -375,6 +376,7 @@ def stopped_by_signal(trainer, recipe) -> bool:
         except ValueError:
             pass
         print(
-            f"still: stopped by {stop.received} at step {stop.stopped_at}; resume with: still run {source} --resume"
+            f"still: stopped by {stop.received} at step {stop.stopped_at}; "
+            f"resume with: still run {source} --resume"
         )
     return True

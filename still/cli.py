@@ -34,7 +34,7 @@ def _cmd_schema(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from still.models import cache_dir, describe_builtins
+    from still.builtins import cache_dir, describe_builtins
 
     for row in describe_builtins():
         state = (
@@ -224,7 +224,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_link(args) -> int:
-    from still.tracking import link_lineage
+    from still.wandb_logs import link_lineage
 
     for run_dir in args.runs:
         parents = link_lineage(Path(run_dir))
@@ -240,7 +240,7 @@ def _cmd_compare(args) -> int:
         [Path(p) for p in args.inputs], reference=args.reference, teacher=args.teacher, out_dir=out
     )
     if args.wandb:
-        from still.tracking import log_comparison_run
+        from still.wandb_logs import log_comparison_run
 
         log_comparison_run(out, project=args.wandb, group=args.wandb_group, inputs=args.inputs)
     return 0

@@ -24,7 +24,6 @@ class DistillTrainSection(TrainSection):
     )
 
 
-
 # --------------------------------------------------------------------------- several processes
 class DistillDistributedSection(DistributedSection):
     teacher: Literal["auto", "replicate", "shard"] = Field(
@@ -39,7 +38,6 @@ class DistillDistributedSection(DistributedSection):
         if self.teacher == "shard" and self.strategy not in ("zero3", "fsdp"):
             raise ValueError("teacher: shard needs strategy zero3 or fsdp")
         return self
-
 
 
 # --------------------------------------------------------------------------- distillation

@@ -127,7 +127,8 @@ def print_report(recipe, tokenizer, train, eval_data, *, model, total_steps: int
         for example in s.bad_row_examples[:3]:
             lines.append(f"             skipped: {example}")
     lines.append(
-        f"  eos trained: {'yes' if train.stats.eos_trained else 'NO: the model may not learn to stop'}"
+        "  eos trained: "
+        + ("yes" if train.stats.eos_trained else "NO: the model may not learn to stop")
     )
     first = train.dataset[0]
     rendered = data_module.render_loss_mask(tokenizer, first["input_ids"], first["labels"])
@@ -147,7 +148,8 @@ def print_report(recipe, tokenizer, train, eval_data, *, model, total_steps: int
     )
     lines.append(
         f"  time ~{est['seconds'] / 60:.1f} min for {total_steps} steps "
-        f"(~{est['tokens']:,.0f} tokens at ~{est['tokens_per_s']:.0f} tokens/s on {est['device']}); "
+        f"(~{est['tokens']:,.0f} tokens at ~{est['tokens_per_s']:.0f} tokens/s "
+        f"on {est['device']}); "
         f"rough estimate"
     )
     if is_main_process():

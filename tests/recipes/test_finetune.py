@@ -272,7 +272,7 @@ def test_gradient_checkpointing_recomputes_and_trains_the_same_curve(
     plain_calls = len(mlp_forwards)
     mlp_forwards.clear()
     assert cli.main([*common, "name=checkpointed", "train.gradient_checkpointing=true"]) == 0
-    # The same evals and training forwards, plus each of the 2 layers run again in each step's backward.
+    # The same evals and training forwards, plus each of the 2 layers rerun in each step's backward.
     assert len(mlp_forwards) == plain_calls + 2 * 2
     plain, checkpointed = (
         train_losses(tmp_path / "runs" / "plain"),

@@ -1,4 +1,4 @@
-"""CUDA-only paths, on the tiny model: bf16 by default, chunked CE in bf16, Liger, QLoRA, torch.compile.
+"""CUDA-only paths on the tiny model: bf16 by default, bf16 chunked CE, Liger, QLoRA, torch.compile.
 
 Run on a machine with a GPU: `pytest -m gpu`. The default suite skips them (`-m 'not gpu'`).
 """

@@ -28,11 +28,15 @@ def _recipe(path: Path, kind: str, model_dir: Path, teacher_dir: Path) -> Path:
         ("What does min do?", "Return the smallest item."),
     ] * 2
     data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
-    head = f'kind: finetune\nname: x\nmodel: {{ref: "{model_dir}"}}\nlora: {{r: 4, alpha: 8, dropout: 0.0}}\n'
+    head = (
+        f'kind: finetune\nname: x\nmodel: {{ref: "{model_dir}"}}\n'
+        "lora: {r: 4, alpha: 8, dropout: 0.0}\n"
+    )
     if kind == "distill":
         head = (
             f'kind: distill\nname: x\nteacher: {{ref: "{teacher_dir}"}}\n'
-            "student: {init: {keep_layers: [0, 3]}}\ndistill: {loss: forward_kl, temperature: 2.0}\n"
+            "student: {init: {keep_layers: [0, 3]}}\n"
+            "distill: {loss: forward_kl, temperature: 2.0}\n"
         )
     (path / "ppl.yaml").write_text(
         "name: ppl\ntype: perplexity\ndata: {path: train.jsonl}\nprompt: '{{ question }}'\n"

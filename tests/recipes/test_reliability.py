@@ -102,7 +102,8 @@ def wait_for_marker(process, checkpoints: Path, min_step: int, timeout=180):
         if process.poll() is not None:
             out, err = process.communicate()
             pytest.fail(
-                f"run ended (rc {process.returncode}) before a checkpoint was complete:\n{err[-3000:]}"
+                f"run ended (rc {process.returncode}) before a checkpoint was complete:\n"
+                f"{err[-3000:]}"
             )
         time.sleep(0.02)
     process.kill()

@@ -49,7 +49,8 @@ def work(tmp_path_factory, tiny_model_dir_4layers):
           train: {{path: train.jsonl, format: instruction, prompt: question, response: answer}}
           eval: {{path: eval.jsonl, format: instruction, prompt: question, response: answer}}
           max_len: 64
-        train: {{lr: 1.0e-2, batch_size: 2, max_steps: 5, warmup_ratio: 0.0, seed: 3, loss_chunk_size: 16}}
+        train: {{lr: 1.0e-2, batch_size: 2, max_steps: 5, warmup_ratio: 0.0, seed: 3,
+          loss_chunk_size: 16}}
         """)
     )
     return root

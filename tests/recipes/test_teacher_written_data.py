@@ -58,9 +58,11 @@ def teacher_dir(workdir, tiny_model_dir):
         model: {{ref: "{tiny_model_dir}"}}
         method: full
         data:
-          train: {{path: teacher-train.jsonl, format: instruction, prompt: question, response: answer}}
+          train: {{path: teacher-train.jsonl, format: instruction, prompt: question,
+            response: answer}}
           max_len: 128
-        train: {{lr: 1.0e-2, batch_size: 24, max_steps: 80, warmup_ratio: 0.0, scheduler: constant, seed: 0}}
+        train: {{lr: 1.0e-2, batch_size: 24, max_steps: 80, warmup_ratio: 0.0, scheduler: constant,
+          seed: 0}}
         """)
     )
     assert cli.main(["run", str(recipe)]) == 0
@@ -173,7 +175,8 @@ def test_model_judge_keeps_and_drops_by_score(workdir, teacher_dir, tiny_model_d
           out: gen/judged.jsonl
           temperature: 0
           max_new_tokens: 32
-          judge: {{type: model, ref: "{teacher_dir}", prompt: {json.dumps(JUDGE_PROMPT)}, min_score: 5}}
+          judge: {{type: model, ref: "{teacher_dir}", prompt: {json.dumps(JUDGE_PROMPT)},
+            min_score: 5}}
         """,
     )
     assert cli.main(["generate", str(recipe)]) == 0

@@ -307,7 +307,8 @@ def test_a_published_model_is_an_artifact_in_its_source_runs_group(tmp_path, off
     source.mkdir(parents=True)
     (source / "lineage.json").write_text("{}")
     (source / "recipe.resolved.yaml").write_text(
-        "# Resolved from /somewhere/recipes/quickstart/student.yaml\nkind: distill\nname: pydocs-student\n"
+        "# Resolved from /somewhere/recipes/quickstart/student.yaml\n"
+        "kind: distill\nname: pydocs-student\n"
         "track:\n  wandb: {project: still-test, tags: [ci], mode: auto, log_model: end}\n"
     )
     out = tmp_path / "published" / "pydocs-student"

@@ -37,7 +37,8 @@ def test_validate_misspelled_key_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [
-        f"still: error: {path.resolve()}:8: unknown key 'lerning_rate' in train (did you mean 'lr'?)"
+        f"still: error: {path.resolve()}:8: "
+        "unknown key 'lerning_rate' in train (did you mean 'lr'?)"
     ]
     assert "Traceback" not in result.stderr
 
@@ -96,7 +97,8 @@ def test_run_refuses_existing_run_dir(tmp_path):
     result = still("run", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "still: error: run dir runs/t already exists (add --resume to continue it, --force to start over, or change `name`)"
+        "still: error: run dir runs/t already exists "
+        "(add --resume to continue it, --force to start over, or change `name`)"
     ]
 
 

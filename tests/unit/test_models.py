@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from still import models
+from still import builtins, models
 from still.errors import StillError
 
 
@@ -106,7 +106,7 @@ def test_hub_id_offline_and_not_cached(monkeypatch, tmp_path):
 
 
 def test_missing_builtin_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(models.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(builtins.util, "find_spec", lambda name: None)
     with pytest.raises(StillError) as info:
         models.resolve("builtin:smollm2-135m-instruct")
     assert str(info.value) == (
@@ -148,16 +148,16 @@ def test_real_builtin_smollm2_loads_offline_generates_and_reloads_fast(monkeypat
     assert again.config.num_hidden_layers == 30 and again.config.vocab_size == 49152
     cached = models.resolve("builtin:smollm2-135m-instruct").weights
     assert os.path.exists(os.path.join(cached, "model.safetensors"))
-    marker = json.loads(open(os.path.join(cached, models.CONVERTED_MARKER)).read())
+    marker = json.loads(open(os.path.join(cached, builtins.CONVERTED_MARKER)).read())
     assert len(marker["sha256"]) == 64
 
 
 def test_gguf_path_shares_the_builtin_conversion():
     builtin = models.resolve("builtin:smollm2-135m-instruct")
-    gguf = models._smollm2_gguf(models.cache_dir())
+    gguf = builtins._smollm2_gguf(builtins.cache_dir())
     direct = models.resolve(str(gguf))
     assert direct.kind == "gguf" and direct.weights == builtin.weights
-    listed = {row["ref"]: row for row in models.describe_builtins()}
+    listed = {row["ref"]: row for row in builtins.describe_builtins()}
     assert listed["builtin:smollm2-135m-instruct"]["cached"] == builtin.weights
 
 
@@ -174,9 +174,9 @@ def test_a_published_dir_resolves_as_a_plain_model_dir(tiny_model_dir, tmp_path)
 
 
 def _fake_conversion(gguf: Path) -> Path:
-    target = models._conversion_target(gguf.resolve())
+    target = builtins._conversion_target(gguf.resolve())
     target.mkdir(parents=True)
-    (target / models.CONVERTED_MARKER).write_text(json.dumps({"gguf": str(gguf.resolve())}))
+    (target / builtins.CONVERTED_MARKER).write_text(json.dumps({"gguf": str(gguf.resolve())}))
     return target
 
 
@@ -196,18 +196,18 @@ def test_models_lists_the_conversion_resolve_uses_not_another_venvs(tmp_path, mo
         other = tmp_path / f"venv{i}" / name
         other.parent.mkdir()
         other.write_bytes(b"GGUF")
-        if models._conversion_target(other.resolve()) > current:
+        if builtins._conversion_target(other.resolve()) > current:
             break
     assert _fake_conversion(other) > current
     builtin = dataclasses.replace(
-        models.BUILTINS["smollm2-135m-instruct"], locate=lambda cache: here
+        builtins.BUILTINS["smollm2-135m-instruct"], locate=lambda cache: here
     )
-    monkeypatch.setitem(models.BUILTINS, "smollm2-135m-instruct", builtin)
+    monkeypatch.setitem(builtins.BUILTINS, "smollm2-135m-instruct", builtin)
 
-    listed = {row["ref"]: row for row in models.describe_builtins()}
+    listed = {row["ref"]: row for row in builtins.describe_builtins()}
     assert listed["builtin:smollm2-135m-instruct"]["cached"] == str(current)
     os.utime(here, ns=(1, 1))  # a reinstall changed the file: its conversion is stale now
-    listed = {row["ref"]: row for row in models.describe_builtins()}
+    listed = {row["ref"]: row for row in builtins.describe_builtins()}
     assert listed["builtin:smollm2-135m-instruct"]["cached"] is None
 
 
@@ -226,16 +226,19 @@ def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "_dequantize_to", slow_dequantize)
     results = []
-    threads = [
-        threading.Thread(target=lambda: results.append(models.convert_gguf(fake))) for _ in range(3)
-    ]
+
+    def convert():
+        results.append(builtins.convert_gguf(fake))
+
+    threads = [threading.Thread(target=convert) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert len(calls) == 1 and len(set(results)) == 1
-    assert (results[0] / "config.json").exists() and (results[0] / models.CONVERTED_MARKER).exists()
-    assert not list(results[0].parent.glob(".converting-*"))
+    assert (results[0] / "config.json").exists()
+    assert (results[0] / builtins.CONVERTED_MARKER).exists()
+    assert not list(results[0].parent.glob(f".{results[0].name}-*"))  # no staging dir left
 
 
 @pytest.mark.slow

@@ -123,13 +123,15 @@ def test_yaml_1_1_booleans_stay_words_in_overrides(tmp_path):
         ),
         (
             "train.lerning_rate=1",
-            r"override 'train.lerning_rate=1': unknown key 'lerning_rate' in train \(did you mean 'lr'\?\)",
+            r"override 'train.lerning_rate=1': unknown key 'lerning_rate' in train "
+            r"\(did you mean 'lr'\?\)",
         ),
         ("train", r"bad override 'train': expected KEY=VALUE"),
         ("train.lr.x=1", r"bad override 'train.lr.x=1': 'train.lr' is not a section"),
         (
             "kind=finetun",
-            r"kind must be one of finetune \| distill \| eval, got 'finetun' \(did you mean 'finetune'\?\)",
+            r"kind must be one of finetune \| distill \| eval, got 'finetun' "
+            r"\(did you mean 'finetune'\?\)",
         ),
     ],
 )

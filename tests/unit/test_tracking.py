@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from still import tracking
+from still import tracking, wandb_logs
 from still.errors import StillError
 from still.recipe import FinetuneRecipe
 from still.rundir import RunDir
@@ -133,7 +133,7 @@ def test_samples_table_has_a_row_per_question_and_a_column_per_metric(tmp_path):
     ]
     path = tmp_path / "qa.samples.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = tracking.samples_table(path, model_name="m")
+    table = wandb_logs.samples_table(path, model_name="m")
     assert table.columns == [
         "model",
         "idx",
@@ -152,8 +152,8 @@ def test_samples_table_has_a_row_per_question_and_a_column_per_metric(tmp_path):
 def test_logging_without_an_active_run_is_a_no_op(tmp_path):
     wandb = pytest.importorskip("wandb")
     assert wandb.run is None
-    tracking.log_eval_task({"task": "qa", "metrics": {}}, tmp_path / "missing.jsonl")
-    tracking.log_comparison(tmp_path)
+    wandb_logs.log_eval_task({"task": "qa", "metrics": {}}, tmp_path / "missing.jsonl")
+    wandb_logs.log_comparison(tmp_path)
     tracking.finish_training_run(RunDir(tmp_path), {"loss": 1.0})
     assert tracking.log_model_artifact(tmp_path, name="m", lineage={}) is None
 

@@ -43,7 +43,9 @@ SHARD_SCRIPT = textwrap.dedent("""\
     reference = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
     teacher = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval().requires_grad_(False)
     full_layer_params = sum(p.numel() for p in teacher.model.layers.parameters())
-    teacher = teacher_module.shard_teacher_fsdp(teacher, torch.device("cpu"), SimpleNamespace(cpu_offload=None))
+    teacher = teacher_module.shard_teacher_fsdp(
+        teacher, torch.device("cpu"), SimpleNamespace(cpu_offload=None)
+    )
     local_layer_params = sum(p.to_local().numel() for p in teacher.model.layers.parameters())
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]]) + rank  # each rank its own batch
     with torch.no_grad():

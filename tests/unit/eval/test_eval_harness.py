@@ -255,9 +255,11 @@ def test_adapter_hash_is_the_same_in_every_process(tiny_model_dir):
     import sys
 
     script = (
-        "import sys, torch, peft; from transformers import AutoModelForCausalLM; from still.models import model_content_hash\n"
+        "import sys, torch, peft; from transformers import AutoModelForCausalLM; "
+        "from still.models import model_content_hash\n"
         "torch.manual_seed(0); base = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
-        "config = peft.LoraConfig(r=2, target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj'])\n"
+        "config = peft.LoraConfig(r=2, target_modules=['q_proj', 'k_proj', 'v_proj', "
+        "'o_proj', 'up_proj'])\n"
         "print(model_content_hash(peft.get_peft_model(base, config)))\n"
     )
     hashes = set()
@@ -275,7 +277,7 @@ def test_adapter_hash_is_the_same_in_every_process(tiny_model_dir):
 
 
 def test_packed_scoring_respects_sliding_window_layers(model_and_tokenizer):
-    """Gemma 3 style: a window shorter than the context must cut attention as in an unpacked pass."""
+    """Gemma 3 style: a window shorter than the context cuts attention as in an unpacked pass."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from eval.harness import continuation_logliks
