@@ -14,9 +14,10 @@ from still.rundir import RunDir
 
 @pytest.fixture
 def bf16_everywhere(monkeypatch):
-    from finetune import sft
+    from still import train
 
-    monkeypatch.setattr(sft, "precision_flags", lambda train: {"bf16": True, "fp16": False})
+    # training_arguments (still.train) asks precision_flags, which refuses bf16 without a GPU
+    monkeypatch.setattr(train, "precision_flags", lambda train: {"bf16": True, "fp16": False})
 
 
 def losses(run_dir, key="loss"):
