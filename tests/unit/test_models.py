@@ -224,7 +224,7 @@ def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
         time.sleep(0.5)
         (out_dir / "config.json").write_text("{}")
 
-    monkeypatch.setattr(models, "_dequantize_to", slow_dequantize)
+    monkeypatch.setattr(builtins, "_dequantize_to", slow_dequantize)
     results = []
 
     def convert():
