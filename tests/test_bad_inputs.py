@@ -1,10 +1,11 @@
 """The bad-input corpus: every broken input is one `still: error:` line, exit 2, no traceback,
 and no run dir left behind.
 
-Each case in tests/bad_inputs/cases.yaml is a directory (recipe, data, task files) run through
-`still.cli.main` in-process with the case dir as cwd. `{TINY}`-style placeholders in its files
-and argv are replaced by models built here (see `models`); `patch` names a monkeypatch for
-conditions a file cannot express (a package that is not installed).
+Each case in tests/bad_inputs/cases*.yaml (one file per class of input) is a directory
+(recipe, data, task files) run through `still.cli.main` in-process with the case dir as cwd.
+`{TINY}`-style placeholders in its files and argv are replaced by models built here (see
+`models`); `patch` names a monkeypatch for conditions a file cannot express (a package that is
+not installed).
 """
 
 import re
@@ -18,7 +19,9 @@ import yaml
 from still import cli
 
 CORPUS = Path(__file__).parent / "bad_inputs"
-CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text())
+CASES = [
+    case for path in sorted(CORPUS.glob("cases*.yaml")) for case in yaml.safe_load(path.read_text())
+]
 
 
 @pytest.fixture(scope="session")
