@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from still import data as data_module
 from still import models
+from still.errors import StillError
 from still.launch import is_main_process
+from still.yaml_errors import key_lines, parse_yaml
 
 # Achieved share of the measured matmul throughput during training. CPU: on the idle 2-core
 # CI machine a 768x768 fp32 matmul ran at 188 GFLOP/s and LoRA on SmolLM2-135M trained at
@@ -108,11 +111,81 @@ def estimate(recipe, model, train, total_steps: int) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- size limits
+# Where a config states how many positions the model was built for, by family.
+POSITION_LIMIT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "n_ctx",
+)
+
+
+def position_limit(config) -> tuple[int, str] | None:
+    """(positions, config key) the model was built for, or None where its config says nothing."""
+    config = getattr(config, "text_config", None) or config
+    # the key as config.json spells it (GPT-2's n_positions is also max_position_embeddings)
+    stored = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+    for key in sorted(POSITION_LIMIT_KEYS, key=lambda k: k not in stored):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value, key
+    return None
+
+
+def _recipe_line(recipe, key_path: tuple[str, ...]) -> str:
+    """`file:line` of `key_path` in the recipe's own file, else the file (or 'the recipe')."""
+    source = recipe.source_path
+    if not source:
+        return "the recipe"
+    try:
+        node, _ = parse_yaml(Path(source).read_text(encoding="utf-8"), source)
+    except (OSError, UnicodeDecodeError, StillError):
+        return source
+    origin = key_lines(node, source).get(key_path)
+    return f"{origin[0]}:{origin[1]}" if origin else source
+
+
+def refuse_beyond_model(recipe, config, *, role: str = "model") -> None:
+    """Every size-like setting against what `role`'s config says the model can take. Called
+    by `still check` and before the first step of `still run`, so a run cannot start with a
+    length the model was never built for."""
+    spec = getattr(recipe, role, None)
+    ref = getattr(spec, "ref", None) or role
+    limit = position_limit(config)
+    if limit is not None:
+        positions, key = limit
+        sizes = [(("data", "max_len"), recipe.data.max_len)]
+        on_policy = getattr(getattr(recipe, "distill", None), "on_policy_max_new_tokens", None)
+        if on_policy:
+            sizes.append((("distill", "on_policy_max_new_tokens"), on_policy))
+        for key_path, value in sizes:
+            if value > positions:
+                raise StillError(
+                    f"{_recipe_line(recipe, key_path)}: {'.'.join(key_path)} {value} is beyond "
+                    f"the {role}'s position limit {positions} ({key} of {ref})",
+                    hint=f"set {'.'.join(key_path)} to at most {positions}",
+                )
+    hidden = getattr(getattr(config, "text_config", None) or config, "hidden_size", None)
+    lora = getattr(recipe, "lora", None)
+    if getattr(recipe, "method", "full") != "full" and lora is not None and hidden:
+        if lora.r > hidden:
+            raise StillError(
+                f"{_recipe_line(recipe, ('lora', 'r'))}: lora.r {lora.r} is above the {role}'s "
+                f"hidden size {hidden} ({ref}), so the adapter cannot have that rank",
+                hint=f"set lora.r below {hidden}, or method: full",
+            )
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
 def print_report(recipe, tokenizer, train, eval_data, *, model, total_steps: int) -> dict:
+    refuse_beyond_model(
+        recipe, model.config, role="model" if recipe.kind == "finetune" else "student"
+    )
     lines = [f"still check: {recipe.name} ({recipe.kind})"]
     for label, prepared in (("train", train), ("eval", eval_data)):
         if prepared is None:
