@@ -88,7 +88,8 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     if not marker.exists():
         return "no completion marker"
     try:
-        files = json.loads(marker.read_text())["files"]
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        files = dict(files)
     except (OSError, ValueError, KeyError, TypeError):
         return "unreadable completion marker"
     if not files:
@@ -157,12 +158,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    # a kill can leave any bytes at the end; an undecodable line is dropped like a torn one
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if "\ufffd" in line:
+            continue
         try:
             row = json.loads(line)
         except ValueError:
             continue  # a line cut short by the kill
-        if isinstance(row, dict) and row.get("step", 0) <= step:
+        logged = row.get("step", 0) if isinstance(row, dict) else None
+        if isinstance(logged, int | float) and logged <= step:
             kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
 

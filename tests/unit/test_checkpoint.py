@@ -280,3 +280,22 @@ def test_sigterm_saves_and_stops_then_handlers_are_restored(tmp_path, tiny_model
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     stop = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ckpt.SignalStop))
     assert (stop.received, stop.stopped_at) == ("SIGTERM", 3)
+
+
+def test_resume_drops_undecodable_and_odd_metric_lines(tmp_path):
+    from still.checkpoint import _truncate_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(
+        b'{"step": 1, "loss": 2.0}\n{"step": "2"}\n[1, 2]\n{"step": 3}\n\xff\xfe\x00garbage\n'
+    )
+    _truncate_metrics(metrics, 2)
+    assert metrics.read_text() == '{"step": 1, "loss": 2.0}\n'
+
+
+def test_a_marker_that_is_not_a_mapping_of_files_is_unreadable(tmp_path):
+    from still.checkpoint import MARKER, checkpoint_problem
+
+    for payload in (b'{"files": [1, 2]}', b"\xff\xfe{", b'{"files": "x"}', b"[]"):
+        (tmp_path / MARKER).write_bytes(payload)
+        assert checkpoint_problem(tmp_path) == "unreadable completion marker"
