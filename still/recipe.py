@@ -31,6 +31,7 @@ from still.distill_sections import (
     StudentSection,
 )
 from still.errors import StillError
+from still.secrets import REDACTED, find_secret, redact, redact_value, secret_prefix
 from still.sections import (
     DataSection,
     DistributedSection,
@@ -134,7 +135,38 @@ def _read_yaml(path: Path) -> tuple[dict, dict[KeyPath, Origin]]:
         data = {}
     if not isinstance(data, dict):
         raise StillError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
-    return data, key_lines(node, str(path))
+    origins = key_lines(node, str(path))
+    refuse_secrets(data, origins, str(path))
+    return data, origins
+
+
+# --------------------------------------------------------------------------- secrets
+_ENV_HINT = "put the key in an environment variable and name that variable, e.g. "
+_ENV_EXAMPLE = "api_key_env: OPENAI_API_KEY"
+
+
+def refuse_secrets(data: dict, origins: dict[KeyPath, Origin], default: str) -> None:
+    """A key-shaped value anywhere in `data` (or a `*_env` value that is not a variable's
+    name) is refused at its file:line, shown redacted: a recipe is printed, stored and logged."""
+    found = find_secret(data)
+    if found is None:
+        return
+    key_path, value, is_key = found
+    dotted = ".".join(str(part) for part in key_path)
+    leaf = dotted.rsplit(".", 1)[-1]
+    hint = _ENV_HINT + (f"{leaf}: OPENAI_API_KEY" if leaf.endswith("_env") else _ENV_EXAMPLE)
+    if is_key:
+        raise StillError(
+            f"{where(origins, key_path, default)}: {dotted} holds what looks like an API key or "
+            f"token ({redact(value)}); a recipe must not contain secrets",
+            hint=hint,
+        )
+    prefix = secret_prefix(value)
+    shown = value if prefix is None else prefix + REDACTED
+    at = where(origins, key_path, default).replace(value, shown)
+    raise StillError(
+        f"{at}: {dotted} must be the name of an environment variable, got '{shown}'", hint=hint
+    )
 
 
 # --------------------------------------------------------------------------- extends + merge
@@ -218,42 +250,69 @@ def _set(data: Any, key_path: KeyPath, value: Any) -> None:
 # --------------------------------------------------------------------------- overrides
 def apply_override(data: dict, origins: dict[KeyPath, Origin], override: str) -> None:
     """Apply one `a.b.c=value` override; the value is parsed as YAML (`[a, b]`, `1e-4`, `null`)."""
+    named = f"override '{redact(override)}'"  # as messages and origins show it: never a key
     if "=" not in override:
-        raise StillError(
-            f"bad override '{override}': expected KEY=VALUE", hint="e.g. train.max_steps=10"
-        )
+        raise StillError(f"bad {named}: expected KEY=VALUE", hint="e.g. train.max_steps=10")
     dotted, raw_value = override.split("=", 1)
-    keys = [k for k in dotted.strip().split(".")]
+    dotted = dotted.strip()
+    keys = dotted.split(".")
     if not all(keys):
-        raise StillError(f"bad override '{override}': empty key in '{dotted}'")
-    try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-    except yaml.YAMLError:
-        value = raw_value
-    if isinstance(value, bool) and raw_value.strip().lower() not in ("true", "false"):
-        # YAML 1.1 reads on/off/yes/no as booleans; `name=off` means the name. A bool field
-        # still gets a bool: pydantic reads "off"/"yes" as one.
-        value = raw_value.strip()
+        raise StillError(f"bad {named}: empty key in '{dotted}'")
+    value = _override_value(dotted, raw_value, named)
+    refuse_secrets({dotted: value}, {(dotted,): (named, None)}, named)
     node = data
     for depth, key in enumerate(keys[:-1]):
         child = node.get(key)
         if child is None:
             child = node[key] = {}
             # a section the override created is reported at the override, not the file
-            origins[tuple(keys[: depth + 1])] = (f"override '{override}'", None)
+            origins[tuple(keys[: depth + 1])] = (named, None)
         elif not isinstance(child, dict):
             where = ".".join(keys[: depth + 1])
-            raise StillError(f"bad override '{override}': '{where}' is not a section")
+            raise StillError(f"bad {named}: '{where}' is not a section")
         node = child
     node[keys[-1]] = value
-    origin = ("override", None)
     key_path = tuple(keys)
     for existing in [k for k in origins if k[: len(key_path)] == key_path]:
         origins.pop(existing)
-    origins[key_path] = (f"override '{override}'", None)
+    origins[key_path] = (named, None)
     if isinstance(value, list):
         for index in range(len(value)):
-            origins[key_path + (index,)] = origin
+            origins[key_path + (index,)] = (named, None)
+
+
+_OPENERS = {"[": ("list", "]"), "{": ("mapping", "}"), '"': ("quoted string", '"')}
+_OPENERS["'"] = ("quoted string", "'")
+
+
+def _override_value(dotted: str, raw_value: str, named: str) -> Any:
+    """The YAML value of an override. A value that opens a list, mapping or quote is YAML the
+    user meant; one that is broken is an error, not a silent string. Anything else that YAML
+    cannot read (`a: b: c`) is taken as the plain string."""
+    text = raw_value.strip()
+    try:
+        value = yaml.safe_load(raw_value) if text else ""
+    except yaml.YAMLError as exc:
+        if text[:1] not in _OPENERS:
+            return raw_value
+        what, closer = _OPENERS[text[0]]
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        unclosed = text.count(text[0]) > text.count(closer) if closer != text[0] else True
+        detail = (
+            f"the {what} opened with {text[0]} is not closed"
+            if unclosed or "end of the stream" in str(exc)
+            else problem
+        )
+        example = f"{dotted}={text}{closer}" if unclosed else f"{dotted}=[a, b]"
+        raise StillError(
+            f"bad {named}: the value is not valid YAML: {detail}",
+            hint=f"e.g. {example}; quote the whole override for the shell",
+        ) from None
+    if isinstance(value, bool) and text.lower() not in ("true", "false"):
+        # YAML 1.1 reads on/off/yes/no as booleans; `name=off` means the name. A bool field
+        # still gets a bool: pydantic reads "off"/"yes" as one.
+        value = text
+    return value
 
 
 # --------------------------------------------------------------------------- public API
@@ -285,7 +344,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
 
 def to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML (what a run dir stores and what `still validate` prints)."""
-    dumped = recipe.model_dump(mode="json", exclude_none=True, by_alias=True)
+    # load() refuses key-shaped values; one built in code is still never written out in full
+    dumped = redact_value(recipe.model_dump(mode="json", exclude_none=True, by_alias=True))
     data = {"kind": dumped.pop("kind"), **dumped}
     header = f"# Resolved from {recipe._source}\n" if getattr(recipe, "_source", None) else ""
     return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -143,6 +143,12 @@ def where(origins: dict[KeyPath, Origin], loc: KeyPath, default: str) -> str:
     return default
 
 
+def quoted(value: Any) -> str:
+    """A value as a message shows it: JSON, with non-ASCII text as itself (`"modèle"`, not
+    `"mod\\u00e8le"`)."""
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
 # --------------------------------------------------------------------------- schema lookups
 def _section_type(annotation) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -214,7 +220,7 @@ def _describe(
     got = error.get("input")
     # A validator's own sentence says what is wrong; pydantic's generic ones need the value.
     shown = kind != "value_error" and not isinstance(got, dict)
-    got_text = f" (got {json.dumps(got, default=str)})" if shown else ""
+    got_text = f" (got {quoted(got)})" if shown else ""
     message = f"{dotted}: {error['msg'].removeprefix('Value error, ')}{got_text}"
     hint = None
     if kind == "literal_error" and suggest_values:
