@@ -20,6 +20,7 @@ from filelock import FileLock
 
 from still.errors import StillError
 from still.fsutil import file_sha256, staged_dir
+from still.model_files import check_gguf
 
 CONVERTED_MARKER = ".still-converted"
 
@@ -138,6 +139,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     target = _conversion_target(gguf_path)
     if (target / CONVERTED_MARKER).exists():
         return target
+    check_gguf(gguf_path)  # size, magic, header and tensor extents, before gguf reshapes a byte
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / CONVERTED_MARKER).exists():  # another process finished while we waited
@@ -153,8 +155,17 @@ def convert_gguf(gguf_path: Path) -> Path:
 def _dequantize_to(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as error:
+        # the file's header is whole (check_gguf); what is left is what transformers reads
+        detail = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        raise StillError(
+            f"{gguf_path}: transformers cannot load this GGUF ({detail})",
+            hint="transformers reads GGUF for some architectures only; use the model's "
+            "safetensors release",
+        ) from None
     # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain fp32 model.
     config = loaded.config
     if hasattr(config, "quantization_config"):

@@ -20,8 +20,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from still.builtins import BUILTINS, cache_dir, convert_gguf
+from safetensors import SafetensorError
+
+from still.builtins import BUILTINS, CONVERTED_MARKER, cache_dir, convert_gguf
 from still.errors import StillError
+from still.model_dirs import (
+    CUSTOM_CODE_RISK,
+    check_adapter_dir,
+    check_custom_code,
+    check_model_dir,
+    check_tokenizer_files,
+    check_weight_shapes,
+)
 from still.rundir import RunDir
 
 
@@ -39,8 +49,14 @@ class ResolvedModel:
         return self.tokenizer or self.weights
 
 
-def resolve(ref: str) -> ResolvedModel:
-    """Turn a reference into local weights (+ adapter). Converts GGUF on first use."""
+def resolve(ref: str, *, allow_pickle: bool = False, key: str = "model") -> ResolvedModel:
+    """Turn a reference into local weights (+ adapter). Converts GGUF on first use.
+
+    Every local file is checked here (`still.model_dirs`, `still.model_files`) before any
+    library reads it, and pickled weights are refused unless `allow_pickle`: `still check` and
+    `still run` both resolve through this, so they refuse the same references. `key` is the
+    recipe section the reference came from (model, teacher, student), named in the hints.
+    """
     ref = str(ref).strip()
     if not ref:
         raise StillError("empty model reference", hint="e.g. builtin:smollm2-135m-instruct")
@@ -48,11 +64,13 @@ def resolve(ref: str) -> ResolvedModel:
         return _resolve_builtin(ref)
     path = Path(ref).expanduser()
     if path.suffix == ".gguf":
+        if path.is_dir():
+            raise StillError(f"{ref}: is a directory, not a GGUF file", hint="name the .gguf file")
         if not path.is_file():
             raise StillError(f"GGUF file not found: {ref}")
         return ResolvedModel(ref, "gguf", str(convert_gguf(path)))
     if path.is_dir():
-        return _resolve_dir(ref, path)
+        return _resolve_dir(ref, path, allow_pickle=allow_pickle, key=key)
     if path.exists():
         raise StillError(f"model reference '{ref}' is a file; expected a dir, .gguf or hub id")
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
@@ -73,19 +91,27 @@ def _resolve_builtin(ref: str) -> ResolvedModel:
     return ResolvedModel(ref, "builtin", str(convert_gguf(gguf_path)))
 
 
-def _resolve_dir(ref: str, path: Path) -> ResolvedModel:
+def _resolve_dir(ref: str, path: Path, *, allow_pickle: bool, key: str) -> ResolvedModel:
     run = RunDir(path)
     has_lineage = run.lineage_file.exists()
+    options = dict(allow_pickle=allow_pickle, key=key)
     if has_lineage and (run.model_dir / "config.json").exists():
+        check_model_dir(run.model_dir, **options)
         return ResolvedModel(ref, "run", str(run.model_dir))
     if has_lineage and (run.adapter_dir / "adapter_config.json").exists():
+        check_adapter_dir(run.adapter_dir, **options)
         base = run.read_lineage().get("base")
-        if not base:
+        if not base or not isinstance(base, str):
             raise StillError(f"run dir {ref}: {run.lineage_file.name} does not name its base model")
         return ResolvedModel(
-            ref, "run", resolve(base).weights, run.adapter_dir, _tokenizer_in(run.adapter_dir)
+            ref,
+            "run",
+            resolve(base, **options).weights,
+            run.adapter_dir,
+            _tokenizer_in(run.adapter_dir),
         )
     if has_lineage and (path / "config.json").exists():
+        check_model_dir(path, **options)
         return ResolvedModel(ref, "dir", str(path))  # a `still publish` output: a plain model dir
     if has_lineage:
         raise StillError(
@@ -93,12 +119,11 @@ def _resolve_dir(ref: str, path: Path) -> ResolvedModel:
             hint="the run may have stopped early: resume it with `still run RECIPE --resume`",
         )
     if (path / "adapter_config.json").exists():
-        config = json.loads((path / "adapter_config.json").read_text())
-        base = config.get("base_model_name_or_path")
-        if not base:
-            raise StillError(f"adapter {ref}: adapter_config.json has no base_model_name_or_path")
-        return ResolvedModel(ref, "adapter", resolve(base).weights, path, _tokenizer_in(path))
+        base = check_adapter_dir(path, **options)["base_model_name_or_path"]
+        weights = resolve(base, **options).weights
+        return ResolvedModel(ref, "adapter", weights, path, _tokenizer_in(path))
     if (path / "config.json").exists():
+        check_model_dir(path, **options)
         return ResolvedModel(ref, "dir", str(path))
     raise StillError(
         f"{ref} is a directory but not a model: no config.json, adapter_config.json or run files"
@@ -199,20 +224,72 @@ def logits_are_head_output(model) -> bool:
     )
 
 
-def load_tokenizer(ref_or_resolved, *, trust_remote_code: bool = False):
+def verify(resolved: ResolvedModel, *, trust_remote_code: bool, key: str = "model") -> None:
+    """What loading would refuse, checked without loading a weight: the dir's own Python code
+    without `trust_remote_code`, missing tokenizer files, weights shaped unlike the config.
+
+    `load_tokenizer` and `load_model` both call it, so `still check` (tokenizer + a model on
+    the meta device) refuses what `still run` would.
+    """
+    options = dict(trust_remote_code=trust_remote_code, key=key)
+    weights = Path(resolved.weights)
+    local = weights.is_dir() and not (weights / CONVERTED_MARKER).exists()
+    if local:
+        check_custom_code(weights, "config.json", **options)
+    tokenizer_dir = Path(resolved.tokenizer_path)
+    if tokenizer_dir.is_dir():
+        check_custom_code(tokenizer_dir, "tokenizer_config.json", **options)
+        check_tokenizer_files(tokenizer_dir)
+    if local:
+        check_weight_shapes(weights, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(ref_or_resolved, *, trust_remote_code: bool = False, key: str = "model"):
     from transformers import AutoTokenizer
 
     resolved = (
-        ref_or_resolved if isinstance(ref_or_resolved, ResolvedModel) else resolve(ref_or_resolved)
+        ref_or_resolved
+        if isinstance(ref_or_resolved, ResolvedModel)
+        # a tokenizer reads no weights; the model's loader refuses pickles
+        else resolve(ref_or_resolved, allow_pickle=True, key=key)
     )
+    verify(resolved, trust_remote_code=trust_remote_code, key=key)
     try:
         return AutoTokenizer.from_pretrained(
             resolved.tokenizer_path, trust_remote_code=trust_remote_code
         )
-    except OSError as exc:
-        raise StillError(
-            f"cannot load tokenizer for {resolved.ref}: {str(exc).splitlines()[0]}"
-        ) from None
+    # tokenizers raises a bare Exception for a tokenizer.json it cannot parse: a user file
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error(exc, f"cannot load tokenizer for {resolved.ref}", key) from None
+
+
+def _load_error(exc: Exception, what: str, key: str, *, known_only: bool = False):
+    """A library's error at load time, told with the recipe key that fixes it; None for one
+    not recognised when `known_only` (it may be a bug, and keeps its traceback)."""
+    import pickle
+
+    text = str(exc)
+    first = (text.splitlines() or [type(exc).__name__])[0][:200]
+    if "trust_remote_code" in text:
+        return StillError(
+            f"{what}: it needs its own Python code, which runs only with "
+            f"{key}.trust_remote_code: true",
+            hint=f"set it {CUSTOM_CODE_RISK}",
+        )
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return StillError(
+            f"{what}: its pickled weights hold objects other than tensors, which are not "
+            f"loaded even with {key}.allow_pickle: true",
+            hint="convert the weights to safetensors where you trust the file",
+        )
+    if "ignore_mismatched_sizes" in text or "size mismatch" in text:
+        return StillError(
+            f"{what}: the weights' shapes do not match config.json",
+            hint="the config and the weights come from different models",
+        )
+    if known_only and not isinstance(exc, (OSError, SafetensorError)):
+        return None
+    return StillError(f"{what}: {first}")
 
 
 def load_model(
@@ -226,39 +303,52 @@ def load_model(
     trainable_adapter: bool = False,
     device_map=None,
     quantization_config=None,
+    key: str = "model",
 ):
-    """Load (model, tokenizer) for any reference; an adapter stays unmerged (PeftModel)."""
+    """Load (model, tokenizer) for any reference; an adapter stays unmerged (PeftModel).
+
+    `key` is the recipe section the reference came from (model, teacher, student): errors
+    name its settings, e.g. `teacher.trust_remote_code`.
+    """
+    import pickle
+
     from transformers import AutoModelForCausalLM
 
-    resolved = resolve(ref)
+    resolved = resolve(ref, allow_pickle=allow_pickle, key=key)
+    verify(resolved, trust_remote_code=trust_remote_code, key=key)
     kwargs = dict(
         dtype=pick_dtype(dtype),
         trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True,
     )
-    for key, value in (
+    for name, value in (
         ("attn_implementation", attn_implementation),
         ("revision", revision),
         ("device_map", device_map),
         ("quantization_config", quantization_config),
     ):
         if value is not None:
-            kwargs[key] = value
+            kwargs[name] = value
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.weights, **kwargs)
-    except OSError as exc:
-        first = str(exc).splitlines()[0]
-        hint = (
-            "set model.allow_pickle: true to load .bin weights" if "safetensors" in first else None
-        )
-        raise StillError(f"cannot load model {ref}: {first}", hint=hint) from None
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as exc:
+        error = _load_error(exc, f"cannot load model {ref}", key, known_only=True)
+        if error is None:
+            raise
+        raise error from None
     if resolved.adapter is not None:
         model = attach_adapter(model, resolved.adapter, trainable=trainable_adapter)
-    tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code, key=key)
     return model, tokenizer
 
 
-def load_from_section(spec, **kwargs):
+def section_key(spec) -> str:
+    """The recipe key of a model section, for hints: `student` for a student, else `model`
+    (a distill teacher's loader passes key="teacher")."""
+    return "student" if type(spec).__name__ == "StudentSection" else "model"
+
+
+def load_from_section(spec, *, key: str | None = None, **kwargs):
     """`load_model` with the options of a recipe's model/teacher/student section."""
     return load_model(
         spec.ref,
@@ -267,6 +357,7 @@ def load_from_section(spec, **kwargs):
         allow_pickle=spec.allow_pickle,
         attn_implementation=spec.attn_implementation,
         revision=spec.revision,
+        key=key or section_key(spec),
         **kwargs,
     )
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -216,7 +217,7 @@ def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
 
     monkeypatch.setenv("STILL_CACHE", str(tmp_path / "cache"))
     fake = tmp_path / "fake.gguf"
-    fake.write_bytes(b"GGUF" + b"0" * 64)
+    fake.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))  # a whole GGUF header, no tensors
     calls = []
 
     def slow_dequantize(path, out_dir):
