@@ -12,8 +12,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from still import cli_args
 from still.errors import StillError
-from still.launch import LaunchFailed
+from still.launch import LaunchFailed, quiet_imports
+from still.secrets import redact
 
 EXIT_USER_ERROR = 2
 
@@ -29,7 +31,7 @@ def _cmd_validate(args) -> int:
 def _cmd_schema(args) -> int:
     from still.recipe import json_schema
 
-    print(json.dumps(json_schema(), indent=2))
+    print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -57,7 +59,8 @@ def _cmd_run(args) -> int:
 
     recipe = recipe_module.load(args.recipe, args.overrides)
     if recipe.kind == "eval":
-        from eval.run import run_eval_recipe
+        with quiet_imports():
+            from eval.run import run_eval_recipe
 
         return run_eval_recipe(recipe, force=args.force)
     from still import launch
@@ -74,10 +77,11 @@ def _cmd_run(args) -> int:
         if plan.needs_launcher:
             return _launch(recipe, plan, args)
     with open_run_dir(recipe, resume=args.resume, force=args.force) as run:
-        if recipe.kind == "finetune":
-            from finetune.sft import run as run_recipe
-        else:
-            from distill.kd import run as run_recipe
+        with quiet_imports():
+            if recipe.kind == "finetune":
+                from finetune.sft import run as run_recipe
+            else:
+                from distill.kd import run as run_recipe
         run_recipe(recipe, run, resume=args.resume)
     _leave_process_group()
     return 0
@@ -115,7 +119,9 @@ def _launch(recipe, plan, args) -> int:
 
     from still import launch
     from still.rundir import open_run_dir
-    from still.train import precision_flags
+
+    with quiet_imports():
+        from still.train import precision_flags
 
     flags = precision_flags(recipe.train)
     mixed_precision = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
@@ -147,8 +153,10 @@ def _launch(recipe, plan, args) -> int:
 
 
 def _cmd_cache(args) -> int:
-    from distill.cache import build_cache
     from still import recipe as recipe_module
+
+    with quiet_imports():
+        from distill.cache import build_cache
 
     recipe = recipe_module.load(args.recipe, args.overrides)
     if recipe.kind != "distill":
@@ -173,7 +181,8 @@ def _cmd_generate(args) -> int:
             f"{args.recipe} has no generate: section",
             hint="add generate: {out: teacher-written.jsonl} (docs/distillation.md)",
         )
-    from distill.seqkd import generate
+    with quiet_imports():
+        from distill.seqkd import generate
 
     report = generate(recipe, force=args.force)
     print(
@@ -191,17 +200,20 @@ def _cmd_check(args) -> int:
         raise StillError(
             "`still check` inspects finetune and distill recipes; this one is kind: eval"
         )
-    if recipe.kind == "finetune":
-        from finetune.sft import check
-    else:
-        from distill.kd import check
+    with quiet_imports():
+        if recipe.kind == "finetune":
+            from finetune.sft import check
+        else:
+            from distill.kd import check
     check(recipe)
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from eval.run import eval_models, run_eval_recipe
     from still import recipe as recipe_module
+
+    with quiet_imports():
+        from eval.run import eval_models, run_eval_recipe
 
     if args.recipe:
         recipe = recipe_module.load(args.recipe, [])
@@ -224,7 +236,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_link(args) -> int:
-    from still.wandb_logs import link_lineage
+    with quiet_imports():
+        from still.wandb_logs import link_lineage
 
     for run_dir in args.runs:
         parents = link_lineage(Path(run_dir))
@@ -233,21 +246,24 @@ def _cmd_link(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from eval.compare import compare
+    with quiet_imports():
+        from eval.compare import compare
 
     out = Path(args.out) if args.out else Path(args.inputs[0]).parent
     compare(
         [Path(p) for p in args.inputs], reference=args.reference, teacher=args.teacher, out_dir=out
     )
     if args.wandb:
-        from still.wandb_logs import log_comparison_run
+        with quiet_imports():
+            from still.wandb_logs import log_comparison_run
 
         log_comparison_run(out, project=args.wandb, group=args.wandb_group, inputs=args.inputs)
     return 0
 
 
 def _cmd_merge(args) -> int:
-    from publish.merge import merge_run
+    with quiet_imports():
+        from publish.merge import merge_run
 
     merge_run(args.run, Path(args.out), force=args.force)
     return 0
@@ -256,7 +272,8 @@ def _cmd_merge(args) -> int:
 def _cmd_publish(args) -> int:
     import shlex
 
-    from publish.flow import publish
+    with quiet_imports():
+        from publish.flow import publish
 
     gguf_types = [t for value in args.gguf for t in value.split(",") if t]
     publish(
@@ -312,8 +329,15 @@ def _add_eval_parsers(sub) -> None:
 
 def _with_recipe(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
+    # optional for argparse, required by main: "a recipe path is required", not argparse's words
+    p.add_argument("recipe", nargs="?", metavar="RECIPE.yaml", help="recipe YAML")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. train.max_steps=10",
+    )
+    p.set_defaults(needs_recipe=True)
     return p
 
 
@@ -412,10 +436,11 @@ def _add_other_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli_args.Parser(
         prog="still", description="Fine-tune, distill, evaluate and publish small domain models."
     )
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    parser.set_defaults(verbs=sub.choices)
     _add_recipe_parsers(sub)
     _add_eval_parsers(sub)
     _add_publish_parsers(sub)
@@ -424,25 +449,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The verb's arguments; any mistake in them is a StillError with a usage hint."""
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    # Overrides may come after flags too (`still run r.yaml --force train.lr=1e-4`).
     args, extras = parser.parse_known_args(argv)
+    cli_args.require_verb(args, parser, list(args.verbs))
+    keys = None
     if hasattr(args, "overrides"):
+        # Overrides may come after flags too (`still run r.yaml --force train.lr=1e-4`).
         args.overrides += [e for e in extras if "=" in e and not e.startswith("-")]
         extras = [e for e in extras if e not in args.overrides]
-    if extras:
-        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        if extras:
+            from still.recipe import dotted_keys
+
+            keys = dotted_keys()
+    cli_args.refuse_extras(args.verb, args.verbs[args.verb], extras, argv, keys)
+    cli_args.require_recipe(args, getattr(args, "needs_recipe", False))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     # peft reads transformers' renamed property on every adapter it attaches; nothing a user can
     # change.
     warnings.filterwarnings(
         "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
     )
     try:
+        args = parse(argv)
         return args.handler(args)
     except StillError as exc:
-        print(f"still: error: {exc}", file=sys.stderr)
+        # a key that reached a message anyway (a server echoing it, an argument) is never shown
+        print(f"still: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except LaunchFailed as exc:
         return exc.code

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import signal
@@ -44,6 +45,34 @@ class LaunchPlan:
     @property
     def needs_launcher(self) -> bool:
         return self.total_processes > 1 or self.strategy in ("zero2", "zero3", "fsdp")
+
+
+# --------------------------------------------------------------------------- quiet libraries
+# Lines the training stack prints that no user can act on: DeepSpeed warns on import that it
+# found no GPU (the preflight report names the device), and logs which accelerator it chose.
+_DEEPSPEED_NOTICES = ("Setting accelerator to CPU", "Setting ds_accelerator to")
+
+
+def _not_a_deepspeed_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_DEEPSPEED_NOTICES)
+
+
+@contextlib.contextmanager
+def quiet_imports():
+    """Import the training stack (transformers' Trainer, DeepSpeed) without its notices.
+
+    transformers prints `[INFO] Running in WANDB offline mode` when its W&B integration is
+    imported under WANDB_MODE=offline; still says so itself once a tracked run opens (and
+    reads WANDB_MODE then), so the variable is hidden only while the import runs. DeepSpeed's
+    logger keeps a filter that drops its accelerator notices for the rest of the process.
+    """
+    logging.getLogger("DeepSpeed").addFilter(_not_a_deepspeed_notice)
+    mode = os.environ.pop("WANDB_MODE", None)
+    try:
+        yield
+    finally:
+        if mode is not None:
+            os.environ["WANDB_MODE"] = mode
 
 
 def is_main_process() -> bool:

@@ -41,7 +41,15 @@ from still.sections import (
     Section,
     TrackSection,
 )
-from still.yaml_errors import KeyPath, Origin, key_lines, one_line_error, parse_yaml, where
+from still.yaml_errors import (
+    KeyPath,
+    Origin,
+    key_lines,
+    one_line_error,
+    parse_yaml,
+    section_type,
+    where,
+)
 
 
 # --------------------------------------------------------------------------- the recipe models
@@ -354,6 +362,24 @@ def to_yaml(recipe: Recipe) -> str:
 def recipe_hash(recipe: Recipe) -> str:
     payload = json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()
     return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def dotted_keys() -> list[str]:
+    """Every settable key of every recipe kind, dotted (`train.max_steps`, `distill.beta`)."""
+    found: set[str] = set()
+
+    def walk(section, prefix: str) -> None:
+        for name, field in section.model_fields.items():
+            dotted = f"{prefix}{field.alias or name}"
+            inner = section_type(field.annotation)
+            if inner is None:
+                found.add(dotted)
+            else:
+                walk(inner, dotted + ".")
+
+    for cls in RECIPE_KINDS.values():
+        walk(cls, "")
+    return sorted(found)
 
 
 def json_schema() -> dict:

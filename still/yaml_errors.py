@@ -150,13 +150,14 @@ def quoted(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- schema lookups
-def _section_type(annotation) -> type[BaseModel] | None:
+def section_type(annotation) -> type[BaseModel] | None:
+    """The pydantic section inside an annotation (`X | None`, `list[X]`), else None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType, list, typing.Annotated):
         for arg in typing.get_args(annotation):
-            found = _section_type(arg)
+            found = section_type(arg)
             if found is not None:
                 return found
     return None
@@ -170,7 +171,7 @@ def _annotation_at(model: type[BaseModel], loc: KeyPath) -> Any:
             if typing.get_origin(annotation) is list:
                 annotation = typing.get_args(annotation)[0]
             continue
-        section = _section_type(annotation)
+        section = section_type(annotation)
         fields = section.model_fields if section is not None else {}
         field = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
         if field is None:
@@ -209,7 +210,7 @@ def _describe(
     kind = error["type"]
     if kind == "extra_forbidden":
         section = ".".join(str(p) for p in loc[:-1]) or whole
-        fields = getattr(_section_type(_annotation_at(model, loc[:-1])), "model_fields", {})
+        fields = getattr(section_type(_annotation_at(model, loc[:-1])), "model_fields", {})
         names = [f.alias or n for n, f in fields.items()]
         suggestion = _suggest(str(key), names)
         hint = f"did you mean '{suggestion}'?" if suggestion else f"valid keys: {', '.join(names)}"
