@@ -32,20 +32,13 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from eval import metrics
-from eval.tasks import (
-    TaskSpec,
-    build_context,
-    fewshot_rows,
-    row_choices,
-    row_gold,
-    row_target,
-    select_shots,
-    task_hash,
-    task_rows,
-)
+from eval.checks import check_count, check_task
+from eval.tasks import TaskSpec, build_context, fewshot_rows, select_shots, task_hash
+from eval.templates import row_choices, row_gold, row_target
 from still import models
 from still.data import batches_longest_first, left_padded
-from still.fsutil import atomic_write_json, atomic_write_text
+from still.errors import StillError
+from still.fsutil import atomic_write_json, atomic_write_text, json_text
 
 # Bump when a change here can change a score: old cache entries then stop matching.
 HARNESS_VERSION = "1"
@@ -88,6 +81,8 @@ def evaluate(
     cache (use `still.models.model_content_hash`). The returned summary carries `cache_hit`.
     """
     out_dir = Path(out_dir)
+    check_count(limit)
+    check_count(batch_size, "batch_size")
     limit = limit if limit is not None else task.limit
     current_task_hash = task_hash(task)
     cache_entry = None
@@ -104,7 +99,7 @@ def evaluate(
         if all(file.is_file() for file in cached_files):
             return _reuse_cached(cache_entry, task.name, out_dir, model_name)
 
-    all_rows = task_rows(task)
+    all_rows = check_task(task, limit=limit)  # never a row that fails, never zero rows
     rows = all_rows[:limit]
     # Shots come from all rows, not just the scored ones, so `limit` never changes a prompt.
     pool, same_pool = fewshot_rows(task, all_rows) if task.fewshot.n else ([], True)
@@ -132,7 +127,7 @@ def evaluate(
         "model_hash": model_hash,
         "harness_version": HARNESS_VERSION,
         "n": len(samples),
-        "metrics": _summarise(task, samples),
+        "metrics": _finite(task, model_name or model_hash, samples, _summarise(task, samples)),
         "batch_size": batch_size,
         "limit": limit,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -463,7 +458,8 @@ def _summarise(task: TaskSpec, samples: list[dict]) -> dict:
         if "loss" in task.metrics:
             summary["loss"] = {"mean": mean, "stderr": stderr}
         if "perplexity" in task.metrics:  # delta method: d exp(x) = exp(x) dx
-            summary["perplexity"] = {"mean": math.exp(mean), "stderr": math.exp(mean) * stderr}
+            perplexity = math.exp(mean) if mean < 700 else math.inf  # inf: refused by _finite
+            summary["perplexity"] = {"mean": perplexity, "stderr": perplexity * stderr}
         return summary
     for name in task.metrics:
         mean, stderr = metrics.bootstrap_stderr(
@@ -473,9 +469,30 @@ def _summarise(task: TaskSpec, samples: list[dict]) -> dict:
     return summary
 
 
+def _finite(task: TaskSpec, model: str, samples: list[dict], summary: dict) -> dict:
+    """The summary, if every score is a number: a NaN or infinity has no place in the JSON."""
+    bad = [s["idx"] for s in samples if not all(map(math.isfinite, _numbers(s)))]
+    wrong = [
+        metric for metric, score in summary.items() if not all(map(math.isfinite, score.values()))
+    ]
+    if bad or wrong:
+        what = f"rows {', '.join(map(str, bad[:5]))}" if bad else f"its {wrong[0]}"
+        raise StillError(
+            f"{model} on {task.name}: {what} scored a non-finite number (NaN or infinity)",
+            hint="the model's log-probabilities overflow or are NaN: check its weights, "
+            "or score it in float32",
+        )
+    return summary
+
+
+def _numbers(sample: dict) -> list[float]:
+    values = list(sample["metrics"].values()) + list(sample.get("logliks", []))
+    return [float(v) for v in values + [sample.get("loglik", 0.0)]]
+
+
 def _write_results(directory: Path, task_name: str, summary: dict, samples: list[dict]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples)
+    lines = "".join(json_text(sample, indent=None) for sample in samples)
     # Written aside then renamed, so a crash never leaves a half file that looks like a cache hit.
     atomic_write_text(directory / f"{task_name}.samples.jsonl", lines)
     atomic_write_json(directory / f"{task_name}.json", summary)

@@ -9,26 +9,13 @@ re-scoring an unchanged checkpoint is free.
 from __future__ import annotations
 
 import gc
-import re
 from pathlib import Path
 
+from eval.checks import check_count, check_eval_recipe, check_tasks, display_name, model_among
 from eval.harness import evaluate
-from eval.tasks import load_task
 from still import builtins, models, tracking, wandb_logs
 from still.errors import StillError
 from still.rundir import RunDir
-
-
-def display_name(ref: str) -> str:
-    """A short, file-safe name for a model reference (run dir name, built-in name, ...)."""
-    ref = str(ref).rstrip("/")
-    if ref.startswith("builtin:"):
-        name = ref.removeprefix("builtin:")
-    elif Path(ref).expanduser().exists():
-        name = Path(ref).expanduser().resolve().name
-    else:
-        name = ref.replace("/", "__")
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def is_run_dir(ref: str) -> bool:
@@ -50,7 +37,8 @@ def evaluate_model(
     name: str | None = None,
 ) -> list[dict]:
     """Score one model on several tasks; returns one summary per task."""
-    tasks = [load_task(path) for path in task_paths]  # all task errors before any model load
+    check_count(batch_size, "--batch-size")
+    tasks = check_tasks(task_paths, limit=limit)  # every task error before the model loads
     model, tokenizer = models.load_model(ref, dtype="float32")
     model_hash = models.model_content_hash(model, tokenizer)
     name = name or display_name(ref)
@@ -88,10 +76,12 @@ def run_eval_recipe(
     """`still run` / `still eval` on an eval recipe: every model × every task, then compare."""
     from eval.compare import compare
 
+    check_count(limit, "--limit")
+    check_count(batch_size, "--batch-size")
+    limit = limit if limit is not None else recipe.limit  # an explicit 0 is refused, not dropped
+    check_eval_recipe(recipe, limit=limit)  # models named, every task and row: before any load
     out_root = Path(recipe.output_dir) / recipe.name
     names = [display_name(ref) for ref in recipe.models]
-    if len(set(names)) < len(names):
-        raise StillError(f"two models in {recipe.name} share the name {names}; give distinct paths")
     result_dirs = []
     for ref, name in zip(recipe.models, names):
         out_dir = out_root / name
@@ -112,8 +102,8 @@ def run_eval_recipe(
                 ref,
                 recipe.tasks,
                 out_dir=out_dir,
-                batch_size=batch_size or recipe.batch_size,
-                limit=limit or recipe.limit,
+                batch_size=batch_size if batch_size is not None else recipe.batch_size,
+                limit=limit,
                 use_cache=not force,
                 name=name,
             )
@@ -123,13 +113,18 @@ def run_eval_recipe(
         tracking.finish_wandb()
         result_dirs.append(out_dir)
     if len(result_dirs) > 1:
-        reference = display_name(recipe.reference) if recipe.reference else None
-        teacher = display_name(recipe.teacher) if recipe.teacher else None
+        # Checked above to name one of the models; compare knows them by display name.
+        reference = _named(recipe.reference, recipe.models, "reference")
+        teacher = _named(recipe.teacher, recipe.models, "teacher")
         compare(result_dirs, reference=reference, teacher=teacher, out_dir=out_root)
         if tracking.start_wandb(recipe, out_root, job_type="compare", name=recipe.name) is not None:
             wandb_logs.log_comparison(out_root)
             tracking.finish_wandb()
     return 0
+
+
+def _named(wanted: str | None, refs: list[str], role: str) -> str | None:
+    return display_name(model_among(wanted, refs, role, at=role)) if wanted else None
 
 
 def _model_config(ref: str, name: str) -> dict:
@@ -150,7 +145,7 @@ def eval_models(
     *,
     out: str | None = None,
     limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     force: bool = False,
 ) -> int:
     """`still eval --model REF --task T.yaml [...]`: each model scored on every task. Results
@@ -160,6 +155,10 @@ def eval_models(
         raise StillError(
             "`still eval` needs an eval recipe, or at least one --model and one --task"
         )
+    check_count(limit, "--limit")
+    check_count(batch_size, "--batch-size")
+    batch_size = batch_size if batch_size is not None else 8
+    check_tasks(task_paths, limit=limit)  # before the first model loads
     for ref in refs:
         if out and len(refs) > 1:
             out_dir = Path(out) / display_name(ref)

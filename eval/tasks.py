@@ -8,7 +8,9 @@ lm-evaluation-harness: `generate` (free text scored against `target`), `multiple
 
 A mistake in a task file is reported as one line naming the file, the line, the key path and,
 for an unknown key or value, the closest valid one: `qa.yaml:7: unknown key 'promt' in task (did
-you mean 'prompt'?)`.
+you mean 'prompt'?)`. Rendering a task on a row (and the messages when a row does not fit the
+templates) is `eval/templates.py`; checking every row a run will score, before any model loads,
+is `eval/checks.py`.
 
 Path rule: `data.path` and `fewshot.path` are relative to the task YAML's directory, so a task
 file can ship next to its data and be run from anywhere.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from functools import lru_cache
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from eval.templates import environment, render_key, row_target
 from still.errors import StillError
 from still.rows import strict_rows
 from still.sections import RowSource
@@ -166,13 +169,16 @@ class TaskSpec(_Section):
 
     # The directory relative paths are resolved against (the YAML's); not part of the spec.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    # The YAML as named, and each key's (file, line): messages point at the key.
+    _source: str | None = PrivateAttr(None)
+    _origins: dict = PrivateAttr(default_factory=dict)
 
     @field_validator("prompt", "target", "system")
     @classmethod
     def _template_compiles(cls, template: str | None) -> str | None:
         if template is not None:
             try:
-                _environment().parse(template)
+                environment().parse(template)
             except jinja2.TemplateSyntaxError as exc:
                 raise ValueError(f"invalid Jinja2 template: {exc.message}") from None
         return template
@@ -182,10 +188,20 @@ class TaskSpec(_Section):
     def _expression_compiles(cls, expression: str | None) -> str | None:
         if expression is not None:
             try:
-                _environment().compile_expression(expression)
+                environment().compile_expression(expression)
             except jinja2.TemplateSyntaxError as exc:
                 raise ValueError(f"invalid Jinja2 expression: {exc.message}") from None
         return expression
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from None
+        return pattern
 
     @model_validator(mode="after")
     def _type_rules(self):
@@ -222,6 +238,15 @@ class TaskSpec(_Section):
     def resolve(self, relative: str) -> Path:
         return (self._base_dir / relative).resolve()
 
+    @property
+    def source(self) -> str:
+        """The task file as it was named, or `task NAME` for a task built in code."""
+        return self._source or f"task {self.name}"
+
+    def where(self, *keys: str) -> str:
+        """`file:line` of a key of the task file (the file alone when the key is not in it)."""
+        return where(self._origins, keys, self.source)
+
 
 # --------------------------------------------------------------------------- loading YAML
 def load_task(path: str | Path) -> TaskSpec:
@@ -244,6 +269,7 @@ def load_task(path: str | Path) -> TaskSpec:
             exc, TaskSpec, origins, top, whole="task", anchor=("type",), suggest_values=True
         ) from None
     task._base_dir = path.resolve().parent
+    task._source, task._origins = str(path), origins
     for keys, relative in (("data", "path"), ("fewshot", "path")):
         value = getattr(getattr(task, keys), relative)
         if value is not None and not task.resolve(value).is_file():
@@ -255,21 +281,32 @@ def load_task(path: str | Path) -> TaskSpec:
 
 
 # --------------------------------------------------------------------------- rows
-def task_rows(task: TaskSpec) -> list[dict]:
-    """All rows of the task's data, in file order (callers slice for `limit`)."""
+def located_rows(task: TaskSpec) -> list[tuple[str, dict]]:
+    """(origin, row) for every row of the task's data, in file order; origin is `file:line`."""
     source = task.data
     if source.path is not None:
         source = source.model_copy(update={"path": str(task.resolve(source.path))})
     return _questions(source)
 
 
+def task_rows(task: TaskSpec) -> list[dict]:
+    """All rows of the task's data, in file order (callers slice for `limit`)."""
+    return [row for _, row in located_rows(task)]
+
+
+def located_fewshot_rows(task: TaskSpec) -> list[tuple[str, dict]] | None:
+    """(origin, row) of a separate shot pool (fewshot.path or .split); None: the task's rows."""
+    if task.fewshot.path:
+        return _questions(RowSource(path=str(task.resolve(task.fewshot.path))))
+    if task.fewshot.split:
+        return _questions(_fewshot_split(task))
+    return None
+
+
 def fewshot_rows(task: TaskSpec, rows: list[dict]) -> tuple[list[dict], bool]:
     """The pool shots are drawn from, and whether it is the evaluated rows themselves."""
-    if task.fewshot.path:
-        return _questions(RowSource(path=str(task.resolve(task.fewshot.path)))), False
-    if task.fewshot.split:
-        return _questions(_fewshot_split(task)), False
-    return rows, True
+    pool = located_fewshot_rows(task)
+    return (rows, True) if pool is None else ([row for _, row in pool], False)
 
 
 def _fewshot_split(task: TaskSpec) -> RowSource:
@@ -277,14 +314,14 @@ def _fewshot_split(task: TaskSpec) -> RowSource:
     return task.data.model_copy(update={"split": task.fewshot.split, "limit": None})
 
 
-def _questions(source: RowSource) -> list[dict]:
+def _questions(source: RowSource) -> list[tuple[str, dict]]:
     rows = []
     for origin, row in strict_rows(source):
         if not isinstance(row, dict):
             raise StillError(
                 f"{origin}: expected an object (one row per question), got {type(row).__name__}"
             )
-        rows.append(row)
+        rows.append((origin, row))
     return rows
 
 
@@ -317,75 +354,7 @@ def _same_row(a: dict, b: dict) -> bool:
     return a == b
 
 
-# --------------------------------------------------------------------------- rendering
-@lru_cache(maxsize=None)
-def _environment() -> jinja2.Environment:
-    # StrictUndefined: a typo in a field name must fail, not render as an empty prompt.
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-
-
-@lru_cache(maxsize=64)
-def _compiled(template: str) -> jinja2.Template:
-    return _environment().from_string(template)
-
-
-def render(template: str, row: dict) -> str:
-    try:
-        return _compiled(template).render(**row)
-    except jinja2.TemplateError as exc:
-        raise StillError(
-            f"cannot render template {template!r} on row {_row_name(row)}: {exc}"
-        ) from None
-
-
-def evaluate_expression(expression: str, row: dict) -> Any:
-    """A Jinja2 expression (`choices`, `options[:4]`, `label`) evaluated on a row."""
-    try:
-        return _environment().compile_expression(expression, undefined_to_none=False)(**row)
-    except jinja2.TemplateError as exc:
-        raise StillError(f"cannot evaluate {expression!r} on row {_row_name(row)}: {exc}") from None
-
-
-def _row_name(row: dict) -> str:
-    return repr(row["id"]) if "id" in row else repr(sorted(row))
-
-
-def row_choices(task: TaskSpec, row: dict) -> list[str]:
-    choices = evaluate_expression(task.choices, row)
-    if isinstance(choices, str):  # a template like "{{ choices }}" renders a list as text
-        try:
-            choices = json.loads(choices)
-        except json.JSONDecodeError:
-            choices = None
-    if not isinstance(choices, list) or not choices:
-        raise StillError(
-            f"choices {task.choices!r} is not a non-empty list on row {_row_name(row)}"
-        )
-    return [str(choice) for choice in choices]
-
-
-def row_gold(task: TaskSpec, row: dict, choices: list[str]) -> int:
-    """The gold choice index: from `label`, or else `target` matched against the choices."""
-    if task.label is not None:
-        gold = evaluate_expression(task.label, row)
-        if isinstance(gold, str) and gold.strip().lstrip("-").isdigit():
-            gold = int(gold)
-    else:
-        gold = render(task.target, row)
-    if isinstance(gold, str):
-        gold = choices.index(gold) if gold in choices else -1
-    if not isinstance(gold, int) or not 0 <= gold < len(choices):
-        raise StillError(f"gold label {gold!r} is not a valid choice index on row {_row_name(row)}")
-    return gold
-
-
-def row_target(task: TaskSpec, row: dict) -> str:
-    if task.type == "multiple_choice":
-        choices = row_choices(task, row)
-        return choices[row_gold(task, row, choices)]
-    return render(task.target, row)
-
-
+# --------------------------------------------------------------------------- prompts
 def build_context(task: TaskSpec, row: dict, shots: list[dict], tokenizer) -> str:
     """The text the model sees before its answer: system, solved shots, then the question.
 
@@ -401,13 +370,15 @@ def build_context(task: TaskSpec, row: dict, shots: list[dict], tokenizer) -> st
             )
         messages = [{"role": "system", "content": task.system}] if task.system else []
         for shot in shots:
-            messages.append({"role": "user", "content": render(task.prompt, shot)})
+            messages.append({"role": "user", "content": render_key(task, "prompt", shot)})
             messages.append({"role": "assistant", "content": row_target(task, shot)})
-        messages.append({"role": "user", "content": render(task.prompt, row)})
+        messages.append({"role": "user", "content": render_key(task, "prompt", row)})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     parts = [task.system] if task.system else []
-    parts += [render(task.prompt, shot) + task.delimiter + row_target(task, shot) for shot in shots]
-    parts.append(render(task.prompt, row))
+    parts += [
+        render_key(task, "prompt", shot) + task.delimiter + row_target(task, shot) for shot in shots
+    ]
+    parts.append(render_key(task, "prompt", row))
     return task.fewshot_delimiter.join(parts)
 
 
@@ -432,6 +403,6 @@ def task_hash(task: TaskSpec) -> str:
     if task.data.hf is not None:  # no file to read: hash the rows themselves
         sources = [task.data, _fewshot_split(task)] if task.fewshot.split else [task.data]
         for source in sources:
-            for row in _questions(source):
+            for _, row in _questions(source):
                 digest.update(json.dumps(row, sort_keys=True, default=str).encode())
     return digest.hexdigest()
