@@ -14,12 +14,16 @@ than compared on different sets.
 
 from __future__ import annotations
 
+import difflib
+import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval.metrics import paired_bootstrap_ci
 from still.errors import StillError
+from still.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 PAIRED_BOOTSTRAP_SAMPLES = 1000
 LOWER_IS_BETTER = {"loss", "perplexity"}
@@ -37,17 +41,25 @@ def compare(
     results: list[Path],
     *,
     reference: str | None,
-    out_dir: Path,
+    out_dir: Path | None = None,
     teacher: str | None = None,
 ) -> str:
-    """Write compare.md + compare.png into `out_dir`, print the table, return the markdown.
+    """Write compare.md, compare.json and compare.png into `out_dir` (default: the current
+    directory), print the table, return the markdown.
 
     `reference` and `teacher` name a model by display name or by its results path; without a
-    reference the first model is the reference.
+    reference the first model is the reference. Two inputs at least: a comparison of one model
+    with itself is refused, not written.
     """
-    if not results:
-        raise StillError("compare needs at least one eval results directory")
-    models = _name_models([_load_results(Path(path)) for path in results])
+    loaded = [_load_results(Path(path)) for path in results]
+    if len(loaded) < 2:
+        given = f" (got only {results[0]})" if results else ""
+        raise StillError(
+            f"compare needs the eval results of at least two models{given}",
+            hint="e.g. still compare runs/base runs/tuned; a single model's scores are in "
+            "its eval/<task>.json",
+        )
+    models = _name_models(loaded)
     caveats = []
     if reference is None:
         reference_model = models[0]
@@ -88,9 +100,9 @@ def compare(
         )
 
     markdown = _markdown_table(header, table) + "\n" + "".join(f"- {line}\n" for line in caveats)
-    out_dir = Path(out_dir)
+    out_dir = Path.cwd() if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.md").write_text(markdown, encoding="utf-8")
+    atomic_write_text(out_dir / "compare.md", markdown)
     # The same table with numbers, for trackers (a W&B comparison run logs it as a table).
     comparison = {
         "reference": reference_model.name,
@@ -99,9 +111,7 @@ def compare(
         "rows": numbers,
         "caveats": caveats,
     }
-    (out_dir / "compare.json").write_text(
-        json.dumps(comparison, indent=1, ensure_ascii=False), encoding="utf-8"
-    )
+    atomic_write_json(out_dir / "compare.json", comparison, indent=1)
     _plot(models, _task_metrics(models), out_dir / "compare.png")
     print(markdown)
     return markdown
@@ -109,6 +119,13 @@ def compare(
 
 # --------------------------------------------------------------------------- loading
 def _load_results(path: Path) -> ModelResults:
+    if not path.exists():
+        raise StillError(f"{path}: no such directory", hint="give run dirs or eval result dirs")
+    if not path.is_dir():
+        raise StillError(
+            f"{path}: not a directory",
+            hint="give the run dir or eval dir that holds <task>.json, not a file in it",
+        )
     directory = path
     if not any(path.glob("*.samples.jsonl")) and (path / "eval").is_dir():
         directory = path / "eval"  # a run dir: its evals live in eval/
@@ -117,18 +134,72 @@ def _load_results(path: Path) -> ModelResults:
         samples_path = summary_path.with_name(summary_path.stem + ".samples.jsonl")
         if not samples_path.is_file():
             continue
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        summary = _read_json(summary_path, summary_path.read_bytes())
         if not isinstance(summary, dict) or "task" not in summary or "metrics" not in summary:
             continue
+        _check_scores(summary_path, summary)
         loaded.summaries[summary["task"]] = summary
-        with samples_path.open(encoding="utf-8") as handle:
-            loaded.samples[summary["task"]] = [json.loads(line) for line in handle if line.strip()]
+        lines = samples_path.read_bytes().splitlines()
+        loaded.samples[summary["task"]] = [
+            _read_json(f"{samples_path}:{number}", line)
+            for number, line in enumerate(lines, start=1)
+            if line.strip()
+        ]
+        _check_samples(samples_path, loaded.samples[summary["task"]])
     if not loaded.summaries:
         raise StillError(
             f"{path}: no eval results here (expected <task>.json next to <task>.samples.jsonl)",
             hint="run `still eval` for this model first",
         )
     return loaded
+
+
+def _read_json(where, data: bytes):
+    """JSON as the harness writes it; anything else (cut short, NaN, not UTF-8) is one line."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not a JSON number")
+
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=refuse)
+    except UnicodeDecodeError:
+        problem = "not UTF-8 text"
+    except ValueError as error:  # JSONDecodeError is a ValueError
+        problem = f"not valid JSON ({getattr(error, 'msg', None) or error})"
+    raise StillError(f"{where}: {problem}", hint="re-run `still eval` for this model (--force)")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_scores(path: Path, summary: dict) -> None:
+    """Every metric of a summary has a finite mean and stderr (a table cannot show less)."""
+    metrics = summary["metrics"]
+    scores = metrics.items() if isinstance(metrics, dict) else [("metrics", metrics)]
+    for metric, score in scores:
+        if not isinstance(score, dict) or not all(
+            map(_finite, (score.get("mean"), score.get("stderr")))
+        ):
+            raise StillError(
+                f"{path}: metric {metric!r} has no numeric mean and stderr",
+                hint="re-run `still eval` for this model (--force)",
+            )
+
+
+def _check_samples(path: Path, samples: list) -> None:
+    for number, sample in enumerate(samples, start=1):
+        metrics = sample.get("metrics") if isinstance(sample, dict) else None
+        if not isinstance(metrics, dict) or "idx" not in sample:
+            problem = "is not an object with idx and metrics"
+        elif not all(map(_finite, metrics.values())):
+            problem = "has a metric that is not a finite number"
+        else:
+            continue
+        raise StillError(
+            f"{path}: sample {number} {problem}",
+            hint="re-run `still eval` for this model (--force)",
+        )
 
 
 def _name_models(models: list[ModelResults]) -> list[ModelResults]:
@@ -158,8 +229,13 @@ def _find_model(models: list[ModelResults], wanted: str, role: str) -> ModelResu
         places = (directory, directory.parent) if directory.name == "eval" else (directory,)
         if wanted == model.name or Path(wanted).resolve() in places:
             return model
-    names = ", ".join(m.name for m in models)
-    raise StillError(f"{role} {wanted!r} is not among the compared models ({names})")
+    names = [m.name for m in models]
+    close = difflib.get_close_matches(wanted, names, n=1)
+    suggestion = f" (did you mean {close[0]!r}?)" if close else ""
+    raise StillError(
+        f"--{role} {wanted!r} is not among the compared models{suggestion}",
+        hint=f"the models are: {', '.join(names)}",
+    )
 
 
 def _task_metrics(models: list[ModelResults]) -> list[tuple[str, str]]:
@@ -241,13 +317,13 @@ def _caveats(models: list[ModelResults]) -> list[str]:
         missing = [m.name for m in models if task not in m.summaries]
         if missing:
             lines.append(f"{task}: no results for {', '.join(missing)}")
-        if len({m.summaries[task]["task_hash"] for m in having}) > 1:
+        if len({m.summaries[task].get("task_hash") for m in having}) > 1:
             lines.append(
                 f"{task}: models scored different versions of the task (spec or data differ)"
             )
         limits = {m.summaries[task].get("limit") for m in having} - {None}
         if limits:
-            n = having[0].summaries[task]["n"]
+            n = having[0].summaries[task].get("n")
             lines.append(
                 f"{task}: scored on the first {min(limits)} questions only (limit), n = {n}"
             )
@@ -257,7 +333,7 @@ def _caveats(models: list[ModelResults]) -> list[str]:
                 "models sharing a "
                 "tokenizer; the score is token-weighted, Δ averages per-question losses"
             )
-    if len({s["harness_version"] for m in models for s in m.summaries.values()}) > 1:
+    if len({s.get("harness_version") for m in models for s in m.summaries.values()}) > 1:
         lines.append("results come from different harness versions")
     return lines
 
@@ -298,5 +374,7 @@ def _plot(models: list[ModelResults], task_metrics: list[tuple[str, str]], path:
     for panel in list(axes.flat)[len(task_metrics) :]:
         panel.set_visible(False)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120)
     plt.close(figure)
+    atomic_write_bytes(path, image.getvalue())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, set_seed
 
+from eval.checks import check_recipe_tasks
 from eval.run import evaluate_run
 from still import data as data_module
 from still import models
@@ -156,6 +157,7 @@ def build_trainer(
 # --------------------------------------------------------------------------- check, train, save
 def check(recipe: FinetuneRecipe) -> None:
     """`still check`: prepare the data and describe the run without loading any weights."""
+    check_recipe_tasks(recipe)  # what the end-of-run eval will read, checked now
     tokenizer = models.load_tokenizer(
         recipe.model.ref, trust_remote_code=recipe.model.trust_remote_code
     )
@@ -176,6 +178,7 @@ def check(recipe: FinetuneRecipe) -> None:
 def run(
     recipe: FinetuneRecipe, run: RunDir, *, resume: bool = False, attention: str = "auto"
 ) -> dict:
+    check_recipe_tasks(recipe)  # a task that cannot be scored fails now, not after training
     tokenizer = models.load_tokenizer(
         recipe.model.ref, trust_remote_code=recipe.model.trust_remote_code
     )
