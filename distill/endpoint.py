@@ -17,13 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from still.errors import StillError
+from still.secrets import REDACTED, redact
+from still.yaml_errors import quoted
 
 
 @dataclass
 class Answer:
     text: str
     truncated: bool  # stopped at max_new_tokens, not at an end-of-turn token
-
 
 
 class EndpointClient:
@@ -33,6 +34,7 @@ class EndpointClient:
         self.spec = spec
         self.url = f"{spec.url}/chat/completions"
         self.headers = {"Content-Type": "application/json"}
+        self._key: str | None = None
         if spec.api_key_env:
             key = os.environ.get(spec.api_key_env)
             if not key:
@@ -40,7 +42,15 @@ class EndpointClient:
                     f"endpoint {spec.url}: environment variable {spec.api_key_env} is not set",
                     hint=f"export {spec.api_key_env}=<your API key>",
                 )
+            self._key = key
             self.headers["Authorization"] = f"Bearer {key}"
+
+    def _shown(self, text: str, limit: int) -> str:
+        """What a server sent, as a message may show it: never the key (a server may echo the
+        request's headers), whatever its shape; non-ASCII as itself."""
+        if self._key:
+            text = text.replace(self._key, REDACTED)
+        return redact(text)[:limit]
 
     def complete(
         self,
@@ -73,7 +83,8 @@ class EndpointClient:
             ]
         except (ValueError, KeyError, TypeError, AttributeError):
             raise StillError(
-                f"{self.url}: not an OpenAI chat completion response: {body[:120]!r}",
+                f"{self.url}: not an OpenAI chat completion response: "
+                f"{quoted(self._shown(body.decode(errors='replace'), 120))}",
                 hint="check generate.endpoint.url",
             ) from None
 
@@ -85,7 +96,9 @@ class EndpointClient:
             with urllib.request.urlopen(request, timeout=self.spec.timeout_s) as response:
                 return response.read()
         except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace").strip().replace("\n", " ")[:200]
+            detail = self._shown(
+                error.read().decode(errors="replace").strip().replace("\n", " "), 200
+            )
             hints = {
                 401: f"check the API key in ${self.spec.api_key_env or 'api_key_env'}",
                 404: "the url should end where /chat/completions starts (often /v1)",
