@@ -30,6 +30,7 @@ from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK,
 from still.errors import StillError
 from still.launch import is_main_process
 from still.rundir import LINEAGE, RESOLVED_RECIPE, RunDir
+from still.secrets import redact as redact_key_shapes
 from still.sections import TrackSection, WandbSection
 
 SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -79,7 +80,8 @@ def warn(what: str, exc: BaseException) -> None:
 
 
 def redact(value, secrets: tuple[str, ...] | None = None):
-    """A copy of a config value with secret-named keys and known secret values replaced."""
+    """A copy of a config value with secret-named keys, known secret values and key-shaped
+    tokens (still/secrets.py) replaced."""
     if secrets is None:
         secrets = tuple(v for v in (os.environ.get(name) for name in SECRET_ENV_VARS) if v)
     if isinstance(value, dict):
@@ -92,6 +94,7 @@ def redact(value, secrets: tuple[str, ...] | None = None):
     if isinstance(value, str):
         for secret in secrets:
             value = value.replace(secret, REDACTED)
+        value = redact_key_shapes(value)
     return value
 
 
