@@ -76,9 +76,51 @@ def _decode(path: Path, data: bytes) -> str:
         ) from None
 
 
+# The first bytes of files that are not UTF-8 text at all, whatever their name says.
+NOT_TEXT = (
+    (b"\xff\xfe\x00\x00", "UTF-32 encoded", "save it as UTF-8"),
+    (b"\x00\x00\xfe\xff", "UTF-32 encoded", "save it as UTF-8"),
+    (b"\xff\xfe", "UTF-16 encoded", "save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8"),
+    (b"\xfe\xff", "UTF-16 encoded", "save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8"),
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip)"),
+    (b"PK\x03\x04", "a zip archive", "extract it first"),
+    (b"PAR1", "a Parquet file", "name it .parquet"),
+)
+
+
+def _refuse_non_text(path: Path) -> None:
+    """A whole file in another encoding is one error, not a bad row on every line."""
+    with path.open("rb") as handle:
+        head = handle.read(512)
+    for magic, what, hint in NOT_TEXT:
+        if head.startswith(magic):
+            raise StillError(f"{path}: {what}, not UTF-8 text", hint)
+    if b"\x00" in head:
+        even_nuls = head[0::2].count(0) > len(head) // 4 or head[1::2].count(0) > len(head) // 4
+        what = "UTF-16 encoded (no byte-order mark)" if even_nuls else "binary data (NUL bytes)"
+        raise StillError(f"{path}: {what}, not UTF-8 text", "save it as UTF-8 text")
+
+
+def _json_error(error: ValueError | RecursionError) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg.removesuffix(' at')} at column {error.colno}"
+    return str(error)[:120] if isinstance(error, ValueError) else "nested too deeply"
+
+
+def _refuse_json_array(path: Path, first_line: str) -> None:
+    if not first_line.lstrip().startswith("["):
+        return
+    raise StillError(
+        f"{path}: a JSON array, not JSON Lines (one object per line)",
+        "name it .json, or write one JSON object per line",
+    )
+
+
 def _read_jsonl(path: Path) -> Iterator[Row]:
     # Bytes, decoded line by line, so an undecodable line is a bad row at its own line number.
+    _refuse_non_text(path)
     with path.open("rb") as lines:
+        first = True
         for number, raw in enumerate(lines, start=1):
             origin = f"{path}:{number}"
             try:
@@ -94,20 +136,23 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
                 continue
             if not line.strip():
                 continue
+            if first:  # a JSON array saved as .jsonl: one error for the file, not per line
+                _refuse_json_array(path, line)
+                first = False
             try:
                 yield origin, json.loads(line)
-            except json.JSONDecodeError as error:
-                yield (
-                    origin,
-                    BadRow(f"invalid JSON ({error.msg} at column {error.colno})", "fix the line"),
-                )
+            except (ValueError, RecursionError) as error:  # ValueError: an int of 4300+ digits
+                yield origin, BadRow(f"invalid JSON ({_json_error(error)})", "fix the line")
 
 
 def _read_json(path: Path) -> Iterator[Row]:
+    _refuse_non_text(path)
     try:
         content = json.loads(_decode(path, path.read_bytes()))
     except json.JSONDecodeError as error:
         raise StillError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    except (ValueError, RecursionError) as error:
+        raise StillError(f"{path}: invalid JSON ({_json_error(error)})") from None
     if isinstance(content, dict) and isinstance(content.get("data"), list):
         content = content["data"]
     if not isinstance(content, list):
@@ -120,6 +165,7 @@ def _read_json(path: Path) -> Iterator[Row]:
 
 
 def _read_csv(path: Path) -> Iterator[Row]:
+    _refuse_non_text(path)
     reader = csv.DictReader(io.StringIO(_decode(path, path.read_bytes()), newline=""))
     try:
         for row in reader:
