@@ -119,7 +119,8 @@ class RunDir:
             return {}
         try:
             lineage = json.loads(self.lineage_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        # ValueError covers a bad encoding, invalid JSON and an int of 4300+ digits
+        except (OSError, ValueError, RecursionError) as error:
             raise StillError(
                 f"{self.lineage_file}: not valid JSON ({error})",
                 hint="the run dir is damaged; rerun its recipe with --force",
@@ -136,9 +137,10 @@ class RunDir:
             return ""
         try:
             return self.recipe_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
+        except (OSError, UnicodeDecodeError) as error:
+            reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else "unreadable"
             raise StillError(
-                f"{self.recipe_file}: not UTF-8 text",
+                f"{self.recipe_file}: {reason}",
                 hint="the run dir is damaged; rerun its recipe with --force",
             ) from None
 
@@ -147,7 +149,7 @@ class RunDir:
         text = self.recipe_text()
         try:
             data = yaml.safe_load(text) if text else {}
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             raise StillError(
                 f"{self.recipe_file}: not valid YAML",
                 hint="the run dir is damaged; rerun its recipe with --force",
@@ -166,8 +168,13 @@ class RunDir:
         if not self.metrics_file.is_file():
             return []
         rows = []
-        for line in self.metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
+        try:
+            text = self.metrics_file.read_text(encoding="utf-8", errors="replace")
+        except OSError as error:
+            raise StillError(f"{self.metrics_file}: cannot read ({error.strerror})") from None
+        for line in text.splitlines():
+            # ValueError: invalid JSON or an int of 4300+ digits
+            with contextlib.suppress(ValueError, RecursionError):
                 row = json.loads(line)
                 if isinstance(row, dict):
                     rows.append(row)
@@ -175,7 +182,9 @@ class RunDir:
 
     def tracker_run_id(self) -> str | None:
         path = self.tracker_run_id_file
-        return path.read_text().strip() if path.is_file() else None
+        if not path.is_file():
+            return None
+        return path.read_text(encoding="utf-8", errors="replace").strip()
 
     # -------------------------------------------------------------- writing
     def write_recipe(self, recipe: Recipe) -> None:
