@@ -63,7 +63,10 @@ def models(tiny_model_dir, tiny_model_dir_4layers, tmp_path_factory):
                 text,
             )
         )
+    from bad_model_files import build_bad_files
+
     return {
+        **build_bad_files(tiny_model_dir, root / "files"),  # {TRUNC_GGUF}, {UTF16_JSONL}, ...
         "TINY": tiny_model_dir,
         "TINY4": tiny_model_dir_4layers,
         "OTHER_VOCAB": other_vocab,
