@@ -13,6 +13,8 @@ import random
 import torch
 from transformers import Trainer, set_seed
 
+from distill import xtok
+from distill.batches import prompts_and_budgets, with_example_ids
 from distill.cache import TeacherCache
 from distill.losses import FusedKDLoss, cached_kd_loss, fused_kd_loss, kd_loss
 from distill.student import carve_student
@@ -83,49 +85,6 @@ def open_caches(recipe: DistillRecipe, tokenizer) -> dict:
     return caches
 
 
-def prompts_and_budgets(inputs: dict, labels: torch.Tensor) -> tuple[list[list[int]], list[int]]:
-    """Each example's prompt (its tokens before the first trained one) and how many tokens its
-    dataset answer had, from a padded [B, L] batch or a packed [1, N] one (position_ids)."""
-    input_ids = inputs["input_ids"]
-    if "position_ids" in inputs:  # packed rows: examples restart at position 0
-        rows = []
-        for row in range(input_ids.shape[0]):
-            starts = (inputs["position_ids"][row] == 0).nonzero().flatten().tolist() + [
-                input_ids.shape[1]
-            ]
-            rows += [(input_ids[row, a:b], labels[row, a:b]) for a, b in zip(starts, starts[1:])]
-    else:
-        lengths = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None
-        rows = [
-            (
-                input_ids[i, : lengths[i] if lengths else None],
-                labels[i, : lengths[i] if lengths else None],
-            )
-            for i in range(input_ids.shape[0])
-        ]
-    prompts, budgets = [], []
-    for ids, example_labels in rows:
-        trained = (example_labels[1:] != IGNORE_INDEX).nonzero().flatten() + 1
-        first = int(trained[0]) if len(trained) else len(ids)
-        end = (
-            int(trained[-1]) + 1 if len(trained) else len(ids)
-        )  # a row's padding is not the answer
-        prompts.append(ids[:first].tolist())
-        budgets.append(max(1, end - first))
-    return prompts, budgets
-
-
-def with_example_ids(collator):
-    """A collator that also hands the batch's dataset indices on (to find cached teacher rows)."""
-
-    def collate(features: list[dict]) -> dict:
-        batch = collator([{k: v for k, v in f.items() if k != "example_id"} for f in features])
-        batch["example_ids"] = torch.tensor([f["example_id"] for f in features])
-        return batch
-
-    return collate
-
-
 # --------------------------------------------------------------------------- loss
 class KDTrainer(Trainer):
     """Trainer whose loss is KD (+ optional hard-label CE) against a frozen teacher."""
@@ -142,9 +101,11 @@ class KDTrainer(Trainer):
         loss_chunk_size: int,
         teacher_placement: str = "auto",
         teacher_cache: dict | None = None,
+        cross_tokenizer: xtok.CrossTokenizer | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.cross_tokenizer = cross_tokenizer  # None: one vocabulary, the fused loss below
         self.teacher_cache = teacher_cache  # split -> TeacherCache, instead of a teacher model
         if teacher_cache is not None and zero_stage(self) == 3:
             raise StillError(
@@ -186,6 +147,11 @@ class KDTrainer(Trainer):
         inputs.pop("length", None)
         inputs.pop("skip_logits", None)  # Trainer's hint to Liger's loss, which is not used here
         example_ids = inputs.pop("example_ids", None)
+        teacher_inputs = {
+            key: inputs.pop(key)
+            for key in ("teacher_input_ids", "teacher_attention_mask", "teacher_index")
+            if key in inputs
+        }
         if model.training and self._draw_on_policy():
             inputs, labels = self._student_answers(model, inputs, labels)
             # Trainer counted the dataset answers' tokens; these answers have their own count
@@ -194,6 +160,9 @@ class KDTrainer(Trainer):
         student_out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
         if self.teacher_cache is not None:
             out = self._cached_loss(model, student_out, labels, example_ids)
+            return self._normalise(out, model, num_items_in_batch, student_out, return_outputs)
+        if self.cross_tokenizer is not None:
+            out = xtok.cross_tokenizer_loss(self, model, student_out, labels, teacher_inputs)
             return self._normalise(out, model, num_items_in_batch, student_out, return_outputs)
         with torch.no_grad():
             teacher_out = self.teacher(**inputs, logits_to_keep=1, output_hidden_states=True)
@@ -357,18 +326,43 @@ class KDTrainer(Trainer):
 
 
 # --------------------------------------------------------------------------- check, train, save
+def data_and_student(recipe: DistillRecipe, teacher, tokenizer, mode, student_tokenizer):
+    """Prepared splits, the student, its carve report, and the cross-tokenizer setup (None with
+    one vocabulary: then the data is the teacher's tokenizer's, exactly as before)."""
+    if mode is None:
+        train_data = data_module.prepare(recipe.data, tokenizer, split="train")
+        eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
+        student, student_tokenizer, carve = recipe_student(
+            recipe, teacher, tokenizer, calibration_batches(recipe, train_data)
+        )
+        return train_data, eval_data, student, student_tokenizer, carve, None
+    # Across tokenizers the student's tokenizer and template make the examples and loss mask.
+    train_data = data_module.prepare(recipe.data, student_tokenizer, split="train")
+    eval_data = data_module.prepare(recipe.data, student_tokenizer, split="eval")
+    student, _, carve = recipe_student(recipe, teacher, student_tokenizer, None)
+    cross = xtok.build(recipe, mode, teacher, tokenizer, student, student_tokenizer)
+    for split, prepared in (("train", train_data), ("eval", eval_data)):
+        if prepared is not None:
+            xtok.add_teacher_columns(recipe.data, split, prepared, cross)
+    xtok.require_alignment(cross, recipe)
+    if is_main_process():
+        print(f"still: {cross.summary()}")
+    return train_data, eval_data, student, student_tokenizer, carve, cross
+
+
 def check(recipe: DistillRecipe) -> None:
-    """`still check` for distill: data report, the student that would be built, estimates."""
+    """`still check` for distill: data report, the student that would be built, estimates;
+    across tokenizers also the vocabulary overlap and the aligned and exact-match shares."""
     teacher, tokenizer = load_teacher(recipe)
-    train_data = data_module.prepare(recipe.data, tokenizer, split="train")
-    eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
-    student, student_tokenizer, _ = recipe_student(
-        recipe, teacher, tokenizer, calibration_batches(recipe, train_data)
+    mode, student_tokenizer = xtok.cross_tokenizer_mode(recipe, tokenizer)
+    train_data, eval_data, student, student_tokenizer, _, cross = data_and_student(
+        recipe, teacher, tokenizer, mode, student_tokenizer
     )
-    shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
+    if cross is None:
+        shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
     print_report(
         recipe,
-        tokenizer,
+        student_tokenizer if cross is not None else tokenizer,
         train_data,
         eval_data,
         model=student,
@@ -385,7 +379,7 @@ def _teacher_and_tokenizer(recipe: DistillRecipe):
     return load_teacher(recipe)
 
 
-def _lineage(recipe: DistillRecipe, run: RunDir, carve) -> dict:
+def _lineage(recipe: DistillRecipe, run: RunDir, carve, cross=None) -> dict:
     student_ref = models.absolute_ref(recipe.student.ref) if recipe.student.ref else None
     return run.write_lineage(
         recipe,
@@ -396,6 +390,7 @@ def _lineage(recipe: DistillRecipe, run: RunDir, carve) -> dict:
         if carve is None
         else {"kept_layers": carve.kept_layers, "param_fraction": carve.param_fraction},
         method=recipe.method,
+        **({} if cross is None else {"cross_tokenizer": cross.lineage()}),
     )
 
 
@@ -406,11 +401,10 @@ def run(
     set_seed(recipe.train.seed)
     cached = recipe.distill.teacher_cache is not None
     teacher, tokenizer = _teacher_and_tokenizer(recipe)
+    mode, student_tokenizer = xtok.cross_tokenizer_mode(recipe, tokenizer)
     caches = open_caches(recipe, tokenizer) if cached else None
-    train_data = data_module.prepare(recipe.data, tokenizer, split="train")
-    eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
-    student, student_tokenizer, carve = recipe_student(
-        recipe, teacher, tokenizer, calibration_batches(recipe, train_data)
+    train_data, eval_data, student, student_tokenizer, carve, cross = data_and_student(
+        recipe, teacher, tokenizer, mode, student_tokenizer
     )
     if cached:
         teacher = None  # carved from it if asked; the loss reads the cache
@@ -419,17 +413,24 @@ def run(
                 prepared.dataset = prepared.dataset.add_column(
                     "example_id", list(range(len(prepared.dataset)))
                 )
-    vocab_size = shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
+    if cross is None:
+        vocab_size = shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
+    else:  # the student's tokenizer is the one its data, collator and saved model use
+        vocab_size, tokenizer = cross.mapping.student_vocab, student_tokenizer
     refuse_transformed_logits(teacher=teacher, student=student)
     total_steps = planned_steps(recipe, len(train_data.dataset))
     print_report(recipe, tokenizer, train_data, eval_data, model=student, total_steps=total_steps)
 
-    lineage = _lineage(recipe, run, carve)
+    lineage = _lineage(recipe, run, carve, cross)
     tracking = start_tracking(recipe, run, job_type="distill", lineage=lineage)
+    # The teacher reads its own padded batches across tokenizers: only the student is packed.
+    packed_teacher = teacher if cross is None else None
     isolation = (
-        packed_attention(student, teacher, choice=attention) if recipe.data.packing else None
+        packed_attention(student, packed_teacher, choice=attention) if recipe.data.packing else None
     )
-    collator = collator_for(recipe.data, tokenizer, isolation, student, teacher)
+    collator = collator_for(recipe.data, tokenizer, isolation, student, packed_teacher)
+    if cross is not None:
+        collator = xtok.with_teacher_inputs(collator, models.pad_token_id(cross.teacher_tokenizer))
     args = training_arguments(
         recipe,
         run,
@@ -451,6 +452,7 @@ def run(
         vocab_size=vocab_size,
         teacher_placement=recipe.distributed.teacher,
         teacher_cache=caches,
+        cross_tokenizer=cross,
     )
     checkpoint = resume_checkpoint(run) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -96,6 +96,15 @@ class DistillSection(Section):
     alpha: float = Field(0.1, ge=0, le=1, description="skew_kl: teacher share in the mixture.")
     kd_weight: float = Field(1.0, ge=0, description="Weight of the KD term.")
     ce_weight: float = Field(0.0, ge=0, description="Weight of hard-label cross entropy.")
+    cross_tokenizer: Literal["off", "auto", "uld", "gold"] = Field(
+        "off",
+        description="Teacher and student with different tokenizers. off: refused (use "
+        "sequence-level KD). auto: same-tokenizer KD when the vocabularies are identical (or "
+        "differ only by padding rows), else gold. uld: sorted-probability Wasserstein distance "
+        "(ULD) at the positions the two tokenizations align. gold: the recipe's divergence on "
+        "tokens whose strings map one-to-one between the vocabularies, renormalised over them, "
+        "plus ULD on the rest. Unaligned student positions get only the hard-label CE.",
+    )
     teacher_cache: str | None = Field(
         None,
         description="A teacher cache dir (`still cache R.yaml` builds it): distill from the "
