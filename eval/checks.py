@@ -104,12 +104,13 @@ def check_task(task: TaskSpec, *, limit: int | None = None) -> list[dict]:
             extra = pool
         for origin, row in extra:
             check_row(task, row, origin)
-        others = len(pool) - (1 if same_pool else 0)
-        if others < task.fewshot.n:
-            where = "the task's own rows" if same_pool else "the few-shot pool"
+        needed = task.fewshot.n + (1 if same_pool else 0)  # a question is never its own shot
+        if len(pool) < needed:
+            where = "the task has" if same_pool else "the few-shot pool has"
+            rows = f"{len(pool)} row" + ("" if len(pool) == 1 else "s")
             raise StillError(
-                f"{task.where('fewshot', 'n')}: fewshot.n is {task.fewshot.n} but {where} "
-                f"give only {others} other rows",
+                f"{task.where('fewshot', 'n')}: fewshot.n is {task.fewshot.n} but {where} only "
+                f"{rows}" + (" (a question is never its own shot)" if same_pool else ""),
                 hint="lower fewshot.n, or draw shots from a larger fewshot.path",
             )
     return [row for _, row in located]

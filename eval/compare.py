@@ -141,7 +141,7 @@ def _load_results(path: Path) -> ModelResults:
         loaded.summaries[summary["task"]] = summary
         lines = samples_path.read_bytes().splitlines()
         loaded.samples[summary["task"]] = [
-            _read_json(f"{samples_path}:{number}", line)
+            _read_json(samples_path, line, number)
             for number, line in enumerate(lines, start=1)
             if line.strip()
         ]
@@ -154,19 +154,23 @@ def _load_results(path: Path) -> ModelResults:
     return loaded
 
 
-def _read_json(where, data: bytes):
+def _read_json(path, data: bytes, line: int | None = None):
     """JSON as the harness writes it; anything else (cut short, NaN, not UTF-8) is one line."""
 
     def refuse(constant: str):
         raise ValueError(f"{constant} is not a JSON number")
 
+    where = f"{path}:{line}" if line else str(path)
     try:
         return json.loads(data.decode("utf-8"), parse_constant=refuse)
     except UnicodeDecodeError:
         problem = "not UTF-8 text"
-    except ValueError as error:  # JSONDecodeError is a ValueError
-        problem = f"not valid JSON ({getattr(error, 'msg', None) or error})"
-    raise StillError(f"{where}: {problem}", hint="re-run `still eval` for this model (--force)")
+    except json.JSONDecodeError as error:
+        where = where if line else f"{path}:{error.lineno}"
+        problem = f"not valid JSON ({error.msg})"
+    except ValueError as error:
+        problem = f"not valid JSON ({error})"
+    raise StillError(f"{where}: {problem}", hint="re-run `still eval --force` for this model")
 
 
 def _finite(value) -> bool:
@@ -183,7 +187,7 @@ def _check_scores(path: Path, summary: dict) -> None:
         ):
             raise StillError(
                 f"{path}: metric {metric!r} has no numeric mean and stderr",
-                hint="re-run `still eval` for this model (--force)",
+                hint="re-run `still eval --force` for this model",
             )
 
 
@@ -198,7 +202,7 @@ def _check_samples(path: Path, samples: list) -> None:
             continue
         raise StillError(
             f"{path}: sample {number} {problem}",
-            hint="re-run `still eval` for this model (--force)",
+            hint="re-run `still eval --force` for this model",
         )
 
 
@@ -218,8 +222,10 @@ def _name_models(models: list[ModelResults]) -> list[ModelResults]:
     if len({m.name for m in models}) < len(models):
         for model in models:
             model.name = str(model.directory)
-    if len({m.name for m in models}) < len(models):
-        raise StillError("the same results directory is listed twice")
+    directories = [m.directory.resolve() for m in models]
+    for index, directory in enumerate(directories):
+        if directory in directories[:index]:
+            raise StillError(f"{directory} is listed twice", hint="list each model's results once")
     return models
 
 

@@ -183,6 +183,12 @@ class TaskSpec(_Section):
                 raise ValueError(f"invalid Jinja2 template: {exc.message}") from None
         return template
 
+    @field_validator("label", mode="before")
+    @classmethod
+    def _constant_label(cls, label: Any) -> Any:
+        # `label: 0` (every row's gold is the first choice) is the expression "0".
+        return str(label) if isinstance(label, int) and not isinstance(label, bool) else label
+
     @field_validator("choices", "label")
     @classmethod
     def _expression_compiles(cls, expression: str | None) -> str | None:

@@ -169,11 +169,17 @@ def row_choices(task, row: dict, origin: str | None = None) -> list[str]:
     for index, choice in enumerate(choices):
         if isinstance(choice, jinja2.Undefined):
             problem = f"gives nothing for choice {index}: {_undefined_reason(choice)}"
-            raise _row_error(task, "choices", row, origin, problem)
+            missing = _missing_field(task, "choices", task.choices, row, origin, expression=True)
+            raise missing or _row_error(task, "choices", row, origin, problem)
         text = str(choice)
         if not text.strip():
             raise _row_error(
-                task, "choices", row, origin, f"has an empty choice {index}", hint="drop it"
+                task,
+                "choices",
+                row,
+                origin,
+                f"has an empty choice {index}",
+                hint="fill it in or remove it",
             )
         if text in first_seen:
             raise _row_error(
