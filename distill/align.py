@@ -114,12 +114,21 @@ class VocabMap:
 
 
 def vocab_map(
-    student_tokenizer, teacher_tokenizer, student_vocab: int, teacher_vocab: int
+    student_tokenizer,
+    teacher_tokenizer,
+    student_vocab: int,
+    teacher_vocab: int,
+    templates: tuple[str | None, str | None] = (None, None),
 ) -> VocabMap:
+    """The one-to-one pairs; `templates` are the (student, teacher) chat templates used in
+    place of the tokenizers' own (None: their own), which tell the end-of-turn tokens."""
     student = _unique_inverse(token_bytes(student_tokenizer, student_vocab))
     teacher = _unique_inverse(token_bytes(teacher_tokenizer, teacher_vocab))
     pairs = {student[piece]: teacher[piece] for piece in student.keys() & teacher.keys()}
-    ends = (end_of_turn_id(student_tokenizer), end_of_turn_id(teacher_tokenizer))
+    ends = (
+        end_of_turn_id(student_tokenizer, templates[0]),
+        end_of_turn_id(teacher_tokenizer, templates[1]),
+    )
     if None not in ends and ends[0] < student_vocab and ends[1] < teacher_vocab:
         if ends[0] not in pairs and ends[1] not in pairs.values():
             pairs[ends[0]] = ends[1]

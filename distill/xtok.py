@@ -61,6 +61,7 @@ class CrossTokenizer:
     mapping: VocabMap
     teacher_tokenizer: object
     student_tokenizer: object
+    teacher_chat_template: str | None = None
     stats: dict[str, AlignStats] = field(default_factory=dict)
 
     def lineage(self) -> dict:
@@ -110,11 +111,12 @@ def cross_tokenizer_mode(recipe, teacher_tokenizer):
         )
     require_offsets(teacher_tokenizer, "teacher", recipe.teacher.ref)
     require_offsets(student_tokenizer, "student", recipe.student.ref)
-    if not teacher_tokenizer.chat_template and recipe.data.train.format != "completion":
+    template = recipe.distill.teacher_chat_template or teacher_tokenizer.chat_template
+    if not template and recipe.data.train.format != "completion":
         raise StillError(
             f"the teacher {recipe.teacher.ref} has no chat template to render the "
             f"conversations with (cross-tokenizer KD renders each one with both models' templates)",
-            hint="use a teacher whose tokenizer has a chat template, or format: completion",
+            hint="set distill.teacher_chat_template to the teacher's Jinja chat template",
         )
     return mode, student_tokenizer
 
@@ -131,13 +133,15 @@ def head_rows(model, tokenizer) -> int:
 
 
 def build(recipe, mode, teacher, teacher_tokenizer, student, student_tokenizer) -> CrossTokenizer:
+    templates = (recipe.data.chat_template, recipe.distill.teacher_chat_template)
     mapping = vocab_map(
         student_tokenizer,
         teacher_tokenizer,
         head_rows(student, student_tokenizer),
         head_rows(teacher, teacher_tokenizer),
+        templates=templates,
     )
-    return CrossTokenizer(mode, mapping, teacher_tokenizer, student_tokenizer)
+    return CrossTokenizer(mode, mapping, teacher_tokenizer, student_tokenizer, templates[1])
 
 
 # --------------------------------------------------------------------------- examples
@@ -173,7 +177,7 @@ def _renderings(example, student_ids, setup: CrossTokenizer, chat_template):
     else:
         messages = example["messages"]
         student = Rendering.of(student_tok, messages, chat_template)
-        teacher = Rendering.of(teacher_tok, messages)
+        teacher = Rendering.of(teacher_tok, messages, setup.teacher_chat_template)
         bos = None
     shift = next((k for k in (0, 1) if _same_start(student_ids[k:], student.ids)), None)
     return None if shift is None else (student, teacher, messages, shift, bos)

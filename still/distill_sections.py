@@ -105,6 +105,12 @@ class DistillSection(Section):
         "tokens whose strings map one-to-one between the vocabularies, renormalised over them, "
         "plus ULD on the rest. Unaligned student positions get only the hard-label CE.",
     )
+    teacher_chat_template: str | None = Field(
+        None,
+        description="Cross-tokenizer KD: a Jinja chat template the teacher renders each "
+        "conversation with (default: the teacher tokenizer's own; data.chat_template is the "
+        "student's). Needed for a base teacher whose tokenizer has none.",
+    )
     teacher_cache: str | None = Field(
         None,
         description="A teacher cache dir (`still cache R.yaml` builds it): distill from the "
