@@ -74,7 +74,7 @@ def _check_model_type(config_path: Path, config: dict) -> None:
         raise StillError(
             f"{config_path}: no model_type", hint="the config is damaged; save the model again"
         )
-    close = difflib.get_close_matches(model_type, known, n=1)
+    close = difflib.get_close_matches(model_type, known, n=1, cutoff=0.8)
     hint = (
         f"did you mean '{close[0]}'? Or transformers {transformers.__version__} is too old "
         "for it: pip install -U transformers"
@@ -96,7 +96,7 @@ def _check_weights(path: Path, stems: tuple[str, ...], *, allow_pickle: bool, ke
     pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
     if not pickles:
         raise StillError(
-            f"{path}: no weights ({stems[0]}.safetensors or {stems[-1]}.bin)",
+            f"{path}: no weights: neither {stems[0]}.safetensors nor {stems[-1]}.bin",
             hint="copy the weight files into the dir, or name the dir that has them",
         )
     if not allow_pickle:
@@ -129,7 +129,7 @@ def _check_index(index: Path) -> None:
         raise StillError(
             f"{index}: names shard {missing[0]}, which is not in {index.parent}"
             + (f" ({len(missing)} shards missing)" if len(missing) > 1 else ""),
-            hint="fetch the missing shards (an incomplete download?)",
+            hint="an incomplete download? fetch the missing shards",
         )
 
 
@@ -159,8 +159,8 @@ def check_tokenizer_files(path: Path) -> None:
     present = [name for name in TOKENIZER_FILES if (path / name).is_file()]
     if not present:
         raise StillError(
-            f"{path}: no tokenizer files ({' or '.join(TOKENIZER_FILES[:2])})",
-            hint="save the tokenizer into the dir (tokenizer.save_pretrained), or copy its "
+            f"{path}: no tokenizer files: neither {' nor '.join(TOKENIZER_FILES[:2])}",
+            hint="save the tokenizer into the dir with tokenizer.save_pretrained, or copy its "
             "base model's",
         )
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -199,16 +199,16 @@ def _weight_shapes(path: Path, trust_remote_code: bool, fingerprint: tuple) -> N
     try:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as error:
-        raise StillError(
-            f"{path}: a '{config.model_type}' model is not a causal language model "
-            f"({_first_line(error)})",
-            hint="the kit trains and scores AutoModelForCausalLM models; name a decoder model",
-        ) from None
-    except (TypeError, KeyError, AttributeError) as error:
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        if "Unrecognized configuration class" in str(error):
+            raise StillError(
+                f"{path}: a '{config.model_type}' model is not a causal language model: "
+                "transformers has no AutoModelForCausalLM for it",
+                hint="the kit trains and scores AutoModelForCausalLM models; name a decoder model",
+            ) from None
         raise StillError(
             f"{path / 'config.json'}: cannot build its model ({_first_line(error)})",
-            hint="a value in the config has the wrong type; save the model again",
+            hint="a value in the config is wrong; save the model again",
         ) from None
     expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     for file in files:

@@ -62,7 +62,7 @@ def _what_it_looks_like(head: bytes) -> str:
     if not head:
         return "the file is empty"
     if stripped[:1] in (b"<",):
-        return "it is text that looks like HTML or XML (a failed download?)"
+        return "it is text that looks like an HTML page from a failed download"
     if stripped[:1] in (b"{", b"["):
         return "it is text that looks like JSON"
     if head[:4] == b"PK\x03\x04":
@@ -288,8 +288,8 @@ def check_gguf(path: str | Path) -> None:
         version = reader.number("I")
         if version not in gguf.READER_SUPPORTED_VERSIONS:
             raise StillError(
-                f"{path}: GGUF version {version} is not supported (only "
-                f"{', '.join(map(str, gguf.READER_SUPPORTED_VERSIONS))})",
+                f"{path}: GGUF version {version} is not supported: the gguf package reads "
+                f"versions {', '.join(map(str, gguf.READER_SUPPORTED_VERSIONS))}",
                 hint="convert it again with a current llama.cpp",
             )
         tensor_count, kv_count = reader.number("Q"), reader.number("Q")

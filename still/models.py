@@ -99,10 +99,10 @@ def _resolve_dir(ref: str, path: Path, *, allow_pickle: bool, key: str) -> Resol
         check_model_dir(run.model_dir, **options)
         return ResolvedModel(ref, "run", str(run.model_dir))
     if has_lineage and (run.adapter_dir / "adapter_config.json").exists():
-        check_adapter_dir(run.adapter_dir, **options)
         base = run.read_lineage().get("base")
         if not base or not isinstance(base, str):
             raise StillError(f"run dir {ref}: {run.lineage_file.name} does not name its base model")
+        check_adapter_dir(run.adapter_dir, **options)
         return ResolvedModel(
             ref,
             "run",
@@ -260,10 +260,17 @@ def load_tokenizer(ref_or_resolved, *, trust_remote_code: bool = False, key: str
         )
     # tokenizers raises a bare Exception for a tokenizer.json it cannot parse: a user file
     except Exception as exc:  # noqa: BLE001
-        raise _load_error(exc, f"cannot load tokenizer for {resolved.ref}", key) from None
+        raise _load_error(
+            exc,
+            f"cannot load tokenizer for {resolved.ref}",
+            key,
+            hint="its files are damaged or from a newer library; save the tokenizer again",
+        ) from None
 
 
-def _load_error(exc: Exception, what: str, key: str, *, known_only: bool = False):
+def _load_error(
+    exc: Exception, what: str, key: str, *, known_only: bool = False, hint: str | None = None
+):
     """A library's error at load time, told with the recipe key that fixes it; None for one
     not recognised when `known_only` (it may be a bug, and keeps its traceback)."""
     import pickle
@@ -289,7 +296,9 @@ def _load_error(exc: Exception, what: str, key: str, *, known_only: bool = False
         )
     if known_only and not isinstance(exc, (OSError, SafetensorError)):
         return None
-    return StillError(f"{what}: {first}")
+    if isinstance(exc, KeyError) or len(first) < 40:  # a bare key or word says little alone
+        first = f"{type(exc).__name__}: {first}"
+    return StillError(f"{what}: {first}", hint=hint)
 
 
 def load_model(

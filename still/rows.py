@@ -82,7 +82,7 @@ NOT_TEXT = (
     (b"\x00\x00\xfe\xff", "UTF-32 encoded", "save it as UTF-8"),
     (b"\xff\xfe", "UTF-16 encoded", "save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8"),
     (b"\xfe\xff", "UTF-16 encoded", "save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8"),
-    (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip)"),
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first, e.g. gunzip"),
     (b"PK\x03\x04", "a zip archive", "extract it first"),
     (b"PAR1", "a Parquet file", "name it .parquet"),
 )
@@ -104,7 +104,9 @@ def _refuse_non_text(path: Path) -> None:
 def _json_error(error: ValueError | RecursionError) -> str:
     if isinstance(error, json.JSONDecodeError):
         return f"{error.msg.removesuffix(' at')} at column {error.colno}"
-    return str(error)[:120] if isinstance(error, ValueError) else "nested too deeply"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return "an integer of more than 4300 digits" if "digits" in str(error) else str(error)[:120]
 
 
 def _refuse_json_array(path: Path, first_line: str) -> None:

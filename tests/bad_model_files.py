@@ -70,7 +70,10 @@ def model_file_cases(tiny: Path, root: Path) -> dict[str, Path]:
     (header_length,) = struct.unpack("<Q", weights[:8])
     broken_weights = {
         "TRUNC_SAFETENSORS": weights[: len(weights) // 2],
-        "BAD_HEADER_SAFETENSORS": weights[:8] + b"{" + b"x" * (header_length - 1) + weights[8 + header_length :],
+        "BAD_HEADER_SAFETENSORS": weights[:8]
+        + b"{"
+        + b"x" * (header_length - 1)
+        + weights[8 + header_length :],
         "LFS_SAFETENSORS": LFS_POINTER.encode(),
         "HTML_SAFETENSORS": HTML_PAGE.encode(),
     }
@@ -100,6 +103,10 @@ def model_file_cases(tiny: Path, root: Path) -> dict[str, Path]:
         json.dumps({"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1})
     )
 
+    out["BAD_TOKENIZER_JSON"] = _model_copy(tiny, root, "bad_tokenizer_json")
+    (out["BAD_TOKENIZER_JSON"] / "tokenizer.json").write_text('{"version": "1.0",\n')
+    out["ODD_TOKENIZER_JSON"] = _model_copy(tiny, root, "odd_tokenizer_json")
+    (out["ODD_TOKENIZER_JSON"] / "tokenizer.json").write_text('{"version": "1.0", "model": 7}\n')
     out["NO_TOKENIZER"] = root / "no_tokenizer"
     out["NO_TOKENIZER"].mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -110,7 +117,10 @@ def model_file_cases(tiny: Path, root: Path) -> dict[str, Path]:
     (out["MISSING_SHARD"] / "model.safetensors").rename(
         out["MISSING_SHARD"] / "model-00001-of-00002.safetensors"
     )
-    index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"},
+    }
     (out["MISSING_SHARD"] / "model.safetensors.index.json").write_text(json.dumps(index))
     return out
 
