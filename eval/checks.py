@@ -38,7 +38,8 @@ def check_count(value: int | None, what: str = "--limit") -> None:
 
 def check_recipe_tasks(recipe) -> list[TaskSpec]:
     """A finetune or distill recipe's `eval_tasks`, checked before its first step."""
-    return check_tasks(recipe.eval_tasks, named_by=_recipe_where(recipe, "eval_tasks"))
+    at = _recipe_where(recipe, "eval_tasks", recipe.eval_tasks, paths=True)
+    return check_tasks(recipe.eval_tasks, named_by=at)
 
 
 def check_tasks(
@@ -188,9 +189,10 @@ def model_among(wanted: str, refs: Sequence[str], role: str, *, at: str) -> str:
     )
 
 
-def _recipe_where(recipe, key: str, value: object = None) -> str:
-    """`recipe.yaml:LINE: key` when the recipe file itself sets the key (to `value`), else
-    `recipe.yaml: key` (set by a file it extends, or an override)."""
+def _recipe_where(recipe, key: str, value: object = None, *, paths: bool = False) -> str:
+    """`recipe.yaml:LINE: key` when the recipe file itself sets the key (to `value`, if given),
+    else `recipe.yaml: key` (the key came from a file it extends, or from an override).
+    `paths`: the file's value is a list of paths relative to it, as the recipe resolved them."""
     source = recipe.source_path
     if not source:
         return f"recipe {recipe.name}: {key}"
@@ -199,6 +201,9 @@ def _recipe_where(recipe, key: str, value: object = None) -> str:
     except (OSError, StillError):
         return f"{source}: {key}"
     origin = key_lines(node, source).get((key,))
-    if origin and isinstance(data, dict) and (value is None or data.get(key) == value):
+    written = data.get(key) if isinstance(data, dict) else None
+    if paths and isinstance(written, list) and all(isinstance(p, str) for p in written):
+        written = [str((Path(source).parent / p).resolve()) for p in written]
+    if origin and (value is None or written == value):
         return f"{origin[0]}:{origin[1]}: {key}"
     return f"{source}: {key}"
