@@ -74,9 +74,14 @@ def _override_hint(key: str, value: str, keys: list[str]) -> str | None:
 
     leaf_of = {dotted: dotted.rsplit(".", 1)[-1] for dotted in keys}
     leaf = KNOWN_SYNONYMS.get(key.lower(), key)
-    exact = sorted(dotted for dotted, name in leaf_of.items() if name == leaf)
-    if len(exact) == 1:
-        return f"recipe keys are set as key=value: write {exact[0]}={value}"
+    # flags users bring are mostly Trainer arguments: a train.* key of that name comes first
+    exact = sorted(
+        (dotted for dotted, name in leaf_of.items() if name == leaf),
+        key=lambda dotted: (not dotted.startswith("train."), dotted),
+    )
+    if len(exact) == 1 or exact[:1] and exact[0].startswith("train."):
+        others = f" (other keys of that name: {', '.join(exact[1:])})" if exact[1:] else ""
+        return f"recipe keys are set as key=value: write {exact[0]}={value}{others}"
     if not exact:
         close = difflib.get_close_matches(leaf, set(leaf_of.values()), n=1, cutoff=0.75)
         exact = sorted(dotted for dotted, name in leaf_of.items() if close and name == close[0])

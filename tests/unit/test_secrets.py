@@ -3,6 +3,7 @@ in no file and on no console; legitimate values (hub ids, paths, digests, env na
 
 import hashlib
 import json
+import shutil
 import textwrap
 import threading
 import uuid
@@ -10,11 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distill import endpoint
 from still import cli, recipe
 from still.errors import StillError
-from still.secrets import find_secret, looks_like_secret, redact
+from still.secrets import find_secret, looks_like_secret, redact, secret_spans
 
 # Built from pieces so that this file itself holds no key-shaped literal a scanner would flag.
 OPENAI_KEY = "sk-" + "proj-" + "Q3vT9xLm2Rk7Wp4Zs8Yb1Nc6Hd0Jf5Ga" + "E2uKo7Vi3Tq9Xr4Ml"
@@ -254,3 +256,34 @@ def test_endpoint_errors_never_show_the_key(status, key, monkeypatch):
     message = str(info.value)
     assert "rejected" in message or "not an OpenAI chat completion" in message
     assert key not in message and "…(redacted)" in message
+
+
+# --------------------------------------------------------------------------- the corpus's keys
+CORPUS = Path(__file__).parents[1] / "bad_inputs"
+SECRET_CASES = [
+    case
+    for case in yaml.safe_load((CORPUS / "cases_cli.yaml").read_text(encoding="utf-8"))
+    if case["case"].startswith("sec_")
+]
+
+
+@pytest.mark.parametrize("case", SECRET_CASES, ids=[c["case"] for c in SECRET_CASES])
+def test_no_planted_key_of_the_corpus_reaches_the_console_or_a_new_file(
+    case, tmp_path, monkeypatch, capsys
+):
+    """Every key planted in a sec_* case (its files and its argv) appears neither on stdout nor
+    on stderr, and no file is added or changed: the keys stay where the user put them."""
+    work = tmp_path / case["case"]
+    shutil.copytree(CORPUS / case["case"], work)
+    texts = [p.read_text(encoding="utf-8") for p in work.rglob("*") if p.is_file()]
+    planted = {
+        text[start:end] for text in [*texts, *case["argv"]] for start, end, _ in secret_spans(text)
+    }
+    assert planted or "must be the name of an environment variable" in case["expect"]
+    monkeypatch.chdir(work)
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    assert cli.main(case["argv"]) == 2
+    out = capsys.readouterr()
+    for key in planted:
+        assert key not in out.out + out.err
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before
