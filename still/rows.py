@@ -182,7 +182,14 @@ def _read_parquet(path: Path) -> Iterator[Row]:
 
     try:
         rows = pyarrow.parquet.read_table(path).to_pylist()
-    except pyarrow.ArrowException as error:
+    except UnicodeDecodeError as error:  # a string column holding bytes that are not UTF-8
+        raise StillError(
+            f"{path}: a text column holds bytes that are not UTF-8 ({error.reason})",
+            "write the file again from UTF-8 strings",
+        ) from None
+    # a damaged file surfaces as ArrowInvalid (a ValueError), or as a plain OSError from the
+    # thrift decoder
+    except (pyarrow.ArrowException, OSError, ValueError) as error:
         detail = (str(error).splitlines() or [type(error).__name__])[0]
         raise StillError(
             f"{path}: not a readable Parquet file ({detail})",
@@ -204,7 +211,8 @@ def _read_file(path: Path) -> Iterator[Row]:
     try:
         yield from reader(path)
     except OSError as error:  # permissions, a file that vanished or changed into a directory
-        raise StillError(f"{path}: cannot read ({error.strerror or error})") from None
+        reason = (str(error.strerror or error).splitlines() or ["unreadable"])[0]
+        raise StillError(f"{path}: cannot read ({reason})") from None
 
 
 # --------------------------------------------------------------------------- hub
