@@ -9,6 +9,12 @@ batch × seq tokens, then backward into the student's hidden states and head wei
            no_grad, then `kd_loss(..., reduction="sum")` + cross entropy.
   chunked  `fused_kd_loss` from hidden states, `--chunk-size` tokens at a time.
 
+Cross-tokenizer rows (`--divergences xtok-gold,xtok-uld`): the teacher has its own vocabulary
+of `--teacher-vocab` entries (default 262,144, Gemma-3's; the student's `--vocab` is 49,152,
+SmolLM2's), `--matched-share` of the student's entries map one-to-one to teacher entries, and
+every position is aligned (the most work). naive: both full logits, then
+`xtok_kd_loss_from_logits`; chunked: `xtok_kd_loss`.
+
 How peak memory is measured:
   CPU   each (divergence, variant) runs in a fresh subprocess. The child allocates its inputs,
         reads `resource.getrusage(RUSAGE_SELF).ru_maxrss` as a baseline, runs, and reads it
@@ -34,7 +40,9 @@ import torch.nn.functional as F
 
 # Runs as a plain script from a checkout: make `distill` importable without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distill.align import VocabMap
 from distill.losses import fused_kd_loss, kd_loss
+from distill.xtok_losses import xtok_kd_loss, xtok_kd_loss_from_logits
 
 KD_WEIGHT = CE_WEIGHT = 0.5
 
@@ -48,7 +56,8 @@ def make_inputs(args) -> dict:
 
     # Heads scaled by 1/sqrt(hidden) give logits of unit spread, like a trained model's.
     student_head = randn(args.vocab, args.hidden, scale=args.hidden**-0.5)
-    teacher_head = randn(args.vocab, args.teacher_hidden, scale=args.teacher_hidden**-0.5)
+    teacher_vocab = args.teacher_vocab if is_cross(args.divergence) else args.vocab
+    teacher_head = randn(teacher_vocab, args.teacher_hidden, scale=args.teacher_hidden**-0.5)
     return {
         "student_hidden": randn(tokens, args.hidden).requires_grad_(),
         "student_head_weight": student_head.requires_grad_(),
@@ -56,6 +65,41 @@ def make_inputs(args) -> dict:
         "teacher_head_weight": teacher_head,
         "labels": torch.randint(0, args.vocab, (tokens,), generator=generator).to(args.device),
     }
+
+
+def is_cross(divergence: str | None) -> bool:
+    return bool(divergence) and divergence.startswith("xtok-")
+
+
+def vocab_pairs(args) -> VocabMap:
+    """`--matched-share` of the student's ids paired with distinct random teacher ids."""
+    generator = torch.Generator().manual_seed(1)
+    count = int(args.matched_share * args.vocab)
+    student_ids = torch.randperm(args.vocab, generator=generator)[:count].sort().values
+    teacher_ids = torch.randperm(args.teacher_vocab, generator=generator)[:count]
+    return VocabMap(student_ids, teacher_ids, args.vocab, args.teacher_vocab)
+
+
+def cross_step(inputs: dict, args, chunked: bool) -> None:
+    tokens = inputs["labels"].shape[0]
+    settings = dict(
+        mode=args.divergence.removeprefix("xtok-"),
+        mapping=vocab_pairs(args),
+        kd_weight=KD_WEIGHT,
+        ce_weight=CE_WEIGHT,
+    )
+    if chunked:
+        index = torch.arange(tokens, device=inputs["labels"].device)
+        result = xtok_kd_loss(**inputs, teacher_index=index, chunk_size=args.chunk_size, **settings)
+    else:
+        student_logits = inputs["student_hidden"] @ inputs["student_head_weight"].T
+        with torch.no_grad():
+            teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_head_weight"].T
+        aligned = torch.ones(tokens, dtype=torch.bool, device=student_logits.device)
+        result = xtok_kd_loss_from_logits(
+            student_logits, teacher_logits, inputs["labels"], aligned, **settings
+        )
+    result.loss.backward()
 
 
 def naive_step(inputs: dict, divergence: str) -> None:
@@ -94,7 +138,9 @@ def measure_one(args) -> dict:
         for tensor in inputs.values():
             tensor.grad = None
         start = time.perf_counter()
-        if args.variant == "naive":
+        if is_cross(args.divergence):
+            cross_step(inputs, args, chunked=args.variant == "chunked")
+        elif args.variant == "naive":
             naive_step(inputs, args.divergence)
         else:
             chunked_step(inputs, args.divergence, args.chunk_size)
@@ -135,7 +181,9 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--divergences", default="forward_kl,jsd")
+    parser.add_argument("--divergences", default="forward_kl,jsd", help="also xtok-gold, xtok-uld")
+    parser.add_argument("--teacher-vocab", type=int, default=262144, help="xtok rows only")
+    parser.add_argument("--matched-share", type=float, default=0.6, help="xtok-gold only")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variant", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--divergence", help=argparse.SUPPRESS)
@@ -147,7 +195,8 @@ def main() -> None:
     versions = f"torch {torch.__version__}, python {sys.version.split()[0]}"
     print(
         f"KD forward+backward: batch {args.batch} × seq {args.seq} = {args.batch * args.seq} "
-        f"tokens, vocab {args.vocab}, hidden {args.hidden}/{args.teacher_hidden} "
+        f"tokens, vocab {args.vocab} (xtok teacher {args.teacher_vocab}), "
+        f"hidden {args.hidden}/{args.teacher_hidden} "
         f"(student/teacher), chunk {args.chunk_size}, {args.device} {args.dtype}, {versions}"
     )
     print(f"{'divergence':<12}{'variant':<10}{'peak MiB':>10}{'time s':>9}")
