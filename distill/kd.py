@@ -147,15 +147,12 @@ class KDTrainer(Trainer):
         inputs.pop("length", None)
         inputs.pop("skip_logits", None)  # Trainer's hint to Liger's loss, which is not used here
         example_ids = inputs.pop("example_ids", None)
-        teacher_inputs = {
-            key: inputs.pop(key)
-            for key in ("teacher_input_ids", "teacher_attention_mask", "teacher_index")
-            if key in inputs
-        }
+        examples = inputs.pop("examples", None)  # across tokenizers: to re-render samples
         if model.training and self._draw_on_policy():
-            inputs, labels = self._student_answers(model, inputs, labels)
+            inputs, labels = self._student_answers(model, inputs, labels, examples)
             # Trainer counted the dataset answers' tokens; these answers have their own count
             num_items_in_batch = None
+        teacher_inputs = {key: inputs.pop(key) for key in xtok.BATCH_KEYS if key in inputs}
         # logits_to_keep=1: the models skip their own full-vocab projection; we do it chunked.
         student_out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
         if self.teacher_cache is not None:
@@ -190,7 +187,7 @@ class KDTrainer(Trainer):
         self._on_policy_counts["on_policy"] += chosen
         return chosen
 
-    def _student_answers(self, model, inputs, labels):
+    def _student_answers(self, model, inputs, labels, examples=None):
         """GKD: the batch's prompts answered by the student itself; the teacher then scores
         those answers token by token. Loss on the sampled tokens (and the end-of-turn token)."""
         student = self.accelerator.unwrap_model(model)
@@ -226,6 +223,8 @@ class KDTrainer(Trainer):
             features.append(
                 {"input_ids": prompt + sample, "labels": [IGNORE_INDEX] * len(prompt) + sample}
             )
+        if self.cross_tokenizer is not None:  # both models re-tokenize the samples' text
+            features = xtok.sample_features(self.cross_tokenizer, examples, features, prompts)
         batch = self._prepare_inputs(self.data_collator(features))
         labels = batch.pop("labels")
         batch.pop("example_ids", None)

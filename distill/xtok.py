@@ -12,6 +12,7 @@ this process's batch only, so DDP and ZeRO need nothing more.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,8 @@ from still.errors import StillError
 from still.losses import IGNORE_INDEX
 from still.rows import BadRow, read_rows
 
-TEACHER_KEYS = ("teacher_input_ids", "teacher_positions")
+TEACHER_KEYS = ("teacher_input_ids", "teacher_positions", "example")
+BATCH_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_index")
 
 
 @dataclass
@@ -62,6 +64,7 @@ class CrossTokenizer:
     teacher_tokenizer: object
     student_tokenizer: object
     teacher_chat_template: str | None = None
+    data: object = None  # the recipe's data section: how samples are encoded again
     stats: dict[str, AlignStats] = field(default_factory=dict)
 
     def lineage(self) -> dict:
@@ -104,11 +107,6 @@ def cross_tokenizer_mode(recipe, teacher_tokenizer):
             "teacher and student vocabularies differ)",
             hint="remove distill.teacher_cache to run the teacher online",
         )
-    if recipe.distill.on_policy_ratio > 0:
-        raise StillError(
-            f"distill.on_policy_ratio does not support cross-tokenizer KD yet ({mode})",
-            hint="set on_policy_ratio: 0",
-        )
     require_offsets(teacher_tokenizer, "teacher", recipe.teacher.ref)
     require_offsets(student_tokenizer, "student", recipe.student.ref)
     template = recipe.distill.teacher_chat_template or teacher_tokenizer.chat_template
@@ -141,7 +139,9 @@ def build(recipe, mode, teacher, teacher_tokenizer, student, student_tokenizer) 
         head_rows(teacher, teacher_tokenizer),
         templates=templates,
     )
-    return CrossTokenizer(mode, mapping, teacher_tokenizer, student_tokenizer, templates[1])
+    return CrossTokenizer(
+        mode, mapping, teacher_tokenizer, student_tokenizer, templates[1], recipe.data
+    )
 
 
 # --------------------------------------------------------------------------- examples
@@ -231,6 +231,10 @@ def add_teacher_columns(data, split: str, prepared, setup: CrossTokenizer) -> Al
     prepared.dataset = dataset.add_column("teacher_input_ids", teacher_ids).add_column(
         "teacher_positions", teacher_positions
     )
+    # the conversation itself, for on-policy batches to re-render the student's samples in
+    prepared.dataset = prepared.dataset.add_column(
+        "example", [json.dumps(example) for example, _ in examples]
+    )
     setup.stats[split] = stats
     return stats
 
@@ -305,9 +309,47 @@ def with_teacher_inputs(collator, teacher_pad_id: int):
             aligned = (positions >= 0).nonzero().flatten()
             index[row * row_width + col + aligned] = example * width + positions[aligned]
         batch["teacher_index"] = index
+        if all("example" in f for f in features):
+            batch["examples"] = [f["example"] for f in features]
         return batch
 
     return collate
+
+
+# --------------------------------------------------------------------------- on-policy
+def sample_features(setup: CrossTokenizer, examples, features, prompts) -> list[dict]:
+    """On-policy batches across tokenizers: each student sample's text becomes the answer to
+    its example's first prompt, encoded again by the student (its canonical tokens: the loss
+    mask covers the answer and its end-of-turn) and by the teacher, and aligned like the data."""
+    if examples is None:
+        raise RuntimeError("cross-tokenizer on-policy batches need the examples column")
+    tokenizer, data = setup.student_tokenizer, setup.data
+    encoder = formats.Encoder(tokenizer, "assistant", data.chat_template)
+    out = []
+    for example_json, feature, prompt in zip(examples, features, prompts):
+        example = json.loads(example_json)
+        sample = feature["input_ids"][len(prompt) :]
+        text = tokenizer.decode(sample, skip_special_tokens=True).strip() or "."
+        if "messages" in example:
+            messages = example["messages"]
+            first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            answered = {"messages": messages[:first] + [{"role": "assistant", "content": text}]}
+        else:  # completion: the sample continues the prompt's text
+            answered = {"text": tokenizer.decode(prompt, skip_special_tokens=True) + text}
+        encoded = encoder.encode(answered)
+        ids, labels = encoded.input_ids[: data.max_len], encoded.labels[: data.max_len]
+        teacher_ids, positions = align_example(
+            answered, ids, setup, data.chat_template, AlignStats()
+        )
+        out.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "teacher_input_ids": teacher_ids,
+                "teacher_positions": positions,
+            }
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- loss

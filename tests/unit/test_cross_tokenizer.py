@@ -261,3 +261,32 @@ def test_check_prints_the_preflight_numbers(teacher_dir, tiny_model_dir, tmp_pat
     assert "cross-tokenizer KD (uld): vocab overlap" in out
     assert "train loss positions aligned" in out and "exact-match share" in out
     assert not (tmp_path / "runs").exists()
+
+
+def test_on_policy_samples_are_retokenized_for_the_teacher(teacher_dir, tiny_model_dir, tmp_path):
+    """λ = 1: every batch is the student's own samples, re-rendered by both tokenizers."""
+    from still import cli
+
+    recipe = _recipe(
+        tmp_path,
+        teacher_dir,
+        tiny_model_dir,
+        ce=0.0,
+        extra="",
+    )
+    args = [
+        "run",
+        str(recipe),
+        "distill.on_policy_ratio=1.0",
+        "distill.on_policy_max_new_tokens=12",
+        "train.max_steps=4",
+    ]
+    assert cli.main(args) == 0
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / "tiny-xtok" / "metrics.jsonl").read_text().splitlines()
+    ]
+    logged = [row for row in rows if "kd_loss" in row]
+    assert len(logged) == 4
+    assert all(row["on_policy_fraction"] == 1.0 for row in logged)
+    assert all(0 < row["kd_loss"] < 10 for row in logged)
