@@ -38,6 +38,8 @@ def check_count(value: int | None, what: str = "--limit") -> None:
 
 def check_recipe_tasks(recipe) -> list[TaskSpec]:
     """A finetune or distill recipe's `eval_tasks`, checked before its first step."""
+    if not recipe.eval_tasks:
+        return []
     at = _recipe_where(recipe, "eval_tasks", recipe.eval_tasks, paths=True)
     return check_tasks(recipe.eval_tasks, named_by=at)
 
