@@ -263,11 +263,16 @@ def test_secrets_never_reach_the_wandb_files(finetune_recipe, tmp_path, offline,
     recipe = finetune_recipe(
         extra="track: {wandb: {project: still-test, mode: offline, log_model: false}}\n"
     )
-    # a secret pasted into a free-text recipe field: the run dir keeps it, W&B must not get it
-    prompt = f"data.system_prompt=Answer briefly. {fake['HF_TOKEN']}"
-    assert cli.main(["run", str(recipe), "train.max_steps=2", "data.max_len=256", prompt]) == 0
     run_dir = tmp_path / "runs" / "tiny-ft"
-    assert fake["HF_TOKEN"] in (run_dir / "recipe.resolved.yaml").read_text()
+    # a key-shaped secret pasted into a free-text field is refused before anything is written
+    pasted = f"data.system_prompt=Answer briefly. {fake['HF_TOKEN']}"
+    assert cli.main(["run", str(recipe), "train.max_steps=2", pasted]) == 2
+    assert not run_dir.exists()
+    # one that is not key-shaped (the value of a secret variable): the run dir keeps it, W&B
+    # must not get it
+    prompt = f"data.system_prompt=Answer briefly. {fake['WANDB_API_KEY']}"
+    assert cli.main(["run", str(recipe), "train.max_steps=2", "data.max_len=256", prompt]) == 0
+    assert fake["WANDB_API_KEY"] in (run_dir / "recipe.resolved.yaml").read_text()
     (run,) = offline_runs(run_dir)  # waits until wandb-core has written the whole run file
     assert run.config["recipe"]["data"]["system_prompt"] == "Answer briefly. <redacted>"
     assert "<redacted>" in (run.directory / "files" / "recipe.resolved.yaml").read_text()
