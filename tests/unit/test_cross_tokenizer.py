@@ -290,3 +290,34 @@ def test_on_policy_samples_are_retokenized_for_the_teacher(teacher_dir, tiny_mod
     assert len(logged) == 4
     assert all(row["on_policy_fraction"] == 1.0 for row in logged)
     assert all(0 < row["kd_loss"] < 10 for row in logged)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+def test_two_processes_match_one(teacher_dir, tiny_model_dir, tmp_path, strategy):
+    """Collation is per process: 2 ranks x 2 examples give the loss curve of 1 rank x 4 (ZeRO-3
+    partitions the heads, so its loss calls the head modules instead of the chunked loss)."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = _recipe(tmp_path, teacher_dir, tiny_model_dir, ce=0.5)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "still.cli", "run", recipe.name, "train.max_steps=4"]
+    for extra in (
+        ["name=single"],
+        ["name=two", "train.batch_size=2", f"distributed.strategy={strategy}", "--nproc", "2"],
+    ):
+        done = subprocess.run(
+            base + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    def losses(name):
+        path = tmp_path / "runs" / name / "metrics.jsonl"
+        return [
+            json.loads(line)["loss"] for line in path.read_text().splitlines() if '"loss"' in line
+        ]
+
+    assert len(losses("single")) == 4
+    assert losses("two") == pytest.approx(losses("single"), abs=1e-4)
