@@ -24,6 +24,7 @@ from distill.teacher import (
     refuse_transformed_logits,
     shared_vocab_size,
 )
+from eval.checks import check_recipe_tasks
 from eval.run import evaluate_run
 from still import data as data_module
 from still import models
@@ -352,6 +353,7 @@ def data_and_student(recipe: DistillRecipe, teacher, tokenizer, mode, student_to
 def check(recipe: DistillRecipe) -> None:
     """`still check` for distill: data report, the student that would be built, estimates;
     across tokenizers also the vocabulary overlap and the aligned and exact-match shares."""
+    check_recipe_tasks(recipe)  # the eval_tasks the run ends with, before any model loads
     teacher, tokenizer = load_teacher(recipe)
     mode, student_tokenizer = xtok.cross_tokenizer_mode(recipe, tokenizer)
     train_data, eval_data, student, student_tokenizer, _, cross = data_and_student(
@@ -397,6 +399,7 @@ def run(
     recipe: DistillRecipe, run: RunDir, *, resume: bool = False, attention: str = "auto"
 ) -> dict:
     # Trainer seeds only when it is created; carving and adapter init happen before that.
+    check_recipe_tasks(recipe)
     set_seed(recipe.train.seed)
     cached = recipe.distill.teacher_cache is not None
     teacher, tokenizer = _teacher_and_tokenizer(recipe)

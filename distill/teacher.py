@@ -13,6 +13,7 @@ import os
 from still import models
 from still.errors import StillError
 from still.launch import is_main_process
+from still.preflight import refuse_beyond_model
 from still.recipe import DistillRecipe
 
 # A teacher copy per process is fine while it takes at most this share of one device's memory.
@@ -22,7 +23,8 @@ REPLICATE_TEACHER_MAX_SHARE = 0.25
 # --------------------------------------------------------------------------- load + check
 def load_teacher(recipe: DistillRecipe):
     """Frozen, eval mode, adapter merged (fp32 merge is exact enough and makes it faster)."""
-    teacher, tokenizer = models.load_from_section(recipe.teacher)
+    teacher, tokenizer = models.load_from_section(recipe.teacher, key="teacher")
+    refuse_beyond_model(recipe, teacher.config, role="teacher")
     if hasattr(teacher, "merge_and_unload"):
         teacher = teacher.merge_and_unload()
     teacher.eval()

@@ -260,8 +260,17 @@ def load_task(path: str | Path) -> TaskSpec:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError:
+    except FileNotFoundError:
         raise StillError(f"task file not found: {path}") from None
+    except IsADirectoryError:
+        raise StillError(f"{path}: is a directory, not a task YAML file") from None
+    except OSError as exc:
+        raise StillError(f"{path}: cannot read the task file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise StillError(
+            f"{path}: not UTF-8 text (byte {exc.start}); a task file is YAML",
+            hint="save it as UTF-8",
+        ) from None
     root, raw = parse_yaml(text, path)
     if not isinstance(raw, dict):
         raise StillError(f"{path}:1: a task file must be a mapping of keys")

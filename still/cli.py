@@ -24,6 +24,10 @@ def _cmd_validate(args) -> int:
     from still import recipe as recipe_module
 
     recipe = recipe_module.load(args.recipe, args.overrides)
+    with quiet_imports():
+        from eval.checks import check_eval_recipe, check_recipe_tasks
+    # the task files a recipe names are part of it: validate reads them too
+    (check_eval_recipe if recipe.kind == "eval" else check_recipe_tasks)(recipe)
     print(recipe_module.to_yaml(recipe), end="")
     return 0
 
@@ -249,7 +253,7 @@ def _cmd_compare(args) -> int:
     with quiet_imports():
         from eval.compare import compare
 
-    out = Path(args.out) if args.out else Path(args.inputs[0]).parent
+    out = Path(args.out) if args.out else Path.cwd()
     compare(
         [Path(p) for p in args.inputs], reference=args.reference, teacher=args.teacher, out_dir=out
     )
@@ -308,7 +312,7 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--model", action="append", default=[], help="model reference (repeatable)")
     p.add_argument("--task", action="append", default=[], help="task YAML (repeatable)")
     p.add_argument("--limit", type=int, help="score only the first N rows of each task")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--out", help="results dir (default: the run dir's eval/, or runs/eval/...)")
     p.add_argument("--force", action="store_true", help="ignore cached results")
     p.set_defaults(handler=_cmd_eval)

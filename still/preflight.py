@@ -33,7 +33,9 @@ def meta_model(spec, *, adapter=None):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    resolved = models.resolve(spec.ref)
+    resolved = models.resolve(
+        spec.ref, allow_pickle=spec.allow_pickle, key=models.section_key(spec)
+    )
     config = AutoConfig.from_pretrained(resolved.weights, trust_remote_code=spec.trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
@@ -169,7 +171,9 @@ def refuse_beyond_model(recipe, config, *, role: str = "model") -> None:
                 )
     hidden = getattr(getattr(config, "text_config", None) or config, "hidden_size", None)
     lora = getattr(recipe, "lora", None)
-    if getattr(recipe, "method", "full") != "full" and lora is not None and hidden:
+    # the adapter is on the trained model, never on a distill teacher
+    trained = role != "teacher" and getattr(recipe, "method", "full") != "full"
+    if trained and lora is not None and hidden:
         if lora.r > hidden:
             raise StillError(
                 f"{_recipe_line(recipe, ('lora', 'r'))}: lora.r {lora.r} is above the {role}'s "

@@ -136,8 +136,14 @@ def _read_yaml(path: Path) -> tuple[dict, dict[KeyPath, Origin]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise StillError(f"recipe file not found: {path}") from None
+    except IsADirectoryError:
+        raise StillError(f"{path}: is a directory, not a recipe YAML file") from None
     except OSError as exc:
         raise StillError(f"cannot read recipe {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise StillError(
+            f"{path}: not UTF-8 text (byte {exc.start}); a recipe is YAML", hint="save it as UTF-8"
+        ) from None
     node, data = parse_yaml(text, path)
     if data is None:
         data = {}

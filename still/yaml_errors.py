@@ -68,7 +68,11 @@ KNOWN_SYNONYMS = {
 def parse_yaml(text: str, path: Path | str) -> tuple[yaml.Node | None, object]:
     """(node tree for line numbers, data). A syntax error, or a key given twice in one
     mapping (YAML would silently keep the last), is one StillError line at its file:line."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:  # the reader refuses a control character before parsing
+        line = text.count("\n", 0, getattr(exc, "position", 0)) + 1
+        raise StillError(f"{path}:{line}: invalid YAML: {_reader_problem(exc)}") from None
     try:
         node = loader.get_single_node()
         if node is not None:
@@ -77,10 +81,21 @@ def parse_yaml(text: str, path: Path | str) -> tuple[yaml.Node | None, object]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or _reader_problem(exc)
         raise StillError(f"{where}: invalid YAML: {problem}") from None
     finally:
         loader.dispose()
+
+
+def _reader_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's reader error as a phrase: which character, at which position."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return (
+            f"character U+{code:04X} is not allowed "
+            "(YAML text may not hold control characters; is this the right file?)"
+        )
+    return str(exc).splitlines()[0]
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:

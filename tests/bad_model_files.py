@@ -152,6 +152,11 @@ def data_file_cases(root: Path) -> dict[str, Path]:
         "BINARY_JSONL": ("binary.jsonl", bytes(range(256)) * 4),
         "CORRUPT_PARQUET": ("corrupt.parquet", b"PAR1" + bytes(range(200)) + b"PAR1"),
         "GZIP_JSONL": ("gzipped.jsonl", b"\x1f\x8b\x08\x00" + bytes(100)),
+        # recipe and task YAML: another encoding, a control character
+        "UTF16_RECIPE": ("utf16-recipe.yaml", "kind: finetune\nname: x\n".encode("utf-16")),
+        "CONTROL_RECIPE": ("control-recipe.yaml", b"kind: finetune\nname: x\x01\n"),
+        "UTF16_TASK": ("utf16-task.yaml", "name: t\ntype: generate\n".encode("utf-16")),
+        "CONTROL_TASK": ("control-task.yaml", b"name: t\x00\ntype: generate\n"),
     }
     out = {}
     for name, (filename, data) in files.items():

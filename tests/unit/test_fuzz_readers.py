@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -153,14 +152,6 @@ def test_task_data_files(data):
         holds(lambda: _load_task_and_rows(directory))
 
 
-@pytest.mark.xfail(
-    raises=(UnicodeDecodeError, yaml.YAMLError),
-    strict=False,
-    reason="not yet fixed where they live (reported, issue 27): eval/tasks.py load_task catches "
-    "only OSError around read_text (a task YAML that is not UTF-8 raises UnicodeDecodeError); "
-    "still/yaml_errors.py parse_yaml builds yaml.SafeLoader(text) outside its try (a NUL or "
-    "other unprintable character raises yaml.reader.ReaderError)",
-)
 @settings(FUZZ, report_multiple_bugs=False)
 @given(data=mangled(TASK.encode(), TASK))
 def test_task_yaml_files(data):
