@@ -38,7 +38,8 @@ def shared_vocab_size(teacher_tokenizer, student_tokenizer, teacher, student) ->
         raise StillError(
             f"teacher and student tokenizers differ ({len(teacher_tokenizer)} vs "
             f"{len(student_tokenizer)} tokens): logit KD needs one vocabulary",
-            hint="use sequence-level KD (teacher-written data + finetune) for different tokenizers",
+            hint="set distill.cross_tokenizer: auto to distil across tokenizers, or use "
+            "sequence-level KD (teacher-written data + finetune)",
         )
     vocab = len(teacher_tokenizer)
     # from a teacher cache, the teacher's head is the tokenizer's vocabulary as cached

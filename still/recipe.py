@@ -31,6 +31,7 @@ from still.distill_sections import (
     StudentSection,
 )
 from still.errors import StillError
+from still.ignored import refuse_ignored
 from still.secrets import REDACTED, find_secret, redact, redact_value, secret_prefix
 from still.sections import (
     DataSection,
@@ -352,6 +353,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         recipe = cls.model_validate(data)
     except ValidationError as exc:
         raise one_line_error(exc, cls, origins, str(recipe_path)) from None
+    refuse_ignored(recipe, origins, str(recipe_path))
     recipe._source = str(recipe_path.resolve())
     return recipe
 
