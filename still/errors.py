@@ -15,4 +15,10 @@ class StillError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        return self.message if not self.hint else f"{self.message} ({self.hint})"
+        text = self.message if not self.hint else f"{self.message} ({self.hint})"
+        # one line whatever a value in it holds (an override or a row with a newline in it)
+        return text.translate(_LINE_BREAKS)
+
+
+# every character str.splitlines() breaks at, shown escaped
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
