@@ -24,7 +24,6 @@ or temperature differ from the ones it was made with.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from still import models
 from still.errors import StillError
 from still.fsutil import atomic_write_bytes, atomic_write_json
 from still.losses import IGNORE_INDEX
+from still.model_files import check_safetensors, read_json_object
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -58,6 +58,27 @@ def expected_manifest(recipe, tokenizer) -> dict:
         "temperature": recipe.distill.temperature,
         "data_sha256": splits,
     }
+
+
+def read_manifest(path: Path) -> dict:
+    """A cache's manifest.json, its fields of the types the reader relies on, or one line."""
+    manifest = read_json_object(path, what="teacher cache manifest")
+    shapes = {
+        "splits": dict,
+        "top_k": int,
+        "examples_per_shard": int,
+        "complete": bool,
+        "data_sha256": dict,
+        "dtypes": dict,
+    }
+    for key, kind in shapes.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or (kind is int and value < 1):
+            raise StillError(
+                f"{path}: damaged teacher cache manifest ({key} is {value!r})",
+                hint=f"delete {path.parent} and build it again with `still cache`",
+            )
+    return manifest
 
 
 def _mismatch(found: dict, expected: dict) -> str | None:
@@ -225,7 +246,7 @@ def _refuse_another_cache(out: Path, expected: dict, k: int, recipe) -> None:
     manifest_path = out / MANIFEST
     if not manifest_path.exists():
         return
-    found = json.loads(manifest_path.read_text())
+    found = read_manifest(manifest_path)
     problem = (
         _mismatch(found, expected)
         or (None if found.get("top_k") == k else f"it was made with top_k {found.get('top_k')}")
@@ -361,7 +382,7 @@ class TeacherCache:
         hint = f"build it with `still cache {getattr(recipe, '_source', None) or 'R.yaml'}`"
         if not path.exists():
             raise StillError(f"no teacher cache at {directory}", hint=hint)
-        manifest = json.loads(path.read_text())
+        manifest = read_manifest(path)
         if not manifest.get("complete"):
             raise StillError(f"teacher cache {directory} is incomplete", hint=f"finish it: {hint}")
         problem = _mismatch(manifest, expected_manifest(recipe, tokenizer))
@@ -380,8 +401,19 @@ class TeacherCache:
     def _shard(self, number: int) -> dict[str, torch.Tensor]:
         if number not in self.shards:
             path = self.directory / self.split / f"shard-{number:05d}.safetensors"
+            rebuild = f"delete {self.directory} and build it again with `still cache`"
+            if not path.is_file():
+                raise StillError(f"teacher cache shard {path} is missing", hint=rebuild)
+            check_safetensors(path)  # size, header and extents, before any tensor is read
             with safe_open(str(path), "pt") as handle:
-                self.shards[number] = {name: handle.get_tensor(name) for name in handle.keys()}
+                shard = {name: handle.get_tensor(name) for name in handle.keys()}
+            missing = {"offsets", "ids", "rest_log"} - set(shard)
+            if missing:
+                raise StillError(
+                    f"{path}: damaged teacher cache shard (no {', '.join(sorted(missing))})",
+                    hint=rebuild,
+                )
+            self.shards[number] = shard
         return self.shards[number]
 
     def rows(self, example_ids: list[int]):
