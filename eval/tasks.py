@@ -38,6 +38,7 @@ from pydantic import (
 
 from eval.templates import environment, render_key, row_target
 from still.errors import StillError
+from still.recipe import refuse_secrets
 from still.rows import strict_rows
 from still.sections import RowSource
 from still.yaml_errors import key_lines, one_line_error, parse_yaml, where
@@ -275,6 +276,7 @@ def load_task(path: str | Path) -> TaskSpec:
     if not isinstance(raw, dict):
         raise StillError(f"{path}:1: a task file must be a mapping of keys")
     origins = key_lines(root, str(path))
+    refuse_secrets(raw, origins, str(path), what="task file")  # tasks are printed and logged
     top = f"{path}:{root.start_mark.line + 1}"
     try:
         task = TaskSpec.model_validate(raw)

@@ -160,7 +160,9 @@ _ENV_HINT = "put the key in an environment variable and name that variable, e.g.
 _ENV_EXAMPLE = "api_key_env: OPENAI_API_KEY"
 
 
-def refuse_secrets(data: dict, origins: dict[KeyPath, Origin], default: str) -> None:
+def refuse_secrets(
+    data: dict, origins: dict[KeyPath, Origin], default: str, *, what: str = "recipe"
+) -> None:
     """A key-shaped value anywhere in `data` (or a `*_env` value that is not a variable's
     name) is refused at its file:line, shown redacted: a recipe is printed, stored and logged."""
     found = find_secret(data)
@@ -173,7 +175,7 @@ def refuse_secrets(data: dict, origins: dict[KeyPath, Origin], default: str) -> 
     if is_key:
         raise StillError(
             f"{where(origins, key_path, default)}: {dotted} holds what looks like an API key or "
-            f"token ({redact(value)}); a recipe must not contain secrets",
+            f"token ({redact(value)}); a {what} must not contain secrets",
             hint=hint,
         )
     prefix = secret_prefix(value)
