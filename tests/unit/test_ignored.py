@@ -55,3 +55,18 @@ def test_every_rule_has_a_bad_input_case():
     for rule in RULES:
         dotted = f"{rule.section}.{rule.key}" if rule.section else rule.key
         assert f"{dotted.replace('.', chr(92) + '.')} would be ignored" in cases, dotted
+
+
+def test_an_override_that_defeats_a_file_key_is_not_refused_but_a_late_key_is(tmp_path):
+    path = _write(
+        tmp_path,
+        "r.yaml",
+        "kind: distill\nname: r\nteacher: {ref: t}\nstudent: {ref: s}\n"
+        "distill: {temperature: 2.0}\n" + DATA,
+    )
+    # the baseline variant: kd_weight=0 on the command line over the file's temperature
+    recipe = recipe_module.load(path, ["distill.kd_weight=0", "distill.ce_weight=1"])
+    assert recipe.distill.temperature == 2.0
+    # a key given on the command line next to what defeats it is the user's own statement
+    with pytest.raises(StillError, match=r"override 'distill\.beta=0\.2': distill\.beta would"):
+        recipe_module.load(path, ["distill.beta=0.2"])
