@@ -10,17 +10,45 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 
 from still.errors import StillError
 
 RECIPE_USAGE = "RECIPE.yaml [key=value ...]"
+# what users of other kits type for a verb (the recipe's kind says what `run` does)
+VERB_SYNONYMS = {
+    "train": "run",
+    "finetune": "run",
+    "distill": "run",
+    "sft": "run",
+    "fit": "run",
+    "evaluate": "eval",
+    "score": "eval",
+    "export": "publish",
+    "push": "publish",
+    "upload": "publish",
+}
 
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are `StillError`s (exit 2, one line)."""
 
     def error(self, message: str):
-        raise StillError(f"{self.prog}: {message}", hint=f"usage: {usage(self)}")
+        choice = re.match(r"argument (\S+): invalid choice: '(.*)' \(choose from (.*)\)$", message)
+        if choice:
+            what, given, allowed = choice.groups()
+            options = re.findall(r"'([^']*)'", allowed)
+            close = [VERB_SYNONYMS[given]] if given in VERB_SYNONYMS and what == "VERB" else []
+            close = close or difflib.get_close_matches(given, options, n=1)
+            noun = "verb" if what == "VERB" else f"choice for {what}"
+            hint = f"did you mean '{close[0]}'?" if close else f"one of: {', '.join(options)}"
+            raise StillError(f"{_prefix(self.prog)}unknown {noun} '{given}'", hint=hint)
+        raise StillError(f"{_prefix(self.prog)}{message}", hint=f"usage: {usage(self)}")
+
+
+def _prefix(prog: str) -> str:
+    """`still run: ` for a verb's parser; nothing for the top level (the line says still:)."""
+    return "" if prog == "still" else f"{prog}: "
 
 
 def usage(parser: argparse.ArgumentParser) -> str:
@@ -30,7 +58,7 @@ def usage(parser: argparse.ArgumentParser) -> str:
 def require_verb(args, parser: argparse.ArgumentParser, verbs: list[str]) -> None:
     if getattr(args, "verb", None) is None:
         raise StillError(
-            "still: a verb is required",
+            "a verb is required",
             hint=f"usage: still VERB ...; verbs: {', '.join(verbs)}; `still VERB -h` for help",
         )
 

@@ -94,7 +94,7 @@ def test_a_verb_without_its_recipe_says_a_recipe_is_required(verb, tmp_path, cap
 
 def test_no_verb_lists_the_verbs(tmp_path, capsys, monkeypatch):
     message = _error(capsys, [], tmp_path, monkeypatch)
-    assert message.startswith("still: a verb is required (usage: still VERB ...; verbs: run,")
+    assert message.startswith("a verb is required (usage: still VERB ...; verbs: run,")
 
 
 def test_a_missing_required_flag_is_one_line_with_usage(tmp_path, capsys, monkeypatch):
