@@ -41,7 +41,7 @@ from still.errors import StillError
 from still.recipe import refuse_secrets
 from still.rows import strict_rows
 from still.sections import RowSource
-from still.yaml_errors import key_lines, one_line_error, parse_yaml, where
+from still.yaml_errors import key_lines, one_line_error, parse_yaml, read_yaml_text, where
 
 TaskType = Literal["generate", "multiple_choice", "perplexity"]
 MetricName = Literal[
@@ -259,19 +259,7 @@ class TaskSpec(_Section):
 def load_task(path: str | Path) -> TaskSpec:
     """Read and validate a task YAML; any mistake is one `StillError` line with file:line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise StillError(f"task file not found: {path}") from None
-    except IsADirectoryError:
-        raise StillError(f"{path}: is a directory, not a task YAML file") from None
-    except OSError as exc:
-        raise StillError(f"{path}: cannot read the task file ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise StillError(
-            f"{path}: not UTF-8 text (byte {exc.start}); a task file is YAML",
-            hint="save it as UTF-8",
-        ) from None
+    text = read_yaml_text(path, "task")
     root, raw = parse_yaml(text, path)
     if not isinstance(raw, dict):
         raise StillError(f"{path}:1: a task file must be a mapping of keys")

@@ -48,6 +48,7 @@ from still.yaml_errors import (
     key_lines,
     one_line_error,
     parse_yaml,
+    read_yaml_text,
     section_type,
     where,
 )
@@ -133,18 +134,7 @@ PATH_KEYS: tuple[KeyPath, ...] = (
 # --------------------------------------------------------------------------- YAML with lines
 def _read_yaml(path: Path) -> tuple[dict, dict[KeyPath, Origin]]:
     """Parse one YAML file into (data, {key path: (file, line)})."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise StillError(f"recipe file not found: {path}") from None
-    except IsADirectoryError:
-        raise StillError(f"{path}: is a directory, not a recipe YAML file") from None
-    except OSError as exc:
-        raise StillError(f"cannot read recipe {path}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise StillError(
-            f"{path}: not UTF-8 text (byte {exc.start}); a recipe is YAML", hint="save it as UTF-8"
-        ) from None
+    text = read_yaml_text(path, "recipe")
     node, data = parse_yaml(text, path)
     if data is None:
         data = {}

@@ -65,6 +65,23 @@ KNOWN_SYNONYMS = {
 
 
 # --------------------------------------------------------------------------- YAML with lines
+def read_yaml_text(path: Path, what: str) -> str:
+    """The text of a YAML file (a recipe, a task file), or one line saying why it cannot be."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StillError(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise StillError(f"{path}: is a directory, not a {what} YAML file") from None
+    except OSError as exc:
+        raise StillError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise StillError(
+            f"{path}: not UTF-8 text (byte {exc.start}); a {what} file is YAML",
+            hint="save it as UTF-8",
+        ) from None
+
+
 def parse_yaml(text: str, path: Path | str) -> tuple[yaml.Node | None, object]:
     """(node tree for line numbers, data). A syntax error, or a key given twice in one
     mapping (YAML would silently keep the last), is one StillError line at its file:line."""
