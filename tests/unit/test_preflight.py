@@ -45,9 +45,10 @@ def test_max_len_at_the_limit_passes_and_one_beyond_is_refused_at_its_line(tmp_p
 
 def test_lora_rank_against_hidden_size_only_for_adapters(tmp_path):
     config = LlamaConfig(
-        max_position_embeddings=512, hidden_size=16, num_attention_heads=4, num_key_value_heads=4
+        max_position_embeddings=512, hidden_size=8, num_attention_heads=4, num_key_value_heads=4
     )
-    with pytest.raises(StillError, match=r"lora\.r 32 is above the model's hidden size 16"):
+    with pytest.raises(StillError, match=r"lora\.r 32 is above the model's hidden size 8"):
         refuse_beyond_model(_recipe(tmp_path, "lora: {r: 32}\n"), config)
-    refuse_beyond_model(_recipe(tmp_path, "method: full\nlora: {r: 32}\n"), config)
-    refuse_beyond_model(_recipe(tmp_path, "lora: {r: 16}\n"), config)
+    # full fine-tuning has no adapter: the default rank (16) is never compared
+    refuse_beyond_model(_recipe(tmp_path, "method: full\n"), config)
+    refuse_beyond_model(_recipe(tmp_path, "lora: {r: 8}\n"), config)
