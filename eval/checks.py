@@ -24,7 +24,6 @@ from pathlib import Path
 from eval.tasks import TaskSpec, load_task, located_fewshot_rows, located_rows
 from eval.templates import render_key, row_choices, row_gold, task_error
 from still.errors import StillError
-from still.yaml_errors import key_lines, parse_yaml
 
 
 def check_count(value: int | None, what: str = "--limit") -> None:
@@ -40,7 +39,7 @@ def check_recipe_tasks(recipe) -> list[TaskSpec]:
     """A finetune or distill recipe's `eval_tasks`, checked before its first step."""
     if not recipe.eval_tasks:
         return []
-    at = _recipe_where(recipe, "eval_tasks", recipe.eval_tasks, paths=True)
+    at = _recipe_where(recipe, "eval_tasks")
     return check_tasks(recipe.eval_tasks, named_by=at)
 
 
@@ -170,7 +169,7 @@ def check_eval_recipe(recipe, *, limit: int | None = None) -> list[TaskSpec]:
     for role in ("reference", "teacher"):
         wanted = getattr(recipe, role)
         if wanted is not None:
-            model_among(wanted, recipe.models, role, at=_recipe_where(recipe, role, wanted))
+            model_among(wanted, recipe.models, role, at=_recipe_where(recipe, role))
     return check_tasks(recipe.tasks, limit=limit if limit is not None else recipe.limit)
 
 
@@ -191,21 +190,11 @@ def model_among(wanted: str, refs: Sequence[str], role: str, *, at: str) -> str:
     )
 
 
-def _recipe_where(recipe, key: str, value: object = None, *, paths: bool = False) -> str:
-    """`recipe.yaml:LINE: key` when the recipe file itself sets the key (to `value`, if given),
-    else `recipe.yaml: key` (the key came from a file it extends, or from an override).
-    `paths`: the file's value is a list of paths relative to it, as the recipe resolved them."""
+def _recipe_where(recipe, key: str) -> str:
+    """`recipe.yaml:LINE: key` when the recipe file itself sets the key, else
+    `recipe.yaml: key` (the key came from a file it extends, or from an override)."""
     source = recipe.source_path
     if not source:
         return f"recipe {recipe.name}: {key}"
-    try:
-        node, data = parse_yaml(Path(source).read_text(encoding="utf-8"), source)
-    except (OSError, StillError):
-        return f"{source}: {key}"
-    origin = key_lines(node, source).get((key,))
-    written = data.get(key) if isinstance(data, dict) else None
-    if paths and isinstance(written, list) and all(isinstance(p, str) for p in written):
-        written = [str((Path(source).parent / p).resolve()) for p in written]
-    if origin and (value is None or written == value):
-        return f"{origin[0]}:{origin[1]}: {key}"
-    return f"{source}: {key}"
+    line = recipe.own_line((key,))
+    return f"{source}:{line}: {key}" if line else f"{source}: {key}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
@@ -18,7 +17,6 @@ from still import data as data_module
 from still import models
 from still.errors import StillError
 from still.launch import is_main_process
-from still.yaml_errors import key_lines, parse_yaml
 
 # Achieved share of the measured matmul throughput during training. CPU: on the idle 2-core
 # CI machine a 768x768 fp32 matmul ran at 188 GFLOP/s and LoRA on SmolLM2-135M trained at
@@ -141,12 +139,8 @@ def _recipe_line(recipe, key_path: tuple[str, ...]) -> str:
     source = recipe.source_path
     if not source:
         return "the recipe"
-    try:
-        node, _ = parse_yaml(Path(source).read_text(encoding="utf-8"), source)
-    except (OSError, UnicodeDecodeError, StillError):
-        return source
-    origin = key_lines(node, source).get(key_path)
-    return f"{origin[0]}:{origin[1]}" if origin else source
+    line = recipe.own_line(key_path)
+    return f"{source}:{line}" if line else source
 
 
 def refuse_beyond_model(recipe, config, *, role: str = "model") -> None:

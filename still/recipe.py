@@ -63,11 +63,21 @@ class RecipeBase(Section):
     output_dir: str = Field("runs", description="Parent of the run dir (relative to the cwd).")
     track: TrackSection = Field(default_factory=TrackSection)
     _source: str | None = PrivateAttr(None)
+    _origins: dict[KeyPath, Origin] = PrivateAttr(default_factory=dict)
 
     @property
     def source_path(self) -> str | None:
         """The YAML file this recipe was loaded from (None when built in code)."""
         return self._source
+
+    def own_line(self, key_path: KeyPath) -> int | None:
+        """The line at which the recipe's own file sets `key_path`; None when the value came
+        from a file it extends, from an override, or from a default (the key lines are the
+        ones `load` read, so no caller has to parse the file again)."""
+        origin = self._origins.get(tuple(key_path))
+        if not origin or origin[1] is None or self._source is None:
+            return None
+        return origin[1] if str(Path(origin[0]).resolve()) == self._source else None
 
 
 class FinetuneRecipe(RecipeBase):
@@ -347,6 +357,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         raise one_line_error(exc, cls, origins, str(recipe_path)) from None
     refuse_ignored(recipe, origins, str(recipe_path))
     recipe._source = str(recipe_path.resolve())
+    recipe._origins = origins
     return recipe
 
 
