@@ -28,13 +28,10 @@ from dataclasses import dataclass, field
 import torch
 
 from still.errors import StillError
+from still.models import end_of_turn_token
 
 NO_POSITION = -1  # a student position with no teacher position to learn from
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_PROBE = [
-    {"role": "user", "content": "Say ok."},
-    {"role": "assistant", "content": "ok"},
-]
 
 
 # --------------------------------------------------------------------------- vocabularies
@@ -126,8 +123,8 @@ def vocab_map(
     teacher = _unique_inverse(token_bytes(teacher_tokenizer, teacher_vocab))
     pairs = {student[piece]: teacher[piece] for piece in student.keys() & teacher.keys()}
     ends = (
-        end_of_turn_id(student_tokenizer, templates[0]),
-        end_of_turn_id(teacher_tokenizer, templates[1]),
+        end_of_turn_token(student_tokenizer, templates[0]),
+        end_of_turn_token(teacher_tokenizer, templates[1]),
     )
     if None not in ends and ends[0] < student_vocab and ends[1] < teacher_vocab:
         if ends[0] not in pairs and ends[1] not in pairs.values():
@@ -139,21 +136,6 @@ def vocab_map(
         student_vocab,
         teacher_vocab,
     )
-
-
-def end_of_turn_id(tokenizer, chat_template: str | None = None) -> int | None:
-    """The special token a chat template writes right after an assistant turn, if any."""
-    if not (chat_template or tokenizer.chat_template) or not getattr(tokenizer, "is_fast", False):
-        return None
-    try:
-        rendering = Rendering.of(tokenizer, _PROBE, chat_template)
-    except Exception:  # noqa: BLE001 — a template that rejects the probe has no known end token
-        return None
-    spans = rendering.content_spans(_PROBE)
-    if not spans or spans[-1] is None:
-        return None
-    after = rendering.token_after(spans[-1][1])
-    return None if after is None else rendering.ids[after]
 
 
 # --------------------------------------------------------------------------- positions

@@ -31,6 +31,7 @@ from still.train import (
     planned_steps,
     save_final,
     token_mean_loss,
+    train_token_ids,
     training_arguments,
     zero_stage,
 )
@@ -55,7 +56,7 @@ def quantization_config(method: str):
     )
 
 
-def build_model(recipe: FinetuneRecipe):
+def build_model(recipe: FinetuneRecipe, tokenizer=None):
     """The base model with a fresh trainable adapter (or all weights trainable for `full`)."""
     model, _ = models.load_from_section(
         recipe.model, quantization_config=quantization_config(recipe.method), trainable_adapter=True
@@ -76,7 +77,8 @@ def build_model(recipe: FinetuneRecipe):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.train.gradient_checkpointing
         )
-    return get_peft_model(model, lora_config(recipe.lora, recipe.method))
+    tokens = train_token_ids(recipe.lora, tokenizer, recipe.data.chat_template)
+    return get_peft_model(model, lora_config(recipe.lora, recipe.method, tokens))
 
 
 # --------------------------------------------------------------------------- loss
@@ -163,7 +165,15 @@ def check(recipe: FinetuneRecipe) -> None:
     )
     train = data_module.prepare(recipe.data, tokenizer, split="train")
     eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
-    adapter = None if recipe.method == "full" else lora_config(recipe.lora, recipe.method)
+    adapter = (
+        None
+        if recipe.method == "full"
+        else lora_config(
+            recipe.lora,
+            recipe.method,
+            train_token_ids(recipe.lora, tokenizer, recipe.data.chat_template),
+        )
+    )
     model = meta_model(recipe.model, adapter=adapter)
     print_report(
         recipe,
@@ -186,7 +196,7 @@ def run(
     eval_data = data_module.prepare(recipe.data, tokenizer, split="eval")
     # Trainer seeds only when it is created; the adapter's random init happens before that.
     set_seed(recipe.train.seed)
-    model = build_model(recipe)
+    model = build_model(recipe, tokenizer)
     total_steps = planned_steps(recipe, len(train_data.dataset))
     print_report(recipe, tokenizer, train_data, eval_data, model=model, total_steps=total_steps)
 
@@ -219,6 +229,12 @@ def run(
             "lineage": lineage,
         }
     final_eval = trainer.evaluate() if eval_data is not None else {}
-    save_final(trainer, tokenizer, run, full=recipe.method == "full")
+    save_final(
+        trainer,
+        tokenizer,
+        run,
+        full=recipe.method == "full",
+        chat_template=recipe.data.chat_template,
+    )
     summary = finish_run(trainer, recipe, run, result, final_eval, evaluate=evaluate_run)
     return {"summary": summary, "lineage": lineage}

@@ -175,10 +175,39 @@ def pad_token_id(tokenizer) -> int:
     return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
 
+_TURN_PROBE = [
+    {"role": "user", "content": "Say ok."},
+    {"role": "assistant", "content": "ok"},
+]
+
+
+def end_of_turn_token(tokenizer, chat_template: str | None = None) -> int | None:
+    """The special token a chat template (default: the tokenizer's own) writes right after an
+    assistant's text, such as `<|im_end|>` or `<end_of_turn>`; None without one."""
+    if not (chat_template or getattr(tokenizer, "chat_template", None)):
+        return None
+    try:
+        text = tokenizer.apply_chat_template(
+            _TURN_PROBE, chat_template=chat_template, tokenize=False
+        )
+    except Exception:  # noqa: BLE001 — a template that rejects the probe has no known end token
+        return None
+    after = text.rfind(_TURN_PROBE[-1]["content"])
+    if after < 0:
+        return None
+    ids = tokenizer(text[after + len(_TURN_PROBE[-1]["content"]) :], add_special_tokens=False)
+    first = ids["input_ids"][:1]
+    special = set(tokenizer.all_special_ids) | {
+        index for index, added in tokenizer.added_tokens_decoder.items() if added.special
+    }
+    return first[0] if first and first[0] in special else None
+
+
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's eos and every eos the model's generation config names (chat models often
-    end a turn with a token other than the tokenizer's eos)."""
-    ids = {tokenizer.eos_token_id}
+    """The tokenizer's eos, every eos the model's generation config names, and the token its
+    chat template ends an assistant turn with (chat models often end a turn with a token other
+    than the tokenizer's eos; a base model fine-tuned on a turn format has no config for it)."""
+    ids = {tokenizer.eos_token_id, end_of_turn_token(tokenizer)}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     ids.discard(None)

@@ -47,6 +47,12 @@ class LoraSection(Section):
     modules_to_save: list[str] = Field(
         default_factory=list, description="Modules trained fully and saved with the adapter."
     )
+    train_tokens: Literal["template"] | list[str] = Field(
+        default_factory=list,
+        description="Embedding rows trained with the adapter (PEFT trainable tokens): token "
+        "strings, or 'template' for the special tokens the chat template writes, such as a "
+        "turn format's <start_of_turn>/<end_of_turn> that a base model never learned.",
+    )
 
 
 # --------------------------------------------------------------------------- data

@@ -9,6 +9,7 @@ bottom; only what would otherwise be written twice lives here.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import math
 import shutil
@@ -118,7 +119,45 @@ def planned_steps(recipe, n_train: int) -> int:
     return max(1, math.ceil(train.epochs * math.ceil(n_train / per_step)))
 
 
-def lora_config(lora: LoraSection, method: str):
+def template_tokens(tokenizer, chat_template: str | None = None) -> list[int]:
+    """The special tokens a chat template writes around turns (not bos, eos or pad)."""
+    probe = [{"role": "user", "content": "Say ok."}, {"role": "assistant", "content": "ok"}]
+    if not (chat_template or tokenizer.chat_template):
+        raise StillError(
+            "lora.train_tokens: template, but the tokenizer has no chat template",
+            hint="set data.chat_template, or list the tokens: lora.train_tokens: [<tok>]",
+        )
+    text = tokenizer.apply_chat_template(
+        probe, chat_template=chat_template, tokenize=False, add_generation_prompt=False
+    )
+    plain = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    special = set(tokenizer.all_special_ids) | {
+        index for index, added in tokenizer.added_tokens_decoder.items() if added.special
+    }
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return sorted({i for i in ids if i in special and i not in plain})
+
+
+def train_token_ids(lora: LoraSection, tokenizer, chat_template: str | None = None) -> list[int]:
+    """lora.train_tokens as token ids, each checked against the tokenizer."""
+    if lora.train_tokens == "template":
+        return template_tokens(tokenizer, chat_template)
+    vocab = tokenizer.get_vocab()
+    ids = []
+    for token in lora.train_tokens:
+        if token not in vocab:
+            close = difflib.get_close_matches(token, list(vocab), n=1)
+            raise StillError(
+                f"lora.train_tokens: {token!r} is not a token of the tokenizer",
+                hint=f"did you mean {close[0]!r}?" if close else "list tokens the tokenizer has",
+            )
+        ids.append(vocab[token])
+    return ids
+
+
+def lora_config(lora: LoraSection, method: str, train_tokens: list[int] | None = None):
+    """PEFT's LoraConfig; `train_tokens` (ids from `train_token_ids`) train those embedding rows
+    too (and a tied output head's), the rest of the embedding staying frozen."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -129,6 +168,7 @@ def lora_config(lora: LoraSection, method: str):
         use_rslora=lora.rslora,
         use_dora=lora.dora or method == "dora",
         modules_to_save=lora.modules_to_save or None,
+        trainable_token_indices=train_tokens or None,
         task_type="CAUSAL_LM",
     )
 
@@ -185,11 +225,17 @@ def zero_stage(trainer: Trainer) -> int | None:
 
 
 # --------------------------------------------------------------------------- save + finish
-def save_final(trainer: Trainer, tokenizer, run: RunDir, *, full: bool) -> Path:
-    """The adapter (PEFT format) or the full model, with its tokenizer, in the run dir."""
+def save_final(
+    trainer: Trainer, tokenizer, run: RunDir, *, full: bool, chat_template: str | None = None
+) -> Path:
+    """The adapter (PEFT format) or the full model, with its tokenizer, in the run dir. A
+    `chat_template` the run trained with (data.chat_template) is saved as the tokenizer's, so
+    eval, generate and a distillation from this model render the turns it learned."""
     target = run.final_dir(full=full)
     trainer.save_model(str(target))
     if trainer.is_world_process_zero():
+        if chat_template:
+            tokenizer.chat_template = chat_template
         tokenizer.save_pretrained(target)
         if (target / "latest").exists():
             consolidate_zero3(trainer, target)

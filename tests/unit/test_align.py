@@ -9,12 +9,12 @@ from distill.align import (
     NO_POSITION,
     Rendering,
     align_positions,
-    end_of_turn_id,
     require_offsets,
     token_bytes,
     vocab_map,
 )
 from still.errors import StillError
+from still.models import end_of_turn_token
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_vocab_map_is_one_to_one_on_normalised_strings(student_tokenizer, teache
     assert len(set(mapping.teacher_ids.tolist())) == len(mapping.teacher_ids)
     student_bytes = token_bytes(student_tokenizer, len(student_tokenizer))
     teacher_bytes = token_bytes(teacher_tokenizer, len(teacher_tokenizer))
-    eot = (end_of_turn_id(student_tokenizer), end_of_turn_id(teacher_tokenizer))
+    eot = (end_of_turn_token(student_tokenizer), end_of_turn_token(teacher_tokenizer))
     pairs = list(zip(mapping.student_ids.tolist(), mapping.teacher_ids.tolist()))
     assert eot in pairs
     for s, t in pairs:
