@@ -18,8 +18,14 @@ Shards are written whole and renamed into place, so an interrupted `still cache`
 the first missing shard. The loss treats the mass outside the top k as one more "rest" bucket
 (see distill/losses.py): with k = vocab it is exact KD.
 
+When the teacher's vocabulary differs from the student's (distill.cross_tokenizer), the rows
+are the student's loss tokens and the ids the teacher's, with three more columns per row (which
+rows are aligned, and the teacher's rest mass on matched and on unmatched entries); see
+distill/xtok_cache.py.
+
 A cache is refused for a recipe whose tokenizer, data (files, data settings), teacher reference
-or temperature differ from the ones it was made with.
+or temperature differ from the ones it was made with, and across tokenizers for another
+teacher tokenizer, teacher chat template or vocabulary map.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from distill import xtok_cache
 from distill.losses import MIN_REST_MASS
 from still import data as data_module
 from still import models
@@ -44,10 +51,15 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 EXAMPLES_PER_SHARD = 1024
 FIDELITY_SAMPLE_TOKENS = 4096
+# What a shard's batches are made of (the teacher's two columns only across tokenizers).
+_BATCH_COLUMNS = ("input_ids", "labels", "teacher_input_ids", "teacher_positions")
 
 
-def expected_manifest(recipe, tokenizer) -> dict:
-    """What a cache for this recipe must say about itself (everything that changes its rows)."""
+def expected_manifest(recipe, tokenizer, cross=None) -> dict:
+    """What a cache for this recipe must say about itself (everything that changes its rows).
+    Across tokenizers (`cross`) the data is the student tokenizer's, and the pair is recorded."""
+    if cross is not None:
+        tokenizer = cross.student_tokenizer
     splits = {"train": data_module.split_fingerprint(recipe.data, tokenizer, "train")}
     if recipe.data.eval is not None:
         splits["eval"] = data_module.split_fingerprint(recipe.data, tokenizer, "eval")
@@ -57,6 +69,7 @@ def expected_manifest(recipe, tokenizer) -> dict:
         "tokenizer_sha256": data_module.tokenizer_hash(tokenizer),
         "temperature": recipe.distill.temperature,
         "data_sha256": splits,
+        **xtok_cache.manifest_entry(cross),
     }
 
 
@@ -87,6 +100,8 @@ def _mismatch(found: dict, expected: dict) -> str | None:
             if key == "data_sha256":
                 split = next(s for s in value if found.get(key, {}).get(s) != value[s])
                 return f"the {split} data (files or data settings) changed since it was made"
+            if key == "cross_tokenizer":
+                return xtok_cache.mismatch(found.get(key), value)
             what = {"tokenizer_sha256": "tokenizer"}.get(key, key)
             return f"it was made with another {what} ({found.get(key)!r}, recipe: {value!r})"
     return None
@@ -183,6 +198,31 @@ def _teacher_log_probs(teacher, batch: dict, temperature: float, vocab: int) -> 
     return torch.log_softmax(logits[keep] / temperature, dim=-1)
 
 
+def _cache_inputs(recipe, teacher, tokenizer, progress: bool):
+    """(prepared splits, collator, cross-tokenizer setup or None): the examples a run of this
+    recipe trains on, made by the student's tokenizer and aligned when the vocabularies differ."""
+    from distill import xtok
+
+    mode, student_tokenizer = xtok.cross_tokenizer_mode(recipe, tokenizer)
+    cross = None
+    if mode is not None:
+        cross = xtok.build(recipe, mode, teacher, tokenizer, None, student_tokenizer)
+        tokenizer = student_tokenizer
+    splits = {}
+    for split in ("train", "eval"):
+        prepared = data_module.prepare(recipe.data, tokenizer, split=split, progress=progress)
+        if prepared is not None:
+            if cross is not None:
+                xtok.add_teacher_columns(recipe.data, split, prepared, cross)
+            splits[split] = prepared
+    collator = data_module.PaddedCollator(tokenizer.pad_token_id)
+    if cross is not None:
+        xtok.require_alignment(cross, recipe)
+        print(f"still: {cross.summary()}")
+        collator = xtok.with_teacher_inputs(collator, models.pad_token_id(cross.teacher_tokenizer))
+    return splits, collator, cross
+
+
 def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
     """`still cache`: write (or finish) the cache at recipe.distill.teacher_cache."""
     from distill.teacher import load_teacher
@@ -194,13 +234,14 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
         )
     out = Path(out)
     teacher, tokenizer = load_teacher(recipe)
-    expected = expected_manifest(recipe, tokenizer)
     k, vocab = recipe.distill.cache_top_k, len(tokenizer)
     if k > vocab:
         raise StillError(
-            f"distill.cache_top_k {k} is larger than the vocabulary ({vocab})",
+            f"distill.cache_top_k {k} is larger than the teacher's vocabulary ({vocab})",
             hint=f"use at most {vocab} (= exact KD)",
         )
+    splits, collator, cross = _cache_inputs(recipe, teacher, tokenizer, progress)
+    expected = expected_manifest(recipe, tokenizer, cross)
     manifest_path = out / MANIFEST
     _refuse_another_cache(out, expected, k, recipe)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,25 +255,23 @@ def build_cache(recipe, *, progress: bool = True) -> list[CacheReport]:
             "log_probs": recipe.distill.cache_dtype,
             "ids": str(ids_dtype).removeprefix("torch."),
             "rest_log": "float16",
+            **({} if cross is None else {"aligned": "uint8"}),
+            **{name: "float16" for name in (() if cross is None else xtok_cache.CROSS_COLUMNS[1:])},
         },
         "examples_per_shard": EXAMPLES_PER_SHARD,
         "splits": {},
         "complete": False,
     }
     atomic_write_json(manifest_path, manifest, indent=1)
-    collator = data_module.PaddedCollator(tokenizer.pad_token_id)
     reports = []
-    for split in ("train", "eval"):
-        prepared = data_module.prepare(recipe.data, tokenizer, split=split, progress=progress)
-        if prepared is None:
-            continue
+    for split, prepared in splits.items():
         report, manifest["splits"][split] = _cache_split(
             teacher,
             prepared.dataset,
             out / split,
             collator,
             recipe,
-            (k, vocab, ids_dtype),
+            (k, vocab, ids_dtype, cross),
             progress=progress,
         )
         reports.append(report)
@@ -273,10 +312,9 @@ def _cache_split(
 ) -> tuple[CacheReport, dict]:
     """Write one split's missing shards; return its report and its manifest entry.
 
-    `layout` is (top_k, vocab size, ids dtype)."""
+    `layout` is (top_k, teacher vocab size, ids dtype, cross-tokenizer setup or None)."""
     from tqdm.auto import tqdm
 
-    k, vocab, ids_dtype = layout
     split = split_dir.name
     split_dir.mkdir(exist_ok=True)
     shards = math.ceil(len(dataset) / EXAMPLES_PER_SHARD)
@@ -296,9 +334,7 @@ def _cache_split(
                 range(start, stop),
                 collator,
                 recipe,
-                k,
-                vocab,
-                ids_dtype,
+                layout,
                 path,
                 fidelity,
                 mass,
@@ -326,39 +362,52 @@ def _cache_split(
     }
 
 
-def _write_shard(
-    teacher, dataset, indices, collator, recipe, k, vocab, ids_dtype, path, fidelity, mass
-):
+def _batch_entries(teacher, batch: dict, recipe, k: int, vocab: int, cross):
+    """(full teacher log-probs, their cached entries, which rows are aligned or None) for the
+    batch's loss tokens, in order: at once with one vocabulary, a few rows at a time across."""
+    if cross is not None:
+        yield from xtok_cache.batch_rows(teacher, batch, recipe.distill.temperature, k, cross)
+        return
+    full = _teacher_log_probs(teacher, batch, recipe.distill.temperature, vocab)
+    values, ids, rest_log = topk_entries(full, k)
+    yield full, {"values": values, "ids": ids, "rest_log": rest_log}, None
+
+
+def _write_shard(teacher, dataset, indices, collator, recipe, layout, path, fidelity, mass):
+    k, vocab, ids_dtype, cross = layout
     batch_size = recipe.train.batch_size
     dtype = recipe.distill.cache_dtype
-    log_probs, ids, rest, offsets = [], [], [], [0]
+    columns: dict[str, list] = {}
+    offsets = [0]
     sampled = sum(t.numel() for t in fidelity)
     for first in range(indices.start, indices.stop, batch_size):
         rows = [dataset[i] for i in range(first, min(first + batch_size, indices.stop))]
-        batch = collator([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+        batch = collator([{name: r[name] for name in _BATCH_COLUMNS if name in r} for r in rows])
         batch = {name: value.to(teacher.device) for name, value in batch.items()}
         per_example = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
-        full = _teacher_log_probs(teacher, batch, recipe.distill.temperature, vocab)
-        values, top_ids, rest_log = topk_entries(full, k)
-        stored = {name: tensor.cpu() for name, tensor in _stored_log_probs(values, dtype).items()}
-        if sampled < FIDELITY_SAMPLE_TOKENS:
-            as_read = _read_log_probs(stored).to(full.device)
-            fidelity.append(
-                kl_full_to_cached(full, top_ids, rest_log.half().float(), as_read).cpu()
-            )
-            mass.append(values.exp().sum(-1).cpu())
-            sampled += full.shape[0]
-        log_probs.append(stored)
-        ids.append(top_ids.to(torch.int32).cpu())
-        rest.append(rest_log.half().cpu())
+        for full, entries, aligned in _batch_entries(teacher, batch, recipe, k, vocab, cross):
+            stored = _stored_log_probs(entries["values"], dtype)
+            if sampled < FIDELITY_SAMPLE_TOKENS:
+                sample = slice(None) if aligned is None else aligned
+                as_read = _read_log_probs(stored)[sample]
+                rest = entries["rest_log"][sample].half().float()
+                fidelity.append(
+                    kl_full_to_cached(full[sample], entries["ids"][sample], rest, as_read).cpu()
+                )
+                mass.append(entries["values"][sample].exp().sum(-1).cpu())
+                sampled += int(as_read.shape[0])
+            stored["ids"] = entries["ids"].to(torch.int32)
+            for name in ("rest_log", *(() if cross is None else xtok_cache.CROSS_COLUMNS[1:])):
+                stored[name] = entries[name].half()
+            if aligned is not None:
+                stored["aligned"] = aligned.to(torch.uint8)
+            for name, tensor in stored.items():
+                columns.setdefault(name, []).append(tensor.cpu())
         for count in per_example:
             offsets.append(offsets[-1] + count)
-    tensors = {
-        **{name: torch.cat([part[name] for part in log_probs]) for name in log_probs[0]},
-        "ids": torch.cat(ids).to(ids_dtype),
-        "rest_log": torch.cat(rest),
-        "offsets": torch.tensor(offsets, dtype=torch.int64),
-    }
+    tensors = {name: torch.cat(parts) for name, parts in columns.items()}
+    tensors["ids"] = tensors["ids"].to(ids_dtype)
+    tensors["offsets"] = torch.tensor(offsets, dtype=torch.int64)
     atomic_write_bytes(path, save(tensors, metadata={"first_example": str(indices.start)}))
 
 
@@ -376,7 +425,7 @@ class TeacherCache:
         self.shards: dict[int, dict[str, torch.Tensor]] = {}
 
     @classmethod
-    def open(cls, recipe, tokenizer, split: str = "train") -> TeacherCache:
+    def open(cls, recipe, tokenizer, split: str = "train", cross=None) -> TeacherCache:
         directory = Path(recipe.distill.teacher_cache)
         path = directory / MANIFEST
         hint = f"build it with `still cache {getattr(recipe, '_source', None) or 'R.yaml'}`"
@@ -385,7 +434,7 @@ class TeacherCache:
         manifest = read_manifest(path)
         if not manifest.get("complete"):
             raise StillError(f"teacher cache {directory} is incomplete", hint=f"finish it: {hint}")
-        problem = _mismatch(manifest, expected_manifest(recipe, tokenizer))
+        problem = _mismatch(manifest, expected_manifest(recipe, tokenizer, cross))
         if problem:
             raise StillError(
                 f"teacher cache {directory} does not fit this recipe: {problem}", hint=hint
@@ -416,18 +465,28 @@ class TeacherCache:
             self.shards[number] = shard
         return self.shards[number]
 
-    def rows(self, example_ids: list[int]):
-        """(log_probs [T, k] fp32, ids [T, k] int64, rest_log [T] fp32) for these examples."""
-        parts = []
+    def columns(self, example_ids: list[int]) -> dict[str, torch.Tensor]:
+        """Every stored column's rows for these examples, in order (log_probs read as fp32)."""
+        parts: dict[str, list[torch.Tensor]] = {}
         per_shard = self.manifest["examples_per_shard"]
         for example in example_ids:
             shard = self._shard(example // per_shard)
             local = example % per_shard
             start, stop = int(shard["offsets"][local]), int(shard["offsets"][local + 1])
             rows = {name: tensor[start:stop] for name, tensor in shard.items() if name != "offsets"}
-            parts.append((_read_log_probs(rows), rows["ids"], rows["rest_log"]))
+            rows = {
+                "log_probs": _read_log_probs(rows),
+                **{name: t for name, t in rows.items() if not name.startswith("log_probs")},
+            }
+            for name, tensor in rows.items():
+                parts.setdefault(name, []).append(tensor)
+        return {name: torch.cat(tensors) for name, tensors in parts.items()}
+
+    def rows(self, example_ids: list[int]):
+        """(log_probs [T, k] fp32, ids [T, k] int64, rest_log [T] fp32) for these examples."""
+        columns = self.columns(example_ids)
         return (
-            torch.cat([p[0] for p in parts]),
-            torch.cat([p[1] for p in parts]).to(torch.int64),
-            torch.cat([p[2] for p in parts]).float(),
+            columns["log_probs"],
+            columns["ids"].to(torch.int64),
+            columns["rest_log"].float(),
         )

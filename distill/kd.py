@@ -44,6 +44,7 @@ from still.train import (
     planned_steps,
     save_final,
     token_mean_loss,
+    train_token_ids,
     training_arguments,
     zero_stage,
 )
@@ -64,7 +65,8 @@ def recipe_student(recipe: DistillRecipe, teacher, tokenizer, calibration):
     if recipe.method == "lora":
         from peft import get_peft_model
 
-        student = get_peft_model(student, lora_config(recipe.lora, "lora"))
+        tokens = train_token_ids(recipe.lora, student_tokenizer, recipe.data.chat_template)
+        student = get_peft_model(student, lora_config(recipe.lora, "lora", tokens))
     return student, student_tokenizer, report
 
 
@@ -78,11 +80,12 @@ def calibration_batches(recipe: DistillRecipe, train_data):
     return [{"input_ids": torch.tensor([row["input_ids"]])} for row in rows]
 
 
-def open_caches(recipe: DistillRecipe, tokenizer) -> dict:
-    """The teacher cache's splits this recipe trains and evaluates on, checked to fit it."""
-    caches = {"train": TeacherCache.open(recipe, tokenizer, "train")}
+def open_caches(recipe: DistillRecipe, tokenizer, cross=None) -> dict:
+    """The teacher cache's splits this recipe trains and evaluates on, checked to fit it
+    (across tokenizers, also the pair, the teacher's template and the vocabulary map)."""
+    caches = {"train": TeacherCache.open(recipe, tokenizer, "train", cross)}
     if recipe.data.eval is not None:
-        caches["eval"] = TeacherCache.open(recipe, tokenizer, "eval")
+        caches["eval"] = TeacherCache.open(recipe, tokenizer, "eval", cross)
     return caches
 
 
@@ -243,10 +246,12 @@ class KDTrainer(Trainer):
     def _cached_loss(self, model, student_out, labels, example_ids) -> FusedKDLoss:
         """KD against the teacher cache's rows for this batch's examples (see distill/cache.py)."""
         cache = self.teacher_cache["train" if model.training else "eval"]
-        log_probs, ids, rest_log = cache.rows(example_ids.tolist())
         hidden = student_out.hidden_states[-1][:, :-1]
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         d = self.distill
+        if self.cross_tokenizer is not None:
+            return xtok.cached_cross_tokenizer_loss(self, head, hidden, labels, cache, example_ids)
+        log_probs, ids, rest_log = cache.rows(example_ids.tolist())
         return cached_kd_loss(
             hidden.reshape(-1, hidden.shape[-1]),
             head.weight,
@@ -404,10 +409,10 @@ def run(
     cached = recipe.distill.teacher_cache is not None
     teacher, tokenizer = _teacher_and_tokenizer(recipe)
     mode, student_tokenizer = xtok.cross_tokenizer_mode(recipe, tokenizer)
-    caches = open_caches(recipe, tokenizer) if cached else None
     train_data, eval_data, student, student_tokenizer, carve, cross = data_and_student(
         recipe, teacher, tokenizer, mode, student_tokenizer
     )
+    caches = open_caches(recipe, tokenizer, cross) if cached else None
     if cached:
         teacher = None  # carved from it if asked; the loss reads the cache
         for prepared in (train_data, eval_data):
@@ -467,6 +472,12 @@ def run(
     # A carved student has no saved base for an adapter to point at: save it merged.
     if recipe.method == "lora" and carve is not None:
         trainer.model = trainer.model.merge_and_unload()
-    save_final(trainer, tokenizer, run, full=recipe.method == "full" or carve is not None)
+    save_final(
+        trainer,
+        tokenizer,
+        run,
+        full=recipe.method == "full" or carve is not None,
+        chat_template=recipe.data.chat_template,  # the student's
+    )
     summary = finish_run(trainer, recipe, run, result, final_eval, evaluate=evaluate_run)
     return {"summary": summary, "lineage": lineage}

@@ -25,7 +25,12 @@ from distill.align import (
     require_offsets,
     vocab_map,
 )
-from distill.xtok_losses import xtok_kd_loss, xtok_kd_loss_from_logits
+from distill.xtok_losses import (
+    CachedTeacher,
+    xtok_cached_kd_loss,
+    xtok_kd_loss,
+    xtok_kd_loss_from_logits,
+)
 from still import formats, models
 from still.errors import StillError
 from still.losses import IGNORE_INDEX
@@ -101,12 +106,6 @@ def cross_tokenizer_mode(recipe, teacher_tokenizer):
     if setting == "auto" and student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab():
         return None, None
     mode = "gold" if setting == "auto" else setting
-    if recipe.distill.teacher_cache is not None:
-        raise StillError(
-            f"distill.teacher_cache does not support cross-tokenizer KD yet ({mode}: the "
-            "teacher and student vocabularies differ)",
-            hint="remove distill.teacher_cache to run the teacher online",
-        )
     require_offsets(teacher_tokenizer, "teacher", recipe.teacher.ref)
     require_offsets(student_tokenizer, "student", recipe.student.ref)
     template = recipe.distill.teacher_chat_template or teacher_tokenizer.chat_template
@@ -368,19 +367,10 @@ def cross_tokenizer_loss(trainer, model, student_out, labels, teacher_inputs: di
     teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     target = labels[:, 1:].reshape(-1)
     index = teacher_inputs["teacher_index"]
-    setup, d = trainer.cross_tokenizer, trainer.distill
+    setup = trainer.cross_tokenizer
     head = trainer.accelerator.unwrap_model(model).get_output_embeddings()
     teacher_head = getattr(trainer.teacher, "module", trainer.teacher).get_output_embeddings()
-    settings = dict(
-        mode=setup.mode,
-        mapping=setup.mapping,
-        divergence=d.loss,
-        temperature=d.temperature,
-        beta=d.beta,
-        alpha=d.alpha,
-        ce_weight=d.ce_weight,
-        kd_weight=d.kd_weight,
-    )
+    settings = _loss_settings(trainer)
     if head.weight.numel() == 0 or teacher_head.weight.numel() == 0:
         # ZeRO-3 partitions the heads; only a call of the module gathers them.
         keep = target != IGNORE_INDEX
@@ -402,4 +392,39 @@ def cross_tokenizer_loss(trainer, model, student_out, labels, teacher_inputs: di
         student_head_bias=getattr(head, "bias", None),
         teacher_head_bias=getattr(teacher_head, "bias", None),
         **settings,
+    )
+
+
+def _loss_settings(trainer) -> dict:
+    setup, d = trainer.cross_tokenizer, trainer.distill
+    return dict(
+        mode=setup.mode,
+        mapping=setup.mapping,
+        divergence=d.loss,
+        temperature=d.temperature,
+        beta=d.beta,
+        alpha=d.alpha,
+        ce_weight=d.ce_weight,
+        kd_weight=d.kd_weight,
+    )
+
+
+def cached_cross_tokenizer_loss(trainer, head, hidden, labels, cache, example_ids):
+    """The same sums against a teacher cache made across tokenizers (distill/xtok_cache.py)."""
+    columns = cache.columns(example_ids.tolist())
+    teacher = CachedTeacher(
+        columns["log_probs"],
+        columns["ids"].to(torch.int64),
+        columns["matched_rest_log"].float(),
+        columns["unmatched_rest_log"].float(),
+    )
+    return xtok_cached_kd_loss(
+        hidden.reshape(-1, hidden.shape[-1]),
+        head.weight,
+        teacher,
+        columns["aligned"].bool(),
+        labels[:, 1:].reshape(-1),
+        chunk_size=trainer.loss_chunk_size,
+        student_head_bias=getattr(head, "bias", None),
+        **_loss_settings(trainer),
     )
