@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from still.errors import StillError
+from still.formats import special_token_ids
 from still.models import end_of_turn_token
 
 NO_POSITION = -1  # a student position with no teacher position to learn from
@@ -59,15 +60,9 @@ def is_byte_level(tokenizer) -> bool:
     return "ByteLevel" in json.dumps(json.loads(backend.to_str()).get("decoder"))
 
 
-def special_ids(tokenizer) -> set[int]:
-    return set(tokenizer.all_special_ids) | {
-        index for index, added in tokenizer.added_tokens_decoder.items() if added.special
-    }
-
-
 def token_bytes(tokenizer, vocab_rows: int) -> dict[int, bytes]:
     """id → the bytes the token stands for, for every non-special id below `vocab_rows`."""
-    skip = special_ids(tokenizer)
+    skip = special_token_ids(tokenizer)
     byte_level = is_byte_level(tokenizer)
     table = _gpt2_byte_table() if byte_level else None
     out = {}
@@ -157,7 +152,7 @@ class Rendering:
     def of_text(cls, tokenizer, text: str):
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = [tuple(pair) for pair in encoded["offset_mapping"]]
-        return cls(text, list(encoded["input_ids"]), offsets, special_ids(tokenizer))
+        return cls(text, list(encoded["input_ids"]), offsets, special_token_ids(tokenizer))
 
     def content_spans(self, messages: list[dict]) -> list[tuple[int, int] | None]:
         """The character span of each assistant content (None where the text lacks it)."""

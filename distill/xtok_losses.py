@@ -237,16 +237,17 @@ def xtok_kd_loss(
         None if teacher_bias is None else teacher_bias.detach(),
         settings,
     )
+    head = (student_head_weight[:student_vocab], student_bias)
     chunk = _xtok_chunk(teacher, aligned, kept_labels, settings)
+    return _chunked_sums(student_rows, head, chunk, chunk_size, keep.sum())
+
+
+def _chunked_sums(student_rows, head, chunk, chunk_size: int, n_tokens) -> FusedKDLoss:
+    """The (weighted, KD, CE) sums of `chunk` over the student's rows through its head."""
     loss, kd_sum, ce_sum = chunked_head_loss(
-        student_rows,
-        student_head_weight[:student_vocab],
-        student_bias,
-        chunk,
-        n_sums=3,
-        chunk_size=chunk_size,
+        student_rows, head[0], head[1], chunk, n_sums=3, chunk_size=chunk_size
     )
-    return FusedKDLoss(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=keep.sum())
+    return FusedKDLoss(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=n_tokens)
 
 
 def xtok_kd_loss_from_logits(
@@ -406,16 +407,11 @@ def xtok_cached_kd_loss(
     settings = _Settings(mode, split, divergence, params, temperature, kd_weight, ce_weight)
     teacher = CachedTeacher(*(column.to(device) for column in teacher))
     vocab = mapping.student_vocab
-    student_bias = None if student_head_bias is None else student_head_bias[:vocab]
+    head = (
+        student_head_weight[:vocab],
+        None if student_head_bias is None else student_head_bias[:vocab],
+    )
     chunk = _xtok_chunk(
         _cached_divergence(teacher, settings), aligned.to(device), labels[keep], settings
     )
-    loss, kd_sum, ce_sum = chunked_head_loss(
-        student_rows,
-        student_head_weight[:vocab],
-        student_bias,
-        chunk,
-        n_sums=3,
-        chunk_size=chunk_size,
-    )
-    return FusedKDLoss(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, n_tokens=keep.sum())
+    return _chunked_sums(student_rows, head, chunk, chunk_size, keep.sum())

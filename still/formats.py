@@ -120,6 +120,13 @@ def row_to_example(row: Any, source, *, split: str, system_prompt: str | None) -
 
 
 # --------------------------------------------------------------------------- examples → tokens
+def special_token_ids(tokenizer) -> set[int]:
+    """The tokenizer's special tokens: its named ones and every added token marked special."""
+    return set(tokenizer.all_special_ids) | {
+        index for index, added in tokenizer.added_tokens_decoder.items() if added.special
+    }
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -143,9 +150,7 @@ class Encoder:
 
     def __post_init__(self):
         tok = self.tokenizer
-        self._special = set(tok.all_special_ids) | {
-            index for index, added in tok.added_tokens_decoder.items() if added.special
-        }
+        self._special = special_token_ids(tok)
 
     def encode(self, example: dict) -> Encoded:
         if "text" in example:

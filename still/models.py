@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 
 from still.builtins import BUILTINS, CONVERTED_MARKER, cache_dir, convert_gguf
 from still.errors import StillError
+from still.formats import special_token_ids
 from still.model_dirs import (
     CUSTOM_CODE_RISK,
     check_adapter_dir,
@@ -197,10 +198,7 @@ def end_of_turn_token(tokenizer, chat_template: str | None = None) -> int | None
         return None
     ids = tokenizer(text[after + len(_TURN_PROBE[-1]["content"]) :], add_special_tokens=False)
     first = ids["input_ids"][:1]
-    special = set(tokenizer.all_special_ids) | {
-        index for index, added in tokenizer.added_tokens_decoder.items() if added.special
-    }
-    return first[0] if first and first[0] in special else None
+    return first[0] if first and first[0] in special_token_ids(tokenizer) else None
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

@@ -22,6 +22,7 @@ from transformers import Trainer, TrainingArguments
 from still import data as data_module
 from still.attention import implementation, sliding_window
 from still.errors import StillError
+from still.formats import special_token_ids
 from still.losses import per_token_loss
 from still.rundir import RunDir
 from still.sections import DataSection, LoraSection, TrainSection
@@ -131,9 +132,7 @@ def template_tokens(tokenizer, chat_template: str | None = None) -> list[int]:
         probe, chat_template=chat_template, tokenize=False, add_generation_prompt=False
     )
     plain = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    special = set(tokenizer.all_special_ids) | {
-        index for index, added in tokenizer.added_tokens_decoder.items() if added.special
-    }
+    special = special_token_ids(tokenizer)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return sorted({i for i in ids if i in special and i not in plain})
 

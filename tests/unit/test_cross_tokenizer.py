@@ -106,13 +106,9 @@ def _inputs(seed=0, tokens=14, student_hidden=8, teacher_hidden=6, vs=11, vt=17)
     return hidden, head, teacher_rows, teacher_head, labels, index
 
 
-@pytest.mark.parametrize("mode", ["uld", "gold"])
-@pytest.mark.parametrize("chunk_size", [1, 5, 64])
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
-def test_chunked_equals_naive(mode, chunk_size, divergence):
-    hidden, head, teacher_rows, teacher_head, labels, index = _inputs()
-    mapping = partial_map() if mode == "gold" else None
-    settings = dict(
+def loss_settings(mode, mapping, divergence) -> dict:
+    """The loss settings of the chunked-vs-naive (and cached-vs-online) comparisons."""
+    return dict(
         mode=mode,
         mapping=mapping,
         divergence=divergence,
@@ -121,6 +117,14 @@ def test_chunked_equals_naive(mode, chunk_size, divergence):
         ce_weight=0.3,
         kd_weight=0.7,
     )
+
+
+@pytest.mark.parametrize("mode", ["uld", "gold"])
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_chunked_equals_naive(mode, chunk_size, divergence):
+    hidden, head, teacher_rows, teacher_head, labels, index = _inputs()
+    settings = loss_settings(mode, partial_map() if mode == "gold" else None, divergence)
     a_hidden, a_head = hidden.clone().requires_grad_(), head.clone().requires_grad_()
     chunked = xtok_kd_loss(
         a_hidden,

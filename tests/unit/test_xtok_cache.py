@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_cross_tokenizer import _inputs, _recipe, partial_map
+from test_cross_tokenizer import _inputs, _recipe, loss_settings, partial_map
 
 from distill.losses import MIN_REST_MASS
 from distill.xtok_cache import teacher_entries
@@ -33,15 +33,7 @@ def _cached(teacher_log_probs, k, mapping):
 def test_with_every_teacher_token_cached_it_is_the_online_loss(mode, divergence):
     hidden, head, teacher_rows, teacher_head, labels, index = _inputs()
     mapping = partial_map()
-    settings = dict(
-        mode=mode,
-        mapping=mapping,
-        divergence=divergence,
-        temperature=1.5,
-        beta=0.4,
-        ce_weight=0.3,
-        kd_weight=0.7,
-    )
+    settings = loss_settings(mode, mapping, divergence)
     a_hidden, a_head = hidden.clone().requires_grad_(), head.clone().requires_grad_()
     online = xtok_kd_loss(
         a_hidden, a_head, teacher_rows, teacher_head, labels, index, chunk_size=5, **settings
