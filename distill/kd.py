@@ -17,13 +17,13 @@ from distill import xtok
 from distill.batches import prompts_and_budgets, with_example_ids
 from distill.cache import TeacherCache
 from distill.losses import FusedKDLoss, cached_kd_loss, fused_kd_loss, kd_loss
-from distill.student import carve_student
 from distill.teacher import (
     load_teacher,
     place_teacher,
     refuse_transformed_logits,
     shared_vocab_size,
 )
+from distill.width import pruned_student
 from eval.checks import check_recipe_tasks
 from eval.run import evaluate_run
 from still import data as data_module
@@ -55,7 +55,7 @@ def recipe_student(recipe: DistillRecipe, teacher, tokenizer, calibration):
     """A model reference, or a student carved from the teacher's layers; then LoRA or full."""
     spec = recipe.student
     if spec.init is not None:
-        student, report = carve_student(teacher, spec.init, calibration)
+        student, report = pruned_student(teacher, spec.init, calibration)
         student_tokenizer = tokenizer
         if is_main_process():
             print(f"still: {report.summary()}")
@@ -73,7 +73,7 @@ def recipe_student(recipe: DistillRecipe, teacher, tokenizer, calibration):
 def calibration_batches(recipe: DistillRecipe, train_data):
     """A few training examples for layer-importance scores (only when they are needed)."""
     init = recipe.student.init
-    if init is None or init.strategy != "importance":
+    if init is None or (init.strategy != "importance" and init.prune == "depth"):
         return None
     count = min(init.calibration_samples, len(train_data.dataset))
     rows = train_data.dataset.select(range(count))

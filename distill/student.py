@@ -59,6 +59,7 @@ class CarveReport:
     teacher_params: int
     student_params: int
     importance: list[float] | None = None  # per teacher layer, when strategy == "importance"
+    shape: str | None = None  # the student's widths, when width pruning narrowed them
 
     @property
     def param_fraction(self) -> float:
@@ -70,8 +71,9 @@ class CarveReport:
             listed = ", ".join(str(index) for index in kept[:3]) + f", ..., {kept[-1]}"
         else:
             listed = ", ".join(str(index) for index in kept)
+        shape = f", {self.shape}" if self.shape else ""
         return (
-            f"student keeps layers [{listed}] ({len(kept)}/{self.teacher_layers}): "
+            f"student keeps layers [{listed}] ({len(kept)}/{self.teacher_layers}){shape}: "
             f"{_human_count(self.student_params)} of {_human_count(self.teacher_params)} "
             f"parameters ({self.param_fraction:.1%})"
         )

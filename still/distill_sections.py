@@ -41,9 +41,18 @@ class DistillDistributedSection(DistributedSection):
 
 
 # --------------------------------------------------------------------------- distillation
+_SIZE_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9}
+
+
 class StudentInit(Section):
     from_: Literal["teacher"] = Field(
         "teacher", alias="from", description="Carve from the teacher."
+    )
+    prune: Literal["depth", "width", "both"] = Field(
+        "depth",
+        description="depth: drop whole decoder layers; width: keep every layer and drop the "
+        "least important MLP channels, query heads (whole per KV group) and embedding channels "
+        "(Minitron); both: depth first, then width to reach size.",
     )
     keep_layers: list[int] | None = Field(
         None, description="Exact decoder layer indices to keep (0-based)."
@@ -56,12 +65,67 @@ class StudentInit(Section):
         description="uniform: every k-th layer, first and last kept; importance: drop the layers "
         "whose output is most similar to their input on a calibration sample.",
     )
-    calibration_samples: int = Field(32, ge=1, description="Examples for importance scores.")
+    size: float | str | None = Field(
+        None,
+        description="Width pruning's target: a share of the teacher's parameters (0.6) or a "
+        "count (80M, 1.5B, 80000000).",
+    )
+    width_axes: list[Literal["mlp", "heads", "hidden"]] = Field(
+        default_factory=lambda: ["mlp", "heads", "hidden"],
+        description="What width pruning narrows: mlp channels, query heads, hidden channels.",
+    )
+    calibration_samples: int = Field(
+        32, ge=1, description="Examples for importance scores (layers or channels)."
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _a_size(cls, value):
+        if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value is not None and value <= 0:
+                raise ValueError("size must be > 0: a share (0.6) or a count (80M)")
+            return value
+        text = str(value).strip().upper().replace("_", "").replace(",", "")
+        scale = _SIZE_SUFFIXES.get(text[-1:], 1)
+        try:
+            count = float(text[:-1] if text[-1:] in _SIZE_SUFFIXES else text) * scale
+        except ValueError:
+            raise ValueError(
+                f"size {value!r} is not a share or a count; write 0.6, 80M or 1.5B"
+            ) from None
+        if count <= 0:
+            raise ValueError("size must be > 0: a share (0.6) or a count (80M)")
+        return count
+
+    @field_validator("size", mode="after")
+    @classmethod
+    def _share_or_count(cls, value):
+        if value is not None and 1 < value < 1000:
+            raise ValueError(f"size {value:g} is neither a share (at most 1) nor a count (80M)")
+        return value
+
+    def target_parameters(self, teacher_parameters: int) -> int | None:
+        """`size` as a parameter count (a share ≤ 1 is of the teacher's)."""
+        if self.size is None:
+            return None
+        return int(self.size * teacher_parameters) if self.size <= 1 else int(self.size)
 
     @model_validator(mode="after")
-    def _some_layers(self):
-        if self.keep_layers is None and self.keep_ratio is None:
+    def _what_to_prune(self):
+        depth = self.keep_layers is not None or self.keep_ratio is not None
+        if self.prune in ("depth", "both") and not depth:
+            if self.prune == "depth" and self.size is not None:
+                raise ValueError(
+                    "size is width pruning's target: set prune: width (or prune: both with "
+                    "keep_ratio)"
+                )
             raise ValueError("give keep_layers (a list of indices) or keep_ratio (e.g. 0.5)")
+        if self.prune in ("width", "both") and self.size is None:
+            raise ValueError(f"prune: {self.prune} needs size: a share (0.6) or a count (80M)")
+        if self.prune == "width" and depth:
+            raise ValueError("prune: width keeps every layer; use prune: both with keep_ratio")
+        if not self.width_axes:
+            raise ValueError("width_axes is empty; give some of mlp, heads, hidden")
         return self
 
 

@@ -112,10 +112,32 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "student.init",
         "calibration_samples",
-        lambda r: r.student.init.strategy != "importance" or r.student.init.keep_layers,
-        "only strategy: importance without keep_layers scores layers on calibration data",
-        "set strategy: importance, or remove calibration_samples",
+        lambda r: (
+            r.student.init.prune == "depth"
+            and (r.student.init.strategy != "importance" or r.student.init.keep_layers)
+        ),
+        "only width pruning and strategy: importance without keep_layers score on calibration data",
+        "set strategy: importance or prune: width, or remove calibration_samples",
         ("student", "init", "strategy"),
+    ),
+    *(
+        Rule(
+            "student.init",
+            key,
+            lambda r: r.student.init.prune == "depth",
+            "prune: depth drops layers only; size and width_axes are for width pruning",
+            f"set prune: width (or both), or remove {key}",
+            ("student", "init", "prune"),
+        )
+        for key in ("size", "width_axes")
+    ),
+    Rule(
+        "student.init",
+        "strategy",
+        lambda r: r.student.init.prune == "width",
+        "prune: width keeps every layer, so no layer strategy applies",
+        "set prune: both with keep_ratio, or remove strategy",
+        ("student", "init", "prune"),
     ),
 )
 

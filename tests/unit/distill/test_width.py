@@ -1,0 +1,185 @@
+"""Width pruning (distill/width.py): channels that carry nothing are dropped without changing a
+logit (Llama-style and Gemma-3, whose norms and embeddings scale differently), GQA groups stay
+whole, a parameter target is met, and the student reloads as a normal HF model."""
+
+import pytest
+import torch
+from test_student import gemma3_teacher, token_batch
+from tiny_models import build_tiny_llama, build_tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from distill.student import count_parameters
+from distill.width import (
+    Shape,
+    plan_width,
+    shape_at,
+    width_importance,
+    width_pruned_model,
+)
+from still.errors import StillError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def llama(tokenizer, heads=4, kv_heads=2):
+    model = build_tiny_llama(tokenizer, hidden=64, layers=3, seed=3)
+    return model.eval()
+
+
+def _dead_channels(model, hidden_drop, mlp_drop):
+    """Make hidden channels `hidden_drop` zero in the whole residual stream and MLP channels
+    `mlp_drop` silent in every layer: then they carry nothing."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, hidden_drop] = 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[hidden_drop] = 0
+            layer.mlp.down_proj.weight[hidden_drop] = 0
+            layer.mlp.up_proj.weight[mlp_drop] = 0
+            post = getattr(layer, "post_attention_layernorm", None)
+            if hasattr(layer, "post_feedforward_layernorm"):  # Gemma: post-norms feed the stream
+                for norm in (post, layer.post_feedforward_layernorm):
+                    norm.weight[hidden_drop] = -1.0  # (1 + w) = 0
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_dropping_channels_that_carry_nothing_keeps_every_logit(tokenizer, family):
+    model = llama(tokenizer) if family == "llama" else gemma3_teacher(layers=2, seed=4)
+    full = Shape.of(model.config)
+    hidden_drop = torch.arange(0, full.hidden, 4)  # a quarter of the residual stream
+    mlp_drop = torch.arange(1, full.intermediate, 2)  # half of every MLP
+    _dead_channels(model, hidden_drop, mlp_drop)
+    batch = token_batch(model.config.vocab_size)
+    importance = width_importance(model, [batch])
+    assert importance["hidden"][hidden_drop].max() == 0 and importance["hidden"].min() == 0
+    assert importance["mlp"][:, mlp_drop].max() == 0
+    shape = Shape(
+        full.layers,
+        full.hidden - len(hidden_drop),
+        full.intermediate - len(mlp_drop),
+        full.heads,
+        full.kv_heads,
+        full.head_dim,
+    )
+    student = width_pruned_model(model, importance, shape)
+    assert student.config.hidden_size == shape.hidden
+    assert student.config.intermediate_size == shape.intermediate
+    with torch.no_grad():
+        want = model(**batch).logits
+        got = student(**batch).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    assert count_parameters(student) < count_parameters(model)
+
+
+def test_heads_are_pruned_within_each_kv_group(tokenizer):
+    model = gemma3_teacher(layers=2, seed=1)  # 4 heads in 2 groups of 2
+    importance = width_importance(model, [token_batch(320)])
+    # make head 1 (group 0) and head 2 (group 1) the strongest of their groups
+    importance["heads"][:] = torch.tensor([0.1, 0.9, 0.8, 0.2])
+    full = Shape.of(model.config)
+    shape = Shape(full.layers, full.hidden, full.intermediate, 2, 2, full.head_dim)
+    student = width_pruned_model(model, importance, shape)
+    assert student.config.num_attention_heads == 2 and student.config.num_key_value_heads == 2
+    q = model.model.layers[0].self_attn.q_proj.weight
+    d = full.head_dim
+    kept = torch.cat([q[1 * d : 2 * d], q[2 * d : 3 * d]])
+    assert torch.equal(student.model.layers[0].self_attn.q_proj.weight, kept)
+    assert torch.isfinite(student(**token_batch(320)).logits).all()
+
+
+def test_a_parameter_target_is_met_and_the_student_reloads(tokenizer, tmp_path):
+    model = llama(tokenizer)
+    target = int(0.6 * count_parameters(model))
+    shape = plan_width(model, target, ("mlp", "heads", "hidden"))
+    importance = width_importance(model, [token_batch(320)])
+    student = width_pruned_model(model, importance, shape)
+    params = count_parameters(student)
+    assert params <= target
+    # the next wider step (one more rounding unit on every axis) would not fit
+    wider = shape_at(Shape.of(model.config), (shape.hidden + 8) / 64, ("mlp", "hidden"))
+    assert wider.hidden > shape.hidden
+    student.save_pretrained(tmp_path / "student")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    batch = token_batch(320)
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, student(**batch).logits)
+
+
+def test_a_target_below_the_narrowest_width_is_one_line(tokenizer):
+    model = llama(tokenizer)
+    with pytest.raises(StillError, match="below the narrowest student width pruning"):
+        plan_width(model, 1000, ("mlp",))
+
+
+# --------------------------------------------------------------------------- through a recipe
+def _recipe(tmp_path, teacher, init: str) -> str:
+    import json
+
+    from tiny_models import QA
+
+    rows = [{"question": q, "answer": a} for q, a in QA]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "width.yaml"
+    path.write_text(
+        f"""kind: distill
+name: narrow
+output_dir: {tmp_path / "runs"}
+teacher: {{ref: "{teacher}"}}
+student: {{init: {init}}}
+method: full
+distill: {{kd_weight: 1.0, ce_weight: 0.5}}
+data:
+  train: {{path: train.jsonl, format: instruction, prompt: question, response: answer}}
+  max_len: 64
+train: {{lr: 3.0e-3, batch_size: 4, max_steps: 4, warmup_ratio: 0.0, seed: 0, logging_steps: 1}}
+"""
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "init,layers",
+    [
+        ("{prune: width, size: 0.6, calibration_samples: 4}", 4),
+        ("{prune: both, keep_ratio: 0.5, size: 0.4, calibration_samples: 4}", 2),
+    ],
+)
+def test_a_width_pruned_student_checks_trains_and_reloads(
+    tiny_model_dir_4layers, tmp_path, capsys, init, layers
+):
+    from still import cli
+
+    recipe = _recipe(tmp_path, tiny_model_dir_4layers, init)
+    assert cli.main(["check", recipe]) == 0
+    out = capsys.readouterr().out
+    assert f"({layers}/4), hidden " in out and "MLP " in out and "heads " in out
+    assert not (tmp_path / "runs").exists()
+    assert cli.main(["run", recipe]) == 0
+    saved = tmp_path / "runs" / "narrow" / "model"
+    student = AutoModelForCausalLM.from_pretrained(saved)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir_4layers)
+    assert student.config.num_hidden_layers == layers
+    share = float(init.split("size: ")[1].split(",")[0])
+    assert count_parameters(student) <= share * count_parameters(teacher)
+    assert student.config.hidden_size < teacher.config.hidden_size
+
+
+def test_width_settings_that_do_nothing_or_cannot_work_are_one_line(
+    tiny_model_dir_4layers, tmp_path, capsys
+):
+    from still import cli
+
+    for init, message in [
+        ("{keep_ratio: 0.5, size: 0.6}", "student.init.size would be ignored: prune: depth"),
+        ("{size: 0.6}", "size is width pruning's target: set prune: width"),
+        ("{prune: width, size: 0.6, keep_ratio: 0.5}", "prune: width keeps every layer"),
+        ("{prune: width, size: 5}", "size 5 is neither a share"),
+        ("{prune: width, size: lots}", "size 'lots' is not a share or a count"),
+    ]:
+        recipe = _recipe(tmp_path, tiny_model_dir_4layers, init)
+        assert cli.main(["validate", recipe]) == 2, init
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("\n") == 1, err
