@@ -17,6 +17,7 @@ from distill import xtok
 from distill.batches import prompts_and_budgets, with_example_ids
 from distill.cache import TeacherCache
 from distill.losses import FusedKDLoss, cached_kd_loss, fused_kd_loss, kd_loss
+from distill.retention import evaluate_with_retention
 from distill.teacher import (
     load_teacher,
     place_teacher,
@@ -25,7 +26,6 @@ from distill.teacher import (
 )
 from distill.width import pruned_student
 from eval.checks import check_recipe_tasks
-from eval.run import evaluate_run
 from still import data as data_module
 from still import models
 from still.attention import packed_attention
@@ -479,5 +479,6 @@ def run(
         full=recipe.method == "full" or carve is not None,
         chat_template=recipe.data.chat_template,  # the student's
     )
-    summary = finish_run(trainer, recipe, run, result, final_eval, evaluate=evaluate_run)
+    evaluate = evaluate_with_retention(recipe.teacher.ref)
+    summary = finish_run(trainer, recipe, run, result, final_eval, evaluate=evaluate)
     return {"summary": summary, "lineage": lineage}

@@ -101,3 +101,28 @@ def test_eval_cli_model_and_task(tmp_path, qa_files, tiny_model_dir, monkeypatch
     assert summary["n"] == 3 and set(summary["metrics"]) == {"acc", "acc_norm"}
     assert cli.main(["eval", "--model", str(tiny_model_dir)]) == 2
     assert "needs an eval recipe, or at least one --model and one --task" in capsys.readouterr().err
+
+
+def test_a_distill_run_ends_with_its_retention_table(
+    tmp_path, qa_files, distill_recipe, monkeypatch, capsys
+):
+    """The student is scored, then its teacher on the same tasks (once: cached by content),
+    and the table says how much of the teacher the student keeps, with paired CIs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STILL_CACHE", str(tmp_path / "cache"))
+    qa, mc = write_tasks(tmp_path, qa_files)
+    recipe = distill_recipe()
+    tasks = f"eval_tasks=[{qa}, {mc}]"
+    assert cli.main(["run", str(recipe), "train.max_steps=2", tasks]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "tiny-kd"
+    assert json.loads((run / "eval" / "mc.json").read_text())["model_name"] == "tiny-kd"
+    teacher = json.loads((run / "retention" / "teacher" / "mc.json").read_text())
+    assert teacher["model_name"] == "teacher" and teacher["n"] == 8
+    table = (run / "retention" / "compare.md").read_text()
+    assert "% of teacher" in table and "Δ vs teacher [95% paired CI]" in table
+    assert "| mc | acc" in table and "| qa | rouge_l" in table
+    assert "still: retention of tiny-kd against its teacher" in out
+    # a second student of the same teacher scores the teacher from the cache
+    assert cli.main(["run", str(recipe), "name=tiny-kd-2", "train.max_steps=2", tasks]) == 0
+    assert "still: teacher on mc (cached)" in capsys.readouterr().out
