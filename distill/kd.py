@@ -16,6 +16,7 @@ from transformers import Trainer, set_seed
 from distill import xtok
 from distill.batches import prompts_and_budgets, with_example_ids
 from distill.cache import TeacherCache
+from distill.chooser import print_candidates
 from distill.losses import FusedKDLoss, cached_kd_loss, fused_kd_loss, kd_loss
 from distill.retention import evaluate_with_retention
 from distill.teacher import (
@@ -366,14 +367,16 @@ def check(recipe: DistillRecipe) -> None:
     )
     if cross is None:
         shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
+    total_steps = planned_steps(recipe, len(train_data.dataset))
     print_report(
         recipe,
         student_tokenizer if cross is not None else tokenizer,
         train_data,
         eval_data,
         model=student,
-        total_steps=planned_steps(recipe, len(train_data.dataset)),
+        total_steps=total_steps,
     )
+    print_candidates(recipe, teacher, student, train_data, total_steps)
 
 
 def _teacher_and_tokenizer(recipe: DistillRecipe):

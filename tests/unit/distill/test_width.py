@@ -156,6 +156,11 @@ def test_a_width_pruned_student_checks_trains_and_reloads(
     assert cli.main(["check", recipe]) == 0
     out = capsys.readouterr().out
     assert f"({layers}/4), hidden " in out and "MLP " in out and "heads " in out
+    # the size chooser: the other ways to reach the same size, with estimates for each
+    assert "student candidates at" in out
+    rows = [line for line in out.splitlines() if line.startswith("    ") and "tokens/s" in line]
+    assert [row.split()[0] for row in rows] == ["depth", "width", "both"], out
+    assert all("GiB" in row and "M " in row for row in rows)
     assert not (tmp_path / "runs").exists()
     assert cli.main(["run", recipe]) == 0
     saved = tmp_path / "runs" / "narrow" / "model"

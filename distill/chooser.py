@@ -1,0 +1,99 @@
+"""The student size chooser in `still check` for a distill recipe: the recipe's student next to
+the other ways to reach its size, with the preflight's own estimates for each.
+
+Candidates, at the share of the teacher's parameters the recipe's student has: depth (the most
+layers, spread evenly, that fit), width (distill/width.py at that size), both (depth to the
+square root of the share, then width), and the recipe's `student.ref` when it names a model.
+Each is built on the meta device from its config (no weights, no calibration), and
+`still.preflight.estimate` gives its memory per device and tokens/s for this recipe's batches,
+as the check line for the recipe's own model does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from distill.student import _student_config, _uniform_layers, count_parameters
+from distill.width import plan_width, pruned_config
+from still.errors import StillError
+from still.preflight import estimate, meta_model
+
+GIB = 2**30
+
+
+def _meta_model(model_class, config):
+    with torch.device("meta"):
+        return model_class._from_config(config)
+
+
+def _depth(teacher, target: int):
+    """(label, meta model) of the most evenly spread layers whose student fits `target`."""
+    layers = teacher.config.num_hidden_layers
+    best = None
+    for count in range(1, layers + 1):
+        config = _student_config(teacher.config, _uniform_layers(layers, count))
+        model = _meta_model(type(teacher), config)
+        if best is None or count_parameters(model) <= target:
+            best = (f"depth ({count}/{layers} layers)", model)
+    return best
+
+
+def _width(teacher, target: int):
+    try:
+        shape = plan_width(teacher, target, ("mlp", "heads", "hidden"))
+    except StillError:
+        return None  # narrower than width pruning can go
+    model = _meta_model(type(teacher), pruned_config(teacher.config, shape))
+    label = f"width (hidden {shape.hidden}, MLP {shape.intermediate}, heads {shape.heads})"
+    return label, model
+
+
+def _both(teacher, share: float, full: int):
+    label, carved = _depth(teacher, int(math.sqrt(share) * full))
+    try:
+        shape = plan_width(carved, int(share * full), ("mlp", "heads", "hidden"))
+    except StillError:
+        return None
+    model = _meta_model(type(teacher), pruned_config(carved.config, shape))
+    layers = carved.config.num_hidden_layers
+    return f"both ({layers} layers, hidden {shape.hidden}, MLP {shape.intermediate})", model
+
+
+def _named_student(recipe):
+    return f"{recipe.student.ref} (student.ref)", meta_model(recipe.student)
+
+
+def candidates(recipe, teacher, student) -> tuple[float, list[tuple[str, object]]]:
+    """The recipe's share of the teacher's parameters, and (label, meta model) per candidate."""
+    full = count_parameters(teacher)
+    share = count_parameters(student) / full
+    target = int(share * full)
+    found = [_depth(teacher, target), _width(teacher, target), _both(teacher, share, full)]
+    if recipe.student.ref is not None:
+        found.append(_named_student(recipe))
+    return share, [entry for entry in found if entry is not None]
+
+
+def report_lines(recipe, teacher, student, train, total_steps: int) -> list[str]:
+    share, found = candidates(recipe, teacher, student)
+    full = count_parameters(teacher)
+    lines = [
+        f"  student candidates at {share:.1%} of the teacher's {full / 1e6:.1f}M parameters "
+        "(estimated like the model line above: memory per device, tokens/s):"
+    ]
+    for label, model in found:
+        est = estimate(recipe, model, train, total_steps)
+        memory = sum(est["memory"].values()) / GIB
+        lines.append(
+            f"    {label:<52} {est['params'] / 1e6:7.1f}M {est['params'] / full:6.1%}  "
+            f"{memory:5.1f} GiB  ~{est['tokens_per_s']:,.0f} tokens/s"
+        )
+    return lines
+
+
+def print_candidates(recipe, teacher, student, train, total_steps: int) -> None:
+    if recipe.student.init is None and recipe.student.ref is None:
+        return
+    print("\n".join(report_lines(recipe, teacher, student, train, total_steps)))
