@@ -81,6 +81,14 @@ def calibration_batches(recipe: DistillRecipe, train_data):
     return [{"input_ids": torch.tensor([row["input_ids"]])} for row in rows]
 
 
+def _number_examples(*splits) -> None:
+    """An example_id column: the row of each example in the teacher cache's split."""
+    for prepared in splits:
+        if prepared is not None:
+            ids = list(range(len(prepared.dataset)))
+            prepared.dataset = prepared.dataset.add_column("example_id", ids)
+
+
 def open_caches(recipe: DistillRecipe, tokenizer, cross=None) -> dict:
     """The teacher cache's splits this recipe trains and evaluates on, checked to fit it
     (across tokenizers, also the pair, the teacher's template and the vocabulary map)."""
@@ -418,11 +426,7 @@ def run(
     caches = open_caches(recipe, tokenizer, cross) if cached else None
     if cached:
         teacher = None  # carved from it if asked; the loss reads the cache
-        for prepared in (train_data, eval_data):
-            if prepared is not None:
-                prepared.dataset = prepared.dataset.add_column(
-                    "example_id", list(range(len(prepared.dataset)))
-                )
+        _number_examples(train_data, eval_data)
     if cross is None:
         vocab_size = shared_vocab_size(tokenizer, student_tokenizer, teacher, student)
     else:  # the student's tokenizer is the one its data, collator and saved model use
