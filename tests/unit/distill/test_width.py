@@ -188,3 +188,14 @@ def test_width_settings_that_do_nothing_or_cannot_work_are_one_line(
         assert cli.main(["validate", recipe]) == 2, init
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_size_is_a_share_or_a_count():
+    from still.distill_sections import StudentInit
+
+    def target(size, teacher=1_000_000):
+        return StudentInit(prune="width", size=size).target_parameters(teacher)
+
+    assert target(0.6) == 600_000
+    assert target("80M") == 80_000_000 and target("1.5B") == 1_500_000_000
+    assert target("250_000") == 250_000 and target(250_000) == 250_000
