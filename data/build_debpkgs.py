@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dataset_files import sha256_of, shuffled_choices, write_jsonl, write_text
+
 BUILD_COMMAND = "python data/build_debpkgs.py --out data/debpkgs"
 SPLIT_SALT = "debpkgs-split-v1"
 SAMPLE_SALT = "debpkgs-sample-v1"
@@ -111,24 +113,17 @@ def choice_rows(rows: list[dict], seed: int) -> list[dict]:
         distractors = rng.sample(same, min(3, len(same)))
         others = [name for name in everyone if name != row["id"] and name not in distractors]
         distractors += rng.sample(others, 3 - len(distractors))
-        choices = [row["id"], *distractors]
-        rng.shuffle(choices)
+        choices, label = shuffled_choices(rng, row["id"], distractors)
         out.append(
             {
                 "id": row["id"],
                 "section": row["section"],
                 "question": f"Which Debian package is this: {row['answer']}",
                 "choices": choices,
-                "label": choices.index(row["id"]),
+                "label": label,
             }
         )
     return out
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def readme_text(counts: dict[str, int], suite: str) -> str:
@@ -177,7 +172,7 @@ def build(out_dir: Path, text: str) -> dict:
         filename.removesuffix(".jsonl"): len(file_rows) for filename, file_rows in files.items()
     }
     suite = suite_name()
-    (out_dir / "README.md").write_text(readme_text(counts, suite), encoding="utf-8")
+    write_text(out_dir / "README.md", readme_text(counts, suite))
     manifest = {
         "suite": suite,
         "build_command": BUILD_COMMAND,
@@ -185,13 +180,9 @@ def build(out_dir: Path, text: str) -> dict:
         "split_salt": SPLIT_SALT,
         "sample_per_mille": SAMPLE_PER_MILLE,
         "counts": counts,
-        "sha256": {
-            name: hashlib.sha256((out_dir / name).read_bytes()).hexdigest()
-            for name in [*files, "README.md"]
-        },
+        "sha256": {name: sha256_of(out_dir / name) for name in [*files, "README.md"]},
     }
-    text_out = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    (out_dir / "manifest.json").write_text(text_out, encoding="utf-8")
+    write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
 
 

@@ -32,6 +32,8 @@ import sysconfig
 import warnings
 from pathlib import Path
 
+from dataset_files import sha256_of, shuffled_choices, write_jsonl, write_text
+
 BUILD_COMMAND = "python data/build_pydocs.py --out data/pydocs"
 # Of the salts v1..v30, v4 gave the row counts closest to 80/10/10 on CPython 3.11.
 SPLIT_SALT = "pydocs-split-v4"
@@ -479,33 +481,17 @@ def choice_rows(rows: list[dict], seed: int) -> list[dict]:
         other_kind = [other["id"] for other in pool if other["kind"] != row["kind"]]
         distractors = rng.sample(same_kind, min(3, len(same_kind)))
         distractors += rng.sample(other_kind, 3 - len(distractors))
-        choices = [row["id"], *distractors]
-        rng.shuffle(choices)
+        choices, label = shuffled_choices(rng, row["id"], distractors)
         out.append(
             {
                 "id": row["id"],
                 "module": row["module"],
                 "question": f"Which {row['kind']} in `{row['module']}` does this: {row['answer']}",
                 "choices": choices,
-                "label": choices.index(row["id"]),
+                "label": label,
             }
         )
     return out
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        handle.write(text)
 
 
 def readme_text(counts: dict[str, int], modules_per_split: dict[str, list[str]]) -> str:

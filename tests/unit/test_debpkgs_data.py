@@ -11,6 +11,10 @@ DATA = REPO / "data" / "debpkgs"
 
 
 def _builder():
+    import sys
+
+    if str(REPO / "data") not in sys.path:  # as when it runs as a script: its helpers beside it
+        sys.path.insert(0, str(REPO / "data"))
     spec = importlib.util.spec_from_file_location("build_debpkgs", REPO / "data/build_debpkgs.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
