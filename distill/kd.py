@@ -420,11 +420,13 @@ def run(
     cached = recipe.distill.teacher_cache is not None
     teacher, tokenizer = _teacher_and_tokenizer(recipe)
     mode, student_tokenizer = xtok.cross_tokenizer_mode(recipe, tokenizer)
+    # one vocabulary: a cache that does not fit fails before the data and the student load
+    caches = open_caches(recipe, tokenizer) if cached and mode is None else None
     train_data, eval_data, student, student_tokenizer, carve, cross = data_and_student(
         recipe, teacher, tokenizer, mode, student_tokenizer
     )
-    caches = open_caches(recipe, tokenizer, cross) if cached else None
     if cached:
+        caches = caches or open_caches(recipe, tokenizer, cross)  # across: needs the alignment
         teacher = None  # carved from it if asked; the loss reads the cache
         _number_examples(train_data, eval_data)
     if cross is None:
