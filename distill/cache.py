@@ -456,7 +456,10 @@ class TeacherCache:
             check_safetensors(path)  # size, header and extents, before any tensor is read
             with safe_open(str(path), "pt") as handle:
                 shard = {name: handle.get_tensor(name) for name in handle.keys()}
-            missing = {"offsets", "ids", "rest_log"} - set(shard)
+            needed = {"offsets", "ids", "rest_log"}
+            if self.manifest.get("cross_tokenizer"):
+                needed |= set(xtok_cache.CROSS_COLUMNS)
+            missing = needed - set(shard)
             if missing:
                 raise StillError(
                     f"{path}: damaged teacher cache shard (no {', '.join(sorted(missing))})",

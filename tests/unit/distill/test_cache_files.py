@@ -57,3 +57,19 @@ def test_a_missing_truncated_or_incomplete_shard_is_one_line(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-5])
     with pytest.raises(StillError, match=r"shard-00000\.safetensors"):
         cache.rows([0])
+
+
+def test_a_cross_tokenizer_shard_without_its_columns_is_one_line(tmp_path):
+    (tmp_path / "train").mkdir()
+    cache = TeacherCache(tmp_path, "train", {**GOOD, "cross_tokenizer": {"vocab_map_sha256": "x"}})
+    save_file(
+        {
+            "ids": torch.zeros(3, 4, dtype=torch.int32),
+            "log_probs": torch.zeros(3, 4, dtype=torch.float16),
+            "rest_log": torch.zeros(3, dtype=torch.float16),
+            "offsets": torch.tensor([0, 3]),
+        },
+        tmp_path / "train" / "shard-00000.safetensors",
+    )
+    with pytest.raises(StillError, match=r"\(no aligned, matched_rest_log, unmatched_rest_log\)"):
+        cache.columns([0])
