@@ -94,15 +94,22 @@ def _rounded(value: float, full: int) -> int:
 
 
 def shape_at(shape: Shape, ratio: float, axes) -> Shape:
-    """The student's shape when every axis in `axes` keeps `ratio` of its width."""
+    """The student's shape when every axis in `axes` keeps `ratio` of its width. A pruned
+    hidden size is a multiple of the student's head count too (transformers' configs check
+    hidden_size % num_attention_heads even with an explicit head_dim)."""
     per_group = shape.heads // shape.kv_heads
+    heads = shape.kv_heads * max(1, round(per_group * ratio)) if "heads" in axes else shape.heads
+    hidden = shape.hidden
+    if "hidden" in axes:
+        step = math.lcm(ROUND_TO, heads)
+        hidden = min(shape.hidden, max(step, int(shape.hidden * ratio // step) * step))
     return Shape(
         shape.layers,
-        _rounded(shape.hidden * ratio, shape.hidden) if "hidden" in axes else shape.hidden,
+        hidden,
         _rounded(shape.intermediate * ratio, shape.intermediate)
         if "mlp" in axes
         else shape.intermediate,
-        shape.kv_heads * max(1, round(per_group * ratio)) if "heads" in axes else shape.heads,
+        heads,
         shape.kv_heads,
         shape.head_dim,
     )
@@ -325,6 +332,7 @@ def width_pruned_model(model: PreTrainedModel, importance: dict, shape: Shape) -
     kept = kept_channels(importance, full, shape)
     first = next(model.parameters())
     config = pruned_config(model.config, shape)
+    config.validate()  # what save_pretrained checks, checked before any training
     with torch.device(first.device):
         student = type(model)._from_config(config, dtype=first.dtype)
     student.load_state_dict(_student_state(model, kept, full, shape), strict=True)

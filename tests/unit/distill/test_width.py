@@ -199,3 +199,32 @@ def test_size_is_a_share_or_a_count():
     assert target(0.6) == 600_000
     assert target("80M") == 80_000_000 and target("1.5B") == 1_500_000_000
     assert target("250_000") == 250_000 and target(250_000) == 250_000
+
+
+def test_a_pruned_hidden_size_is_a_multiple_of_the_head_count(tmp_path):
+    """6 heads in 3 groups cut to 3: hidden 96 → 48, not 56 (56 % 3 != 0 would save and
+    reload nowhere: transformers refuses such a config)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=320,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    shape = shape_at(Shape.of(config), 0.6, ("mlp", "heads", "hidden"))
+    assert (shape.heads, shape.hidden) == (3, 48)
+    student = width_pruned_model(model, width_importance(model, [token_batch(320)]), shape)
+    student.save_pretrained(tmp_path / "student")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert again.config.hidden_size == 48 and again.config.num_attention_heads == 3
