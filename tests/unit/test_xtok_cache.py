@@ -145,3 +145,37 @@ def test_a_small_k_cache_across_tokenizers_trains_with_uld(
     kd = _losses(tmp_path / "runs" / "tiny-xtok", "kd_loss")
     assert len(kd) == 12 and all(0 < value < 2 for value in kd)
     assert sum(kd[-4:]) < 0.9 * sum(kd[:4])
+
+
+@pytest.mark.multiproc
+def test_two_processes_read_a_cross_tokenizer_cache_like_one(teacher_dir, tiny_model_dir, tmp_path):
+    """DDP over a cache made across tokenizers: each rank reads its own examples' rows."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = _recipe(tmp_path, teacher_dir, tiny_model_dir, ce=0.5)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cache = ["distill.teacher_cache=cache", "distill.cache_top_k=64"]
+    base = [sys.executable, "-m", "still.cli"]
+    for args in (
+        ["cache", recipe.name, *cache],
+        ["run", recipe.name, "train.max_steps=4", "name=single", *cache],
+        [
+            "run",
+            recipe.name,
+            "train.max_steps=4",
+            "name=two",
+            "train.batch_size=2",
+            "distributed.strategy=ddp",
+            "--nproc",
+            "2",
+            *cache,
+        ],
+    ):
+        done = subprocess.run(
+            base + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    single, two = (_losses(tmp_path / "runs" / name) for name in ("single", "two"))
+    assert len(single) == 4 and two == pytest.approx(single, abs=1e-4)
