@@ -228,3 +228,24 @@ def test_a_pruned_hidden_size_is_a_multiple_of_the_head_count(tmp_path):
     student.save_pretrained(tmp_path / "student")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     assert again.config.hidden_size == 48 and again.config.num_attention_heads == 3
+
+
+def test_weights_it_cannot_cut_stop_the_carve_in_one_line():
+    """Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): refused, naming the weight."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    model = Phi3ForCausalLM(config).eval()
+    importance = width_importance(model, [token_batch(320)])
+    shape = shape_at(Shape.of(config), 0.5, ("mlp", "hidden"))
+    with pytest.raises(StillError, match=r"cannot width-prune Phi3ForCausalLM: .*qkv_proj"):
+        width_pruned_model(model, importance, shape)
