@@ -120,6 +120,13 @@ def row_to_example(row: Any, source, *, split: str, system_prompt: str | None) -
 
 
 # --------------------------------------------------------------------------- examples → tokens
+# A one-turn conversation for finding what a chat template writes around an assistant's text.
+TURN_PROBE = [
+    {"role": "user", "content": "Say ok."},
+    {"role": "assistant", "content": "ok"},
+]
+
+
 def special_token_ids(tokenizer) -> set[int]:
     """The tokenizer's special tokens: its named ones and every added token marked special."""
     return set(tokenizer.all_special_ids) | {

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 
 from still.builtins import BUILTINS, CONVERTED_MARKER, cache_dir, convert_gguf
 from still.errors import StillError
-from still.formats import special_token_ids
+from still.formats import TURN_PROBE, special_token_ids
 from still.model_dirs import (
     CUSTOM_CODE_RISK,
     check_adapter_dir,
@@ -176,12 +176,6 @@ def pad_token_id(tokenizer) -> int:
     return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
 
-_TURN_PROBE = [
-    {"role": "user", "content": "Say ok."},
-    {"role": "assistant", "content": "ok"},
-]
-
-
 def end_of_turn_token(tokenizer, chat_template: str | None = None) -> int | None:
     """The special token a chat template (default: the tokenizer's own) writes right after an
     assistant's text, such as `<|im_end|>` or `<end_of_turn>`; None without one."""
@@ -189,14 +183,14 @@ def end_of_turn_token(tokenizer, chat_template: str | None = None) -> int | None
         return None
     try:
         text = tokenizer.apply_chat_template(
-            _TURN_PROBE, chat_template=chat_template, tokenize=False
+            TURN_PROBE, chat_template=chat_template, tokenize=False
         )
     except Exception:  # noqa: BLE001 — a template that rejects the probe has no known end token
         return None
-    after = text.rfind(_TURN_PROBE[-1]["content"])
+    after = text.rfind(TURN_PROBE[-1]["content"])
     if after < 0:
         return None
-    ids = tokenizer(text[after + len(_TURN_PROBE[-1]["content"]) :], add_special_tokens=False)
+    ids = tokenizer(text[after + len(TURN_PROBE[-1]["content"]) :], add_special_tokens=False)
     first = ids["input_ids"][:1]
     return first[0] if first and first[0] in special_token_ids(tokenizer) else None
 

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainingArguments
 from still import data as data_module
 from still.attention import implementation, sliding_window
 from still.errors import StillError
-from still.formats import special_token_ids
+from still.formats import TURN_PROBE, special_token_ids
 from still.losses import per_token_loss
 from still.rundir import RunDir
 from still.sections import DataSection, LoraSection, TrainSection
@@ -122,14 +122,13 @@ def planned_steps(recipe, n_train: int) -> int:
 
 def template_tokens(tokenizer, chat_template: str | None = None) -> list[int]:
     """The special tokens a chat template writes around turns (not bos, eos or pad)."""
-    probe = [{"role": "user", "content": "Say ok."}, {"role": "assistant", "content": "ok"}]
     if not (chat_template or tokenizer.chat_template):
         raise StillError(
             "lora.train_tokens: template, but the tokenizer has no chat template",
             hint="set data.chat_template, or list the tokens: lora.train_tokens: [<tok>]",
         )
     text = tokenizer.apply_chat_template(
-        probe, chat_template=chat_template, tokenize=False, add_generation_prompt=False
+        TURN_PROBE, chat_template=chat_template, tokenize=False, add_generation_prompt=False
     )
     plain = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     special = special_token_ids(tokenizer)
@@ -139,6 +138,8 @@ def template_tokens(tokenizer, chat_template: str | None = None) -> list[int]:
 
 def train_token_ids(lora: LoraSection, tokenizer, chat_template: str | None = None) -> list[int]:
     """lora.train_tokens as token ids, each checked against the tokenizer."""
+    if not lora.train_tokens:
+        return []
     if lora.train_tokens == "template":
         return template_tokens(tokenizer, chat_template)
     vocab = tokenizer.get_vocab()

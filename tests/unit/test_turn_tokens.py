@@ -26,6 +26,7 @@ def test_the_template_tokens_are_the_turn_markers(tokenizer):
     lora = LoraSection(train_tokens="template")
     assert train_token_ids(lora, tokenizer) == ids
     assert train_token_ids(LoraSection(train_tokens=["<end_of_turn>"]), tokenizer) == ids[1:]
+    assert train_token_ids(LoraSection(), None) == []  # none asked: no tokenizer needed
 
 
 def test_an_unknown_token_is_one_line_with_did_you_mean(tokenizer):
