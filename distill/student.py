@@ -200,7 +200,7 @@ def layer_importance(
     number at once instead of holding all num_layers + 1 of them.
     """
     layers = _decoder_layers(model)
-    was_training, device = model.training, next(model.parameters()).device
+    device = next(model.parameters()).device
     # Summed on the model's device: a host copy per block would sync the GPU num_layers times.
     similarity_sums = torch.zeros(len(layers), dtype=torch.float64, device=device)
     current = {}  # the batch's real-token mask, read by the hooks
@@ -218,6 +218,18 @@ def layer_importance(
         layer.register_forward_hook(record_similarity(index), with_kwargs=True)
         for index, layer in enumerate(layers)
     ]
+    token_count = run_calibration(model, calibration_batches, handles, current)
+    if token_count == 0:
+        raise StillError("the calibration batches hold no tokens to score layer importance on")
+    return (1.0 - similarity_sums / token_count).cpu().tolist()
+
+
+@torch.no_grad()
+def run_calibration(model: nn.Module, calibration_batches, handles: list, current: dict) -> float:
+    """Run the decoder alone (no vocab-sized logits) over the batches in eval mode, with
+    `current["mask"]` set to each batch's real tokens for the hooks to read; then remove the
+    hooks and restore the mode. Returns the number of real tokens seen."""
+    was_training, device = model.training, next(model.parameters()).device
     token_count = 0.0
     model.eval()  # dropout off: scores must not depend on chance
     try:
@@ -225,14 +237,12 @@ def layer_importance(
             inputs = _calibration_inputs(batch, device)
             current["mask"] = _real_token_mask(inputs)
             token_count += current["mask"].sum().item()
-            model.model(**inputs, use_cache=False)  # the decoder only: no vocab-sized logits
+            model.model(**inputs, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if token_count == 0:
-        raise StillError("the calibration batches hold no tokens to score layer importance on")
-    return (1.0 - similarity_sums / token_count).cpu().tolist()
+    return token_count
 
 
 # --------------------------------------------------------------------------- the student

@@ -45,12 +45,11 @@ from transformers import PreTrainedModel
 from distill.student import (
     LAYERS_PREFIX,
     CarveReport,
-    _calibration_inputs,
     _decoder_layers,
     _merged_copy,
-    _real_token_mask,
     carve_student,
     count_parameters,
+    run_calibration,
 )
 from still.errors import StillError
 
@@ -210,18 +209,7 @@ def width_importance(model: nn.Module, calibration_batches) -> dict[str, Tensor]
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(on_heads(index)))
         handles += [norm.register_forward_hook(on_norm) for norm in _norms(layer, shape.hidden)]
     handles.append(model.model.norm.register_forward_hook(on_norm))
-    tokens, was_training = 0.0, model.training
-    model.eval()
-    try:
-        for batch in calibration_batches:
-            inputs = _calibration_inputs(batch, device)
-            current["mask"] = _real_token_mask(inputs)
-            tokens += current["mask"].sum().item()
-            model.model(**inputs, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    tokens = run_calibration(model, calibration_batches, handles, current)
     if tokens == 0:
         raise StillError("the calibration batches hold no tokens to score channels on")
     return {name: (total / tokens).sqrt().float().cpu() for name, total in sums.items()}
