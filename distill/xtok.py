@@ -109,7 +109,8 @@ def cross_tokenizer_mode(recipe, teacher_tokenizer):
     require_offsets(teacher_tokenizer, "teacher", recipe.teacher.ref)
     require_offsets(student_tokenizer, "student", recipe.student.ref)
     template = recipe.distill.teacher_chat_template or teacher_tokenizer.chat_template
-    if not template and recipe.data.train.format != "completion":
+    formats_used = {source.format for source in recipe.data.train_sources()}
+    if not template and formats_used != {"completion"}:
         raise StillError(
             f"the teacher {recipe.teacher.ref} has no chat template to render the "
             f"conversations with (cross-tokenizer KD renders each one with both models' templates)",
@@ -209,10 +210,10 @@ def align_example(example, student_ids, setup: CrossTokenizer, chat_template, st
 
 def add_teacher_columns(data, split: str, prepared, setup: CrossTokenizer) -> AlignStats:
     """Align every prepared example of one split and add the teacher's two columns."""
-    source = data.train if split == "train" else data.eval
+    sources = data.train_sources() if split == "train" else [data.eval]
     encoder = formats.Encoder(setup.student_tokenizer, data.train_on, data.chat_template)
     dataset = prepared.dataset
-    examples = list(_kept_examples(data, source, split, encoder))
+    examples = [kept for source in sources for kept in _kept_examples(data, source, split, encoder)]
     if len(examples) != len(dataset):
         raise RuntimeError(
             f"{split}: re-encoding found {len(examples)} examples, prepare kept {len(dataset)}"

@@ -97,7 +97,7 @@ def _source_hash(source) -> str:
 def _settings_json(data) -> str:
     # pack_row_tokens only arranges batches: the tokenized rows (and caches keyed by them) are the
     # same
-    return data.model_dump_json(exclude={"train", "eval", "pack_row_tokens"})
+    return data.model_dump_json(exclude={"train", "mix", "eval", "pack_row_tokens"})
 
 
 def data_fingerprint(data, tokenizer) -> str:
@@ -106,7 +106,7 @@ def data_fingerprint(data, tokenizer) -> str:
         CACHE_VERSION,
         _settings_json(data),
         tokenizer_hash(tokenizer),
-        _source_hash(data.train),
+        *[_source_hash(source) for source in data.train_sources()],
         _source_hash(data.eval) if data.eval else "",
     ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
@@ -114,13 +114,13 @@ def data_fingerprint(data, tokenizer) -> str:
 
 def split_fingerprint(data, tokenizer, split: str) -> str:
     # Per split, so that editing the eval file does not re-tokenize the training set.
-    source = data.train if split == "train" else data.eval
+    sources = data.train_sources() if split == "train" else [data.eval]
     parts = [
         CACHE_VERSION,
         split,
         _settings_json(data),
         tokenizer_hash(tokenizer),
-        _source_hash(source),
+        *[_source_hash(source) for source in sources],
     ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
@@ -297,13 +297,15 @@ def prepare(
     progress: bool = True,
 ) -> PreparedData | None:
     """Read, check, tokenize and mask one split; None for split="eval" without eval data."""
-    source = data.train if split == "train" else data.eval
-    if source is None:
+    sources = data.train_sources() if split == "train" else [data.eval]
+    if sources[0] is None:
         return None
-    _check_template(data, source, tokenizer)
     stats = DataStats()
-    records = _examples(data, source, split, stats)
-    source_name = source.path or source.hf
+    records = []
+    for source in sources:
+        _check_template(data, source, tokenizer)
+        records += _examples(data, source, split, stats)
+    source_name = " + ".join(source.path or source.hf for source in sources)
     if not records:
         raise StillError(
             f"{source_name}: no usable examples ({_breakdown(data, stats)})",

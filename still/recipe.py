@@ -133,6 +133,7 @@ RECIPE_KINDS: dict[str, type[Section]] = {
 # list index.
 PATH_KEYS: tuple[KeyPath, ...] = (
     ("data", "train", "path"),
+    ("data", "mix", "*", "path"),
     ("data", "eval", "path"),
     ("distill", "teacher_cache"),
     ("generate", "out"),

@@ -211,7 +211,7 @@ class RunDir:
 def _data_files(recipe: Recipe) -> list[dict]:
     files = []
     data = getattr(recipe, "data", None)
-    for source in (data.train, data.eval) if data else ():
+    for source in [*data.train_sources(), data.eval] if data else ():
         if source is not None and source.path and Path(source.path).is_file():
             files.append({"path": source.path, "sha256": file_sha256(Path(source.path))})
         elif source is not None and source.hf:

@@ -97,6 +97,12 @@ FORMAT_FIELDS = {
 
 class DataSection(Section):
     train: DataSource = Field(description="Training data.")
+    mix: list[DataSource] = Field(
+        default_factory=list,
+        description="More training sources, appended to train: each with its own format, fields "
+        "and limit (e.g. the teacher's written answers next to the dataset's). A source without "
+        "a format takes train's format and fields.",
+    )
     eval: DataSource | None = Field(None, description="Held-out data for the periodic eval loss.")
     max_len: int = Field(512, ge=8, description="Max tokens per example.")
     truncation: Literal["truncate", "drop"] = Field(
@@ -142,11 +148,25 @@ class DataSection(Section):
         for name, default in FORMAT_FIELDS[train.format].items():
             if getattr(train, name) is None:
                 setattr(train, name, default)
+        for source in self.mix:
+            if source.format is None:
+                _inherit_fields(source, train)
+            for name, default in FORMAT_FIELDS[source.format].items():
+                if getattr(source, name) is None:
+                    setattr(source, name, default)
         if self.eval is not None:
-            for name in ("format", "messages", "prompt", "input", "response", "system", "text"):
-                if getattr(self.eval, name) is None:
-                    setattr(self.eval, name, getattr(train, name))
+            _inherit_fields(self.eval, train)
         return self
+
+    def train_sources(self) -> list[DataSource]:
+        """train, then each mix source: the rows of the train split, in this order."""
+        return [self.train, *self.mix]
+
+
+def _inherit_fields(source: DataSource, train: DataSource) -> None:
+    for name in ("format", "messages", "prompt", "input", "response", "system", "text"):
+        if getattr(source, name) is None:
+            setattr(source, name, getattr(train, name))
 
 
 # --------------------------------------------------------------------------- training

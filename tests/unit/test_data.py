@@ -443,6 +443,37 @@ def test_eval_split_inherits_format_and_is_optional(tiny_tokenizer, tmp_path):
     )
 
 
+def test_mix_appends_sources_of_other_formats_in_order_and_keys_the_cache(tiny_tokenizer, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"q": Q1, "a": A1}, {"q": Q2, "a": A2}])
+    written = write_jsonl(tmp_path / "written.jsonl", [chat_row(Q2, A1)])
+    same_fields = write_jsonl(tmp_path / "more.jsonl", [{"q": Q1, "a": A2}, {"q": Q2, "a": A2}])
+
+    def data(**mix_limit):
+        return DataSection(
+            train={"path": str(train), "format": "instruction", "prompt": "q", "response": "a",
+                   "limit": 1},
+            mix=[{"path": str(written), "format": "chat"},
+                 {"path": str(same_fields), **mix_limit}],
+        )  # fmt: skip
+
+    section_ = data(limit=1)
+    assert section_.mix[0].messages == "messages"  # chat's own default field
+    assert (section_.mix[1].prompt, section_.mix[1].response) == ("q", "a")  # train's
+    prepared = prep(section_, tiny_tokenizer, tmp_path)
+    spans = [
+        loss_spans(tiny_tokenizer, ids, labels)
+        for ids, labels in zip(prepared.dataset["input_ids"], prepared.dataset["labels"])
+    ]
+    assert spans == [[A1 + EOT], [A1 + EOT], [A2 + EOT]]  # each source's own limit
+    assert prepared.stats.rows == 3
+    assert len(prep(data(), tiny_tokenizer, tmp_path).dataset) == 4
+    base = still_data.data_fingerprint(section_, tiny_tokenizer)
+    write_jsonl(written, [chat_row(Q1, A1)])
+    assert still_data.data_fingerprint(data(limit=1), tiny_tokenizer) != base
+    # the eval split never sees the mix
+    assert prep(section_, tiny_tokenizer, tmp_path, split="eval") is None
+
+
 def test_rows_the_chat_template_rejects_are_bad_rows(tiny_tokenizer, tmp_path):
     template = (
         "{% for m in messages %}{% if 'BOOM' in m['content'] %}"
