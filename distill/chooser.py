@@ -12,13 +12,18 @@ as the check line for the recipe's own model does.
 from __future__ import annotations
 
 import math
+import tempfile
+import time
 
 import torch
 
 from distill.student import _student_config, _uniform_layers, count_parameters
 from distill.width import plan_width, pruned_config
+from still.distill_sections import StudentInit
 from still.errors import StillError
 from still.preflight import estimate, meta_model
+from still.rundir import open_run_dir
+from still.sections import TrackSection
 
 GIB = 2**30
 
@@ -97,3 +102,62 @@ def print_candidates(recipe, teacher, student, train, total_steps: int) -> None:
     if recipe.student.init is None and recipe.student.ref is None:
         return
     print("\n".join(report_lines(recipe, teacher, student, train, total_steps)))
+
+
+# --------------------------------------------------------------------------- probe runs
+def _probe_inits(recipe, teacher, student) -> list[tuple[str, object]]:
+    """(label, student.init or None for student.ref) per candidate, as recipe settings."""
+    share, found = candidates(recipe, teacher, student)
+    layers = teacher.config.num_hidden_layers
+    own = recipe.student.init
+    strategy = own.strategy if own is not None else "importance"
+    samples = own.calibration_samples if own is not None else 32
+    inits = []
+    for label, model in found:
+        kept = model.config.num_hidden_layers / layers
+        if label.startswith("depth"):
+            settings = {"prune": "depth", "keep_ratio": kept, "strategy": strategy}
+        elif label.startswith("width"):
+            settings = {"prune": "width", "size": share}
+        elif label.startswith("both"):
+            settings = {"prune": "both", "keep_ratio": kept, "size": share, "strategy": strategy}
+        else:
+            inits.append((label, None))
+            continue
+        inits.append((label, StudentInit(calibration_samples=samples, **settings)))
+    return inits
+
+
+def probe(recipe, teacher, student, steps: int) -> list[str]:
+    """Each candidate trained `steps` steps with the recipe's own loss, data and optimizer (a
+    real `still run` into a temporary dir, nothing tracked or kept): its eval loss after."""
+    from distill.kd import run as distill_run  # the runner is above the chooser
+
+    lines = [f"  probe: each candidate trained {steps} steps as this recipe trains, then scored:"]
+    for label, init in _probe_inits(recipe, teacher, student):
+        variant = recipe.model_copy(deep=True)
+        variant.student.init = init
+        if init is None:
+            variant.student.init = None
+        elif recipe.student.init is None:  # a named student: carve from the teacher instead
+            variant.student.ref = None
+        variant.train.max_steps, variant.train.save_steps = steps, steps
+        variant.train.eval_steps = None
+        variant.eval_tasks, variant.track = [], TrackSection()
+        with tempfile.TemporaryDirectory(prefix="still-probe-") as scratch:
+            variant.output_dir, variant.name = scratch, "probe"
+            start = time.monotonic()
+            try:
+                with open_run_dir(variant) as run:
+                    summary = distill_run(variant, run)["summary"]
+            except StillError as exc:
+                lines.append(f"    {label:<52} refused: {exc}")
+                continue
+        loss = summary.get("eval_loss", summary["train_loss"])
+        which = "eval" if "eval_loss" in summary else "train"
+        lines.append(
+            f"    {label:<52} {which} loss {loss:.3f} after {steps} steps "
+            f"({time.monotonic() - start:.0f} s)"
+        )
+    lines.append("  (lower is better; the loss is the recipe's: KD, CE or their mix)")
+    return lines

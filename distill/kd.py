@@ -16,7 +16,7 @@ from transformers import Trainer, set_seed
 from distill import xtok
 from distill.batches import prompts_and_budgets, with_example_ids
 from distill.cache import TeacherCache
-from distill.chooser import print_candidates
+from distill.chooser import print_candidates, probe
 from distill.losses import FusedKDLoss, cached_kd_loss, fused_kd_loss, kd_loss
 from distill.retention import evaluate_with_retention
 from distill.teacher import (
@@ -364,9 +364,10 @@ def data_and_student(recipe: DistillRecipe, teacher, tokenizer, mode, student_to
     return train_data, eval_data, student, student_tokenizer, carve, cross
 
 
-def check(recipe: DistillRecipe) -> None:
+def check(recipe: DistillRecipe, probe_steps: int | None = None) -> None:
     """`still check` for distill: data report, the student that would be built, estimates;
-    across tokenizers also the vocabulary overlap and the aligned and exact-match shares."""
+    across tokenizers also the vocabulary overlap and the aligned and exact-match shares.
+    With `probe_steps`, each student candidate also trains that many steps (chooser.probe)."""
     check_recipe_tasks(recipe)  # the eval_tasks the run ends with, before any model loads
     teacher, tokenizer = load_teacher(recipe)
     mode, student_tokenizer = xtok.cross_tokenizer_mode(recipe, tokenizer)
@@ -385,6 +386,8 @@ def check(recipe: DistillRecipe) -> None:
         total_steps=total_steps,
     )
     print_candidates(recipe, teacher, student, train_data, total_steps)
+    if probe_steps:
+        print("\n".join(probe(recipe, teacher, student, probe_steps)))
 
 
 def _teacher_and_tokenizer(recipe: DistillRecipe):

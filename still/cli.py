@@ -204,12 +204,25 @@ def _cmd_check(args) -> int:
         raise StillError(
             "`still check` inspects finetune and distill recipes; this one is kind: eval"
         )
+    if args.probe is not None:
+        from eval.checks import check_count
+
+        check_count(args.probe, "--probe")
+    if args.probe is not None and recipe.kind != "distill":
+        raise StillError(
+            "--probe trains a distill recipe's student candidates; this recipe is kind: "
+            f"{recipe.kind}",
+            hint="drop --probe",
+        )
     with quiet_imports():
         if recipe.kind == "finetune":
             from finetune.sft import check
+
+            check(recipe)
         else:
             from distill.kd import check
-    check(recipe)
+
+            check(recipe, probe_steps=args.probe)
     return 0
 
 
@@ -359,9 +372,15 @@ def _add_recipe_parsers(sub) -> None:
     _with_recipe(
         sub, "validate", "resolve a recipe (extends, overrides) and print it"
     ).set_defaults(handler=_cmd_validate)
-    _with_recipe(
-        sub, "check", "preflight: data, loss mask, parameters, memory and time"
-    ).set_defaults(handler=_cmd_check)
+    p = _with_recipe(sub, "check", "preflight: data, loss mask, parameters, memory and time")
+    p.add_argument(
+        "--probe",
+        type=int,
+        metavar="STEPS",
+        help="distill: also train each student candidate this many steps and print its loss "
+        "(a few minutes on a CPU for a small model; nothing is kept)",
+    )
+    p.set_defaults(handler=_cmd_check)
 
 
 def _add_publish_parsers(sub) -> None:

@@ -249,3 +249,44 @@ def test_weights_it_cannot_cut_stop_the_carve_in_one_line():
     shape = shape_at(Shape.of(config), 0.5, ("mlp", "hidden"))
     with pytest.raises(StillError, match=r"cannot width-prune Phi3ForCausalLM: .*qkv_proj"):
         width_pruned_model(model, importance, shape)
+
+
+def test_probe_trains_each_candidate_like_the_recipe_and_keeps_nothing(
+    tiny_model_dir_4layers, tmp_path, capsys
+):
+    import re
+
+    from still import cli
+
+    init = "{keep_ratio: 0.5, strategy: importance, calibration_samples: 4}"
+    recipe = _recipe(tmp_path, tiny_model_dir_4layers, init)
+    assert cli.main(["check", recipe, "--probe", "2"]) == 0
+    out = capsys.readouterr().out
+    probed = dict(
+        re.findall(r"^    (depth|width|both) .* train loss ([\d.]+) after 2 steps", out, re.M)
+    )
+    assert set(probed) == {"depth", "width", "both"}, out
+    assert not (tmp_path / "runs").exists()  # the probe runs left nothing behind
+    # the depth candidate is the recipe's own student: its probe is the recipe's own run
+    assert cli.main(["run", recipe, "train.max_steps=2"]) == 0
+    done = re.search(r"train_loss ([\d.]+)", capsys.readouterr().out)
+    assert float(probed["depth"]) == pytest.approx(float(done.group(1)), abs=2e-3)
+    assert probed["width"] != probed["depth"]  # another student, another loss
+
+
+def test_probe_is_for_distill_recipes_and_a_positive_count(
+    tiny_model_dir_4layers, tmp_path, capsys
+):
+    from still import cli
+
+    recipe = _recipe(tmp_path, tiny_model_dir_4layers, "{keep_ratio: 0.5}")
+    assert cli.main(["check", recipe, "--probe", "0"]) != 0
+    assert "--probe must be >= 1 (got 0)" in capsys.readouterr().err
+    finetune = tmp_path / "ft.yaml"
+    finetune.write_text(
+        f"kind: finetune\nname: ft\nmodel: {{ref: {tiny_model_dir_4layers}}}\n"
+        "data: {train: {path: train.jsonl, format: instruction, prompt: question, "
+        "response: answer}}\n"
+    )
+    assert cli.main(["check", str(finetune), "--probe", "2"]) != 0
+    assert "--probe trains a distill recipe's student candidates" in capsys.readouterr().err
