@@ -472,6 +472,13 @@ def test_mix_appends_sources_of_other_formats_in_order_and_keys_the_cache(tiny_t
     assert still_data.data_fingerprint(data(limit=1), tiny_tokenizer) != base
     # the eval split never sees the mix
     assert prep(section_, tiny_tokenizer, tmp_path, split="eval") is None
+    # lineage.json names every file of the train split, with its hash
+    from types import SimpleNamespace
+
+    from still.rundir import _data_files
+
+    named = [entry["path"] for entry in _data_files(SimpleNamespace(data=section_))]
+    assert named == [str(train), str(written), str(same_fields)]
 
 
 def test_rows_the_chat_template_rejects_are_bad_rows(tiny_tokenizer, tmp_path):
