@@ -128,11 +128,10 @@ def _probe_inits(recipe, teacher, student) -> list[tuple[str, object]]:
     return inits
 
 
-def probe(recipe, teacher, student, steps: int) -> list[str]:
+def probe(recipe, teacher, student, steps: int, distill_run) -> list[str]:
     """Each candidate trained `steps` steps with the recipe's own loss, data and optimizer (a
-    real `still run` into a temporary dir, nothing tracked or kept): its eval loss after."""
-    from distill.kd import run as distill_run  # the runner is above the chooser
-
+    real run of `distill_run`, kd.run, into a temporary dir, nothing tracked or kept): its eval
+    loss after. kd passes its runner in: the chooser sits below it."""
     lines = [f"  probe: each candidate trained {steps} steps as this recipe trains, then scored:"]
     for label, init in _probe_inits(recipe, teacher, student):
         variant = recipe.model_copy(deep=True)

@@ -387,7 +387,7 @@ def check(recipe: DistillRecipe, probe_steps: int | None = None) -> None:
     )
     print_candidates(recipe, teacher, student, train_data, total_steps)
     if probe_steps:
-        print("\n".join(probe(recipe, teacher, student, probe_steps)))
+        print("\n".join(probe(recipe, teacher, student, probe_steps, run)))
 
 
 def _teacher_and_tokenizer(recipe: DistillRecipe):
