@@ -2,16 +2,14 @@
 in no file and on no console; legitimate values (hub ids, paths, digests, env names) pass."""
 
 import hashlib
-import json
 import shutil
 import textwrap
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from fake_endpoint import FakeEndpoint
 
 from distill import endpoint
 from still import cli, recipe
@@ -206,31 +204,9 @@ def test_env_name_fields_must_name_a_variable(tmp_path):
 
 
 # --------------------------------------------------------------------------- endpoint echoes
-class _EchoServer:
-    """Answers every request with `status` and a body that echoes the request's headers."""
-
-    def __init__(self, status):
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                self.send_response(status)
-                self.end_headers()
-                echo = {
-                    "auth": self.headers["Authorization"],
-                    "error": f"rejected: {dict(self.headers)}",
-                }
-                self.wfile.write(json.dumps(echo).encode())
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def _echo_headers(request, headers):
+    """A reply that echoes the request's headers, the key among them."""
+    return {"auth": headers["Authorization"], "error": f"rejected: {headers}"}
 
 
 @pytest.mark.parametrize("status", [401, 500, 200])
@@ -239,7 +215,7 @@ def test_endpoint_errors_never_show_the_key(status, key, monkeypatch):
     from still.distill_sections import EndpointSection
 
     monkeypatch.setenv("PLANTED_KEY", key)
-    server = _EchoServer(status)
+    server = FakeEndpoint(status, _echo_headers)
     spec = EndpointSection(url=server.url, model="m", api_key_env="PLANTED_KEY")
     try:
         with pytest.raises(StillError) as info:

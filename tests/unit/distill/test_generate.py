@@ -2,10 +2,9 @@
 
 import json
 import textwrap
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_endpoint import FakeEndpoint
 
 from distill import endpoint, seqkd
 from still import cli
@@ -236,43 +235,13 @@ def test_generate_verb_needs_a_distill_recipe_with_a_generate_section(
 
 
 # --------------------------------------------------------------------------- endpoint client
-class _Server:
-    """A real HTTP server on localhost answering with a fixed status and body."""
-
-    def __init__(self, status, body):
-        requests = self.requests = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                length = int(self.headers["Content-Length"])
-                requests.append(
-                    (self.path, dict(self.headers), json.loads(self.rfile.read(length)))
-                )
-                payload = body(requests[-1][2]) if callable(body) else body
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(json.dumps(payload).encode())
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def _endpoint(url, **extra):
     from still.distill_sections import EndpointSection
 
     return EndpointSection(url=url, model="m", **extra)
 
 
-def _one_choice(request):
+def _one_choice(request, headers=None):
     return {
         "choices": [
             {
@@ -284,7 +253,7 @@ def _one_choice(request):
 
 
 def test_endpoint_asks_again_when_the_server_ignores_n(monkeypatch):
-    server = _Server(200, _one_choice)
+    server = FakeEndpoint(200, _one_choice)
     monkeypatch.setenv("TEST_KEY", "sekret")
     try:
         answers = endpoint.generate_endpoint(
@@ -315,7 +284,7 @@ def test_endpoint_asks_again_when_the_server_ignores_n(monkeypatch):
 
 
 def test_endpoint_errors_are_still_errors(monkeypatch):
-    server = _Server(401, {"error": {"message": "bad key"}})
+    server = FakeEndpoint(401, {"error": {"message": "bad key"}})
     try:
         with pytest.raises(StillError, match=r"chat/completions: HTTP 401 Unauthorized: .*bad key"):
             endpoint.EndpointClient(_endpoint(server.url)).complete(
@@ -330,7 +299,7 @@ def test_endpoint_errors_are_still_errors(monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     with pytest.raises(StillError, match="NO_SUCH_KEY_VAR is not set"):
         endpoint.EndpointClient(_endpoint(server.url, api_key_env="NO_SUCH_KEY_VAR"))
-    server = _Server(200, {"object": "not a completion"})
+    server = FakeEndpoint(200, {"object": "not a completion"})
     try:
         with pytest.raises(StillError, match="not an OpenAI chat completion response"):
             endpoint.EndpointClient(_endpoint(server.url)).complete(
