@@ -30,7 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eval.harness import _encode_pair, evaluate  # noqa: E402
+from eval.harness import evaluate  # noqa: E402
+from eval.scorer import encode_pair  # noqa: E402
 from eval.tasks import load_task  # noqa: E402
 
 AGREEMENT_POINTS = 0.5
@@ -203,7 +204,7 @@ def tokens_through_model(tokenizer, task, samples: list[dict]) -> tuple[int, int
     ours = theirs = 0
     for sample in samples:
         pairs = [
-            _encode_pair(tokenizer, sample["prompt"], task.delimiter + c) for c in sample["choices"]
+            encode_pair(tokenizer, sample["prompt"], task.delimiter + c) for c in sample["choices"]
         ]
         context_length = len(pairs[0][0])
         ours += context_length + sum(len(continuation) - 1 for _, continuation in pairs)
