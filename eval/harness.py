@@ -97,7 +97,7 @@ def evaluate(
             cache_entry / f"{task.name}.samples.jsonl",
         )
         if all(file.is_file() for file in cached_files):
-            return _reuse_cached(cache_entry, task.name, out_dir, model_name)
+            return reuse_cached(cache_entry, task.name, out_dir, model_name)
 
     all_rows = check_task(task, limit=limit)  # never a row that fails, never zero rows
     rows = all_rows[:limit]
@@ -133,14 +133,14 @@ def evaluate(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if cache_entry is not None:  # the display name belongs to this call, not to the cache
-        _write_results(cache_entry, task.name, summary, samples)
+        write_results(cache_entry, task.name, summary, samples)
     if model_name is not None:
         summary["model_name"] = model_name
-    _write_results(out_dir, task.name, summary, samples)
+    write_results(out_dir, task.name, summary, samples)
     return {**summary, "cache_hit": False}
 
 
-def _reuse_cached(cache_entry: Path, task_name: str, out_dir: Path, model_name: str | None) -> dict:
+def reuse_cached(cache_entry: Path, task_name: str, out_dir: Path, model_name: str | None) -> dict:
     summary = json.loads((cache_entry / f"{task_name}.json").read_text())
     if model_name is not None:
         summary["model_name"] = model_name
@@ -278,7 +278,7 @@ def _numbers(sample: dict) -> list[float]:
     return [float(v) for v in values + [sample.get("loglik", 0.0)]]
 
 
-def _write_results(directory: Path, task_name: str, summary: dict, samples: list[dict]) -> None:
+def write_results(directory: Path, task_name: str, summary: dict, samples: list[dict]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     lines = "".join(json_text(sample, indent=None) for sample in samples)
     # Written aside then renamed, so a crash never leaves a half file that looks like a cache hit.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from eval.checks import check_count, check_eval_recipe, check_tasks, display_name, model_among
 from eval.harness import evaluate
+from eval.lm_eval_tasks import LmEvalTask, evaluate_lm_eval
 from still import builtins, models, tracking, wandb_logs
 from still.errors import StillError
 from still.rundir import RunDir
@@ -44,27 +45,29 @@ def evaluate_model(
     name = name or display_name(ref)
     summaries = []
     for task in tasks:
-        summary = evaluate(
-            model,
-            tokenizer,
-            task,
-            batch_size=batch_size,
-            limit=limit,
-            out_dir=out_dir,
-            cache_dir=eval_cache_dir() if use_cache else None,
-            model_hash=model_hash,
-            model_name=name,
-        )
-        summaries.append(summary)
-        # into the active W&B run, if any: an eval run, or the training run this eval ends
-        wandb_logs.log_eval_task(
-            summary, Path(out_dir) / f"{task.name}.samples.jsonl", model_name=name
-        )
-        cached = " (cached)" if summary.get("cache_hit") else ""
-        metrics = ", ".join(
-            f"{k} {v['mean']:.4f} ± {v['stderr']:.4f}" for k, v in summary["metrics"].items()
-        )
-        print(f"still: {name} on {task.name}{cached}: {metrics}")
+        settings = {
+            "batch_size": batch_size,
+            "limit": limit,
+            "out_dir": out_dir,
+            "cache_dir": eval_cache_dir() if use_cache else None,
+            "model_hash": model_hash,
+            "model_name": name,
+        }
+        if isinstance(task, LmEvalTask):  # lm-eval's task and metrics, our model and files
+            task_summaries = evaluate_lm_eval(model, tokenizer, task, **settings)
+        else:
+            task_summaries = [evaluate(model, tokenizer, task, **settings)]
+        for summary in task_summaries:
+            # into the active W&B run, if any: an eval run, or the training run this eval ends
+            wandb_logs.log_eval_task(
+                summary, Path(out_dir) / f"{summary['task']}.samples.jsonl", model_name=name
+            )
+            cached = " (cached)" if summary.get("cache_hit") else ""
+            metrics = ", ".join(
+                f"{k} {v['mean']:.4f} ± {v['stderr']:.4f}" for k, v in summary["metrics"].items()
+            )
+            print(f"still: {name} on {summary['task']}{cached}: {metrics}")
+        summaries.extend(task_summaries)
     del model
     gc.collect()
     return summaries

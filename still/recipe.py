@@ -244,7 +244,8 @@ def _resolve_paths(data: dict, origins: dict[KeyPath, Origin], base_dir: Path) -
 
 
 def _is_remote(value: str) -> bool:
-    return "://" in value or value.startswith("hf:")
+    # lm_eval:NAME names an lm-eval task, not a file (an lm-eval YAML is given as a path)
+    return "://" in value or value.startswith(("hf:", "lm_eval:"))
 
 
 def _matching(node: Any, pattern: KeyPath, prefix: KeyPath):
