@@ -139,7 +139,7 @@ def main() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        sys.exit("lm-eval is not installed: pip install -e '.[bench]'")
+        sys.exit("lm-eval is not installed: pip install -e .")
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
