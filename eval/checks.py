@@ -38,11 +38,13 @@ def check_count(value: int | None, what: str = "--limit") -> None:
 
 
 def check_recipe_tasks(recipe) -> list[TaskSpec]:
-    """A finetune or distill recipe's `eval_tasks`, checked before its first step."""
-    if not recipe.eval_tasks:
-        return []
-    at = _recipe_where(recipe, "eval_tasks")
-    return check_tasks(recipe.eval_tasks, named_by=at)
+    """A finetune or distill recipe's `eval_tasks` and `regression_tasks`, checked before its
+    first step."""
+    tasks = []
+    for key in ("eval_tasks", "regression_tasks"):
+        if getattr(recipe, key, None):
+            tasks += check_tasks(getattr(recipe, key), named_by=_recipe_where(recipe, key))
+    return tasks
 
 
 def check_tasks(
