@@ -25,6 +25,7 @@ from eval.run import evaluate_model
 from still.rundir import RunDir
 
 BASE_NAME = "base"
+DEFAULT_TOLERANCE = 0.02  # two points of accuracy
 PAIRED_BOOTSTRAP_SAMPLES = 1000
 # lm-eval's perplexities and bits per byte, and our loss and perplexity: lower is better
 LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte")
@@ -34,6 +35,11 @@ def base_reference(recipe) -> str:
     if recipe.kind == "finetune":
         return recipe.model.ref
     return recipe.student.ref or recipe.teacher.ref
+
+
+def tolerance_of(recipe) -> float:
+    tolerance = recipe.regression_tolerance
+    return DEFAULT_TOLERANCE if tolerance is None else tolerance
 
 
 def check_regression(run: RunDir, recipe) -> dict:
@@ -49,9 +55,7 @@ def check_regression(run: RunDir, recipe) -> dict:
     result = evaluate_model(
         str(run.path), recipe.regression_tasks, out_dir=out / run.name, name=run.name
     )
-    report = regression_report(
-        base, result, out / BASE_NAME, out / run.name, recipe.regression_tolerance
-    )
+    report = regression_report(base, result, out / BASE_NAME, out / run.name, tolerance_of(recipe))
     report["base"] = base_ref
     run.write_regression(report)
     print(format_report(report, run.name))

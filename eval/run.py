@@ -11,9 +11,10 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from eval import lm_eval_tasks
 from eval.checks import check_count, check_eval_recipe, check_tasks, display_name, model_among
-from eval.harness import evaluate
-from eval.lm_eval_tasks import LmEvalTask, evaluate_lm_eval
+from eval.harness import HARNESS_VERSION, evaluate, reuse_cached, write_results
+from eval.lm_eval_tasks import LmEvalTask
 from still import builtins, models, tracking, wandb_logs
 from still.errors import StillError
 from still.rundir import RunDir
@@ -187,3 +188,54 @@ def evaluate_run(run: RunDir, task_paths: list[str]) -> None:
     """The eval at the end of a finetune/distill run: the saved run dir on the recipe's tasks."""
     if task_paths:
         evaluate_model(str(run.path), task_paths, out_dir=run.eval_dir, name=run.name)
+
+
+def evaluate_lm_eval(
+    model,
+    tokenizer,
+    task: LmEvalTask,
+    *,
+    batch_size: int,
+    limit: int | None,
+    out_dir: Path,
+    cache_dir: Path | None,
+    model_hash: str,
+    model_name: str | None = None,
+) -> list[dict]:
+    """Score `model` on an lm-eval task: one summary per leaf task, written (and cached) as
+    `evaluate` writes ours. The cache key adds lm-eval's version to the harness version."""
+    import lm_eval
+
+    out_dir = Path(out_dir)
+    entry = None
+    if cache_dir is not None:
+        variant = f"lm-eval-{lm_eval.__version__}-limit-{limit or 'all'}"
+        entry = Path(cache_dir) / model_hash / task.digest / HARNESS_VERSION / variant
+        if all((entry / f"{leaf}.json").is_file() for leaf in task.leaves) and all(
+            (entry / f"{leaf}.samples.jsonl").is_file() for leaf in task.leaves
+        ):
+            return [reuse_cached(entry, leaf, out_dir, model_name) for leaf in task.leaves]
+    summaries = []
+    for leaf, (found, raw_samples) in lm_eval_tasks.run_lm_eval_task(
+        model, tokenizer, task, batch_size=batch_size, limit=limit
+    ).items():
+        samples = lm_eval_tasks.merged_samples(raw_samples)
+        summary = lm_eval_tasks.summary_for(
+            leaf,
+            found,
+            samples,
+            task_hash=task.digest,
+            model_hash=model_hash,
+            harness_version=HARNESS_VERSION,
+            lm_eval_version=lm_eval.__version__,
+            source=task.ref,
+            batch_size=batch_size,
+            limit=limit,
+        )
+        if entry is not None:
+            write_results(entry, leaf, summary, samples)
+        if model_name is not None:
+            summary["model_name"] = model_name
+        write_results(out_dir, leaf, summary, samples)
+        summaries.append({**summary, "cache_hit": False})
+    return summaries

@@ -96,11 +96,11 @@ class FinetuneRecipe(RecipeBase):
         description="The forgetting check: tasks (task YAMLs or lm_eval:NAME) scored on the base "
         "and on the result at the end, the change shown with paired CIs.",
     )
-    regression_tolerance: float = Field(
-        0.02,
+    regression_tolerance: float | None = Field(
+        None,
         ge=0,
         description="A drop beyond this, in the metric's units (0.02: two points of accuracy), "
-        "is flagged; `still run --strict` then exits 3.",
+        "is flagged; `still run --strict` then exits 3. Unset: 0.02.",
     )
 
 
@@ -120,11 +120,11 @@ class DistillRecipe(RecipeBase):
         description="The forgetting check: tasks (task YAMLs or lm_eval:NAME) scored on the base "
         "and on the result at the end, the change shown with paired CIs.",
     )
-    regression_tolerance: float = Field(
-        0.02,
+    regression_tolerance: float | None = Field(
+        None,
         ge=0,
         description="A drop beyond this, in the metric's units (0.02: two points of accuracy), "
-        "is flagged; `still run --strict` then exits 3.",
+        "is flagged; `still run --strict` then exits 3. Unset: 0.02.",
     )
     generate: GenerateSection | None = Field(
         None,
