@@ -77,7 +77,10 @@ class StillLM(TemplateLM):
                     "builtin:NAME",
                 )
             model, tokenizer = models.load_model(str(ref), dtype=dtype)
-        if device:
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line defaults to cuda; the model stays where the kit put it
+            log.info("still backend: %s is not available, keeping the model on its device", device)
+        elif device:
             model = model.to(device)
         if ignored:
             log.info("still backend: ignoring lm-eval options %s", sorted(ignored))

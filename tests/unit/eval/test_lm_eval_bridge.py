@@ -216,3 +216,16 @@ def test_still_backend_is_registered_and_declared():
     assert project["entry-points"]["lm_eval.models"]["still"] == "eval.lm_eval_backend:StillLM"
     assert project["scripts"]["still-lm-eval"] == "eval.lm_eval_backend:main"
     assert any(dep.startswith("lm-eval") for dep in project["dependencies"])
+
+
+def test_the_command_lines_default_cuda_device_keeps_a_cpu_model_on_cpu(tiny_model_dir):
+    """lm-eval's CLI passes device=cuda unless told otherwise; without CUDA the model stays."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: the model would move there")
+    lm = StillLM(ref=str(tiny_model_dir), device="cuda", max_batch_size=64)
+    assert next(lm.model.parameters()).device.type == "cpu"
+    assert (
+        lm.batch_size == 8 and StillLM(ref=str(tiny_model_dir), batch_size="auto").batch_size == 8
+    )
