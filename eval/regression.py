@@ -26,6 +26,7 @@ from still.rundir import RunDir
 
 BASE_NAME = "base"
 DEFAULT_TOLERANCE = 0.02  # two points of accuracy
+FLOAT_SLACK = 1e-9  # 0.48 - 0.53 is -0.05000000000000004 in floating point
 PAIRED_BOOTSTRAP_SAMPLES = 1000
 # lm-eval's perplexities and bits per byte, and our loss and perplexity: lower is better
 LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte")
@@ -97,7 +98,8 @@ def regression_report(
                 "result": after,
                 "change": change,
                 "ci95": [low, high] if low is not None else None,
-                "flagged": worse > tolerance,
+                # "beyond": a drop of exactly the tolerance (0.53 -> 0.48 at 0.05) is not one
+                "flagged": worse > tolerance + FLOAT_SLACK,
             }
             rows.append(row)
             if row["flagged"]:

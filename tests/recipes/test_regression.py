@@ -102,6 +102,11 @@ def test_a_drop_beyond_the_tolerance_is_flagged_in_the_metrics_direction(tmp_pat
     assert "DROP beyond tolerance" in format_report(report, "tuned")
     loose = regression_report(base, result, tmp_path / "base", tmp_path / "after", 0.5)
     assert loose["flagged"] == []
+    # a drop of exactly the tolerance is not beyond it, whatever floating point makes of it
+    base = [write_results(tmp_path / "b2", "mc", "acc", [0.53])]
+    result = [write_results(tmp_path / "a2", "mc", "acc", [0.48])]
+    exact = regression_report(base, result, tmp_path / "b2", tmp_path / "a2", 0.05)
+    assert exact["flagged"] == [] and exact["rows"][0]["change"] < -0.05
 
 
 def test_strict_exits_3_on_a_flagged_drop_and_0_without(tmp_path, capsys):
