@@ -1,5 +1,8 @@
 """Our multiple-choice scoring next to lm-evaluation-harness: same task, model, batch, fp32 CPU.
 
+Three runs, one process, the model loaded once: `still eval`'s harness, lm-eval with the
+`still` backend (`--model still`, eval/lm_eval_backend.py), and lm-eval with its `hf` backend.
+
 Run: python benchmarks/eval_vs_lm_eval.py --limit 200
      python benchmarks/eval_vs_lm_eval.py --model HF_DIR --data data/pydocs/choice_test.jsonl
 
@@ -7,8 +10,8 @@ The task YAML (default: recipes/tasks/pydocs-choice.yaml) is translated into an 
 (`dataset_path: json`, `output_type: multiple_choice`, registered through
 `TaskManager(include_path=...)`), so both harnesses see the same rows, prompt, choices and
 chat template. Printed: acc and acc_norm from each (they must agree within 0.5 points), how
-far the per-choice log-likelihoods differ, and questions/second for each plus the ratio, timed
-in this one process with the model already loaded.
+far the per-choice log-likelihoods differ from `hf`'s, and questions/second for each plus the
+ratios to `hf`, timed in this one process with the model already loaded.
 
 Batch size means the same number in both, but not the same work: lm-eval batches
 (context, choice) requests, we batch questions and encode each question's context once.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import tempfile
@@ -30,7 +34,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eval.harness import _encode_pair, evaluate  # noqa: E402
+from eval.harness import evaluate  # noqa: E402
+from eval.scorer import encode_pair  # noqa: E402
 from eval.tasks import load_task  # noqa: E402
 
 AGREEMENT_POINTS = 0.5
@@ -106,16 +111,22 @@ def run_still(model, tokenizer, task, limit: int, batch_size: int):
     return summary, samples, seconds
 
 
-def run_lm_eval(model, tokenizer, task, data_file: Path, limit: int, batch_size: int):
+def run_lm_eval(model, tokenizer, task, data_file: Path, limit: int, batch_size: int, backend):
+    """lm-eval's own run of the task with `backend` "hf" (HFLM) or "still" (StillLM)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from eval.lm_eval_backend import StillLM
 
     name = "still_bench_" + re.sub(r"\W", "_", task.name)
     with tempfile.TemporaryDirectory() as include_dir:
         config = lm_eval_task_yaml(task, data_file, name)
         (Path(include_dir) / f"{name}.yaml").write_text(yaml.safe_dump(config))
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+        if backend == "hf":
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+        else:
+            lm = StillLM(model=model, tokenizer=tokenizer, batch_size=batch_size)
         task_manager = TaskManager(include_path=include_dir)
         started = time.perf_counter()
         output = simple_evaluate(
@@ -138,7 +149,7 @@ def main() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        sys.exit("lm-eval is not installed: pip install -e '.[bench]'")
+        sys.exit("lm-eval is not installed: pip install -e .")
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,52 +161,75 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     # Alternating runs share whatever else the machine is doing; the best of each is compared.
-    our_seconds = their_seconds = float("inf")
+    seconds = {"still": math.inf, "lm-eval still": math.inf, "lm-eval hf": math.inf}
     for _ in range(args.repeats):
-        ours, our_samples, seconds = run_still(model, tokenizer, task, args.limit, args.batch_size)
-        our_seconds = min(our_seconds, seconds)
-        theirs, their_samples, seconds = run_lm_eval(
-            model, tokenizer, task, data_file, args.limit, args.batch_size
-        )
-        their_seconds = min(their_seconds, seconds)
-
+        ours, our_samples, elapsed = run_still(model, tokenizer, task, args.limit, args.batch_size)
+        seconds["still"] = min(seconds["still"], elapsed)
+        results = {}
+        for backend in ("still", "hf"):
+            results[backend] = run_lm_eval(
+                model, tokenizer, task, data_file, args.limit, args.batch_size, backend
+            )
+            label = f"lm-eval {backend}"
+            seconds[label] = min(seconds[label], results[backend][2])
+    (backend_metrics, backend_samples, _), (theirs, their_samples, _) = (
+        results["still"],
+        results["hf"],
+    )
     n = ours["n"]
     print(
         f"model {model_dir}  task {task.name}  questions {n}  batch size {args.batch_size}  "
         f"fp32 CPU, {torch.get_num_threads()} threads, best of {args.repeats}"
     )
-    print(f"{'metric':<10}{'still':>10}{'lm-eval':>10}{'diff (points)':>16}")
-    agree = True
-    for metric in ("acc", "acc_norm"):
-        our_value = ours["metrics"][metric]["mean"]
-        their_value = theirs[f"{metric},none"]
-        difference = 100 * (our_value - their_value)
-        agree &= abs(difference) <= AGREEMENT_POINTS
-        print(f"{metric:<10}{our_value:>10.4f}{their_value:>10.4f}{difference:>+16.2f}")
+    agree = print_agreement(ours, backend_metrics, theirs)
     same_prompts = all(
         o["prompt"] == t["arguments"][0][0] for o, t in zip(our_samples, their_samples)
     )
-    loglik_gap = max(
-        abs(ours_ll - float(their[0][0]))
-        for o, t in zip(our_samples, their_samples)
-        for ours_ll, their in zip(o["logliks"], t["resps"])
-    )
+    hf_logliks = [float(r[0][0]) for t in their_samples for r in t["resps"]]
+    harness_gap = max_gap([ll for o in our_samples for ll in o["logliks"]], hf_logliks)
+    backend_gap = max_gap([float(r[0][0]) for t in backend_samples for r in t["resps"]], hf_logliks)
     print(
-        f"same prompts: {same_prompts}   max |loglik difference| over all choices: {loglik_gap:.2e}"
+        f"same prompts: {same_prompts}   max |loglik difference| to hf over all choices: "
+        f"still {harness_gap:.2e}, lm-eval still backend {backend_gap:.2e}"
     )
-    our_rate, their_rate = n / our_seconds, n / their_seconds
-    print(
-        f"throughput  still {our_rate:.2f} q/s ({our_seconds:.1f} s)   "
-        f"lm-eval {their_rate:.2f} q/s "
-        f"({their_seconds:.1f} s)   ratio still/lm-eval {our_rate / their_rate:.2f}x"
-    )
+    hf_rate = n / seconds["lm-eval hf"]
+    for label, elapsed in seconds.items():
+        rate = n / elapsed
+        print(
+            f"throughput  {label:<14} {rate:7.2f} q/s ({elapsed:6.1f} s)  {rate / hf_rate:.2f}x hf"
+        )
     our_tokens, their_tokens = tokens_through_model(tokenizer, task, our_samples)
     print(
-        f"tokens through the model  still {our_tokens}   lm-eval {their_tokens}   "
+        f"tokens through the model  still (both) {our_tokens}   lm-eval hf {their_tokens}   "
         f"(context once per question vs once per choice)"
     )
-    print("agreement within 0.5 points:", "yes" if agree else "NO")
+    agree &= backend_gap <= 1e-4
+    print("agreement within 0.5 points and 1e-4 log-likelihood:", "yes" if agree else "NO")
     sys.exit(0 if agree else 1)
+
+
+def print_agreement(ours: dict, backend: dict, theirs: dict) -> bool:
+    print(
+        f"{'metric':<10}{'still':>10}{'lm-eval still':>15}{'lm-eval hf':>12}{'max diff (pts)':>16}"
+    )
+    agree = True
+    for metric in ("acc", "acc_norm"):
+        values = [
+            ours["metrics"][metric]["mean"],
+            backend[f"{metric},none"],
+            theirs[f"{metric},none"],
+        ]
+        difference = 100 * max(abs(value - values[2]) for value in values)
+        agree &= difference <= AGREEMENT_POINTS
+        print(
+            f"{metric:<10}{values[0]:>10.4f}{values[1]:>15.4f}{values[2]:>12.4f}{difference:>16.2f}"
+        )
+    return agree
+
+
+def max_gap(ours: list[float], theirs: list[float]) -> float:
+    assert len(ours) == len(theirs), "the runs scored different choices"
+    return max(abs(a - b) for a, b in zip(ours, theirs))
 
 
 def tokens_through_model(tokenizer, task, samples: list[dict]) -> tuple[int, int]:
@@ -203,7 +237,7 @@ def tokens_through_model(tokenizer, task, samples: list[dict]) -> tuple[int, int
     ours = theirs = 0
     for sample in samples:
         pairs = [
-            _encode_pair(tokenizer, sample["prompt"], task.delimiter + c) for c in sample["choices"]
+            encode_pair(tokenizer, sample["prompt"], task.delimiter + c) for c in sample["choices"]
         ]
         context_length = len(pairs[0][0])
         ours += context_length + sum(len(continuation) - 1 for _, continuation in pairs)

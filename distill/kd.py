@@ -27,6 +27,7 @@ from distill.teacher import (
 )
 from distill.width import pruned_student
 from eval.checks import check_recipe_tasks
+from eval.regression import check_regression
 from still import data as data_module
 from still import models
 from still.attention import packed_attention
@@ -492,5 +493,7 @@ def run(
         chat_template=recipe.data.chat_template,  # the student's
     )
     evaluate = evaluate_with_retention(recipe.teacher.ref)
-    summary = finish_run(trainer, recipe, run, result, final_eval, evaluate=evaluate)
+    summary = finish_run(
+        trainer, recipe, run, result, final_eval, evaluate=evaluate, regression=check_regression
+    )
     return {"summary": summary, "lineage": lineage}

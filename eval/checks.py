@@ -21,6 +21,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from eval.lm_eval_tasks import PREFIX as LM_EVAL_PREFIX
+from eval.lm_eval_tasks import is_lm_eval_task
 from eval.tasks import TaskSpec, load_task, located_fewshot_rows, located_rows
 from eval.templates import render_key, row_choices, row_gold, task_error
 from still.errors import StillError
@@ -36,11 +38,13 @@ def check_count(value: int | None, what: str = "--limit") -> None:
 
 
 def check_recipe_tasks(recipe) -> list[TaskSpec]:
-    """A finetune or distill recipe's `eval_tasks`, checked before its first step."""
-    if not recipe.eval_tasks:
-        return []
-    at = _recipe_where(recipe, "eval_tasks")
-    return check_tasks(recipe.eval_tasks, named_by=at)
+    """A finetune or distill recipe's `eval_tasks` and `regression_tasks`, checked before its
+    first step."""
+    tasks = []
+    for key in ("eval_tasks", "regression_tasks"):
+        if getattr(recipe, key, None):
+            tasks += check_tasks(getattr(recipe, key), named_by=_recipe_where(recipe, key))
+    return tasks
 
 
 def check_tasks(
@@ -52,13 +56,19 @@ def check_tasks(
 ) -> list[TaskSpec]:
     """Load and check every task file (see the module docstring); returns the tasks.
 
+    An lm-eval task (`lm_eval:NAME`, or an lm-eval task YAML) is built by lm-eval, its data
+    loaded, and returned as an `eval.lm_eval_tasks.LmEvalTask`.
+
     Relative paths are taken against `base_dir`, else the current directory (recipes have
     already made their task paths absolute, relative to the recipe file). `named_by` says
     where the list comes from (`recipe.yaml:12`), for a task file that does not exist.
     """
     check_count(limit)
-    tasks: list[TaskSpec] = []
+    tasks: list = []
     for path in paths:
+        if str(path).startswith(LM_EVAL_PREFIX) or is_lm_eval_task(path):
+            tasks.append(_check_lm_eval(path, tasks))
+            continue
         path = Path(path)
         if base_dir is not None and not path.is_absolute():
             path = Path(base_dir) / path
@@ -81,6 +91,23 @@ def check_tasks(
         check_task(task, limit=limit)
         tasks.append(task)
     return tasks
+
+
+def _check_lm_eval(ref, earlier: list):
+    """An lm-eval task (name or YAML), built with its data; its leaf names are new."""
+    from eval.lm_eval_tasks import check_lm_eval_task
+
+    task = check_lm_eval_task(ref)
+    taken = {getattr(t, "name", None) for t in earlier} | {
+        leaf for t in earlier for leaf in getattr(t, "leaves", [])
+    }
+    clash = sorted(set(task.leaves) & taken)
+    if clash:
+        raise StillError(
+            f"{ref}: task name '{clash[0]}' is listed twice",
+            hint="each task writes <name>.json: list each once",
+        )
+    return task
 
 
 def check_task(task: TaskSpec, *, limit: int | None = None) -> list[dict]:

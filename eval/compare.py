@@ -282,8 +282,8 @@ def _table_row(task, metric, model, reference, teacher) -> list[str]:
 
 
 def _paired_difference(task: str, metric: str, model: ModelResults, reference: ModelResults) -> str:
-    model_values = _values_by_question(model.samples[task], metric)
-    reference_values = _values_by_question(reference.samples[task], metric)
+    model_values = values_by_question(model.samples[task], metric)
+    reference_values = values_by_question(reference.samples[task], metric)
     if model_values is None or reference_values is None:
         return "—"  # e.g. perplexity: only the token-weighted loss has per-question values
     if model_values.keys() != reference_values.keys():
@@ -306,7 +306,7 @@ def _paired_difference(task: str, metric: str, model: ModelResults, reference: M
     return f"{_signed(mean)} [{_signed(low)}, {_signed(high)}]{significant}"
 
 
-def _values_by_question(samples: list[dict], metric: str) -> dict | None:
+def values_by_question(samples: list[dict], metric: str) -> dict | None:
     """Per-question values keyed by row id when every row has a unique id, else by index."""
     if not samples or any(metric not in s["metrics"] for s in samples):
         return None

@@ -11,8 +11,10 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from eval import lm_eval_tasks
 from eval.checks import check_count, check_eval_recipe, check_tasks, display_name, model_among
-from eval.harness import evaluate
+from eval.harness import HARNESS_VERSION, evaluate, reuse_cached, write_results
+from eval.lm_eval_tasks import LmEvalTask
 from still import builtins, models, tracking, wandb_logs
 from still.errors import StillError
 from still.rundir import RunDir
@@ -44,27 +46,29 @@ def evaluate_model(
     name = name or display_name(ref)
     summaries = []
     for task in tasks:
-        summary = evaluate(
-            model,
-            tokenizer,
-            task,
-            batch_size=batch_size,
-            limit=limit,
-            out_dir=out_dir,
-            cache_dir=eval_cache_dir() if use_cache else None,
-            model_hash=model_hash,
-            model_name=name,
-        )
-        summaries.append(summary)
-        # into the active W&B run, if any: an eval run, or the training run this eval ends
-        wandb_logs.log_eval_task(
-            summary, Path(out_dir) / f"{task.name}.samples.jsonl", model_name=name
-        )
-        cached = " (cached)" if summary.get("cache_hit") else ""
-        metrics = ", ".join(
-            f"{k} {v['mean']:.4f} ± {v['stderr']:.4f}" for k, v in summary["metrics"].items()
-        )
-        print(f"still: {name} on {task.name}{cached}: {metrics}")
+        settings = {
+            "batch_size": batch_size,
+            "limit": limit,
+            "out_dir": out_dir,
+            "cache_dir": eval_cache_dir() if use_cache else None,
+            "model_hash": model_hash,
+            "model_name": name,
+        }
+        if isinstance(task, LmEvalTask):  # lm-eval's task and metrics, our model and files
+            task_summaries = evaluate_lm_eval(model, tokenizer, task, **settings)
+        else:
+            task_summaries = [evaluate(model, tokenizer, task, **settings)]
+        for summary in task_summaries:
+            # into the active W&B run, if any: an eval run, or the training run this eval ends
+            wandb_logs.log_eval_task(
+                summary, Path(out_dir) / f"{summary['task']}.samples.jsonl", model_name=name
+            )
+            cached = " (cached)" if summary.get("cache_hit") else ""
+            metrics = ", ".join(
+                f"{k} {v['mean']:.4f} ± {v['stderr']:.4f}" for k, v in summary["metrics"].items()
+            )
+            print(f"still: {name} on {summary['task']}{cached}: {metrics}")
+        summaries.extend(task_summaries)
     del model
     gc.collect()
     return summaries
@@ -184,3 +188,54 @@ def evaluate_run(run: RunDir, task_paths: list[str]) -> None:
     """The eval at the end of a finetune/distill run: the saved run dir on the recipe's tasks."""
     if task_paths:
         evaluate_model(str(run.path), task_paths, out_dir=run.eval_dir, name=run.name)
+
+
+def evaluate_lm_eval(
+    model,
+    tokenizer,
+    task: LmEvalTask,
+    *,
+    batch_size: int,
+    limit: int | None,
+    out_dir: Path,
+    cache_dir: Path | None,
+    model_hash: str,
+    model_name: str | None = None,
+) -> list[dict]:
+    """Score `model` on an lm-eval task: one summary per leaf task, written (and cached) as
+    `evaluate` writes ours. The cache key adds lm-eval's version to the harness version."""
+    import lm_eval
+
+    out_dir = Path(out_dir)
+    entry = None
+    if cache_dir is not None:
+        variant = f"lm-eval-{lm_eval.__version__}-limit-{limit or 'all'}"
+        entry = Path(cache_dir) / model_hash / task.digest / HARNESS_VERSION / variant
+        if all((entry / f"{leaf}.json").is_file() for leaf in task.leaves) and all(
+            (entry / f"{leaf}.samples.jsonl").is_file() for leaf in task.leaves
+        ):
+            return [reuse_cached(entry, leaf, out_dir, model_name) for leaf in task.leaves]
+    summaries = []
+    for leaf, (found, raw_samples) in lm_eval_tasks.run_lm_eval_task(
+        model, tokenizer, task, batch_size=batch_size, limit=limit
+    ).items():
+        samples = lm_eval_tasks.merged_samples(raw_samples)
+        summary = lm_eval_tasks.summary_for(
+            leaf,
+            found,
+            samples,
+            task_hash=task.digest,
+            model_hash=model_hash,
+            harness_version=HARNESS_VERSION,
+            lm_eval_version=lm_eval.__version__,
+            source=task.ref,
+            batch_size=batch_size,
+            limit=limit,
+        )
+        if entry is not None:
+            write_results(entry, leaf, summary, samples)
+        if model_name is not None:
+            summary["model_name"] = model_name
+        write_results(out_dir, leaf, summary, samples)
+        summaries.append({**summary, "cache_hit": False})
+    return summaries

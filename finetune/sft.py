@@ -13,6 +13,7 @@ import torch
 from transformers import Trainer, set_seed
 
 from eval.checks import check_recipe_tasks
+from eval.regression import check_regression
 from eval.run import evaluate_run
 from still import data as data_module
 from still import models
@@ -236,5 +237,7 @@ def run(
         full=recipe.method == "full",
         chat_template=recipe.data.chat_template,
     )
-    summary = finish_run(trainer, recipe, run, result, final_eval, evaluate=evaluate_run)
+    summary = finish_run(
+        trainer, recipe, run, result, final_eval, evaluate=evaluate_run, regression=check_regression
+    )
     return {"summary": summary, "lineage": lineage}

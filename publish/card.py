@@ -57,6 +57,7 @@ def build_card(result):
         _training_section(result),
         _data_section(lineage),
         _eval_section(result),
+        _regression_section(result),
         _verification_section(result),
         _limits_section(result, base, license_id),
         _recipe_section(result),
@@ -94,9 +95,14 @@ def eval_results(result) -> list:
 
 
 def task_info(result, task_name: str) -> dict:
+    from eval.lm_eval_tasks import is_lm_eval_task
     from eval.tasks import load_task
 
     for path in result.tasks:
+        if is_lm_eval_task(path):
+            if Path(path.removeprefix("lm_eval:")).stem == task_name or path.endswith(task_name):
+                return {"type": "lm-eval", "dataset": task_name, "sha256": None, "path": None}
+            continue
         task = load_task(path)
         if task.name == task_name:
             data_path = getattr(task.data, "path", None)
@@ -253,6 +259,25 @@ def _eval_section(result) -> str:
         f"weights, {limit}; per-question outputs are in `eval/`."
     )
     return "\n".join(rows)
+
+
+def _regression_section(result) -> str:
+    """The forgetting check the training run made (regression_tasks), as it recorded it."""
+    from eval.regression import markdown_table
+
+    report = RunDir(result.run_dir).read_regression()
+    if not report or not report.get("rows"):
+        return ""
+    verdict = (
+        f"Flagged (a drop beyond {report['tolerance']:g}): {'; '.join(report['flagged'])}."
+        if report.get("flagged")
+        else f"No drop beyond the tolerance of {report['tolerance']:g}."
+    )
+    return (
+        "## Forgetting check\n\nScored at the end of training on tasks it was not trained "
+        f"for, base ({report.get('base', 'base')}) against this model, with 95% paired "
+        f"bootstrap CIs over the same questions. {verdict}\n\n{markdown_table(report)}"
+    )
 
 
 def _compared_cell(summaries: list[dict], task: str, metric: str, ours: float) -> str:

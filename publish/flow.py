@@ -164,9 +164,12 @@ def _finished_run(path: Path) -> RunDir:
 
 def _check_tasks(tasks: list[str]) -> None:
     """Every task YAML loads (file, keys, data) before any model is loaded."""
+    from eval.lm_eval_tasks import is_lm_eval_task
     from eval.tasks import load_task
 
     for task in tasks:
+        if is_lm_eval_task(task):
+            continue  # lm-eval's task: built, and its data loaded, by the eval that scores it
         if not Path(task).is_file():
             raise StillError(
                 f"eval task {task} not found", hint="pass --task T.yaml, or --no-eval to skip"

@@ -88,7 +88,7 @@ def _cmd_run(args) -> int:
                 from distill.kd import run as run_recipe
         run_recipe(recipe, run, resume=args.resume)
     _leave_process_group()
-    return 0
+    return _strict_exit(run) if args.strict else 0
 
 
 def _leave_process_group() -> None:
@@ -153,7 +153,15 @@ def _launch(recipe, plan, args) -> int:
         )
         # LaunchFailed cleans up the run dir on its way out, unless the run saved something
         launch.launch(config_file, args.recipe, args.overrides, run_dir, resume=args.resume)
-    return 0
+    return _strict_exit(run) if args.strict else 0
+
+
+def _strict_exit(run) -> int:
+    """--strict: exit 3 when the forgetting check flagged a drop (the run dir is kept)."""
+    flagged = (run.read_regression() or {}).get("flagged")
+    if flagged:
+        print(f"still: error: forgetting check: {'; '.join(flagged)}", file=sys.stderr)
+    return 3 if flagged else 0
 
 
 def _cmd_cache(args) -> int:
@@ -367,6 +375,9 @@ def _add_recipe_parsers(sub) -> None:
         type=int,
         metavar="N",
         help="processes on this machine (one per GPU), launched through accelerate",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="exit 3 if the forgetting check flags a drop"
     )
     p.set_defaults(handler=_cmd_run)
     _with_recipe(

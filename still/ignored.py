@@ -33,6 +33,14 @@ class Rule(NamedTuple):
 RULES: tuple[Rule, ...] = (
     Rule(
         "",
+        "regression_tolerance",
+        lambda r: not getattr(r, "regression_tasks", None),
+        "no regression_tasks are listed, so nothing is checked for a drop",
+        "list regression_tasks (task YAMLs or lm_eval:NAME), or remove regression_tolerance",
+        ("regression_tasks",),
+    ),
+    Rule(
+        "",
         "lora",
         lambda r: getattr(r, "method", None) == "full",
         "method is full, which trains every weight and uses no adapter",

@@ -91,6 +91,17 @@ class FinetuneRecipe(RecipeBase):
     train: FinetuneTrainSection = Field(default_factory=FinetuneTrainSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
+    regression_tasks: list[str] = Field(
+        default_factory=list,
+        description="The forgetting check: tasks (task YAMLs or lm_eval:NAME) scored on the base "
+        "and on the result at the end, the change shown with paired CIs.",
+    )
+    regression_tolerance: float | None = Field(
+        None,
+        ge=0,
+        description="A drop beyond this, in the metric's units (0.02: two points of accuracy), "
+        "is flagged; `still run --strict` then exits 3. Unset: 0.02.",
+    )
 
 
 class DistillRecipe(RecipeBase):
@@ -104,6 +115,17 @@ class DistillRecipe(RecipeBase):
     train: DistillTrainSection = Field(default_factory=DistillTrainSection)
     distributed: DistillDistributedSection = Field(default_factory=DistillDistributedSection)
     eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
+    regression_tasks: list[str] = Field(
+        default_factory=list,
+        description="The forgetting check: tasks (task YAMLs or lm_eval:NAME) scored on the base "
+        "and on the result at the end, the change shown with paired CIs.",
+    )
+    regression_tolerance: float | None = Field(
+        None,
+        ge=0,
+        description="A drop beyond this, in the metric's units (0.02: two points of accuracy), "
+        "is flagged; `still run --strict` then exits 3. Unset: 0.02.",
+    )
     generate: GenerateSection | None = Field(
         None,
         description="Sequence-level KD: `still generate R.yaml` writes the teacher's "
@@ -138,6 +160,7 @@ PATH_KEYS: tuple[KeyPath, ...] = (
     ("distill", "teacher_cache"),
     ("generate", "out"),
     ("eval_tasks", "*"),
+    ("regression_tasks", "*"),
     ("tasks", "*"),
 )
 
@@ -244,7 +267,8 @@ def _resolve_paths(data: dict, origins: dict[KeyPath, Origin], base_dir: Path) -
 
 
 def _is_remote(value: str) -> bool:
-    return "://" in value or value.startswith("hf:")
+    # lm_eval:NAME names an lm-eval task, not a file (an lm-eval YAML is given as a path)
+    return "://" in value or value.startswith(("hf:", "lm_eval:"))
 
 
 def _matching(node: Any, pattern: KeyPath, prefix: KeyPath):

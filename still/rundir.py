@@ -31,6 +31,7 @@ RESOLVED_RECIPE = "recipe.resolved.yaml"
 LINEAGE = "lineage.json"
 METRICS = "metrics.jsonl"
 TRACKER_RUN_ID = "wandb_run_id"
+REGRESSION = "regression.json"
 # The first line of the resolved recipe names the YAML it was resolved from.
 SOURCE_HEADER = "# Resolved from "
 
@@ -80,6 +81,15 @@ class RunDir:
     @property
     def eval_dir(self) -> Path:
         return self.path / "eval"
+
+    @property
+    def regression_dir(self) -> Path:
+        """Base and result scored on the recipe's regression_tasks (the forgetting check)."""
+        return self.path / "regression"
+
+    @property
+    def regression_file(self) -> Path:
+        return self.path / REGRESSION
 
     @property
     def launch_dir(self) -> Path:
@@ -180,6 +190,16 @@ class RunDir:
                     rows.append(row)
         return rows
 
+    def read_regression(self) -> dict | None:
+        """The forgetting check's report, if the run made one (None: no regression_tasks)."""
+        if not self.regression_file.is_file():
+            return None
+        try:
+            report = json.loads(self.regression_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise StillError(f"{self.regression_file}: not a readable report ({error})") from None
+        return report if isinstance(report, dict) else None
+
     def tracker_run_id(self) -> str | None:
         path = self.tracker_run_id_file
         if not path.is_file():
@@ -190,6 +210,9 @@ class RunDir:
     def write_recipe(self, recipe: Recipe) -> None:
         # to_yaml starts with SOURCE_HEADER + the recipe's file when it was loaded from one
         atomic_write_text(self.recipe_file, to_yaml(recipe))
+
+    def write_regression(self, report: dict) -> None:
+        atomic_write_json(self.regression_file, report)
 
     def write_lineage(self, recipe: Recipe, **fields) -> dict:
         """Record what this run was made from: models, data files with hashes, recipe, code."""

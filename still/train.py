@@ -271,19 +271,24 @@ def finish_run(
     final_eval: dict,
     *,
     evaluate: Callable[[RunDir, list[str]], None],
+    regression: Callable[[RunDir, object], dict] | None = None,
 ) -> dict:
     """The closing summary line, then `evaluate(run, recipe.eval_tasks)` on the saved run (main
-    process), then the tracker's model artifact. The runner passes the scorer (eval's), so
+    process), then `regression(run, recipe)` (the forgetting check, whose numbers join the
+    summary), then the tracker's model artifact. The runner passes the scorers (eval's), so
     this core module needs nothing above it."""
     summary = {"train_loss": result.training_loss, **final_eval, "steps": trainer.state.global_step}
     if trainer.is_world_process_zero():
         print(f"still: done: {run.path} ({format_summary(summary)})")
-        if recipe.eval_tasks:
+        if recipe.eval_tasks or getattr(recipe, "regression_tasks", None):
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
             # Training is over: the saved model loads whole here. Left set, ZeRO-3's config would
             # partition that load across ranks that have already finished.
             unset_hf_deepspeed_config()
+        if recipe.eval_tasks:
             evaluate(run, recipe.eval_tasks)
+        if regression is not None and getattr(recipe, "regression_tasks", None):
+            summary.update(regression(run, recipe))
         finish_training_run(run, summary)  # model artifact + lineage, then the W&B run ends
     return summary

@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eval.harness import HARNESS_VERSION, _cut_at_stop, _encode_pair, evaluate
+from eval.harness import HARNESS_VERSION, evaluate
+from eval.scorer import cut_at_stop as _cut_at_stop
+from eval.scorer import encode_pair as _encode_pair
 from eval.tasks import load_task
 from still.models import model_content_hash
 
@@ -280,7 +282,7 @@ def test_packed_scoring_respects_sliding_window_layers(model_and_tokenizer):
     """Gemma 3 style: a window shorter than the context cuts attention as in an unpacked pass."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from eval.harness import continuation_logliks
+    from eval.scorer import continuation_logliks
 
     tokenizer = model_and_tokenizer[1]
     torch.manual_seed(0)
