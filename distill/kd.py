@@ -1,27 +1,23 @@
 """Logit distillation: a frozen teacher's token distributions taught to a (smaller) student.
 
-Reads top to bottom: config → setup (teacher, tokenizer check, student, data) → loss → train
-→ save. The loss never materialises [tokens × vocab] logits for the whole batch: both models
-return their final hidden states and `fused_kd_loss` applies each lm_head chunk by chunk.
-Same data pipeline and masks as fine-tuning: KD and CE count only loss-carrying tokens.
+Reads top to bottom: setup (teacher, tokenizer check, student, data) → check → train → save;
+the training step itself (the loss) is `distill/kd_trainer.py`. Same data pipeline and masks
+as fine-tuning: KD and CE count only loss-carrying tokens.
 """
 
 from __future__ import annotations
 
-import random
-
 import torch
-from transformers import Trainer, set_seed
+from transformers import set_seed
 
 from distill import xtok
-from distill.batches import prompts_and_budgets, with_example_ids
+from distill.batches import with_example_ids
 from distill.cache import TeacherCache
 from distill.chooser import print_candidates, probe
-from distill.losses import FusedKDLoss, cached_kd_loss, fused_kd_loss, kd_loss
+from distill.kd_trainer import KDTrainer
 from distill.retention import evaluate_with_retention
 from distill.teacher import (
     load_teacher,
-    place_teacher,
     refuse_transformed_logits,
     shared_vocab_size,
 )
@@ -32,9 +28,7 @@ from still import data as data_module
 from still import models
 from still.attention import packed_attention
 from still.checkpoint import reliability_callbacks, resume_checkpoint, stopped_by_signal
-from still.errors import StillError
 from still.launch import is_main_process
-from still.losses import IGNORE_INDEX
 from still.preflight import print_report
 from still.recipe import DistillRecipe
 from still.rundir import RunDir
@@ -45,10 +39,8 @@ from still.train import (
     lora_config,
     planned_steps,
     save_final,
-    token_mean_loss,
     train_token_ids,
     training_arguments,
-    zero_stage,
 )
 
 
@@ -97,247 +89,6 @@ def open_caches(recipe: DistillRecipe, tokenizer, cross=None) -> dict:
     if recipe.data.eval is not None:
         caches["eval"] = TeacherCache.open(recipe, tokenizer, "eval", cross)
     return caches
-
-
-# --------------------------------------------------------------------------- loss
-class KDTrainer(Trainer):
-    """Trainer whose loss is KD (+ optional hard-label CE) against a frozen teacher."""
-
-    # compute_loss normalises by the global number of loss tokens itself.
-    loss_is_scaled_for_ga = True
-
-    def __init__(
-        self,
-        *args,
-        teacher,
-        distill,
-        vocab_size: int,
-        loss_chunk_size: int,
-        teacher_placement: str = "auto",
-        teacher_cache: dict | None = None,
-        cross_tokenizer: xtok.CrossTokenizer | None = None,
-        **kwargs,
-    ):
-        super().__init__(*args, **kwargs)
-        self.cross_tokenizer = cross_tokenizer  # None: one vocabulary, the fused loss below
-        self.teacher_cache = teacher_cache  # split -> TeacherCache, instead of a teacher model
-        if teacher_cache is not None and zero_stage(self) == 3:
-            raise StillError(
-                "distill.teacher_cache does not work under zero3 yet (the student's head "
-                "is partitioned)",
-                hint="use strategy ddp or zero2 with a teacher cache",
-            )
-        self.teacher = None if teacher is None else self._place_teacher(teacher, teacher_placement)
-        # The same draws on every rank, so all ranks generate (or not) at the same step.
-        self._on_policy_draws = random.Random(self.args.seed)
-        self._on_policy_counts = {"batches": 0, "on_policy": 0}
-        self.distill = distill
-        self.loss_chunk_size = loss_chunk_size
-        self.vocab_size = vocab_size
-        self._component_sums = {"kd": 0.0, "ce": 0.0, "tokens": 0.0}
-
-    def _place_teacher(self, teacher, choice: str):
-        """A copy per process, or sharded like the student under ZeRO-3 / FSDP."""
-        stage = zero_stage(self)
-        if stage is not None:
-            strategy = f"zero{stage}"
-        elif self.is_fsdp_enabled:
-            strategy = "fsdp"
-        else:
-            strategy = "ddp" if self.accelerator.num_processes > 1 else "single"
-        state = self.accelerator.state
-        return place_teacher(
-            teacher,
-            choice,
-            strategy=strategy,
-            device=self.args.device,
-            num_processes=self.accelerator.num_processes,
-            deepspeed_plugin=state.deepspeed_plugin if stage is not None else None,
-            fsdp_plugin=state.fsdp_plugin if self.is_fsdp_enabled else None,
-        )
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.pop("labels")
-        inputs.pop("length", None)
-        inputs.pop("skip_logits", None)  # Trainer's hint to Liger's loss, which is not used here
-        example_ids = inputs.pop("example_ids", None)
-        examples = inputs.pop("examples", None)  # across tokenizers: to re-render samples
-        if model.training and self._draw_on_policy():
-            inputs, labels = self._student_answers(model, inputs, labels, examples)
-            # Trainer counted the dataset answers' tokens; these answers have their own count
-            num_items_in_batch = None
-        teacher_inputs = {key: inputs.pop(key) for key in xtok.BATCH_KEYS if key in inputs}
-        # logits_to_keep=1: the models skip their own full-vocab projection; we do it chunked.
-        student_out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
-        if self.teacher_cache is not None:
-            out = self._cached_loss(model, student_out, labels, example_ids)
-            return self._normalise(out, model, num_items_in_batch, student_out, return_outputs)
-        if self.cross_tokenizer is not None:
-            out = xtok.cross_tokenizer_loss(self, model, student_out, labels, teacher_inputs)
-            return self._normalise(out, model, num_items_in_batch, student_out, return_outputs)
-        with torch.no_grad():
-            teacher_out = self.teacher(**inputs, logits_to_keep=1, output_hidden_states=True)
-        # position i predicts token i + 1
-        student_hidden = student_out.hidden_states[-1][:, :-1].reshape(
-            -1, student_out.hidden_states[-1].shape[-1]
-        )
-        teacher_hidden = teacher_out.hidden_states[-1][:, :-1].reshape(
-            -1, teacher_out.hidden_states[-1].shape[-1]
-        )
-        target = labels[:, 1:].reshape(-1)
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        teacher_head = getattr(self.teacher, "module", self.teacher).get_output_embeddings()
-        if head.weight.numel() == 0 or teacher_head.weight.numel() == 0:
-            # ZeRO-3 partitions the heads; only a call of the module gathers them.
-            out = self._unfused_loss(head, teacher_head, student_hidden, teacher_hidden, target)
-        else:
-            out = self._fused_loss(head, teacher_head, student_hidden, teacher_hidden, target)
-        return self._normalise(out, model, num_items_in_batch, student_out, return_outputs)
-
-    def _draw_on_policy(self) -> bool:
-        self._on_policy_counts["batches"] += 1
-        ratio = self.distill.on_policy_ratio
-        chosen = ratio > 0 and self._on_policy_draws.random() < ratio
-        self._on_policy_counts["on_policy"] += chosen
-        return chosen
-
-    def _student_answers(self, model, inputs, labels, examples=None):
-        """GKD: the batch's prompts answered by the student itself; the teacher then scores
-        those answers token by token. Loss on the sampled tokens (and the end-of-turn token)."""
-        student = self.accelerator.unwrap_model(model)
-        tokenizer = self.processing_class
-        prompts, budgets = prompts_and_budgets(inputs, labels)
-        limit = self.distill.on_policy_max_new_tokens
-        budgets = [min(b, limit) if limit else b for b in budgets]
-        pad = models.pad_token_id(tokenizer)
-        ids, mask = data_module.left_padded(prompts, pad)
-        width = ids.shape[1]
-        device = inputs["input_ids"].device
-        was_training = student.training
-        student.eval()
-        with torch.no_grad():
-            generated = student.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max(budgets),
-                do_sample=True,
-                temperature=self.distill.on_policy_temperature,
-                top_k=0,
-                top_p=1.0,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=zero_stage(self) == 3,
-            )[:, width:].tolist()
-        student.train(was_training)
-        features = []
-        for prompt, budget, sample in zip(prompts, budgets, generated):
-            sample = sample[:budget]
-            if tokenizer.eos_token_id in sample:  # up to and including the end of the turn
-                sample = sample[: sample.index(tokenizer.eos_token_id) + 1]
-            features.append(
-                {"input_ids": prompt + sample, "labels": [IGNORE_INDEX] * len(prompt) + sample}
-            )
-        if self.cross_tokenizer is not None:  # both models re-tokenize the samples' text
-            features = xtok.sample_features(self.cross_tokenizer, examples, features, prompts)
-        batch = self._prepare_inputs(self.data_collator(features))
-        labels = batch.pop("labels")
-        batch.pop("example_ids", None)
-        return batch, labels
-
-    def _normalise(self, out: FusedKDLoss, model, num_items_in_batch, student_out, return_outputs):
-        """Loss sums → the loss Trainer backpropagates, normalised by the global token count."""
-        loss = token_mean_loss(self, model, out.loss, out.n_tokens, num_items_in_batch)
-        if model.training:
-            self._component_sums["kd"] += float(out.kd_sum)
-            self._component_sums["ce"] += float(out.ce_sum)
-            self._component_sums["tokens"] += float(out.n_tokens)
-        return (loss, student_out) if return_outputs else loss
-
-    def _cached_loss(self, model, student_out, labels, example_ids) -> FusedKDLoss:
-        """KD against the teacher cache's rows for this batch's examples (see distill/cache.py)."""
-        cache = self.teacher_cache["train" if model.training else "eval"]
-        hidden = student_out.hidden_states[-1][:, :-1]
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        d = self.distill
-        if self.cross_tokenizer is not None:
-            return xtok.cached_cross_tokenizer_loss(self, head, hidden, labels, cache, example_ids)
-        log_probs, ids, rest_log = cache.rows(example_ids.tolist())
-        return cached_kd_loss(
-            hidden.reshape(-1, hidden.shape[-1]),
-            head.weight,
-            log_probs,
-            ids,
-            rest_log,
-            labels[:, 1:].reshape(-1),
-            divergence=d.loss,
-            temperature=d.temperature,
-            beta=d.beta,
-            alpha=d.alpha,
-            kd_weight=d.kd_weight,
-            ce_weight=d.ce_weight,
-            vocab_size=self.vocab_size,
-            chunk_size=self.loss_chunk_size,
-            student_head_bias=getattr(head, "bias", None),
-        )
-
-    def _fused_loss(
-        self, head, teacher_head, student_hidden, teacher_hidden, target
-    ) -> FusedKDLoss:
-        d = self.distill
-        return fused_kd_loss(
-            student_hidden,
-            head.weight,
-            teacher_hidden.to(student_hidden.dtype),
-            teacher_head.weight.to(head.weight.dtype),
-            target,
-            divergence=d.loss,
-            temperature=d.temperature,
-            beta=d.beta,
-            alpha=d.alpha,
-            kd_weight=d.kd_weight,
-            ce_weight=d.ce_weight,
-            vocab_size=self.vocab_size,
-            chunk_size=self.loss_chunk_size,
-            student_head_bias=getattr(head, "bias", None),
-            teacher_head_bias=getattr(teacher_head, "bias", None),
-        )
-
-    def _unfused_loss(
-        self, head, teacher_head, student_hidden, teacher_hidden, target
-    ) -> FusedKDLoss:
-        """Same sums from full logits: costs [tokens x vocab] memory, used only under ZeRO-3."""
-        d, vocab = self.distill, self.vocab_size
-        student_logits = head(student_hidden)[:, :vocab].float()
-        with torch.no_grad():
-            teacher_logits = teacher_head(teacher_hidden)[:, :vocab].float()
-        mask = target != IGNORE_INDEX
-        kd_sum = kd_loss(
-            student_logits,
-            teacher_logits,
-            mask,
-            divergence=d.loss,
-            temperature=d.temperature,
-            beta=d.beta,
-            alpha=d.alpha,
-            reduction="sum",
-        )
-        ce_sum = torch.nn.functional.cross_entropy(
-            student_logits, target, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        loss = d.kd_weight * kd_sum + d.ce_weight * ce_sum
-        return FusedKDLoss(loss, kd_sum.detach(), ce_sum.detach(), mask.sum())
-
-    def log(self, logs, *args, **kwargs):
-        sums = self._component_sums
-        if sums["tokens"] and "loss" in logs:
-            logs["kd_loss"] = sums["kd"] / sums["tokens"]
-            logs["ce_loss"] = sums["ce"] / sums["tokens"]
-            if self.distill.on_policy_ratio > 0:
-                counts = self._on_policy_counts
-                logs["on_policy_fraction"] = counts["on_policy"] / max(counts["batches"], 1)
-                self._on_policy_counts = {"batches": 0, "on_policy": 0}
-            self._component_sums = {"kd": 0.0, "ce": 0.0, "tokens": 0.0}
-        super().log(logs, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- check, train, save
@@ -415,6 +166,19 @@ def _lineage(recipe: DistillRecipe, run: RunDir, carve, cross=None) -> dict:
     )
 
 
+def _collator(recipe: DistillRecipe, tokenizer, student, teacher, cross, attention: str):
+    """Packed (or padded) student batches; across tokenizers the teacher reads its own padded
+    batches, so only the student is packed."""
+    packed_teacher = teacher if cross is None else None
+    isolation = (
+        packed_attention(student, packed_teacher, choice=attention) if recipe.data.packing else None
+    )
+    collator = collator_for(recipe.data, tokenizer, isolation, student, packed_teacher)
+    if cross is not None:
+        collator = xtok.with_teacher_inputs(collator, models.pad_token_id(cross.teacher_tokenizer))
+    return collator
+
+
 def run(
     recipe: DistillRecipe, run: RunDir, *, resume: bool = False, attention: str = "auto"
 ) -> dict:
@@ -443,14 +207,7 @@ def run(
 
     lineage = _lineage(recipe, run, carve, cross)
     tracking = start_tracking(recipe, run, job_type="distill", lineage=lineage)
-    # The teacher reads its own padded batches across tokenizers: only the student is packed.
-    packed_teacher = teacher if cross is None else None
-    isolation = (
-        packed_attention(student, packed_teacher, choice=attention) if recipe.data.packing else None
-    )
-    collator = collator_for(recipe.data, tokenizer, isolation, student, packed_teacher)
-    if cross is not None:
-        collator = xtok.with_teacher_inputs(collator, models.pad_token_id(cross.teacher_tokenizer))
+    collator = _collator(recipe, tokenizer, student, teacher, cross, attention)
     args = training_arguments(
         recipe,
         run,

@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from still import cli_args
+from still import cli_args, cli_parser
 from still.errors import StillError
 from still.launch import LaunchFailed, quiet_imports
 from still.secrets import redact
@@ -327,160 +327,24 @@ def _publish_flags(args) -> list[str]:
     return flags + ["--" + name.replace("_", "-") for name in names if getattr(args, name)]
 
 
-def _add_eval_parsers(sub) -> None:
-    p = sub.add_parser("eval", help="score models on task YAMLs")
-    p.add_argument("recipe", nargs="?", help="an eval recipe (or use --model/--task)")
-    p.add_argument("--model", action="append", default=[], help="model reference (repeatable)")
-    p.add_argument("--task", action="append", default=[], help="task YAML (repeatable)")
-    p.add_argument("--limit", type=int, help="score only the first N rows of each task")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--out", help="results dir (default: the run dir's eval/, or runs/eval/...)")
-    p.add_argument("--force", action="store_true", help="ignore cached results")
-    p.set_defaults(handler=_cmd_eval)
-
-    p = sub.add_parser("compare", help="compare eval results of several runs side by side")
-    p.add_argument("inputs", nargs="+", help="run dirs or eval result dirs")
-    p.add_argument("--reference", help="name of the model differences are taken against")
-    p.add_argument("--teacher", help="name of the teacher, for retention %%")
-    p.add_argument("--out", help="where compare.md and compare.png go")
-    p.add_argument(
-        "--wandb", metavar="PROJECT", help="also log the table and chart to a W&B comparison run"
-    )
-    p.add_argument(
-        "--wandb-group", metavar="GROUP", help="W&B group of that run (e.g. the pipeline's)"
-    )
-    p.set_defaults(handler=_cmd_compare)
-
-
-def _with_recipe(sub, name: str, help_text: str):
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    # optional for argparse, required by main: "a recipe path is required", not argparse's words
-    p.add_argument("recipe", nargs="?", metavar="RECIPE.yaml", help="recipe YAML")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="dotted overrides, e.g. train.max_steps=10",
-    )
-    p.set_defaults(needs_recipe=True)
-    return p
-
-
-def _add_recipe_parsers(sub) -> None:
-    p = _with_recipe(sub, "run", "run a recipe (finetune, distill or eval)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--force", action="store_true", help="delete an existing run dir first")
-    p.add_argument(
-        "--nproc",
-        type=int,
-        metavar="N",
-        help="processes on this machine (one per GPU), launched through accelerate",
-    )
-    p.add_argument(
-        "--strict", action="store_true", help="exit 3 if the forgetting check flags a drop"
-    )
-    p.set_defaults(handler=_cmd_run)
-    _with_recipe(
-        sub, "validate", "resolve a recipe (extends, overrides) and print it"
-    ).set_defaults(handler=_cmd_validate)
-    p = _with_recipe(sub, "check", "preflight: data, loss mask, parameters, memory and time")
-    p.add_argument(
-        "--probe",
-        type=int,
-        metavar="STEPS",
-        help="distill: also train each student candidate this many steps and print its loss "
-        "(a few minutes on a CPU for a small model; nothing is kept)",
-    )
-    p.set_defaults(handler=_cmd_check)
-
-
-def _add_publish_parsers(sub) -> None:
-    p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model")
-    p.add_argument("run", help="run dir with an adapter/")
-    p.add_argument("--out", required=True, help="output dir for the merged model")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
-    p.set_defaults(handler=_cmd_merge)
-
-    p = sub.add_parser(
-        "publish",
-        help="merge, verify, eval, model card, GGUF, hub upload",
-        description="Ship a run: merged safetensors + tokenizer + model card (+ GGUF, + hub).",
-    )
-    p.add_argument("run", help="run dir (adapter/ or model/)")
-    p.add_argument("--out", required=True, help="output dir (refused if it exists, unless --force)")
-    p.add_argument(
-        "--gguf",
-        action="append",
-        default=[],
-        metavar="TYPE",
-        help="also write GGUF: f16, q8_0 (repeatable or comma-separated)",
-    )
-    p.add_argument(
-        "--hub", metavar="ORG/NAME", help="upload to this hub repo (token from $HF_TOKEN)"
-    )
-    p.add_argument(
-        "--dry-run", action="store_true", help="with --hub: build locally, show what would upload"
-    )
-    p.add_argument("--private", action="store_true", help="with --hub: create the repo private")
-    p.add_argument(
-        "--task",
-        action="append",
-        default=[],
-        metavar="T.yaml",
-        help="score on this task YAML (repeatable; default: the recipe's eval_tasks)",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="score only the first 32 rows of each eval task"
-    )
-    p.add_argument("--no-eval", action="store_true", help="do not re-run the recipe's eval tasks")
-    p.add_argument(
-        "--no-compare", action="store_true", help="do not score the base / teacher for the card"
-    )
-    p.add_argument(
-        "--force", action="store_true", help="replace --out and upload over an existing hub repo"
-    )
-    p.set_defaults(handler=_cmd_publish)
-
-
-def _add_teacher_parsers(sub) -> None:
-    _with_recipe(
-        sub, "cache", "run a distill recipe's teacher once; store its top-k log-probs"
-    ).set_defaults(handler=_cmd_cache)
-    p = _with_recipe(
-        sub,
-        "generate",
-        "the teacher answers the training prompts: a chat dataset (sequence-level KD)",
-    )
-    p.add_argument("--force", action="store_true", help="replace an existing generate.out")
-    p.set_defaults(handler=_cmd_generate)
-
-
-def _add_other_parsers(sub) -> None:
-    p = sub.add_parser(
-        "link",
-        help="online, after `wandb sync`: mark the W&B model artifacts "
-        "each run was made from as used by it (its lineage)",
-    )
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="W&B-tracked still run dirs")
-    p.set_defaults(handler=_cmd_link)
-    sub.add_parser("schema", help="print the recipe JSON schema").set_defaults(handler=_cmd_schema)
-    sub.add_parser("models", help="list built-in models and the conversion cache").set_defaults(
-        handler=_cmd_models
-    )
+HANDLERS = {
+    "cache": _cmd_cache,
+    "check": _cmd_check,
+    "compare": _cmd_compare,
+    "eval": _cmd_eval,
+    "generate": _cmd_generate,
+    "link": _cmd_link,
+    "merge": _cmd_merge,
+    "models": _cmd_models,
+    "publish": _cmd_publish,
+    "run": _cmd_run,
+    "schema": _cmd_schema,
+    "validate": _cmd_validate,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli_args.Parser(
-        prog="still", description="Fine-tune, distill, evaluate and publish small domain models."
-    )
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    parser.set_defaults(verbs=sub.choices)
-    _add_recipe_parsers(sub)
-    _add_eval_parsers(sub)
-    _add_publish_parsers(sub)
-    _add_teacher_parsers(sub)
-    _add_other_parsers(sub)
-    return parser
+    return cli_parser.build_parser(HANDLERS)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -74,7 +74,7 @@ def test_teacher_weights_unchanged_and_only_student_trains(tiny_model_dir_4layer
     import datasets
     from transformers import TrainingArguments
 
-    from distill.kd import KDTrainer
+    from distill.kd_trainer import KDTrainer
     from distill.student import carve_student
     from still.data import PackedCollator
     from still.distill_sections import DistillSection, StudentInit

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from distill.kd import prompts_and_budgets
+from distill.batches import prompts_and_budgets
 from still import cli
 from still.data import PackedCollator, PaddedCollator
 from still.rundir import RunDir
