@@ -519,3 +519,32 @@ def test_samples_fall_back_to_train_data_then_to_neutral_texts(lora_run, tmp_pat
     assert not any("What does" in text for text in FALLBACK.prompts + FALLBACK.texts)
     out = publish(lora_run, tmp_path / "published", evaluate=False)  # still checks and publishes
     assert FALLBACK.prompts[0] in (out / "README.md").read_text()
+
+
+def test_card_shows_the_forgetting_check_the_run_recorded(lora_run, tmp_path):
+    from eval.regression import regression_report
+
+    base_dir, result_dir = tmp_path / "base-scores", tmp_path / "result-scores"
+    for directory, hits in ((base_dir, [1, 1, 0, 1]), (result_dir, [1, 0, 0, 0])):
+        directory.mkdir()
+        (directory / "geo.samples.jsonl").write_text(
+            "".join(
+                json.dumps({"idx": i, "id": f"q{i}", "metrics": {"acc": float(hit)}}) + "\n"
+                for i, hit in enumerate(hits)
+            )
+        )
+    summary = [{"task": "geo", "metrics": {"acc": {"mean": 0.75}}}]
+    report = regression_report(
+        summary,
+        [{"task": "geo", "metrics": {"acc": {"mean": 0.25}}}],
+        base_dir,
+        result_dir,
+        tolerance=0.02,
+    )
+    RunDir(lora_run).write_regression({**report, "base": "tiny-base"})
+    out = publish(lora_run, tmp_path / "published", evaluate=False, compare=False)
+    text = (out / "README.md").read_text()
+    assert "## Forgetting check" in text and "base (tiny-base)" in text
+    assert "Flagged (a drop beyond 0.02): geo acc -0.5000 (tolerance 0.02)." in text
+    row = next(line for line in text.splitlines() if line.startswith("| geo | acc |"))
+    assert "| 0.7500 | 0.2500 | -0.5000 [" in row and row.endswith("| drop beyond tolerance |")
