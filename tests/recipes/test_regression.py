@@ -76,6 +76,26 @@ def test_a_finetune_run_ends_with_the_forgetting_check(
     assert "base on tiny-general (cached)" in capsys.readouterr().out
 
 
+def test_a_distill_run_checks_the_carved_student_against_its_teacher(
+    distill_recipe, regression_files, tmp_path, tiny_model_dir_4layers, capsys
+):
+    recipe = distill_recipe(extra="regression_tasks: [general.yaml]\n")
+    assert cli.main(["run", str(recipe)]) == 0
+    assert "forgetting check" in capsys.readouterr().out
+    run = RunDir(tmp_path / "runs" / "tiny-kd")
+    report = run.read_regression()
+    assert report["base"] == str(tiny_model_dir_4layers)  # a carved student: its teacher
+    assert report["tolerance"] == 0.02  # the default
+    assert {(row["task"], row["metric"]) for row in report["rows"]} == {
+        ("tiny-general", "acc"),
+        ("tiny-general", "acc_norm"),
+    }
+    teacher = json.loads((run.regression_dir / "base" / "tiny-general.json").read_text())
+    for row in report["rows"]:
+        assert row["base"] == teacher["metrics"][row["metric"]]["mean"]
+        assert row["flagged"] == (row["change"] < -0.02)
+
+
 def write_results(directory, task, metric, values, lower_is_better=False):
     directory.mkdir(parents=True, exist_ok=True)
     samples = [{"idx": i, "id": f"q{i}", "metrics": {metric: v}} for i, v in enumerate(values)]
