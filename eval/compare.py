@@ -21,11 +21,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eval.metrics import paired_bootstrap_ci
+from eval.metrics import PAIRED_BOOTSTRAP_SAMPLES, paired_ci_by_question
 from still.errors import StillError
 from still.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-PAIRED_BOOTSTRAP_SAMPLES = 1000
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
@@ -295,13 +294,7 @@ def _paired_difference(task: str, metric: str, model: ModelResults, reference: M
             f"{model.name}, {only_reference} only in {reference.name})",
             hint="evaluate both on the same task file, data and limit",
         )
-    keys = sorted(model_values, key=str)
-    mean, low, high = paired_bootstrap_ci(
-        [model_values[k] for k in keys],
-        [reference_values[k] for k in keys],
-        PAIRED_BOOTSTRAP_SAMPLES,
-        seed=0,
-    )
+    mean, low, high = paired_ci_by_question(model_values, reference_values)
     significant = "*" if low > 0 or high < 0 else ""
     return f"{_signed(mean)} [{_signed(low)}, {_signed(high)}]{significant}"
 

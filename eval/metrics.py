@@ -184,3 +184,19 @@ def paired_bootstrap_ci(
     means = np.concatenate([differences[rows].mean(axis=1) for rows in blocks])
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(differences.mean()), float(low), float(high)
+
+
+PAIRED_BOOTSTRAP_SAMPLES = 1000
+
+
+def paired_ci_by_question(values: dict, reference: dict) -> tuple[float, float, float]:
+    """`paired_bootstrap_ci` of two models' per-question values, keyed by question id (both
+    dicts hold the same ids), with the kit's draws and seed: (mean of values - reference, low,
+    high)."""
+    keys = sorted(values, key=str)
+    return paired_bootstrap_ci(
+        [values[k] for k in keys],
+        [reference[k] for k in keys],
+        PAIRED_BOOTSTRAP_SAMPLES,
+        seed=0,
+    )

@@ -20,14 +20,13 @@ import json
 from pathlib import Path
 
 from eval.compare import values_by_question
-from eval.metrics import paired_bootstrap_ci
+from eval.metrics import paired_ci_by_question
 from eval.run import evaluate_model
 from still.rundir import RunDir
 
 BASE_NAME = "base"
 DEFAULT_TOLERANCE = 0.02  # two points of accuracy
 FLOAT_SLACK = 1e-9  # 0.48 - 0.53 is -0.05000000000000004 in floating point
-PAIRED_BOOTSTRAP_SAMPLES = 1000
 # lm-eval's perplexities and bits per byte, and our loss and perplexity: lower is better
 LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte")
 
@@ -83,13 +82,7 @@ def regression_report(
             before_values = values_by_question(base_samples, metric)
             after_values = values_by_question(result_samples, metric)
             if before_values and after_values and before_values.keys() == after_values.keys():
-                keys = sorted(before_values, key=str)
-                _, low, high = paired_bootstrap_ci(
-                    [after_values[k] for k in keys],
-                    [before_values[k] for k in keys],
-                    PAIRED_BOOTSTRAP_SAMPLES,
-                    seed=0,
-                )
+                _, low, high = paired_ci_by_question(after_values, before_values)
             worse = -change if not _lower_is_better(metric) else change
             row = {
                 "task": task,

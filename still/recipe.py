@@ -80,6 +80,23 @@ class RecipeBase(Section):
         return origin[1] if str(Path(origin[0]).resolve()) == self._source else None
 
 
+def _regression_tasks():
+    return Field(
+        default_factory=list,
+        description="The forgetting check: tasks (task YAMLs or lm_eval:NAME) scored on the base "
+        "and on the result at the end, the change shown with paired CIs.",
+    )
+
+
+def _regression_tolerance():
+    return Field(
+        None,
+        ge=0,
+        description="A drop beyond this, in the metric's units (0.02: two points of accuracy), "
+        "is flagged; `still run --strict` then exits 3. Unset: 0.02.",
+    )
+
+
 class FinetuneRecipe(RecipeBase):
     kind: Literal["finetune"]
     model: ModelSection
@@ -91,17 +108,8 @@ class FinetuneRecipe(RecipeBase):
     train: FinetuneTrainSection = Field(default_factory=FinetuneTrainSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
-    regression_tasks: list[str] = Field(
-        default_factory=list,
-        description="The forgetting check: tasks (task YAMLs or lm_eval:NAME) scored on the base "
-        "and on the result at the end, the change shown with paired CIs.",
-    )
-    regression_tolerance: float | None = Field(
-        None,
-        ge=0,
-        description="A drop beyond this, in the metric's units (0.02: two points of accuracy), "
-        "is flagged; `still run --strict` then exits 3. Unset: 0.02.",
-    )
+    regression_tasks: list[str] = _regression_tasks()
+    regression_tolerance: float | None = _regression_tolerance()
 
 
 class DistillRecipe(RecipeBase):
@@ -115,17 +123,8 @@ class DistillRecipe(RecipeBase):
     train: DistillTrainSection = Field(default_factory=DistillTrainSection)
     distributed: DistillDistributedSection = Field(default_factory=DistillDistributedSection)
     eval_tasks: list[str] = Field(default_factory=list, description="Task YAMLs run at the end.")
-    regression_tasks: list[str] = Field(
-        default_factory=list,
-        description="The forgetting check: tasks (task YAMLs or lm_eval:NAME) scored on the base "
-        "and on the result at the end, the change shown with paired CIs.",
-    )
-    regression_tolerance: float | None = Field(
-        None,
-        ge=0,
-        description="A drop beyond this, in the metric's units (0.02: two points of accuracy), "
-        "is flagged; `still run --strict` then exits 3. Unset: 0.02.",
-    )
+    regression_tasks: list[str] = _regression_tasks()
+    regression_tolerance: float | None = _regression_tolerance()
     generate: GenerateSection | None = Field(
         None,
         description="Sequence-level KD: `still generate R.yaml` writes the teacher's "
