@@ -135,10 +135,8 @@ def probe(recipe, teacher, student, steps: int, distill_run) -> list[str]:
     lines = [f"  probe: each candidate trained {steps} steps as this recipe trains, then scored:"]
     for label, init in _probe_inits(recipe, teacher, student):
         variant = recipe.model_copy(deep=True)
-        variant.student.init = init
-        if init is None:
-            variant.student.init = None
-        elif recipe.student.init is None:  # a named student: carve from the teacher instead
+        variant.student.init = init  # None: the named student.ref itself
+        if init is not None and recipe.student.init is None:  # carve from the teacher instead
             variant.student.ref = None
         variant.train.max_steps, variant.train.save_steps = steps, steps
         variant.train.eval_steps = None

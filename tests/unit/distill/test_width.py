@@ -290,3 +290,24 @@ def test_probe_is_for_distill_recipes_and_a_positive_count(
     )
     assert cli.main(["check", str(finetune), "--probe", "2"]) != 0
     assert "--probe trains a distill recipe's student candidates" in capsys.readouterr().err
+
+
+def test_probe_of_a_named_student_also_carves_the_teacher(
+    tiny_model_dir_4layers, tiny_model_dir, tmp_path, capsys
+):
+    import re
+
+    from still import cli
+
+    recipe = _recipe(tmp_path, tiny_model_dir_4layers, "null")
+    text = (
+        open(recipe)
+        .read()
+        .replace("student: {init: null}", f'student: {{ref: "{tiny_model_dir}"}}')
+    )
+    open(recipe, "w").write(text)
+    assert cli.main(["check", recipe, "--probe", "2"]) == 0
+    out = capsys.readouterr().out
+    probed = re.findall(r"^    (\S+) .* train loss [\d.]+ after 2 steps", out, re.M)
+    assert probed[0] == "depth" and probed[-1] == str(tiny_model_dir), out
+    assert not (tmp_path / "runs").exists()
