@@ -183,12 +183,23 @@ class KDTrainer(Trainer):
             self._component_sums["tokens"] += float(out.n_tokens)
         return (loss, student_out) if return_outputs else loss
 
+    def loss_settings(self) -> dict:
+        """The recipe's divergence and weights, as every chunked KD loss takes them."""
+        d = self.distill
+        return dict(
+            divergence=d.loss,
+            temperature=d.temperature,
+            beta=d.beta,
+            alpha=d.alpha,
+            kd_weight=d.kd_weight,
+            ce_weight=d.ce_weight,
+        )
+
     def _cached_loss(self, model, student_out, labels, example_ids) -> FusedKDLoss:
         """KD against the teacher cache's rows for this batch's examples (see distill/cache.py)."""
         cache = self.teacher_cache["train" if model.training else "eval"]
         hidden = student_out.hidden_states[-1][:, :-1]
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        d = self.distill
         if self.cross_tokenizer is not None:
             return xtok.cached_cross_tokenizer_loss(self, head, hidden, labels, cache, example_ids)
         log_probs, ids, rest_log = cache.rows(example_ids.tolist())
@@ -199,35 +210,24 @@ class KDTrainer(Trainer):
             ids,
             rest_log,
             labels[:, 1:].reshape(-1),
-            divergence=d.loss,
-            temperature=d.temperature,
-            beta=d.beta,
-            alpha=d.alpha,
-            kd_weight=d.kd_weight,
-            ce_weight=d.ce_weight,
             vocab_size=self.vocab_size,
             chunk_size=self.loss_chunk_size,
+            **self.loss_settings(),
             student_head_bias=getattr(head, "bias", None),
         )
 
     def _fused_loss(
         self, head, teacher_head, student_hidden, teacher_hidden, target
     ) -> FusedKDLoss:
-        d = self.distill
         return fused_kd_loss(
             student_hidden,
             head.weight,
             teacher_hidden.to(student_hidden.dtype),
             teacher_head.weight.to(head.weight.dtype),
             target,
-            divergence=d.loss,
-            temperature=d.temperature,
-            beta=d.beta,
-            alpha=d.alpha,
-            kd_weight=d.kd_weight,
-            ce_weight=d.ce_weight,
             vocab_size=self.vocab_size,
             chunk_size=self.loss_chunk_size,
+            **self.loss_settings(),
             student_head_bias=getattr(head, "bias", None),
             teacher_head_bias=getattr(teacher_head, "bias", None),
         )

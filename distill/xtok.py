@@ -397,17 +397,8 @@ def cross_tokenizer_loss(trainer, model, student_out, labels, teacher_inputs: di
 
 
 def _loss_settings(trainer) -> dict:
-    setup, d = trainer.cross_tokenizer, trainer.distill
-    return dict(
-        mode=setup.mode,
-        mapping=setup.mapping,
-        divergence=d.loss,
-        temperature=d.temperature,
-        beta=d.beta,
-        alpha=d.alpha,
-        ce_weight=d.ce_weight,
-        kd_weight=d.kd_weight,
-    )
+    setup = trainer.cross_tokenizer
+    return dict(mode=setup.mode, mapping=setup.mapping, **trainer.loss_settings())
 
 
 def cached_cross_tokenizer_loss(trainer, head, hidden, labels, cache, example_ids):
