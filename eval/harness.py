@@ -85,19 +85,13 @@ def evaluate(
     check_count(batch_size, "batch_size")
     limit = limit if limit is not None else task.limit
     current_task_hash = task_hash(task)
-    cache_entry = None
-    if cache_dir is not None:
-        # Sampled text also depends on how rows were batched (one seed per batch).
-        variant = f"limit-{limit or 'all'}" + (
-            f"-batch-{batch_size}" if task.generation.do_sample else ""
-        )
-        cache_entry = Path(cache_dir) / model_hash / current_task_hash / HARNESS_VERSION / variant
-        cached_files = (
-            cache_entry / f"{task.name}.json",
-            cache_entry / f"{task.name}.samples.jsonl",
-        )
-        if all(file.is_file() for file in cached_files):
-            return reuse_cached(cache_entry, task.name, out_dir, model_name)
+    # Sampled text also depends on how rows were batched (one seed per batch).
+    variant = f"limit-{limit or 'all'}" + (
+        f"-batch-{batch_size}" if task.generation.do_sample else ""
+    )
+    cache_entry = cache_entry_for(cache_dir, model_hash, current_task_hash, variant)
+    if is_cached(cache_entry, [task.name]):
+        return reuse_cached(cache_entry, task.name, out_dir, model_name)
 
     all_rows = check_task(task, limit=limit)  # never a row that fails, never zero rows
     rows = all_rows[:limit]
@@ -132,11 +126,37 @@ def evaluate(
         "limit": limit,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if cache_entry is not None:  # the display name belongs to this call, not to the cache
-        write_results(cache_entry, task.name, summary, samples)
+    return store_results(cache_entry, out_dir, task.name, summary, samples, model_name)
+
+
+def cache_entry_for(
+    cache_dir: Path | None, model_hash: str, task_hash: str, variant: str
+) -> Path | None:
+    """Where one model's results on one task version live in the eval cache (None: no cache)."""
+    if cache_dir is None:
+        return None
+    return Path(cache_dir) / model_hash / task_hash / HARNESS_VERSION / variant
+
+
+def is_cached(cache_entry: Path | None, task_names: list[str]) -> bool:
+    """Both result files of every named task are in the cache entry."""
+    return cache_entry is not None and all(
+        (cache_entry / f"{name}{suffix}").is_file()
+        for name in task_names
+        for suffix in (".json", ".samples.jsonl")
+    )
+
+
+def store_results(
+    cache_entry: Path | None, out_dir: Path, task_name: str, summary, samples, model_name
+) -> dict:
+    """Write fresh results into the cache entry and `out_dir`; the display name belongs to this
+    call, so only `out_dir`'s copy carries it. Returns the summary with `cache_hit` False."""
+    if cache_entry is not None:
+        write_results(cache_entry, task_name, summary, samples)
     if model_name is not None:
         summary["model_name"] = model_name
-    write_results(out_dir, task.name, summary, samples)
+    write_results(out_dir, task_name, summary, samples)
     return {**summary, "cache_hit": False}
 
 

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from eval import lm_eval_tasks
 from eval.checks import check_count, check_eval_recipe, check_tasks, display_name, model_among
-from eval.harness import HARNESS_VERSION, evaluate, reuse_cached, write_results
+from eval.harness import (
+    HARNESS_VERSION,
+    cache_entry_for,
+    evaluate,
+    is_cached,
+    reuse_cached,
+    store_results,
+)
 from eval.lm_eval_tasks import LmEvalTask
 from still import builtins, models, tracking, wandb_logs
 from still.errors import StillError
@@ -207,14 +214,10 @@ def evaluate_lm_eval(
     import lm_eval
 
     out_dir = Path(out_dir)
-    entry = None
-    if cache_dir is not None:
-        variant = f"lm-eval-{lm_eval.__version__}-limit-{limit or 'all'}"
-        entry = Path(cache_dir) / model_hash / task.digest / HARNESS_VERSION / variant
-        if all((entry / f"{leaf}.json").is_file() for leaf in task.leaves) and all(
-            (entry / f"{leaf}.samples.jsonl").is_file() for leaf in task.leaves
-        ):
-            return [reuse_cached(entry, leaf, out_dir, model_name) for leaf in task.leaves]
+    variant = f"lm-eval-{lm_eval.__version__}-limit-{limit or 'all'}"
+    entry = cache_entry_for(cache_dir, model_hash, task.digest, variant)
+    if is_cached(entry, task.leaves):
+        return [reuse_cached(entry, leaf, out_dir, model_name) for leaf in task.leaves]
     summaries = []
     for leaf, (found, raw_samples) in lm_eval_tasks.run_lm_eval_task(
         model, tokenizer, task, batch_size=batch_size, limit=limit
@@ -232,10 +235,5 @@ def evaluate_lm_eval(
             batch_size=batch_size,
             limit=limit,
         )
-        if entry is not None:
-            write_results(entry, leaf, summary, samples)
-        if model_name is not None:
-            summary["model_name"] = model_name
-        write_results(out_dir, leaf, summary, samples)
-        summaries.append({**summary, "cache_hit": False})
+        summaries.append(store_results(entry, out_dir, leaf, summary, samples, model_name))
     return summaries
