@@ -1,15 +1,22 @@
 """Write a transformers causal LM as a GGUF file (f16 or q8_0) and check it loads back.
 
 Written with the `gguf` package (GGUFWriter, the tensor-name map of the architecture,
-`gguf.quants.quantize`), for the two architectures the built-ins use:
+`gguf.quants.quantize`). Each family's differences from a plain Llama are one `ArchSpec`:
 
-  llama        q and k projections are stored with llama.cpp's rotary row order (the two
-               halves of each head interleaved); transformers' GGUF loader undoes it.
-  gemma3_text  Gemma's RMSNorm scales by (1 + w); llama.cpp stores the (1 + w) itself and the
-               loader subtracts one again, so every norm weight is written plus one.
+  llama, mistral  q and k projections are stored with llama.cpp's rotary row order (the two
+                  halves of each head interleaved); transformers' GGUF loader undoes it.
+                  Mistral is llama.cpp's `llama` architecture, as its own converter writes it.
+  qwen2           q/k/v projections carry biases; rotary in HF order (llama.cpp's NEOX).
+  qwen3           q/k RMSNorms; head_dim apart from hidden/heads (attention.key_length).
+  qwen3_moe       as qwen3, with experts: HF's fused gate_up_proj [experts, 2·ff, hidden] is
+                  written as ffn_gate_exps and ffn_up_exps, and the router stays f32.
+  phi3            fused qkv_proj and gate_up_proj, as llama.cpp's phi3 expects them.
+  gemma3_text     Gemma's RMSNorm scales by (1 + w); llama.cpp stores the (1 + w) itself and
+                  the loader subtracts one again, so every norm weight is written plus one.
+                  Sliding and global layers: attention.sliding_window and its rope base.
 
-The tokenizer travels as GGUF metadata (`tokenizer.ggml.*`: tokens, token types, merges,
-special ids, chat template), which is all llama.cpp and transformers read from the file.
+Families not listed are refused with a one-line error. The tokenizer travels as GGUF metadata
+(publish/gguf_tokenizer.py).
 
 `verify_gguf` is the proof: it loads the file with `AutoModelForCausalLM.from_pretrained(dir,
 gguf_file=...)` and compares logits with the model it came from, within `TOLERANCES`.
@@ -17,13 +24,13 @@ gguf_file=...)` and compares logits with the model it came from, within `TOLERAN
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from publish.gguf_tokenizer import write_tokenizer
 from still.errors import StillError
 
 # Drift from the fp32 model: rms(Δ logit) / std(logits) on a sample, per type. Measured on tiny
@@ -39,14 +46,25 @@ _QK8_0 = 32  # elements per q8_0 block: a row must be a multiple of it
 @dataclass(frozen=True)
 class ArchSpec:
     gguf_arch: str  # the name in gguf.MODEL_ARCH_NAMES
-    permute_qk: bool  # llama.cpp's rotary row order for q/k projections
-    norm_offset: float  # added to every norm weight on the way out
+    permute_qk: bool = False  # llama.cpp's rotary row order for q/k projections
+    norm_offset: float = 0.0  # added to every norm weight on the way out
+    biases: bool = False  # q/k/v projections with biases (Qwen2)
+    key_length: bool = False  # head_dim written as attention.key_length / value_length
+    sliding_window: bool = False  # sliding and global layers (Gemma-3)
+    experts: bool = False  # fused expert weights and a router (Qwen3-MoE)
 
 
 ARCHS = {
-    "llama": ArchSpec("llama", permute_qk=True, norm_offset=0.0),
-    "gemma3_text": ArchSpec("gemma3", permute_qk=False, norm_offset=1.0),
+    "llama": ArchSpec("llama", permute_qk=True),
+    "mistral": ArchSpec("llama", permute_qk=True),
+    "qwen2": ArchSpec("qwen2", biases=True),
+    "qwen3": ArchSpec("qwen3", key_length=True),
+    "qwen3_moe": ArchSpec("qwen3moe", key_length=True, experts=True),
+    "phi3": ArchSpec("phi3"),
+    "gemma3_text": ArchSpec("gemma3", norm_offset=1.0, key_length=True, sliding_window=True),
 }
+# Matrices llama.cpp keeps in f32 whatever the file type: the MoE router.
+_F32_MATRICES = (".mlp.gate.weight",)
 
 
 def arch_spec(config) -> ArchSpec:
@@ -61,6 +79,18 @@ def arch_spec(config) -> ArchSpec:
     rope = _rope_parameters(config)
     if rope.get("rope_type", "default") != "default":
         raise StillError(f"GGUF export: rope scaling '{rope['rope_type']}' is not supported")
+    if not spec.sliding_window and getattr(config, "sliding_window", None) is not None:
+        raise StillError(
+            f"GGUF export: a {config.model_type} model with sliding-window attention "
+            f"(sliding_window={config.sliding_window}) is not supported",
+            hint="publish without --gguf for this model",
+        )
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise StillError(
+            f"GGUF export: partial rotary embeddings (partial_rotary_factor="
+            f"{config.partial_rotary_factor}) are not supported",
+            hint="publish without --gguf for this model",
+        )
     return spec
 
 
@@ -87,9 +117,9 @@ def export_gguf(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_hparams(writer, config, spec)
     vocab_rows = model.get_input_embeddings().weight.shape[0]
-    _write_tokenizer(writer, tokenizer, vocab_rows)
-    for gguf_name, array in _gguf_tensors(model, spec):
-        data, raw_dtype = _encode(array, gguf_name, gguf_type)
+    write_tokenizer(writer, tokenizer, vocab_rows)
+    for gguf_name, hf_name, array in _gguf_tensors(model, spec):
+        data, raw_dtype = _encode(array, hf_name, gguf_type)
         writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -120,17 +150,22 @@ def _write_hparams(writer, config, spec: ArchSpec) -> None:
     writer.add_vocab_size(config.vocab_size)
     if spec.gguf_arch == "llama":
         writer.add_rope_dimension_count(head_dim)
-    else:
+    if spec.key_length:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if spec.sliding_window:
         writer.add_sliding_window(config.sliding_window)
         local = _rope_parameters(config, "sliding_attention").get("rope_theta")
         if local is not None:
             writer.add_rope_freq_base_swa(float(local))
+    if spec.experts:
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
 
 
 def _gguf_tensors(model, spec: ArchSpec):
-    """(gguf name, fp32 array in the file's layout) for every weight the file needs."""
+    """(gguf name, HF name, fp32 array in the file's layout) for every weight the file needs."""
     import gguf
     import torch
 
@@ -142,18 +177,32 @@ def _gguf_tensors(model, spec: ArchSpec):
     for hf_name, tensor in state.items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp ties output to token_embd when `output.weight` is absent
-        base, _, suffix = hf_name.rpartition(".")
-        gguf_base = name_map.get_name(base)
-        if gguf_base is None:
-            raise StillError(f"GGUF export: no GGUF name for tensor '{hf_name}' ({spec.gguf_arch})")
         array = tensor.detach().to("cpu", torch.float32).numpy()
+        if spec.experts and hf_name.endswith(".mlp.experts.gate_up_proj"):
+            stem = hf_name.removesuffix("gate_up_proj")
+            gate, up = np.split(array, 2, axis=1)  # [experts, 2·ff, hidden]: gate rows first
+            yield _gguf_name(name_map, stem + "gate_proj", spec) + ".weight", hf_name, gate
+            yield _gguf_name(name_map, stem + "up_proj", spec) + ".weight", hf_name, up
+            continue
+        if spec.experts and hf_name.endswith(".mlp.experts.down_proj"):
+            yield _gguf_name(name_map, hf_name, spec) + ".weight", hf_name, array
+            continue
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_base = _gguf_name(name_map, base, spec)
         if spec.permute_qk and gguf_base.endswith(".attn_q"):
             array = _to_rotary_row_order(array, config.num_attention_heads)
         elif spec.permute_qk and gguf_base.endswith(".attn_k"):
             array = _to_rotary_row_order(array, config.num_key_value_heads)
         if spec.norm_offset and gguf_base.endswith("norm"):
             array = array + spec.norm_offset
-        yield f"{gguf_base}.{suffix}", array
+        yield f"{gguf_base}.{suffix}", hf_name, array
+
+
+def _gguf_name(name_map, hf_base: str, spec: ArchSpec) -> str:
+    gguf_base = name_map.get_name(hf_base)
+    if gguf_base is None:
+        raise StillError(f"GGUF export: no GGUF name for tensor '{hf_base}' ({spec.gguf_arch})")
+    return gguf_base
 
 
 def _to_rotary_row_order(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -162,99 +211,18 @@ def _to_rotary_row_order(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _encode(array: np.ndarray, name: str, gguf_type: str):
-    """Norms and other vectors stay f32 (as llama.cpp keeps them); matrices become the type."""
+def _encode(array: np.ndarray, hf_name: str, gguf_type: str):
+    """Norms, other vectors and the MoE router stay f32 (as llama.cpp keeps them); other
+    matrices become the type."""
     import gguf
 
-    if array.ndim < 2:
+    if array.ndim < 2 or hf_name.endswith(_F32_MATRICES):
         return np.ascontiguousarray(array, dtype=np.float32), None
     if gguf_type == "q8_0" and array.shape[-1] % _QK8_0 == 0:
         q8_0 = gguf.GGMLQuantizationType.Q8_0
         return gguf.quants.quantize(np.ascontiguousarray(array), q8_0), q8_0
     # f16, or a q8_0 row that is not a whole number of blocks
     return np.ascontiguousarray(array, dtype=np.float16), None
-
-
-# --------------------------------------------------------------------------- tokenizer
-def _write_tokenizer(writer, tokenizer, vocab_rows: int) -> None:
-    import gguf
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise StillError("GGUF export needs a fast (tokenizers) tokenizer")
-    spec = json.loads(backend.to_str())
-    if spec["model"]["type"] != "BPE":
-        raise StillError(
-            f"GGUF export: {spec['model']['type']} tokenizers are not supported (BPE only)"
-        )
-    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(
-        spec.get("decoder")
-    )
-    by_id = {index: token for token, index in backend.get_vocab(with_added_tokens=True).items()}
-    if max(by_id) >= vocab_rows:
-        raise StillError(
-            f"tokenizer has ids up to {max(by_id)} but the model only {vocab_rows} embedding rows"
-        )
-    added = {entry["id"]: entry for entry in spec.get("added_tokens", [])}
-    tokens, types = [], []
-    for index in range(vocab_rows):
-        token = by_id.get(index)
-        if token is None:  # embedding rows beyond the tokenizer (padded vocab)
-            tokens.append(f"[PAD{index}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        tokens.append(token)
-        types.append(_token_type(token, added.get(index), tokenizer, byte_level))
-    writer.add_tokenizer_model("gpt2" if byte_level else "llama")
-    pre = _pre_tokenizer_name(spec.get("pre_tokenizer")) if byte_level else "default"
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types([int(t) for t in types])
-    if not byte_level:  # sentencepiece-style: llama.cpp ranks merges by score
-        writer.add_token_scores([-float(index) for index in range(vocab_rows)])
-    merges = spec["model"].get("merges") or []
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    for token_id, add in (
-        (tokenizer.bos_token_id, writer.add_bos_token_id),
-        (tokenizer.eos_token_id, writer.add_eos_token_id),
-        (tokenizer.unk_token_id, writer.add_unk_token_id),
-        (tokenizer.pad_token_id, writer.add_pad_token_id),
-    ):
-        if token_id is not None:
-            add(token_id)
-    probe = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(bool(probe) and len(probe) > 1 and probe[-1] == tokenizer.eos_token_id)
-    writer.add_add_space_prefix(False)
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def _token_type(token: str, added: dict | None, tokenizer, byte_level: bool):
-    import gguf
-
-    if added is not None:
-        return gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-    if token == tokenizer.unk_token:
-        return gguf.TokenType.UNKNOWN
-    if not byte_level and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-        return gguf.TokenType.BYTE
-    return gguf.TokenType.NORMAL
-
-
-def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
-    """llama.cpp's name for how text is split before BPE (`gpt-2` for plain ByteLevel)."""
-    text = json.dumps(pre_tokenizer)
-    try:
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-    except ImportError:
-        GGUF_PRE_TOKENIZER_SPLITS = {}
-    for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
-        if json.dumps(regex)[1:-1] in text:
-            return name
-    if '"Digits"' in text and '"individual_digits": true' in text:
-        return "smollm"
-    return "gpt-2"
 
 
 # --------------------------------------------------------------------------- verify
@@ -278,6 +246,10 @@ CONFIG_KEYS = (
     "layer_types",
     "final_logit_softcapping",
     "attn_logit_softcapping",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
 )
 
 
@@ -316,9 +288,9 @@ def rounded_copy(model, gguf_type: str):
 
     rounded = copy.deepcopy(model)
     with torch.no_grad():
-        for parameter in rounded.parameters():  # tied weights appear once
+        for hf_name, parameter in rounded.named_parameters():  # tied weights appear once
             array = parameter.detach().to("cpu", torch.float32).numpy()
-            data, raw_dtype = _encode(array, "", gguf_type)
+            data, raw_dtype = _encode(array, hf_name, gguf_type)
             if raw_dtype is not None:
                 data = gguf.quants.dequantize(data, raw_dtype).reshape(array.shape)
             parameter.copy_(torch.from_numpy(np.asarray(data, dtype=np.float32)))

@@ -1,6 +1,7 @@
 """GGUF export (publish/gguf.py): tiny Llama and Gemma-3 models written with the gguf package
 and read back by transformers (`from_pretrained(dir, gguf_file=...)`), compared logit by logit."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -85,7 +86,7 @@ def test_file_carries_tokenizer_and_quantized_types(tmp_path, llama, tokenizer):
 
 
 def test_without_the_rotary_permutation_the_check_fails(tmp_path, llama, tokenizer, monkeypatch):
-    unpermuted = gguf_export.ArchSpec("llama", permute_qk=False, norm_offset=0.0)
+    unpermuted = replace(gguf_export.ARCHS["llama"], permute_qk=False)
     monkeypatch.setitem(gguf_export.ARCHS, "llama", unpermuted)
     path = gguf_export.export_gguf(llama, tokenizer, tmp_path / "bad.gguf", "f16", name="tiny")
     with pytest.raises(StillError, match="loads back different"):
@@ -107,7 +108,7 @@ def test_tiny_gemma3_round_trip(tmp_path, tokenizer, gguf_type):
 
 def test_gemma3_without_the_norm_offset_fails(tmp_path, tokenizer, monkeypatch):
     model = tiny_gemma3(tokenizer)
-    no_offset = gguf_export.ArchSpec("gemma3", permute_qk=False, norm_offset=0.0)
+    no_offset = replace(gguf_export.ARCHS["gemma3_text"], norm_offset=0.0)
     monkeypatch.setitem(gguf_export.ARCHS, "gemma3_text", no_offset)
     path = gguf_export.export_gguf(model, tokenizer, tmp_path / "g.gguf", "f16", name="tiny-gemma")
     with pytest.raises(StillError, match="loads back different"):
