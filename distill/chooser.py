@@ -89,7 +89,7 @@ def report_lines(recipe, teacher, student, train, total_steps: int) -> list[str]
         "(estimated like the model line above: memory per device, tokens/s):"
     ]
     for label, model in found:
-        est = estimate(recipe, model, train, total_steps)
+        est = estimate(recipe, model, train, total_steps, teacher=teacher)
         memory = sum(est["memory"].values()) / GIB
         lines.append(
             f"    {label:<52} {est['params'] / 1e6:7.1f}M {est['params'] / full:6.1%}  "

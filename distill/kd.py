@@ -136,6 +136,7 @@ def check(recipe: DistillRecipe, probe_steps: int | None = None) -> None:
         eval_data,
         model=student,
         total_steps=total_steps,
+        teacher=teacher,
     )
     print_candidates(recipe, teacher, student, train_data, total_steps)
     if probe_steps:

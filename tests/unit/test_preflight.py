@@ -52,3 +52,40 @@ def test_lora_rank_against_hidden_size_only_for_adapters(tmp_path):
     # full fine-tuning has no adapter: the default rank (16) is never compared
     refuse_beyond_model(_recipe(tmp_path, "method: full\n"), config)
     refuse_beyond_model(_recipe(tmp_path, "lora: {r: 8}\n"), config)
+
+
+# --------------------------------------------------------------------------- memory at real size
+def _real_size(tmp_path, body: str, **overrides):
+    from still.preflight import shipped_estimate
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "kind: finetune\nname: t\nmodel: {ref: meta-llama/Llama-3.1-8B-Instruct}\n"
+        "data:\n  train: {path: train.jsonl}\n  max_len: 2048\n"
+        "train: {batch_size: 2, precision: bf16}\n" + body
+    )
+    (tmp_path / "train.jsonl").write_text('{"text": "x"}\n')
+    recipe = recipe_module.load(path, [f"{k}={v}" for k, v in overrides.items()])
+    return shipped_estimate(recipe)[0]["memory"]
+
+
+def test_each_memory_lever_moves_its_own_term(tmp_path):
+    lora = _real_size(tmp_path, "method: lora\n")
+    qlora = _real_size(tmp_path, "method: qlora\n")
+    # 4-bit base: the 6.98B decoder-layer weights at ~0.52 bytes, the embedding and head at 2
+    assert 0.3 < qlora["weights"] / lora["weights"] < 0.4
+    checkpointed = _real_size(tmp_path, "method: lora\n", **{"train.gradient_checkpointing": 1})
+    assert checkpointed["activations"] < lora["activations"] / 5
+    full = _real_size(tmp_path, "method: full\n")
+    zero3 = _real_size(
+        tmp_path,
+        "method: full\ndistributed: {strategy: zero3, num_processes: 8}\n",
+    )
+    assert zero3["weights"] < full["weights"] / 6  # sharded, plus one gathered layer
+    offload = _real_size(
+        tmp_path,
+        "method: full\ndistributed: {strategy: zero3, num_processes: 8, offload_optimizer: cpu}\n",
+    )
+    assert offload["grads_optimizer"] < zero3["grads_optimizer"] / 2
+    # chunked loss: one chunk of logits; sharded finetunes use the model's own loss, all of it
+    assert zero3["logits"] == 4 * full["logits"]
