@@ -115,6 +115,16 @@ def test_a_student_padded_otherwise_than_its_teacher_learns_the_real_tokens(
     assert len(kd) == 2 and all(math.isfinite(value) for value in kd)
 
 
+def test_width_pruning_a_moe_teacher_is_one_line(work, monkeypatch, capsys):
+    monkeypatch.chdir(work("qwen3_moe"))
+    init = "student.init={prune: width, size: 0.6, calibration_samples: 2}"
+    assert cli.main(["check", "distill.yaml", init]) == 2
+    err = capsys.readouterr().err
+    assert "cannot width-prune Qwen3MoeForCausalLM: it has a weight model.layers.0.mlp" in err
+    errors = [line for line in err.splitlines() if line.startswith("still: error:")]
+    assert len(errors) == 1 and "use prune: depth" in errors[0] and "Traceback" not in err
+
+
 # --------------------------------------------------------------------------- on-policy stops
 @pytest.mark.parametrize("name", ["gemma3", "phi3", "llama3"])
 def test_on_policy_samples_end_at_the_end_of_turn_token(name, tmp_path):
