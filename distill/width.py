@@ -142,7 +142,9 @@ def parameters_of(model_class, config) -> int:
 
 
 def plan_width(model: PreTrainedModel, target: int, axes) -> Shape:
-    """The widest shape (one ratio on every axis) with at most `target` parameters."""
+    """The widest shape (one ratio on every axis) with at most `target` parameters; refused
+    for a model whose layers cannot be cut (so the size chooser offers no such student)."""
+    refuse_uncuttable(model)
     full = Shape.of(model.config)
 
     def size(ratio: float) -> int:

@@ -125,6 +125,17 @@ def test_width_pruning_a_moe_teacher_is_one_line(work, monkeypatch, capsys):
     assert len(errors) == 1 and "use prune: depth" in errors[0] and "Traceback" not in err
 
 
+def test_the_size_chooser_offers_a_moe_teacher_only_depth(work, monkeypatch, capsys):
+    """Width and both would be refused if picked: `still check` does not list them."""
+    monkeypatch.chdir(work("qwen3_moe"))
+    assert cli.main(["check", "distill.yaml"]) == 0
+    out = capsys.readouterr().out
+    rows = [
+        line.split()[0] for line in out.splitlines() if line.startswith("    ") and "/s" in line
+    ]
+    assert "student candidates at" in out and rows == ["depth"], out
+
+
 # --------------------------------------------------------------------------- on-policy stops
 @pytest.mark.parametrize("name", ["gemma3", "phi3", "llama3"])
 def test_on_policy_samples_end_at_the_end_of_turn_token(name, tmp_path):
