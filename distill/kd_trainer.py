@@ -133,9 +133,12 @@ class KDTrainer(Trainer):
 
     def _student_answers(self, model, inputs, labels, examples=None):
         """GKD: the batch's prompts answered by the student itself; the teacher then scores
-        those answers token by token. Loss on the sampled tokens (and the end-of-turn token)."""
+        those answers token by token. Loss on the sampled tokens (and the end-of-turn token:
+        the first stop token, which for Gemma-3's <end_of_turn> or Phi-3's <|end|> is not the
+        tokenizer's eos)."""
         student = self.accelerator.unwrap_model(model)
         tokenizer = self.processing_class
+        stops = models.stop_token_ids(student, tokenizer)
         prompts, budgets = prompts_and_budgets(inputs, labels)
         limit = self.distill.on_policy_max_new_tokens
         budgets = [min(b, limit) if limit else b for b in budgets]
@@ -155,15 +158,16 @@ class KDTrainer(Trainer):
                 top_k=0,
                 top_p=1.0,
                 pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stops,
                 synced_gpus=zero_stage(self) == 3,
             )[:, width:].tolist()
         student.train(was_training)
         features = []
         for prompt, budget, sample in zip(prompts, budgets, generated):
             sample = sample[:budget]
-            if tokenizer.eos_token_id in sample:  # up to and including the end of the turn
-                sample = sample[: sample.index(tokenizer.eos_token_id) + 1]
+            ends = [position for position, token in enumerate(sample) if token in stops]
+            if ends:  # up to and including the end of the turn
+                sample = sample[: ends[0] + 1]
             features.append(
                 {"input_ids": prompt + sample, "labels": [IGNORE_INDEX] * len(prompt) + sample}
             )

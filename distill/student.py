@@ -42,8 +42,8 @@ from still.errors import StillError
 LAYERS_PREFIX = "model.layers."
 
 # Config fields that hold one entry per decoder layer and so must be sliced to the kept layers.
-# Fields holding layer *indices* (e.g. LFM2's `full_attn_idxs`) would need remapping instead;
-# no architecture we carve uses one.
+# Fields holding layer *indices* need renumbering instead: Qwen-MoE's dense layers
+# (`_renumber_dense_layers`); others (e.g. LFM2's `full_attn_idxs`) no architecture we carve has.
 PER_LAYER_CONFIG_FIELDS = ("layer_types", "mlp_layer_types", "no_rope_layers", "sliding_window")
 
 # Past this many kept layers the summary line abbreviates the list.
@@ -264,7 +264,22 @@ def _student_config(teacher_config, kept: list[int]):
         if isinstance(value, (list, tuple)) and len(value) == teacher_config.num_hidden_layers:
             setattr(config, name, [value[index] for index in kept])
     config.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "mlp_only_layers", None), list):
+        _renumber_dense_layers(config, teacher_config, kept)
     return config
+
+
+def _renumber_dense_layers(config, teacher_config, kept: list[int]) -> None:
+    """Qwen-MoE builds layer i with a dense MLP when i is in `mlp_only_layers` or (i + 1) is
+    not a multiple of `decoder_sparse_step`: by index, so a carve must say which of the new
+    indices are dense, or the kept experts land in dense slots (and the reverse)."""
+    step = getattr(teacher_config, "decoder_sparse_step", 1) or 1
+    dense = set(teacher_config.mlp_only_layers)
+    if getattr(teacher_config, "num_experts", 1) == 0:
+        dense = set(range(teacher_config.num_hidden_layers))
+    dense |= {index for index in range(teacher_config.num_hidden_layers) if (index + 1) % step}
+    config.mlp_only_layers = [new for new, index in enumerate(kept) if index in dense]
+    config.decoder_sparse_step = 1
 
 
 def _student_state_dict(teacher_state: dict[str, Tensor], kept: list[int]) -> dict[str, Tensor]:

@@ -15,6 +15,11 @@ mean square over real tokens of:
     hidden channel  that channel of every norm's output in the layers, and of the final norm
 The highest keep, in their original order.
 
+Which layers. Llama-style blocks (Llama, Qwen2/2.5 with q/k/v biases, Qwen3 with per-head q/k
+norms, Mistral, Gemma-3) and Phi-3's fused ones ([q; k; v] in qkv_proj, [gate; up] in
+gate_up_proj, cut row block by row block). A model with any other layer weight, such as
+Qwen3-MoE's experts and router, is refused before any scoring (`refuse_uncuttable`).
+
 Size. One ratio r is applied to every pruned axis; `size` (a share of the teacher's parameters
 or a count) picks the largest r whose student fits, by bisection on the parameter count of the
 student's config built on the meta device. Widths are rounded to multiples of 8.
@@ -137,7 +142,9 @@ def parameters_of(model_class, config) -> int:
 
 
 def plan_width(model: PreTrainedModel, target: int, axes) -> Shape:
-    """The widest shape (one ratio on every axis) with at most `target` parameters."""
+    """The widest shape (one ratio on every axis) with at most `target` parameters; refused
+    for a model whose layers cannot be cut (so the size chooser offers no such student)."""
+    refuse_uncuttable(model)
     full = Shape.of(model.config)
 
     def size(ratio: float) -> int:
@@ -174,6 +181,7 @@ def _norms(layer: nn.Module, hidden: int) -> list[nn.Module]:
 @torch.no_grad()
 def width_importance(model: nn.Module, calibration_batches) -> dict[str, Tensor]:
     """Per-channel importance: mlp [layers, intermediate], heads [layers, heads], hidden [H]."""
+    refuse_uncuttable(model)
     layers = _decoder_layers(model)
     shape = Shape.of(model.config)
     device = next(model.parameters()).device
@@ -248,44 +256,78 @@ def _norm_offset(norm: nn.Module) -> float:
     return 1.0 if out.abs().max().item() > 0.5 else 0.0
 
 
-def _layer_slice(rest: str, tensor: Tensor, hidden: Tensor, mlp: Tensor, rows: Tensor):
-    """One decoder-layer tensor cut to the kept channels, or None for a name it does not know."""
-    cuts = {
+def _layer_cuts(hidden: Tensor, mlp: Tensor, rows: Tensor, full: Shape) -> dict:
+    """Each decoder-layer weight width pruning knows, and how it is cut to the kept channels.
+    Phi-3 fuses [q; k; v] (qkv_proj) and [gate; up] (gate_up_proj) along their output rows."""
+    kv_rows = full.heads * full.head_dim + torch.arange(2 * full.kv_heads * full.head_dim)
+    fused_rows = torch.cat([rows, kv_rows])
+    gate_up_rows = torch.cat([mlp, full.intermediate + mlp])
+    return {
         "self_attn.q_proj.weight": lambda t: t[rows][:, hidden],
         "self_attn.q_proj.bias": lambda t: t[rows],
         "self_attn.k_proj.weight": lambda t: t[:, hidden],
         "self_attn.v_proj.weight": lambda t: t[:, hidden],
         "self_attn.k_proj.bias": lambda t: t,
         "self_attn.v_proj.bias": lambda t: t,
+        "self_attn.qkv_proj.weight": lambda t: t[fused_rows][:, hidden],
+        "self_attn.qkv_proj.bias": lambda t: t[fused_rows],
         "self_attn.o_proj.weight": lambda t: t[hidden][:, rows],
         "self_attn.o_proj.bias": lambda t: t[hidden],
-        "self_attn.q_norm.weight": lambda t: t,
+        "self_attn.q_norm.weight": lambda t: t,  # per head, over head_dim: heads keep theirs
         "self_attn.k_norm.weight": lambda t: t,
         "mlp.gate_proj.weight": lambda t: t[mlp][:, hidden],
         "mlp.up_proj.weight": lambda t: t[mlp][:, hidden],
         "mlp.gate_proj.bias": lambda t: t[mlp],
         "mlp.up_proj.bias": lambda t: t[mlp],
+        "mlp.gate_up_proj.weight": lambda t: t[gate_up_rows][:, hidden],
         "mlp.down_proj.weight": lambda t: t[hidden][:, mlp],
         "mlp.down_proj.bias": lambda t: t[hidden],
     }
-    cut = cuts.get(rest)
-    return None if cut is None else cut(tensor)
+
+
+def _residual_norm_names(model, hidden: int) -> list[str]:
+    """The norms over the residual stream: each layer's and the final one (not the per-head
+    q/k norms, even where head_dim equals hidden_size)."""
+    names = ["model.norm"]
+    for index, layer in enumerate(_decoder_layers(model)):
+        names += [
+            f"{LAYERS_PREFIX}{index}.{name}"
+            for name, module in layer.named_children()
+            if any(module is norm for norm in _norms(layer, hidden))
+        ]
+    return names
+
+
+def refuse_uncuttable(model: nn.Module) -> None:
+    """Before any scoring: a layer weight without a known cut (mixture-of-experts blocks, an
+    architecture's own projections) would leave the student wrong, so the model is refused."""
+    nothing = torch.zeros(0, dtype=torch.long)
+    full = Shape.of(model.config)
+    known = _layer_cuts(nothing, nothing, nothing, full)
+    norms = {f"{name}.weight" for name in _residual_norm_names(model, full.hidden)}
+    for key in model.state_dict():
+        rest = key[len(LAYERS_PREFIX) :].split(".", 1)[-1]
+        if key.startswith(LAYERS_PREFIX) and rest not in known and key not in norms:
+            raise StillError(
+                f"cannot width-prune {type(model).__name__}: it has a weight {key} this kit "
+                "does not know how to cut",
+                hint="width pruning supports Llama-style, Qwen, Mistral, Phi-3 and Gemma-3 dense "
+                "layers (not mixture-of-experts); use prune: depth",
+            )
 
 
 def _student_state(model, kept: dict, full: Shape, shape: Shape) -> dict[str, Tensor]:
+    refuse_uncuttable(model)
     hidden = kept["hidden"]
     norm_scale = math.sqrt(full.hidden / shape.hidden)
+    modules = dict(model.named_modules())
     offsets = {
-        name: _norm_offset(module)
-        for name, module in model.named_modules()
-        if "norm" in name.rsplit(".", 1)[-1]
-        and getattr(module, "weight", None) is not None
-        and module.weight.shape == (full.hidden,)
+        name: _norm_offset(modules[name]) for name in _residual_norm_names(model, full.hidden)
     }
     embed_scaled = getattr(model.model.embed_tokens, "embed_scale", None) is not None
     embed_factor = norm_scale if embed_scaled else 1.0
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    state = {}
+    state, layer_cuts = {}, {}
     for key, tensor in model.state_dict().items():
         module_name = key.rsplit(".", 1)[0]
         if module_name in offsets:  # a norm over the residual stream
@@ -298,17 +340,10 @@ def _student_state(model, kept: dict, full: Shape, shape: Shape) -> dict[str, Te
             state[key] = tensor[:, hidden] * (embed_factor if tied else 1.0)
         elif key.startswith(LAYERS_PREFIX):
             index, rest = key[len(LAYERS_PREFIX) :].split(".", 1)
-            cut = _layer_slice(
-                rest, tensor, hidden, kept["mlp"][int(index)], kept["query_rows"][int(index)]
-            )
-            if cut is None:
-                raise StillError(
-                    f"cannot width-prune {type(model).__name__}: it has a weight {key} this "
-                    "kit does not know how to cut",
-                    hint="width pruning supports Llama-style, Qwen, Mistral and Gemma-3 "
-                    "layers; use prune: depth",
-                )
-            state[key] = cut
+            if index not in layer_cuts:
+                mlp, rows = kept["mlp"][int(index)], kept["query_rows"][int(index)]
+                layer_cuts[index] = _layer_cuts(hidden, mlp, rows, full)
+            state[key] = layer_cuts[index][rest](tensor)
         else:
             state[key] = tensor
     return {key: value.contiguous() for key, value in state.items()}
@@ -341,6 +376,7 @@ def pruned_student(teacher: nn.Module, init, calibration_batches=None):
         )
     calibration_batches = list(calibration_batches)
     source = _merged_copy(teacher) if isinstance(teacher, PeftModel) else teacher
+    refuse_uncuttable(source)  # before a depth carve or any scoring
     teacher_params = count_parameters(source)
     layers = len(_decoder_layers(source))
     if init.prune == "both":

@@ -231,24 +231,27 @@ def test_a_pruned_hidden_size_is_a_multiple_of_the_head_count(tmp_path):
 
 
 def test_weights_it_cannot_cut_stop_the_carve_in_one_line():
-    """Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): refused, naming the weight."""
-    from transformers import Phi3Config, Phi3ForCausalLM
+    """Qwen3-MoE's experts (fused per-expert weights, a router) have no cut here: refused,
+    naming the weight, before any channel is scored. (Phi-3's fused qkv_proj and gate_up_proj
+    are cut: tests/unit/families/test_family_carve.py.)"""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    config = Phi3Config(
+    config = Qwen3MoeConfig(
         vocab_size=320,
         hidden_size=64,
         intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         pad_token_id=0,
     )
-    model = Phi3ForCausalLM(config).eval()
-    importance = width_importance(model, [token_batch(320)])
-    shape = shape_at(Shape.of(config), 0.5, ("mlp", "hidden"))
-    with pytest.raises(StillError, match=r"cannot width-prune Phi3ForCausalLM: .*qkv_proj"):
-        width_pruned_model(model, importance, shape)
+    model = Qwen3MoeForCausalLM(config).eval()
+    with pytest.raises(StillError, match=r"cannot width-prune Qwen3MoeForCausalLM: .*experts"):
+        width_importance(model, [token_batch(320)])
 
 
 def test_probe_trains_each_candidate_like_the_recipe_and_keeps_nothing(
