@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-from eval import lm_eval_tasks
+from eval import llama_cpp, lm_eval_tasks
 from eval.checks import check_count, check_eval_recipe, check_tasks, display_name, model_among
 from eval.harness import (
     HARNESS_VERSION,
@@ -24,6 +24,7 @@ from eval.harness import (
 from eval.lm_eval_tasks import LmEvalTask
 from still import builtins, models, tracking, wandb_logs
 from still.errors import StillError
+from still.model_files import check_gguf
 from still.rundir import RunDir
 
 
@@ -35,6 +36,42 @@ def eval_cache_dir() -> Path:
     return builtins.cache_dir() / "eval"
 
 
+# How a model is scored: `auto` scores a .gguf file through llama.cpp (as it ships) and
+# everything else with transformers; `transformers` scores a .gguf file's weights dequantized.
+BACKENDS = ("auto", "llama.cpp", "transformers")
+
+
+def uses_llama_cpp(ref: str, backend: str = "auto") -> bool:
+    gguf_file = str(ref).endswith(".gguf")
+    if backend == "llama.cpp" and not gguf_file:
+        raise StillError(
+            f"--backend llama.cpp scores GGUF files; '{ref}' is not a .gguf file",
+            hint="publish the model with --gguf and score the file, or drop --backend",
+        )
+    return gguf_file and backend != "transformers"
+
+
+def check_backend(refs: list[str], backend: str) -> None:
+    """Before any model loads: the llama.cpp runtime is there for every GGUF file it scores."""
+    if any(uses_llama_cpp(ref, backend) for ref in refs):
+        llama_cpp.runtime()
+
+
+def load_for_scoring(ref: str, backend: str = "auto"):
+    """(model, tokenizer, content hash) as the backend scores `ref`."""
+    if uses_llama_cpp(ref, backend):
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            raise StillError(f"{ref}: is a directory, not a GGUF file", hint="name the .gguf file")
+        if not path.is_file():
+            raise StillError(f"GGUF file not found: {ref}")
+        check_gguf(path)  # size, magic, header and tensor extents: llama.cpp would abort on them
+        model, tokenizer = llama_cpp.load(path)
+        return model, tokenizer, llama_cpp.file_hash(path)
+    model, tokenizer = models.load_model(ref, dtype="float32")
+    return model, tokenizer, models.model_content_hash(model, tokenizer)
+
+
 def evaluate_model(
     ref: str,
     task_paths: list[str],
@@ -44,12 +81,13 @@ def evaluate_model(
     limit: int | None = None,
     use_cache: bool = True,
     name: str | None = None,
+    backend: str = "auto",
 ) -> list[dict]:
     """Score one model on several tasks; returns one summary per task."""
     check_count(batch_size, "--batch-size")
     tasks = check_tasks(task_paths, limit=limit)  # every task error before the model loads
-    model, tokenizer = models.load_model(ref, dtype="float32")
-    model_hash = models.model_content_hash(model, tokenizer)
+    check_backend([ref], backend)
+    model, tokenizer, model_hash = load_for_scoring(ref, backend)
     name = name or display_name(ref)
     summaries = []
     for task in tasks:
@@ -82,7 +120,12 @@ def evaluate_model(
 
 
 def run_eval_recipe(
-    recipe, *, force: bool = False, limit: int | None = None, batch_size: int | None = None
+    recipe,
+    *,
+    force: bool = False,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    backend: str = "auto",
 ) -> int:
     """`still run` / `still eval` on an eval recipe: every model × every task, then compare."""
     from eval.compare import compare
@@ -91,6 +134,7 @@ def run_eval_recipe(
     check_count(batch_size, "--batch-size")
     limit = limit if limit is not None else recipe.limit  # an explicit 0 is refused, not dropped
     check_eval_recipe(recipe, limit=limit)  # models named, every task and row: before any load
+    check_backend(recipe.models, backend)
     out_root = Path(recipe.output_dir) / recipe.name
     names = [display_name(ref) for ref in recipe.models]
     result_dirs = []
@@ -117,6 +161,7 @@ def run_eval_recipe(
                 limit=limit,
                 use_cache=not force,
                 name=name,
+                backend=backend,
             )
         except BaseException:
             tracking.finish_wandb(exit_code=1)  # marked failed in W&B
@@ -158,10 +203,11 @@ def eval_models(
     limit: int | None = None,
     batch_size: int | None = None,
     force: bool = False,
+    backend: str = "auto",
 ) -> int:
     """`still eval --model REF --task T.yaml [...]`: each model scored on every task. Results
     go to `out` (one subdir per model when there are several), the run dir's eval/, or
-    runs/eval/NAME."""
+    runs/eval/NAME. `backend` (BACKENDS) says how a .gguf file is scored."""
     if not refs or not task_paths:
         raise StillError(
             "`still eval` needs an eval recipe, or at least one --model and one --task"
@@ -170,6 +216,7 @@ def eval_models(
     check_count(batch_size, "--batch-size")
     batch_size = batch_size if batch_size is not None else 8
     check_tasks(task_paths, limit=limit)  # before the first model loads
+    check_backend(refs, backend)
     for ref in refs:
         if out and len(refs) > 1:
             out_dir = Path(out) / display_name(ref)
@@ -186,6 +233,7 @@ def eval_models(
             batch_size=batch_size,
             limit=limit,
             use_cache=not force,
+            backend=backend,
         )
         print(f"still: results in {out_dir}")
     return 0

@@ -82,7 +82,10 @@ def generation_config(model, tokenizer, settings) -> GenerationConfig:
 
 def generate_texts(model, tokenizer, encoded: list[list[int]], settings, batch_size, bar=None):
     """The text generated after each encoded prompt, cut at the first stop string (not
-    stripped). `settings` is a task's `Generation` (max_new_tokens, stop, sampling, seed)."""
+    stripped). `settings` is a task's `Generation` (max_new_tokens, stop, sampling, seed).
+    A model that scores itself (eval/llama_cpp.py) generates with its own runtime."""
+    if getattr(model, "scores_itself", False):
+        return model.generate_texts(encoded, settings, models.stop_token_ids(model, tokenizer), bar)
     config = generation_config(model, tokenizer, settings)
     device = next(model.parameters()).device
     texts: list[str] = [""] * len(encoded)
@@ -134,6 +137,8 @@ def continuation_scores(
 ) -> list[list[tuple[float, bool]]]:
     """`continuation_logliks`, each with whether every continuation token is the argmax
     (lm-eval's `is_greedy`, which e.g. LAMBADA's accuracy reads)."""
+    if getattr(model, "scores_itself", False):  # eval/llama_cpp.py: one context at a time
+        return model.continuation_scores(items, bar)
     max_positions = (
         getattr(getattr(model, "config", None), "max_position_embeddings", None) or 10**9
     )

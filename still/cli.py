@@ -252,7 +252,11 @@ def _cmd_eval(args) -> int:
                 hint="`still eval` takes an eval recipe or --model/--task",
             )
         return run_eval_recipe(
-            recipe, force=args.force, limit=args.limit, batch_size=args.batch_size
+            recipe,
+            force=args.force,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            backend=args.backend,
         )
     return eval_models(
         args.model,
@@ -261,6 +265,7 @@ def _cmd_eval(args) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         force=args.force,
+        backend=args.backend,
     )
 
 

@@ -17,6 +17,13 @@ def _add_eval_parsers(sub, handlers: dict) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--out", help="results dir (default: the run dir's eval/, or runs/eval/...)")
     p.add_argument("--force", action="store_true", help="ignore cached results")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "llama.cpp", "transformers"],
+        default="auto",
+        help="how a .gguf file is scored: auto = through llama.cpp, as it ships; transformers = "
+        "its weights dequantized in torch",
+    )
     p.set_defaults(handler=handlers["eval"])
 
     p = sub.add_parser("compare", help="compare eval results of several runs side by side")
@@ -94,7 +101,8 @@ def _add_publish_parsers(sub, handlers: dict) -> None:
         action="append",
         default=[],
         metavar="TYPE",
-        help="also write GGUF: f16, q8_0 (repeatable or comma-separated)",
+        help="also write GGUF: f16, q8_0, q4_0; q4_k_m, q5_k_m, q6_k (llama.cpp) (repeatable "
+        "or comma-separated)",
     )
     p.add_argument(
         "--hub", metavar="ORG/NAME", help="upload to this hub repo (token from $HF_TOKEN)"
