@@ -386,10 +386,36 @@ def pruned_student(teacher: nn.Module, init, calibration_batches=None):
         report = CarveReport(list(range(layers)), layers, teacher_params, teacher_params)
     target = init.target_parameters(teacher_params)
     shape = plan_width(narrower, target, tuple(init.width_axes))
+    warn_gguf_blocks(shape)
     student = width_pruned_model(narrower, width_importance(narrower, calibration_batches), shape)
     report.student_params = count_parameters(student)
     report.shape = _narrowed(Shape.of(source.config), shape)
     return student, report
+
+
+# GGUF quantizes a matrix in blocks along its rows: 32 values for q8_0 / q4_0, 256 for the
+# k-quants (q4_k_m ...). A row is a matrix's input width: hidden, MLP, or heads x head_dim.
+GGUF_BLOCKS = {"q8_0/q4_0": 32, "q4_k_m/q5_k_m/q6_k": 256}
+
+
+def warn_gguf_blocks(shape: Shape) -> None:
+    """Before training: a pruned width that GGUF's quantization blocks do not divide."""
+    widths = {
+        "hidden": shape.hidden,
+        "MLP": shape.intermediate,
+        "attention (heads x head_dim)": shape.heads * shape.head_dim,
+    }
+    for types, block in GGUF_BLOCKS.items():
+        odd = [f"{name} {width}" for name, width in widths.items() if width % block]
+        if odd:
+            print(
+                f"still: warning: the width-pruned student's {', '.join(odd)} "
+                f"{'is' if len(odd) == 1 else 'are'} not a multiple of {block}: GGUF {types} "
+                f"cannot block those matrices (publish refuses q8_0/q4_0 for them; llama.cpp "
+                f"writes k-quants of them in a wider fallback type); set student.init.keep_ratio "
+                f"or the target size so the widths are multiples of {block}"
+            )
+            return
 
 
 def _narrowed(full: Shape, shape: Shape) -> str:

@@ -59,6 +59,7 @@ def build_card(result):
         _eval_section(result),
         _regression_section(result),
         _verification_section(result),
+        _gguf_section(result),
         _limits_section(result, base, license_id),
         _recipe_section(result),
     ]
@@ -300,14 +301,45 @@ def _verification_section(result) -> str:
     else:
         lines.append("- merge: none needed (the run saved full weights)")
     for g in result.gguf:
+        exact = (
+            f"equal to the source with {g['type']} rounding (max |Δ| "
+            f"{g['exact_max_abs_diff']:.1e}); "
+            if g["exact_max_abs_diff"] is not None
+            else f"quantized by llama.cpp ({g['type']}); "
+        )
         lines.append(
-            f"- `{g['file']}` loaded back with transformers: equal to the source with {g['type']} "
-            f"rounding (max |Δ| {g['exact_max_abs_diff']:.1e}); vs fp32: rms Δlogit "
+            f"- `{g['file']}` loaded back with transformers: {exact}vs fp32: rms Δlogit "
             f"{g['rms_relative_diff']:.4f} of the logits' std (tolerance {g['tolerance']}), "
             f"max |Δ| {g['max_abs_diff']:.3f}, top-1 agreement {g['top1_agreement']:.1%}, "
             f"mean KL {g['mean_kl']:.2e} over {g['tokens']} tokens"
         )
+        if "llama_cpp" in g:
+            run = g["llama_cpp"]
+            lines.append(
+                f"- `{g['file']}` run in {run['runtime']}: same tokens as the source; per token "
+                f"vs fp32: mean KL {run['mean_kl']:.2e}, mean |Δ log p| "
+                f"{run['mean_abs_logprob_diff']:.4f}, top-1 agreement {run['top1_agreement']:.1%} "
+                f"(tolerance KL ≤ {run['tolerance']['mean_kl']}, top-1 ≥ "
+                f"{run['tolerance']['top1_agreement']:.0%}); greedy text agrees for "
+                f"{run['greedy_agreement']:.0%} of its first tokens"
+            )
     return "\n".join(lines)
+
+
+def _gguf_section(result) -> str:
+    """The on-device table: every GGUF file next to fp32, all measured in llama.cpp."""
+    if not result.gguf_fp32 or not all("table" in g for g in result.gguf):
+        return ""
+    from publish.gguf_table import markdown
+
+    rows = [result.gguf_fp32] + [g["table"] for g in result.gguf]
+    return (
+        "## On-device: GGUF in llama.cpp\n\n"
+        "Each file measured in llama.cpp on the publishing machine's CPU (fp32: an f32 GGUF of "
+        "the same weights); perplexity on the run's held-out texts; task scores through "
+        "llama.cpp with Δ vs the fp32 model paired by question, 95% bootstrap CI (* when it "
+        "excludes 0).\n\n" + markdown(rows)
+    )
 
 
 def _limits_section(result, base, license_id) -> str:

@@ -16,18 +16,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval.llama_cpp import runtime_version
 from publish import hub as hub_client
 from publish.card import build_card
-from publish.gguf import GGUF_TYPES, check_config, export_gguf, verify_gguf
+from publish.gguf_files import check_types, write_gguf
+from publish.gguf_table import measure_files, score_files
 from publish.lineage import base_of, license_of, published_lineage
 from publish.merge import check_texts, merged_model, refuse_existing_out, save_model
-from publish.samples import FALLBACK, Samples, run_samples
+from publish.samples import FALLBACK, Samples, calibration_texts, run_samples
 from still import models
 from still.errors import StillError
 from still.fsutil import atomic_write_json, file_sha256, staged_dir
 from still.rundir import LINEAGE, RunDir
 
 QUICK_LIMIT = 32  # rows per task under --quick
+TABLE_TEXTS = 32  # held-out examples behind the GGUF table's perplexity
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")  # the files whose sha256 lineage.json records
 
 
@@ -46,6 +49,7 @@ class Publication:
     comparisons: dict[str, list[dict]] = field(default_factory=dict)
     eval_limit: int | None = None
     gguf: list[dict] = field(default_factory=list)
+    gguf_fp32: dict = field(default_factory=dict)  # the fp32 row of the GGUF table
     command: str | None = None
     hub: str | None = None
     tasks: list[str] = field(default_factory=list)
@@ -71,11 +75,7 @@ def publish(
     The merged model is scored on `tasks` (task YAMLs), else on the recipe's `eval_tasks`.
     """
     source, out = _finished_run(Path(run)), Path(out)
-    unknown = [t for t in gguf_types if t not in GGUF_TYPES]
-    if unknown:
-        raise StillError(
-            f"unknown GGUF type '{unknown[0]}'", hint=f"choose from {', '.join(GGUF_TYPES)}"
-        )
+    check_types(gguf_types, None)
     refuse_existing_out(out, force)
     if dry_run and not hub:
         raise StillError("--dry-run shows a hub upload; it needs --hub ORG/NAME")
@@ -121,9 +121,16 @@ def _build(
     # GGUF before the evals: an architecture the export refuses fails in seconds, not minutes.
     for gguf_type in gguf_types:
         result.gguf.append(_write_gguf(model, tokenizer, staging, gguf_type, result))
+    if result.gguf and runtime_version() is not None:  # the on-device table
+        held_out = list(run_samples(RunDir(result.run_dir), count=TABLE_TEXTS).texts)
+        result.gguf_fp32 = measure_files(model, tokenizer, staging, result.gguf, held_out)
     del model
     if evaluate and result.tasks:
         _run_evals(result, staging, compare=compare)
+        if result.gguf_fp32:
+            result.gguf_fp32["tasks"] = score_files(
+                result.gguf, staging, result.tasks, result.eval_limit, result.evals
+            )
     elif evaluate:
         print(
             "still: no eval tasks in the run's recipe: the card will have no scores "
@@ -181,23 +188,31 @@ def _check_tasks(tasks: list[str]) -> None:
 def _write_gguf(model, tokenizer, staging: Path, gguf_type: str, result: Publication) -> dict:
     name = result.out.name
     path = staging / f"{name}-{gguf_type}.gguf"
-    export_gguf(model, tokenizer, path, gguf_type, name=name, license=license_of(result.lineage))
-    check_config(path, model.config)
-    # The tokenizer is the same in every file: compare it once.
-    report = verify_gguf(
-        path,
+    report = write_gguf(
         model,
         tokenizer,
+        path,
         gguf_type,
-        check_texts(tokenizer, result.samples),
-        check_tokenizer=not result.gguf,
+        name=name,
+        license=license_of(result.lineage),
+        texts=check_texts(tokenizer, result.samples),
+        calibration=calibration_texts(RunDir(result.run_dir)),
+        check_tokenizer=not result.gguf,  # the tokenizer is the same in every file: once
     )
-    report.update(file=path.name, bytes=path.stat().st_size)
+    exact = report["exact_max_abs_diff"]
     print(
-        f"still: {path.name}: loads back exactly (Δ {report['exact_max_abs_diff']:.2g}); vs fp32: "
-        f"rms Δlogit {report['rms_relative_diff']:.3g} of std (tolerance {report['tolerance']}), "
-        f"top-1 agreement {report['top1_agreement']:.1%}"
+        f"still: {path.name}: "
+        + (f"loads back exactly (Δ {exact:.2g}); " if exact is not None else "loads back; ")
+        + f"vs fp32: rms Δlogit {report['rms_relative_diff']:.3g} of std (tolerance "
+        f"{report['tolerance']}), top-1 agreement {report['top1_agreement']:.1%}"
     )
+    if "llama_cpp" in report:
+        runtime = report["llama_cpp"]
+        print(
+            f"still: {path.name} in llama.cpp: mean KL {runtime['mean_kl']:.3g} per token, "
+            f"top-1 agreement {runtime['top1_agreement']:.1%}, greedy tokens agree "
+            f"{runtime['greedy_agreement']:.0%}"
+        )
     return report
 
 

@@ -1,4 +1,5 @@
-"""Write a transformers causal LM as a GGUF file (f16 or q8_0) and check it loads back.
+"""Write a transformers causal LM as a GGUF file (f16, q8_0, q4_0; f32 as the source of
+llama.cpp's k-quants, publish/quantize.py) and check it loads back.
 
 Written with the `gguf` package (GGUFWriter, the tensor-name map of the architecture,
 `gguf.quants.quantize`). Each family's differences from a plain Llama are one `ArchSpec`:
@@ -34,13 +35,22 @@ from publish.gguf_tokenizer import write_tokenizer
 from still.errors import StillError
 
 # Drift from the fp32 model: rms(Δ logit) / std(logits) on a sample, per type. Measured on tiny
-# random Llama/Gemma-3 models and SmolLM2-135M (docs/publishing.md), set with headroom.
-TOLERANCES = {"f16": 0.01, "q8_0": 0.10}
+# random models of every family and SmolLM2-135M (docs/publishing.md), set with headroom; the
+# 4-bit types move a random tiny model's logits by up to half their std (0.44-0.53 for q4_0).
+# The k-quants (written by llama.cpp, publish/quantize.py) are loaded back for their drift only.
+TOLERANCES = {
+    "f16": 0.01,
+    "q8_0": 0.10,
+    "q6_k": 0.30,
+    "q5_k_m": 0.50,
+    "q4_k_m": 0.70,
+    "q4_0": 0.80,
+}
 # The loaded GGUF against the source with the same rounding applied in torch: only float
 # summation order may differ.
 EXACT_TOLERANCE = 1e-4
-GGUF_TYPES = tuple(TOLERANCES)
-_QK8_0 = 32  # elements per q8_0 block: a row must be a multiple of it
+GGUF_TYPES = ("f16", "q8_0", "q4_0")  # what this module writes itself
+_BLOCK = 32  # elements per q8_0 / q4_0 block: a row must be a multiple of it
 
 
 @dataclass(frozen=True)
@@ -98,20 +108,26 @@ def arch_spec(config) -> ArchSpec:
 def export_gguf(
     model, tokenizer, path: Path, gguf_type: str, *, name: str, license: str | None = None
 ) -> Path:
-    """Write `model` (+ tokenizer) to `path` as `gguf_type` ("f16" or "q8_0")."""
+    """Write `model` (+ tokenizer) to `path` as `gguf_type` (GGUF_TYPES, or "f32")."""
     import gguf
 
-    if gguf_type not in TOLERANCES:
+    if gguf_type not in (*GGUF_TYPES, "f32"):
         raise StillError(
             f"unknown GGUF type '{gguf_type}'", hint=f"choose from {', '.join(GGUF_TYPES)}"
         )
     config = model.config
     spec = arch_spec(config)
+    _refuse_unblockable(model, gguf_type)
     writer = gguf.GGUFWriter(str(path), spec.gguf_arch)
     writer.add_name(name)
     if license:
         writer.add_license(license)
-    file_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    file_types = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    }
     file_type = file_types[gguf_type]
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -126,6 +142,28 @@ def export_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _refuse_unblockable(model, gguf_type: str) -> None:
+    """q8_0 / q4_0 quantize each row in blocks of 32: a matrix whose rows are not whole blocks
+    (a width-pruned student of odd width) cannot take the type at all."""
+    if gguf_type not in ("q8_0", "q4_0"):
+        return
+    odd = sorted(
+        {
+            parameter.shape[-1]
+            for name, parameter in model.named_parameters()
+            if parameter.dim() >= 2 and parameter.shape[-1] % _BLOCK and not name.endswith(
+                _F32_MATRICES
+            )
+        }
+    )
+    if odd:
+        raise StillError(
+            f"GGUF {gguf_type}: this model has matrix rows of {', '.join(map(str, odd))} values, "
+            f"not a multiple of {_BLOCK} (the {gguf_type} block)",
+            hint="publish --gguf f16, or prune the student's width to multiples of 32",
+        )
 
 
 def _rope_parameters(config, layer_type: str = "full_attention") -> dict:
@@ -198,6 +236,26 @@ def _gguf_tensors(model, spec: ArchSpec):
         yield f"{gguf_base}.{suffix}", hf_name, array
 
 
+def tensor_namer(model):
+    """hf module name -> the GGUF name of its weight, or None for a weight the file does not
+    hold as a matrix of its own (a tied output layer, embeddings)."""
+    import gguf
+
+    config = model.config
+    spec = arch_spec(config)
+    arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == spec.gguf_arch)
+    name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    tied = getattr(config, "tie_word_embeddings", False)
+
+    def name(module_name: str) -> str | None:
+        if tied and module_name == "lm_head":
+            return None
+        base = name_map.get_name(module_name)
+        return None if base is None or base == "token_embd" else f"{base}.weight"
+
+    return name
+
+
 def _gguf_name(name_map, hf_base: str, spec: ArchSpec) -> str:
     gguf_base = name_map.get_name(hf_base)
     if gguf_base is None:
@@ -218,10 +276,12 @@ def _encode(array: np.ndarray, hf_name: str, gguf_type: str):
 
     if array.ndim < 2 or hf_name.endswith(_F32_MATRICES):
         return np.ascontiguousarray(array, dtype=np.float32), None
-    if gguf_type == "q8_0" and array.shape[-1] % _QK8_0 == 0:
-        q8_0 = gguf.GGMLQuantizationType.Q8_0
-        return gguf.quants.quantize(np.ascontiguousarray(array), q8_0), q8_0
-    # f16, or a q8_0 row that is not a whole number of blocks
+    if gguf_type == "f32":
+        return np.ascontiguousarray(array, dtype=np.float32), None
+    if gguf_type in ("q8_0", "q4_0") and array.shape[-1] % _BLOCK == 0:
+        block_type = getattr(gguf.GGMLQuantizationType, gguf_type.upper())
+        return gguf.quants.quantize(np.ascontiguousarray(array), block_type), block_type
+    # f16, or a q8_0 / q4_0 row that is not a whole number of blocks
     return np.ascontiguousarray(array, dtype=np.float16), None
 
 
@@ -305,11 +365,13 @@ def verify_gguf(
     texts: list[str],
     *,
     check_tokenizer: bool = True,
+    exact: bool = True,
 ) -> dict:
     """Load `path` back with transformers and compare it with the model it was written from.
 
-    Two checks. Exactness: the loaded logits equal those of the source with the file's own
-    rounding applied in torch (`rounded_copy`), to `EXACT_TOLERANCE`; this catches any layout,
+    Two checks (the first only with `exact`: a k-quant's rounding is llama.cpp's to know).
+    Exactness: the loaded logits equal those of the source with the file's own rounding
+    applied in torch (`rounded_copy`), to `EXACT_TOLERANCE`; this catches any layout,
     name or metadata mistake. Drift: how far the file is from the fp32 source, as
     rms(Δ logit) / std(logits) against `TOLERANCES[gguf_type]`, with top-1 agreement and the
     mean per-token KL(fp32 ‖ gguf) reported. Raises StillError when either fails.
@@ -324,7 +386,7 @@ def verify_gguf(
     if check_tokenizer:
         _check_tokenizer(path, tokenizer, texts)
     reference_model.eval()
-    rounded = rounded_copy(reference_model, gguf_type).eval()
+    rounded = rounded_copy(reference_model, gguf_type).eval() if exact else None
     result = {
         "type": gguf_type,
         **_compare(loaded, rounded, reference_model, tokenizer, texts),
@@ -333,7 +395,7 @@ def verify_gguf(
     result["tokens"] = result.pop("tokens")  # last, where lineage.json has always had it
     del loaded, rounded
     exact, rms = result["exact_max_abs_diff"], result["rms_relative_diff"]
-    if not exact <= EXACT_TOLERANCE:  # written so that a NaN fails too
+    if exact is not None and not exact <= EXACT_TOLERANCE:  # written so that a NaN fails too
         raise StillError(
             f"GGUF {path.name} loads back different from the model it was written from "
             f"(max |Δlogit| {exact:.3g} > {EXACT_TOLERANCE} beyond {gguf_type} rounding)",
@@ -372,7 +434,9 @@ def _compare(loaded, rounded, reference_model, tokenizer, texts: list[str]) -> d
             ids = torch.tensor([tokenizer(text)["input_ids"]])
             reference = reference_model(input_ids=ids).logits.float()[0]
             got = loaded(input_ids=ids).logits.float()[0]
-            exact = max(exact, (rounded(input_ids=ids).logits.float()[0] - got).abs().max().item())
+            if rounded is not None:
+                rounded_logits = rounded(input_ids=ids).logits.float()[0]
+                exact = max(exact, (rounded_logits - got).abs().max().item())
             delta = reference - got
             drift_max = max(drift_max, delta.abs().max().item())
             rms = max(rms, (delta.pow(2).mean().sqrt() / reference.std()).item())
@@ -382,7 +446,7 @@ def _compare(loaded, rounded, reference_model, tokenizer, texts: list[str]) -> d
             agree += (reference.argmax(-1) == got.argmax(-1)).sum().item()
             total += ids.shape[1]
     return {
-        "exact_max_abs_diff": exact,
+        "exact_max_abs_diff": exact if rounded is not None else None,
         "max_abs_diff": drift_max,
         "rms_relative_diff": rms,
         "mean_kl": kl / total,

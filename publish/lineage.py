@@ -128,6 +128,7 @@ def published_lineage(result, files: dict[str, str]) -> dict:
         "merge": result.merge,
         "eval_limit": result.eval_limit,
         "gguf": result.gguf,
+        "gguf_fp32_reference": result.gguf_fp32 or None,
         "files": files,
         "license": license_of(result.lineage),
         "command": result.command,

@@ -101,3 +101,21 @@ def _plain_text(example: dict) -> str:
 
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_CHARS else text[:MAX_CHARS]
+
+
+CALIBRATION_COUNT = 64  # training examples behind a k-quant's importance matrix
+
+
+def calibration_texts(run: RunDir, count: int = CALIBRATION_COUNT) -> list[str]:
+    """Up to `count` of the run's training examples as plain text, for the importance matrix
+    of a k-quant GGUF (never the held-out rows the GGUF check scores); the neutral texts when
+    the data is gone."""
+    data = run.recipe_data().get("data")
+    try:
+        section = DataSection.model_validate(data) if isinstance(data, dict) else None
+    except ValidationError:
+        section = None
+    if section is None or section.train is None:
+        return list(FALLBACK_TEXTS)
+    examples = _first_examples(section, section.train, "train", count)
+    return [_plain_text(example) for example in examples] or list(FALLBACK_TEXTS)

@@ -314,3 +314,17 @@ def test_probe_of_a_named_student_also_carves_the_teacher(
     probed = re.findall(r"^    (\S+) .* train loss [\d.]+ after 2 steps", out, re.M)
     assert probed[0] == "depth" and probed[-1] == str(tiny_model_dir), out
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_width_gguf_cannot_block_is_warned_before_training(capsys):
+    from distill.width import Shape, warn_gguf_blocks
+
+    warn_gguf_blocks(Shape(4, 256, 512, 8, 4, 32))  # every width a multiple of 256: silent
+    assert capsys.readouterr().out == ""
+    warn_gguf_blocks(Shape(4, 400, 1024, 8, 4, 32))  # hidden 400: not even 32-blocks
+    out = capsys.readouterr().out
+    assert "hidden 400 is not a multiple of 32: GGUF q8_0/q4_0 cannot block" in out
+    assert out.count("\n") == 1
+    warn_gguf_blocks(Shape(4, 576, 1536, 9, 3, 64))  # SmolLM2's 576: 32-blocks, not 256
+    out = capsys.readouterr().out
+    assert "hidden 576, attention (heads x head_dim) 576 are not a multiple of 256" in out

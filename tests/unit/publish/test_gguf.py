@@ -178,3 +178,12 @@ def test_a_tokenizer_that_splits_differently_is_caught(tmp_path, llama, tokenize
     other = build_tiny_tokenizer(vocab_size=300)  # same specials, fewer merges
     with pytest.raises(StillError, match="splits .* differently"):
         gguf_export.verify_gguf(path, llama, other, "f16", TEXTS)
+
+
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0"])
+def test_rows_that_are_not_whole_blocks_are_refused_by_width(tmp_path, tokenizer, gguf_type):
+    odd = build_tiny_llama(tokenizer, hidden=40).eval()  # a width-pruned student's odd width
+    with pytest.raises(StillError, match="matrix rows of 40, 80 values, not a multiple of 32"):
+        gguf_export.export_gguf(odd, tokenizer, tmp_path / "o.gguf", gguf_type, name="odd")
+    assert not (tmp_path / "o.gguf").exists()
+    gguf_export.export_gguf(odd, tokenizer, tmp_path / "o.gguf", "f16", name="odd")  # f16 can

@@ -274,8 +274,8 @@ def test_a_failure_midway_leaves_nothing_behind(lora_run, tmp_path, monkeypatch)
 def test_not_a_run_dir_and_unknown_gguf_type(tmp_path, tiny_model_dir, lora_run):
     with pytest.raises(StillError, match="not a still run dir"):
         publish(tiny_model_dir, tmp_path / "x")
-    with pytest.raises(StillError, match="unknown GGUF type 'q4_0'"):
-        publish(lora_run, tmp_path / "x", gguf_types=["q4_0"])
+    with pytest.raises(StillError, match="unknown GGUF type 'q3_k_s'"):
+        publish(lora_run, tmp_path / "x", gguf_types=["q3_k_s"])
     assert not (tmp_path / "x").exists()
 
 
