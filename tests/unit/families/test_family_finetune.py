@@ -1,6 +1,6 @@
 """LoRA (all-linear), DoRA and full fine-tuning of every family through `still run`.
 
-Each run trains 3 steps on multi-turn chat rows (tests/unit/families/conftest.py). What
+Each run trains 3 steps on multi-turn chat rows (`chat_rows` in tests/families.py). What
 `all-linear` wraps is read back from the saved run: every attention and MLP projection of every
 layer (Phi-3's fused qkv_proj and gate_up_proj included), never the embeddings or the head. A
 Qwen3-MoE's experts are fused 3-D parameters in transformers 5, which PEFT reaches through
@@ -13,8 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import write_recipe
-from families import DENSE, FAMILIES, FAMILY, model_config
+from families import DENSE, FAMILIES, FAMILY, model_config, write_finetune_recipe
 from safetensors.torch import load_file
 
 from still import cli, models
@@ -115,7 +114,9 @@ def refusal(capsys) -> str:
 def test_moe_experts_refuse_dora_and_dropout_in_one_line(
     family_runs, twin_dir, capsys, method, extra, message
 ):
-    recipe = write_recipe(family_runs.directory, "moe-refused", method, twin_dir("qwen3_moe"))
+    recipe = write_finetune_recipe(
+        family_runs.directory, "moe-refused", method, twin_dir("qwen3_moe")
+    )
     if extra:  # the default dropout, as a user's recipe would leave it
         text = open(recipe).read().replace("lora: {r: 4, alpha: 8, dropout: 0.0}\n", extra)
         open(recipe, "w").write(text)
