@@ -26,6 +26,7 @@ from still.recipe import FinetuneRecipe
 from still.rundir import RunDir
 from still.tracking import start_tracking
 from still.train import (
+    add_lora,
     collator_for,
     finish_run,
     lora_config,
@@ -72,14 +73,14 @@ def build_model(recipe: FinetuneRecipe, tokenizer=None):
     if hasattr(model, "peft_config"):
         # A run dir with an adapter as the base: keep training that adapter.
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     if recipe.method == "qlora":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.train.gradient_checkpointing
         )
     tokens = train_token_ids(recipe.lora, tokenizer, recipe.data.chat_template)
-    return get_peft_model(model, lora_config(recipe.lora, recipe.method, tokens))
+    return add_lora(model, lora_config(recipe.lora, recipe.method, tokens))
 
 
 # --------------------------------------------------------------------------- loss

@@ -31,7 +31,7 @@ from still.errors import StillError
 from still.formats import IGNORE_INDEX, render_loss_mask  # noqa: F401  (re-exported)
 from still.rows import BadRow, read_rows, source_files
 
-CACHE_VERSION = "1"  # bump when the encoding changes, so old caches are not reused
+CACHE_VERSION = "2"  # bump when the encoding changes, so old caches are not reused
 MAX_BAD_ROW_EXAMPLES = 3
 KEPT = ("ok", "truncated")
 # data.num_proc unset: one tokenizing process per this many examples, up to the usable CPU

@@ -9,8 +9,10 @@ messages[:i+1]) and, when every rendering is a token-level prefix of the next, t
 between are the assistant turn. A template that is not prefix-stable (one that rewrites earlier
 turns, or marks the last one) falls back to locating the assistant contents in the full
 rendering by character offsets. Either way the end-of-turn token (`<|im_end|>`, `<|eot_id|>`,
-`</s>`) carries loss, so the model learns to stop, and the whitespace a template writes after
-it does not. Labels never come from pad positions, so pad == eos tokenizers are fine.
+`</s>`) carries loss, so the model learns to stop; what a template writes around the content
+(whitespace, Qwen3's empty <think></think> block, Phi-3's eos after the last <|end|>) does not.
+The system prompt is not used to locate turns: templates move it (Mistral puts it into the last
+user turn). Labels never come from pad positions, so pad == eos tokenizers are fine.
 """
 
 from __future__ import annotations
@@ -192,12 +194,25 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """Token ids of `text` and each token's character span (None from a slow tokenizer)."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return self._ids(text), None
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
+
     def _encode_chat(self, messages: list[dict]) -> Encoded:
         text = self._render(messages, False)
-        ids = self._ids(text)
+        ids, offsets = self._tokens(text)
         spans = self._spans_by_prefix(messages, ids)
         if spans is None:
-            spans = self._spans_by_offsets(messages, text, ids)
+            spans = self._spans_by_offsets(messages, text, ids, offsets)
+        elif offsets is not None:
+            contents = [m["content"] for m in messages if m["role"] == "assistant"]
+            spans = [
+                self._content_of(span, content, text, ids, offsets)
+                for span, content in zip(spans, contents, strict=True)
+            ]
         if self.train_on == "all":
             labels = list(ids)
         else:
@@ -229,32 +244,58 @@ class Encoder:
             spans.append((start, stop))
         return spans
 
-    def _spans_by_offsets(self, messages, text, ids) -> list[tuple[int, int]]:
-        if not getattr(self.tokenizer, "is_fast", False):
+    def _find(self, content, text, ids, offsets, begin, end=None) -> tuple[int, int, int] | None:
+        """(first token, token stop, character end) of `content` in text[begin:end]: as written,
+        or stripped (templates that trim it), and never inside a special token's text (a short
+        answer such as "end" must not match `<|end|>`)."""
+        end = len(text) if end is None else end
+        for needle in dict.fromkeys((content, content.strip())):
+            position = text.find(needle, begin, end) if needle else -1
+            while position >= 0:
+                stop = position + len(needle)
+                inside = [i for i, (s, e) in enumerate(offsets) if s < stop and e > position]
+                if inside and not any(ids[i] in self._special for i in inside):
+                    return inside[0], inside[-1] + 1, stop
+                position = text.find(needle, position + 1, end)
+        return None
+
+    def _content_of(self, span, content, text, ids, offsets) -> tuple[int, int]:
+        """The part of an assistant turn's tokens that the model writes: its content and the
+        end-of-turn token right after it. What a template adds around the content carries no
+        loss: Qwen3's empty <think></think> block before it, Phi-3's eos after the turn's
+        <|end|>. A template that rewrites the content keeps the whole turn."""
+        start, stop = span
+        found = self._find(content, text, ids, offsets, offsets[start][0], offsets[stop - 1][1])
+        if found is None:
+            return span
+        first, content_stop, _ = found
+        if content_stop < stop and ids[content_stop] in self._special:
+            return first, content_stop + 1
+        return first, stop
+
+    def _spans_by_offsets(self, messages, text, ids, offsets) -> list[tuple[int, int]]:
+        if offsets is None:
             raise BadRow(
                 "the chat template is not prefix-stable and a slow tokenizer has no "
                 "offsets to locate assistant turns; set data.chat_template"
             )
-        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
-            "offset_mapping"
-        ]
         spans, cursor = [], 0
         for number, message in enumerate(messages, start=1):
-            content = message["content"]
-            needle = content if content in text[cursor:] else content.strip()
-            position = text.find(needle, cursor) if needle else -1
-            if position < 0:
+            # Templates put the system prompt where they like (Mistral: into the last user
+            # turn), so it is not searched for, and turns are found in order after each other.
+            if message["role"] == "system":
+                continue
+            found = self._find(message["content"], text, ids, offsets, cursor)
+            if found is None:
                 if message["role"] == "assistant":
                     raise BadRow(
                         f"message {number} (assistant) is not in the chat template's "
                         "rendering; set data.chat_template"
                     )
                 continue
-            cursor = position + len(needle)
+            start, stop, cursor = found
             if message["role"] != "assistant":
                 continue
-            inside = [i for i, (s, e) in enumerate(offsets) if s < cursor and e > position]
-            start, stop = inside[0], inside[-1] + 1
             if stop < len(ids) and ids[stop] in self._special:
                 stop += 1  # the end-of-turn token right after the content
             spans.append((start, stop))

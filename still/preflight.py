@@ -40,9 +40,9 @@ def meta_model(spec, *, adapter=None):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     model.tie_weights()  # on the meta device ties are not applied by from_config
     if adapter is not None:
-        from peft import get_peft_model
+        from still.train import add_lora
 
-        model = get_peft_model(model, adapter)
+        model = add_lora(model, adapter)
     return model
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -171,6 +172,73 @@ def lora_config(lora: LoraSection, method: str, train_tokens: list[int] | None =
         trainable_token_indices=train_tokens or None,
         task_type="CAUSAL_LM",
     )
+
+
+def fused_expert_weights(model) -> dict[str, int]:
+    """A mixture of experts' fused weights, name -> size: 3-D parameters ([experts, out, in],
+    e.g. transformers 5's Qwen3MoeExperts.gate_up_proj) that are no nn.Linear, so `all-linear`
+    reaches them only where PEFT maps them to `target_parameters`."""
+    return {
+        f"{name}.{parameter_name}" if name else parameter_name: parameter.numel()
+        for name, module in model.named_modules()
+        if not isinstance(module, torch.nn.modules.conv._ConvNd)
+        for parameter_name, parameter in module.named_parameters(recurse=False)
+        if parameter.dim() == 3
+    }
+
+
+def _adapted_parameters(model) -> set[str]:
+    """The parameters PEFT's ParamWrappers adapt, named as in the unwrapped model."""
+    names = set()
+    for name, module in model.get_base_model().named_modules():
+        parameter_name = getattr(module, "parameter_name", None)
+        if parameter_name and hasattr(module, "lora_A"):
+            path = [part for part in name.split(".") if part != "base_layer"]
+            names.add(".".join([*path, parameter_name]))
+    return names
+
+
+def _expert_summary(model, experts: dict[str, int]) -> str:
+    patterns = dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name) for name in experts)
+    share = 100 * sum(experts.values()) / sum(p.numel() for p in model.parameters())
+    names = ", ".join(patterns)
+    return f"{type(model).__name__}'s fused expert weights ({names}: {share:.0f}% of its weights)"
+
+
+def add_lora(model, config):
+    """`get_peft_model(model, config)`, refusing an adapter that would quietly leave a mixture
+    of experts' expert weights frozen, or crash on them. `all-linear` wraps nn.Linear modules;
+    fused experts are 3-D parameters, which PEFT adapts (as `target_parameters`) only for the
+    model types it maps (Qwen3-MoE, Mixtral, ...; not e.g. GPT-OSS), and never with DoRA or
+    dropout."""
+    from peft import __version__ as peft_version
+    from peft import get_peft_model
+
+    experts = fused_expert_weights(model)
+    all_linear = isinstance(config.target_modules, str) and config.target_modules == "all-linear"
+    if not (experts and all_linear):
+        return get_peft_model(model, config)
+    summary = _expert_summary(model, experts)
+    linear_only = "or name linear modules in lora.target, e.g. [q_proj, v_proj]"
+    if config.use_dora:
+        raise StillError(
+            f"method: dora cannot adapt {summary}: PEFT has DoRA for linear layers only",
+            hint=f"use method: lora with lora.dropout: 0 (it adapts them), full, {linear_only}",
+        )
+    if config.lora_dropout:
+        raise StillError(
+            f"lora.dropout: {config.lora_dropout:g} cannot apply to {summary}: PEFT adapts them "
+            "without dropout",
+            hint=f"set lora.dropout: 0, {linear_only}",
+        )
+    adapted = get_peft_model(model, config)
+    if set(experts) - _adapted_parameters(adapted):
+        raise StillError(
+            f"lora.target: all-linear leaves {summary} without an adapter: PEFT {peft_version} "
+            "does not map this model's experts",
+            hint=f"use method: full, {linear_only}",
+        )
+    return adapted
 
 
 # --------------------------------------------------------------------------- batches

@@ -18,6 +18,8 @@ Chat formats are written from each format's public description.
 
 `build_tokenizer(name)`, `build_model(name, tokenizer)` and `save_twin(name, path)` (model,
 tokenizer and generation_config as an HF dir) are the API; `FAMILIES` lists the names.
+`chat_rows()` and `write_finetune_recipe(...)` are the multi-turn data and the recipe the
+family tests (tests/unit/families/) train on.
 """
 
 from __future__ import annotations
@@ -247,3 +249,53 @@ def save_twin(name: str, path, *, seed: int = 0, **overrides):
     build_model(name, tokenizer, seed=seed, **overrides).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# A chat conversation per row: system, then two user/assistant turns (a Mistral template moves
+# the system prompt into the last [INST]; Qwen3 renders earlier answers without <think>).
+QA_PAIRS = [
+    ("What does abs do?", "Return the absolute value of a number."),
+    ("What does len do?", "Return the number of items in a container."),
+    ("What does min do?", "Return the smallest item of an iterable."),
+    ("What does max do?", "Return the largest item of an iterable."),
+    ("What does sorted do?", "Return a new sorted list from the items."),
+    ("What does repr do?", "Return the canonical string of the object."),
+    ("What does json.dumps do?", "Serialize obj to a JSON formatted str."),
+    ("What does os.path.join do?", "Join two or more pathname components."),
+]
+
+
+def chat_rows() -> list[dict]:
+    rows = []
+    for i, (question, answer) in enumerate(QA_PAIRS):
+        follow_up, follow_answer = QA_PAIRS[(i + 3) % len(QA_PAIRS)]
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Answer in one short sentence."},
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": answer},
+                    {"role": "user", "content": follow_up},
+                    {"role": "assistant", "content": follow_answer},
+                ]
+            }
+        )
+    return rows
+
+
+def write_finetune_recipe(directory, name: str, method: str, model_ref, extra: str = "") -> str:
+    """A finetune recipe for a family twin on the chat rows in `directory`; runs under
+    directory/runs. LoRA dropout 0: PEFT adapts a MoE's fused experts without dropout."""
+    lora = "" if method == "full" else "lora: {r: 4, alpha: 8, dropout: 0.0}\n"
+    text = (
+        f"# Run: still run {name}-{method}.yaml\n"
+        f"kind: finetune\nname: {name}-{method}\noutput_dir: {directory / 'runs'}\n"
+        f'model: {{ref: "{model_ref}"}}\nmethod: {method}\n{lora}'
+        "data:\n  train: {path: chat.jsonl, format: chat}\n  max_len: 160\n"
+        "train: {lr: 1.0e-2, batch_size: 4, max_steps: 3, save_steps: 100, warmup_ratio: 0.0, "
+        "gradient_checkpointing: false, "
+        "seed: 3}\n" + extra
+    )
+    path = directory / f"{name}-{method}.yaml"
+    path.write_text(text)
+    return str(path)
