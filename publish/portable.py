@@ -16,6 +16,11 @@ recipe copy cannot name models, data and recipes by where they lay on the publis
 - a data file is named by its basename and sha256 (`{"file": "train.jsonl", "sha256": …}`):
   where it lay says nothing to a reader, its hash says exactly which file it was.
 
+Fields known to hold a model or a path (base, teacher, the chain, the source run) are named so
+always. Elsewhere (the recipe copy, the rest of a lineage) a string is taken for a path only
+when it looks like one: absolute, one line, and either on disk or two or more components with
+no space. A system prompt such as Qwen3's `/no_think` is text and stays.
+
 The training-time lineage keeps its absolute paths (later steps follow them to the teacher and
 the base); only what goes into the published dir is rewritten.
 """
@@ -32,6 +37,7 @@ import yaml
 from still.rundir import SOURCE_HEADER
 
 HUB_CACHE_PREFIX = "models--"  # huggingface_hub's cache dir of a model: models--ORG--NAME
+MODEL_KEYS = ("base", "teacher", "student")  # a run lineage's model references
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class Project:
     def name(self, ref):
         """A model reference or a path as the published dir writes it; other values as they
         are. A string is taken for a path when it is absolute or starts with `~`."""
-        if not isinstance(ref, str) or not (os.path.isabs(ref) or ref.startswith("~")):
+        if not isinstance(ref, str) or not _absolute(ref):
             return ref
         path = Path(ref).expanduser().resolve()
         hub_dir = next((p for p in path.parts if p.startswith(HUB_CACHE_PREFIX)), None)
@@ -57,16 +63,17 @@ class Project:
         return path.name
 
     def scrub(self, value):
-        """`value` (JSON-like) with every path-shaped string renamed by `name`."""
+        """`value` (JSON-like) with every string that looks like a path renamed by `name`."""
         if isinstance(value, dict):
             return {key: self.scrub(item) for key, item in value.items()}
         if isinstance(value, list | tuple):
             return [self.scrub(item) for item in value]
-        return self.name(value)
+        return self.name(value) if isinstance(value, str) and _looks_like_path(value) else value
 
     def lineage(self, lineage: dict) -> dict:
         """A run's lineage.json as the published dir carries it."""
-        return self.scrub({**lineage, "data": data_files(lineage.get("data", []))})
+        models = {key: self.name(lineage[key]) for key in MODEL_KEYS if key in lineage}
+        return self.scrub({**lineage, **models, "data": data_files(lineage.get("data", []))})
 
     def recipe_text(self, text: str) -> str:
         """The resolved recipe with its paths renamed (and its header naming its source so)."""
@@ -94,6 +101,23 @@ class Project:
             else:
                 words.append(self.name(word))
         return shlex.join(words)
+
+
+def _absolute(value: str) -> bool:
+    return os.path.isabs(value) or value.startswith("~")
+
+
+def _looks_like_path(value: str) -> bool:
+    if "\n" in value or not _absolute(value):
+        return False
+    path = Path(value).expanduser()
+    if len(path.parts) < 2:  # "/" itself (a token in a vocabulary, say)
+        return False
+    try:
+        on_disk = path.exists()
+    except OSError:  # a name too long to be a path
+        return False
+    return on_disk or (len(path.parts) > 2 and not any(c.isspace() for c in value))
 
 
 def data_files(entries: list[dict]) -> list[dict]:

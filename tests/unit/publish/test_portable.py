@@ -46,24 +46,24 @@ def test_lineage_recipe_and_command_lose_every_absolute_path(tmp_path):
         "data": [{"path": "/data/t.jsonl", "sha256": "f00"}],
         "cross_tokenizer": {"teacher_tokenizer": str(tmp_path / "tok")},
         "carved": {"kept_layers": [0, 3]},
+        "base": "/gone/My Models/tiny",  # a model field: named even when it is gone
     }
     assert project.lineage(lineage) == {
         "teacher": "runs/teacher",
         "data": [{"file": "t.jsonl", "sha256": "f00"}],
         "cross_tokenizer": {"teacher_tokenizer": "tok"},
         "carved": {"kept_layers": [0, 3]},
+        "base": "tiny",
     }
-    recipe = (
-        f"# Resolved from {root / 'recipes' / 'student.yaml'}\n"
-        + yaml.safe_dump(
-            {
-                "kind": "distill",
-                "teacher": {"ref": "runs/teacher"},
-                "data": {"train": {"path": str(root / "data" / "t.jsonl")}},
-                "eval_tasks": ["/elsewhere/tasks/qa.yaml"],
-            },
-            sort_keys=False,
-        )
+    recipe = f"# Resolved from {root / 'recipes' / 'student.yaml'}\n" + yaml.safe_dump(
+        {
+            "kind": "distill",
+            "teacher": {"ref": "runs/teacher"},
+            "data": {"train": {"path": str(root / "data" / "t.jsonl")}},
+            "eval_tasks": ["/elsewhere/tasks/qa.yaml"],
+            "system_prompt": "/no_think",
+        },
+        sort_keys=False,
     )
     text = project.recipe_text(recipe)
     assert text.startswith("# Resolved from recipes/student.yaml\n# Published copy: ")
@@ -72,6 +72,7 @@ def test_lineage_recipe_and_command_lose_every_absolute_path(tmp_path):
         "teacher": {"ref": "runs/teacher"},
         "data": {"train": {"path": "data/t.jsonl"}},
         "eval_tasks": ["qa.yaml"],
+        "system_prompt": "/no_think",  # Qwen3's switch is text, not a path
     }
     command = f"still publish {root}/runs/student --out 'my out' --task={root}/qa.yaml --quick"
     assert project.command(command) == (
