@@ -118,8 +118,8 @@ def publish(
     from still.tracking import log_published_model
 
     # a W&B `model` artifact in the source run's project and group, when that run was tracked
-    # W&B stays on this machine: it links the parents by their local run dirs
-    log_published_model(out, {**published, **local_parents(result)}, source_run_dir=source.path)
+    # the artifact carries the portable lineage; its links to the parents use their local dirs
+    log_published_model(out, published, source_run_dir=source.path, parents=local_parents(result))
     if hub:
         hub_client.upload(api, hub, out, dry_run=dry_run, private=private)
     return out

@@ -735,3 +735,19 @@ def test_the_cards_example_is_a_prompt_of_the_runs_own_non_python_data(lora_run,
     assert not any(question in card for question, _ in ROWS + EVAL_ROWS)
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["data"]["eval"]["path"] == "validation.jsonl"  # outside the project: a name
+
+
+def test_the_wandb_artifact_gets_the_portable_lineage_and_links_parents_by_local_dir(
+    distill_run, tmp_path, monkeypatch
+):
+    import still.tracking
+
+    calls = []
+    monkeypatch.setattr(
+        still.tracking, "log_published_model", lambda *args, **kwargs: calls.append(kwargs)
+    )
+    out = publish(distill_run, tmp_path / "published-student", evaluate=False)
+    (call,) = calls
+    assert call["parents"]["teacher"] == str((tmp_path / "runs" / "teacher").resolve())
+    assert call["parents"]["source_run"] == str(RunDir(distill_run).path.resolve())
+    assert json.loads((out / "lineage.json").read_text())["teacher"] == "runs/teacher"
