@@ -5,7 +5,9 @@ eval results as `model-index` (task, dataset, metric, value; the bootstrap stder
 number of scored rows go in each metric's `args`). Body: how to run it (transformers and
 llama.cpp, asked a question from the run's own data), lineage, training summary, data with
 sha256, eval table with ± stderr against the base and the teacher, verification numbers,
-intended use and limits, and the recipe.
+intended use and limits, and the recipe. Models, runs, recipes and data are named as
+`publish.portable` says (hub id, `builtin:NAME`, a path relative to the project, a data file's
+basename and sha256), never by an absolute path.
 
 Every function takes the `publish.flow.Publication` being built (`result`); the card reads
 it and the source run dir, and writes nothing but the text it returns.
@@ -17,6 +19,7 @@ import json
 from pathlib import Path
 
 from publish.lineage import base_of, hub_id_of, license_of, lineage_chain
+from publish.portable import data_files
 from still.fsutil import file_sha256
 from still.rundir import RunDir
 
@@ -50,17 +53,18 @@ def build_card(result):
         tags=tags,
         eval_results=eval_results(result) or None,
     )
+    shown_base = result.project.name(base)  # how the card names it: never an absolute path
     sections = [
-        f"# {result.out.name}\n\n{_summary(result, base)}",
+        f"# {result.out.name}\n\n{_summary(result, shown_base)}",
         _usage(result),
         _lineage_section(result),
         _training_section(result),
-        _data_section(lineage),
+        _data_section(data_files(lineage.get("data", []))),
         _eval_section(result),
         _regression_section(result),
         _verification_section(result),
         _gguf_section(result),
-        _limits_section(result, base, license_id),
+        _limits_section(result, shown_base, license_id),
         _recipe_section(result),
     ]
     body = "\n\n".join(s for s in sections if s)
@@ -119,7 +123,7 @@ def _summary(result, base) -> str:
     lineage = result.lineage
     if lineage.get("kind") == "distill":
         carved = lineage.get("carved") or {}
-        made = f"distilled from the teacher `{lineage.get('teacher')}`"
+        made = f"distilled from the teacher `{result.project.name(lineage.get('teacher'))}`"
         if carved:
             made += (
                 f" into a student carved from it ({len(carved.get('kept_layers', []))} "
@@ -131,7 +135,7 @@ def _summary(result, base) -> str:
     gguf = ", plus GGUF files for llama.cpp" if result.gguf else ""
     return (
         f"A small model {made}, with the `still` recipe `{lineage.get('name')}`. "
-        f"Weights are fp32 safetensors{merged}{gguf}."
+        f"Weights are {result.dtype} safetensors{merged}{gguf}."
     )
 
 
@@ -218,13 +222,12 @@ def _last_metrics(run: RunDir) -> dict:
     return last
 
 
-def _data_section(lineage) -> str:
-    files = lineage.get("data", [])
+def _data_section(files: list[dict]) -> str:
     if not files:
         return ""
     rows = ["## Training data", "", "| source | sha256 |", "|---|---|"]
     for entry in files:
-        source = entry.get("path") or (
+        source = entry.get("file") or (
             f"{entry.get('hf')} ({entry.get('subset') or 'default'}, {entry.get('split')})"
         )
         rows.append(f"| `{source}` | `{entry.get('sha256', 'hub dataset')}` |")
@@ -274,9 +277,10 @@ def _regression_section(result) -> str:
         if report.get("flagged")
         else f"No drop beyond the tolerance of {report['tolerance']:g}."
     )
+    base = result.project.name(report.get("base", "base"))
     return (
         "## Forgetting check\n\nScored at the end of training on tasks it was not trained "
-        f"for, base ({report.get('base', 'base')}) against this model, with 95% paired "
+        f"for, base ({base}) against this model, with 95% paired "
         f"bootstrap CIs over the same questions. {verdict}\n\n{markdown_table(report)}"
     )
 
@@ -294,12 +298,14 @@ def _verification_section(result) -> str:
     merge = result.merge
     if merge.get("merged"):
         lines.append(
-            f"- merge: the merged model's logits equal the adapter model's on "
+            f"- merge: in fp32, the merged model's logits equal the adapter model's on "
             f"{merge['tokens']} tokens: max |Δ| {merge['max_abs_logit_diff']:.2e} "
             f"(tolerance {merge['tolerance']:.1e})"
         )
     else:
         lines.append("- merge: none needed (the run saved full weights)")
+    if result.dtype != "fp32":
+        lines.append(f"- the safetensors were cast from fp32 to {result.dtype} after every check")
     for g in result.gguf:
         exact = (
             f"equal to the source with {g['type']} rounding (max |Δ| "
@@ -360,12 +366,13 @@ def _limits_section(result, base, license_id) -> str:
 
 
 def _recipe_section(result) -> str:
-    source = RunDir(result.run_dir).recipe_source()
+    project = result.project
+    source = project.name(RunDir(result.run_dir).recipe_source())
     command = f"still run {source}" if source else "still run RECIPE"
     text = f"## Recipe\n\nTrained with `{command}`"
     if result.command:
-        text += f" and published with `{result.command}`"
+        text += f" and published with `{project.command(result.command)}`"
     return (
         text + ". The resolved recipe (also in `recipe.yaml`):\n\n"
-        f"```yaml\n{result.recipe_text.strip()}\n```"
+        f"```yaml\n{project.recipe_text(result.recipe_text).strip()}\n```"
     )

@@ -1,11 +1,12 @@
 """`still publish RUN --out DIR`: ship a run as a model others can run.
 
 Reads top to bottom: check the targets (dir, hub repo) → merge the adapter into its base
-reloaded in fp32 and check the logits did not move → save safetensors, tokenizer, chat
-template, generation config → GGUF files, each loaded back and compared → re-score the
-recipe's eval tasks on the merged model (and the base / teacher for comparison) →
-lineage.json and the model card → rename the staging dir into place → upload (or show what
-would be uploaded).
+reloaded in fp32 and check the logits did not move → GGUF files from the fp32 weights, each
+loaded back and compared → cast to `dtype` (bf16 by default) and save safetensors, tokenizer,
+chat template, generation config → re-score the recipe's eval tasks on the saved weights (and
+the base / teacher for comparison) → lineage.json, the recipe and the model card, which name
+what the model came from without an absolute path (`publish.portable`) → rename the staging
+dir into place → upload (or show what would be uploaded).
 
 Everything is built in a staging dir beside `--out` and renamed at the end, so a failure at
 any step leaves no half-written output and nothing on the hub.
@@ -21,8 +22,9 @@ from publish import hub as hub_client
 from publish.card import build_card
 from publish.gguf_files import check_types, write_gguf
 from publish.gguf_table import measure_files, score_files
-from publish.lineage import base_of, license_of, published_lineage
-from publish.merge import check_texts, merged_model, refuse_existing_out, save_model
+from publish.lineage import base_of, license_of, local_parents, published_lineage
+from publish.merge import DTYPES, check_texts, merged_model, refuse_existing_out, save_model
+from publish.portable import Project
 from publish.samples import FALLBACK, Samples, calibration_texts, run_samples
 from still import models
 from still.errors import StillError
@@ -44,6 +46,8 @@ class Publication:
     recipe: dict
     recipe_text: str
     samples: Samples = FALLBACK  # the run's own texts: merge/GGUF checks, the card's example
+    dtype: str = "bf16"  # of the published safetensors (a key of merge.DTYPES)
+    project: Project | None = None  # how paths are named in the card and lineage
     merge: dict = field(default_factory=dict)
     evals: list[dict] = field(default_factory=list)
     comparisons: dict[str, list[dict]] = field(default_factory=dict)
@@ -54,12 +58,16 @@ class Publication:
     hub: str | None = None
     tasks: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        self.project = self.project or Project.of_run(self.run_dir)
+
 
 def publish(
     run: str | Path,
     out: str | Path,
     *,
     gguf_types: list[str] | tuple[str, ...] = (),
+    dtype: str = "bf16",
     hub: str | None = None,
     force: bool = False,
     quick: bool = False,
@@ -73,9 +81,12 @@ def publish(
     """Publish run dir `run` into `out` (and to hub repo `hub`). Returns `out`.
 
     The merged model is scored on `tasks` (task YAMLs), else on the recipe's `eval_tasks`.
+    Its safetensors are `dtype` (bf16, fp16, fp32); the merge check and GGUF use fp32.
     """
     source, out = _finished_run(Path(run)), Path(out)
     check_types(gguf_types, None)
+    if dtype not in DTYPES:
+        raise StillError(f"unknown dtype '{dtype}'", hint=f"choose from {', '.join(DTYPES)}")
     refuse_existing_out(out, force)
     if dry_run and not hub:
         raise StillError("--dry-run shows a hub upload; it needs --hub ORG/NAME")
@@ -91,6 +102,7 @@ def publish(
         source.read_lineage(),
         recipe,
         source.recipe_text(),
+        dtype=dtype,
         command=command,
         hub=hub,
     )
@@ -106,7 +118,8 @@ def publish(
     from still.tracking import log_published_model
 
     # a W&B `model` artifact in the source run's project and group, when that run was tracked
-    log_published_model(out, published, source_run_dir=source.path)
+    # the artifact carries the portable lineage; its links to the parents use their local dirs
+    log_published_model(out, published, source_run_dir=source.path, parents=local_parents(result))
     if hub:
         hub_client.upload(api, hub, out, dry_run=dry_run, private=private)
     return out
@@ -117,13 +130,14 @@ def _build(
 ) -> dict:
     """Everything that goes into the published dir, written into `staging`; its lineage."""
     model, tokenizer, result.merge = merged_model(result.run_dir, result.samples)
-    save_model(model, tokenizer, staging, name=result.out.name)
-    # GGUF before the evals: an architecture the export refuses fails in seconds, not minutes.
+    # GGUF from the fp32 weights, so before the cast; and before the evals: an architecture
+    # the export refuses fails in seconds, not minutes.
     for gguf_type in gguf_types:
         result.gguf.append(_write_gguf(model, tokenizer, staging, gguf_type, result))
-    if result.gguf and runtime_version() is not None:  # the on-device table
+    if result.gguf and runtime_version() is not None:  # the on-device table, from fp32 too
         held_out = list(run_samples(RunDir(result.run_dir), count=TABLE_TEXTS).texts)
         result.gguf_fp32 = measure_files(model, tokenizer, staging, result.gguf, held_out)
+    save_model(model, tokenizer, staging, name=result.out.name, dtype=result.dtype)
     del model
     if evaluate and result.tasks:
         _run_evals(result, staging, compare=compare)
@@ -131,6 +145,8 @@ def _build(
             result.gguf_fp32["tasks"] = score_files(
                 result.gguf, staging, result.tasks, result.eval_limit, result.evals
             )
+            if result.dtype != "fp32":  # the tasks scored the published safetensors
+                result.gguf_fp32["type"] = f"fp32 (tasks: the {result.dtype} safetensors)"
     elif evaluate:
         print(
             "still: no eval tasks in the run's recipe: the card will have no scores "
@@ -143,7 +159,9 @@ def _build(
     }
     lineage = published_lineage(result, files)
     atomic_write_json(staging / LINEAGE, lineage)
-    (staging / "recipe.yaml").write_text(result.recipe_text, encoding="utf-8")
+    (staging / "recipe.yaml").write_text(
+        result.project.recipe_text(result.recipe_text), encoding="utf-8"
+    )
     build_card(result).save(staging / "README.md")
     return lineage
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from publish.portable import data_files
 from still import __version__
 from still.builtins import BUILTINS
 from still.rundir import RunDir
@@ -78,16 +79,17 @@ def hub_id_of(ref: str | None) -> str | None:
 
 
 def lineage_chain(result) -> list[dict]:
-    """base → (teacher →) student or fine-tune → published, for a `flow.Publication`."""
-    lineage = result.lineage
+    """base → (teacher →) student or fine-tune → published, for a `flow.Publication`, each
+    named as the published dir names it (`publish.portable`)."""
+    lineage, name = result.lineage, result.project.name
     base = base_of(lineage)
-    chain = [{"role": "base", "ref": base, "hub_id": hub_id_of(base)}]
+    chain = [{"role": "base", "ref": name(base), "hub_id": hub_id_of(base)}]
     if lineage.get("teacher"):
         teacher_lineage = _lineage_at(lineage["teacher"]) or {}
         chain.append(
             {
                 "role": "teacher",
-                "ref": lineage["teacher"],
+                "ref": name(lineage["teacher"]),
                 "kind": teacher_lineage.get("kind"),
                 "method": teacher_lineage.get("method"),
             }
@@ -95,7 +97,7 @@ def lineage_chain(result) -> list[dict]:
     chain.append(
         {
             "role": "student" if lineage.get("kind") == "distill" else "fine-tuned",
-            "ref": str(result.run_dir.resolve()),
+            "ref": name(str(result.run_dir.resolve())),
             "kind": lineage.get("kind"),
             "name": lineage.get("name"),
             "method": lineage.get("method"),
@@ -105,7 +107,7 @@ def lineage_chain(result) -> list[dict]:
     chain.append(
         {
             "role": "published",
-            "ref": str(result.out.resolve()),
+            "ref": name(str(result.out.resolve())),
             "merged": result.merge.get("merged"),
             "gguf": [g["file"] for g in result.gguf],
         }
@@ -115,23 +117,38 @@ def lineage_chain(result) -> list[dict]:
 
 def published_lineage(result, files: dict[str, str]) -> dict:
     """The published dir's lineage.json: the chain, the source run's own lineage, every check
-    and the sha256 of each weight file (`files`: relative path → sha256)."""
+    and the sha256 of each weight file (`files`: relative path → sha256). No absolute path:
+    models and runs are named as `publish.portable` says, data files by basename and sha256."""
+    project = result.project
+    return project.scrub(
+        {
+            "kind": "published",
+            "name": result.out.name,
+            "chain": lineage_chain(result),
+            "base": project.name(base_of(result.lineage)),
+            "teacher": project.name(result.lineage.get("teacher")),
+            "source_run": project.name(str(result.run_dir.resolve())),
+            "source_lineage": project.lineage(result.lineage),
+            "data": data_files(result.lineage.get("data", [])),
+            "dtype": result.dtype,
+            "merge": result.merge,
+            "eval_limit": result.eval_limit,
+            "gguf": result.gguf,
+            "gguf_fp32_reference": result.gguf_fp32 or None,
+            "files": files,
+            "license": license_of(result.lineage),
+            "command": project.command(result.command),
+            "still_version": __version__,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+    )
+
+
+def local_parents(result) -> dict:
+    """The parents as paths on this machine, for what stays on it (the W&B artifact links)."""
     return {
-        "kind": "published",
-        "name": result.out.name,
-        "chain": lineage_chain(result),
         "base": base_of(result.lineage),
         "teacher": result.lineage.get("teacher"),
+        "student": result.lineage.get("student"),
         "source_run": str(result.run_dir.resolve()),
-        "source_lineage": result.lineage,
-        "data": result.lineage.get("data", []),
-        "merge": result.merge,
-        "eval_limit": result.eval_limit,
-        "gguf": result.gguf,
-        "gguf_fp32_reference": result.gguf_fp32 or None,
-        "files": files,
-        "license": license_of(result.lineage),
-        "command": result.command,
-        "still_version": __version__,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }

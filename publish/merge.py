@@ -21,6 +21,9 @@ from still.rundir import RunDir
 # fp32 adapter model vs fp32 merged model: max |Δ logit| / max(1, max |logit|). Only the order
 # of float operations differs (W·x + B·A·x vs (W + B·A)·x).
 MERGE_TOLERANCE = 1e-4
+# What `still publish --dtype` may save: its name → the torch dtype's. The merge and its check
+# are fp32 whatever is saved; the cast comes last.
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def check_texts(tokenizer, samples: Samples) -> list[str]:
@@ -82,8 +85,11 @@ def merged_model(run_dir: Path, samples: Samples | None = None):
     return merged, tokenizer, report
 
 
-def save_model(model, tokenizer, target: Path, *, name: str) -> None:
-    """Safetensors weights, config, generation config, tokenizer and chat template."""
+def save_model(model, tokenizer, target: Path, *, name: str, dtype: str = "fp32") -> None:
+    """Safetensors weights in `dtype` (a key of DTYPES), config (its `dtype` says which),
+    generation config, tokenizer and chat template. The model is cast in place: whatever needs
+    its fp32 weights (checks, GGUF) comes first."""
+    import torch
     from transformers import GenerationConfig
 
     model.config.name_or_path = name
@@ -97,6 +103,7 @@ def save_model(model, tokenizer, target: Path, *, name: str) -> None:
     if generation.bos_token_id is None:
         generation.bos_token_id = tokenizer.bos_token_id
     model.generation_config = generation
+    model.to(getattr(torch, DTYPES[dtype]))
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
 

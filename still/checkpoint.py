@@ -27,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from still.errors import StillError
-from still.fsutil import atomic_write_json, atomic_write_text, file_sha256
+from still.fsutil import atomic_write_json, atomic_write_text, file_sha256, umask_modes
 from still.launch import is_main_process
 from still.rundir import RunDir
 
@@ -204,6 +204,7 @@ class CompleteCheckpoints(TrainerCallback):
         if args.should_save:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
+                umask_modes(checkpoint)  # safetensors writes owner-only files (still.fsutil)
                 write_marker(checkpoint)
                 prune_checkpoints(Path(args.output_dir), self.keep)
         if _dist_ready():

@@ -314,6 +314,7 @@ def _cmd_publish(args) -> int:
         args.run,
         Path(args.out),
         gguf_types=gguf_types,
+        dtype=args.dtype,
         hub=args.hub,
         force=args.force,
         quick=args.quick,
@@ -331,7 +332,7 @@ def _cmd_publish(args) -> int:
 
 def _publish_flags(args) -> list[str]:
     flags = [f"--gguf={t}" for t in args.gguf] + ([f"--hub={args.hub}"] if args.hub else [])
-    flags += [f"--task={t}" for t in args.task]
+    flags += [f"--task={t}" for t in args.task] + [f"--dtype={args.dtype}"]
     names = ("dry_run", "private", "quick", "no_eval", "no_compare", "force")
     return flags + ["--" + name.replace("_", "-") for name in names if getattr(args, name)]
 

@@ -105,6 +105,12 @@ def _add_publish_parsers(sub, handlers: dict) -> None:
         "or comma-separated)",
     )
     p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        default="bf16",
+        help="of the safetensors (default bf16); the merge check and GGUF use fp32",
+    )
+    p.add_argument(
         "--hub", metavar="ORG/NAME", help="upload to this hub repo (token from $HF_TOKEN)"
     )
     p.add_argument(

@@ -378,12 +378,15 @@ def log_model_artifact(
     aliases: tuple[str, ...] = (),
     metadata: dict | None = None,
     run=None,
+    parents: dict | None = None,
 ):
     """Log a model dir as a W&B `model` artifact carrying its lineage; None if not logged.
 
     Online, parents that are artifacts of earlier still runs are also marked as used, which
-    draws the base → teacher → student → published graph. Offline runs cannot do that; the
-    lineage rides along in the metadata and `python -m still.tracking link` adds it after sync.
+    draws the base → teacher → student → published graph; they are found from `parents` (the
+    LINEAGE_PARENT_KEYS as local paths) when given, else from the lineage itself. Offline runs
+    cannot do that; the lineage rides along in the metadata and `python -m still.tracking link`
+    adds it after sync.
     """
     import wandb
 
@@ -399,7 +402,7 @@ def log_model_artifact(
         artifact.add_dir(str(path))
         with artifact.new_file("lineage.json", mode="w", encoding="utf-8") as handle:
             json.dump(redact(lineage), handle, indent=2)
-        use_artifacts(run, lineage_parents(lineage))
+        use_artifacts(run, lineage_parents(parents or lineage))
         return run.log_artifact(artifact, aliases=list(aliases))
     except Exception as exc:  # noqa: BLE001
         warn("model artifact", exc)
@@ -428,9 +431,13 @@ def finish_training_run(run: RunDir, summary: dict) -> None:
     finish_wandb({k: v for k, v in summary.items() if not k.startswith("eval_")})
 
 
-def log_published_model(out_dir: Path, lineage: dict, *, source_run_dir: Path) -> None:
+def log_published_model(
+    out_dir: Path, lineage: dict, *, source_run_dir: Path, parents: dict | None = None
+) -> None:
     """For `still publish`: if the source run was tracked in W&B, a `publish` run in its project
-    and group that logs the published dir as a `model` artifact (alias `published`)."""
+    and group that logs the published dir as a `model` artifact (alias `published`). A
+    published lineage names its parents without absolute paths; `parents` gives their local
+    paths for the artifact links."""
     source = RunDir(source_run_dir)
     settings = recorded_wandb_settings(source)
     if not settings:
@@ -456,6 +463,7 @@ def log_published_model(out_dir: Path, lineage: dict, *, source_run_dir: Path) -
             aliases=("published",),
             metadata={"kind": "published"},
             run=run,
+            parents=parents,
         )
         finish_wandb()
 

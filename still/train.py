@@ -24,6 +24,7 @@ from still import data as data_module
 from still.attention import implementation, sliding_window
 from still.errors import StillError
 from still.formats import TURN_PROBE, special_token_ids
+from still.fsutil import umask_modes
 from still.losses import per_token_loss
 from still.rundir import RunDir
 from still.sections import DataSection, LoraSection, TrainSection
@@ -307,6 +308,7 @@ def save_final(
         tokenizer.save_pretrained(target)
         if (target / "latest").exists():
             consolidate_zero3(trainer, target)
+        umask_modes(target)  # safetensors writes its files owner-only (see still.fsutil)
     return target
 
 

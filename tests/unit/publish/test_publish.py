@@ -1,7 +1,10 @@
 """`still publish` on tiny run dirs: merge equality, the card, lineage, GGUF, refusals, hub."""
 
 import json
+import os
+import re
 import shutil
+import stat
 
 import pytest
 import torch
@@ -86,7 +89,7 @@ def write_run(run_dir, lineage, tasks=(), kind="finetune", data=None):
         "eval_tasks": list(tasks),
         **({"data": data} if data else {}),
     }
-    header = f"# Resolved from /recipes/{run.name}.yaml\n"
+    header = f"# Resolved from {run.path.parent.parent / 'recipes' / run.name}.yaml\n"
     run.recipe_file.write_text(header + yaml.safe_dump(recipe))
     run.lineage_file.write_text(json.dumps({"kind": kind, "name": run.name, **lineage}))
     run.metrics_file.write_text(json.dumps({"step": 2, "loss": 1.5, "eval_loss": 1.7}) + "\n")
@@ -134,7 +137,7 @@ def logits(model, tokenizer, text="What does abs do?"):
 def test_lora_run_publishes_a_merged_dir_that_loads_and_generates(lora_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = publish(lora_run, tmp_path / "published", compare=False)
+    out = publish(lora_run, tmp_path / "published", compare=False, dtype="fp32")
     for name in (
         "model.safetensors",
         "config.json",
@@ -192,9 +195,10 @@ def test_card_holds_license_base_data_hashes_and_real_eval_numbers(lora_run, tmp
         assert base_summary["n"] == summary["n"]  # compared on the same rows
     assert "model-index" in (out / "README.md").read_text()
     _, data = tasks
-    assert file_sha256(data) in card.text and str(tmp_path / "base") in card.text
+    assert file_sha256(data) in card.text and "| `qa.jsonl` |" in card.text
+    assert "fine-tuned (lora) from `base`" in card.text  # named relative to the project
     assert "| base |" in card.text and "(Δ " in card.text and "first 32 rows" in card.text
-    assert "still run /recipes/tiny-ft.yaml" in card.text and "Intended use and limits" in card.text
+    assert "still run recipes/tiny-ft.yaml" in card.text and "Intended use and limits" in card.text
     assert "max_steps: 2" in card.text  # the resolved recipe
 
 
@@ -228,12 +232,12 @@ def test_distilled_full_model_publishes_with_teacher_in_lineage(distill_run, tmp
     from huggingface_hub import ModelCard
     from safetensors.torch import load_file
 
-    out = publish(distill_run, tmp_path / "published-student")
+    out = publish(distill_run, tmp_path / "published-student", dtype="fp32")
     lineage = json.loads((out / "lineage.json").read_text())
     roles = [link["role"] for link in lineage["chain"]]
     assert roles == ["base", "teacher", "student", "published"]
-    assert lineage["chain"][0]["ref"] == str(tmp_path / "base")  # through the teacher's lineage
-    assert lineage["teacher"] == str(tmp_path / "runs" / "teacher")
+    assert lineage["chain"][0]["ref"] == "base"  # through the teacher's lineage
+    assert lineage["teacher"] == "runs/teacher"  # relative to the project, tmp_path
     assert lineage["merge"]["merged"] is False
     ours = load_file(out / "model.safetensors")
     theirs = load_file(RunDir(distill_run).model_dir / "model.safetensors")
@@ -432,7 +436,9 @@ def test_cli_flags_reach_publish(lora_run, tasks, tmp_path, capsys, monkeypatch)
     assert lineage["eval_limit"] == 32  # --quick
     assert (out / "eval" / "mc.json").exists() and not (out / "eval" / "qa.json").exists()  # --task
     assert not (out / "eval" / "base").exists()  # --no-compare (and evaluating was on)
-    assert lineage["command"].startswith(f"still publish {lora_run} --out ")
+    # the command as typed, its paths named relative to the project (tmp_path)
+    assert lineage["command"].startswith("still publish runs/tiny-ft --out o ")
+    assert "--task=mc.yaml --dtype=bf16" in lineage["command"]
     assert "--force" not in lineage["command"]
 
 
@@ -457,7 +463,7 @@ def test_task_flag_scores_a_run_whose_recipe_names_no_tasks(distill_run, tasks, 
     card = ModelCard.load(tmp_path / "p" / "README.md")
     assert [(r.dataset_name, r.metric_type) for r in card.data.eval_results] == [("mc", "acc")]
     lineage = json.loads((tmp_path / "p" / "lineage.json").read_text())
-    assert "--task=" + task_paths[1] in lineage["command"]
+    assert "--task=mc.yaml" in lineage["command"]
 
 
 def test_merge_verb_writes_the_merged_model_and_refuses_a_full_model(
@@ -548,3 +554,200 @@ def test_card_shows_the_forgetting_check_the_run_recorded(lora_run, tmp_path):
     assert "Flagged (a drop beyond 0.02): geo acc -0.5000 (tolerance 0.02)." in text
     row = next(line for line in text.splitlines() if line.startswith("| geo | acc |"))
     assert "| 0.7500 | 0.2500 | -0.5000 [" in row and row.endswith("| drop beyond tolerance |")
+
+
+# --------------------------------------------------------------------------- portable
+# A path-shaped word: "/" right after a start, a space, a quote, a backtick, "(" or "=".
+ABSOLUTE_WORD = re.compile(r"(?:^|[\s`'\"(=])/[\w.~-]")
+
+
+def json_strings(value):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from json_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from json_strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def structured_strings(path, text):
+    """Every string value of a JSON, JSONL or YAML file, and of the card's YAML blocks."""
+    if path.suffix == ".json":
+        return list(json_strings(json.loads(text)))
+    if path.suffix == ".jsonl":
+        return [s for line in text.splitlines() if line for s in json_strings(json.loads(line))]
+    if path.suffix == ".yaml":
+        return list(json_strings(yaml.safe_load(text)))
+    if path.suffix == ".md":  # the metadata, and the recipe the card quotes
+        blocks = [text.split("---")[1], *re.findall(r"```yaml\n(.*?)```", text, re.S)]
+        return [s for block in blocks for s in json_strings(yaml.safe_load(block))]
+    return []
+
+
+def assert_portable(out, forbidden):
+    """No text file of `out` holds an absolute path or one of the `forbidden` strings."""
+    texts = [p for p in sorted(out.rglob("*")) if p.is_file() and p.suffix not in WEIGHTS]
+    assert {p.name for p in texts} >= {"README.md", "lineage.json", "recipe.yaml", "config.json"}
+    for path in texts:
+        text = path.read_text(encoding="utf-8")  # every file that is not weights is text
+        for needle in forbidden:
+            assert needle not in text, (path.name, needle)
+        assert not ABSOLUTE_WORD.search(text), (path.name, ABSOLUTE_WORD.search(text))
+        # a path names something below the root (the tokenizer's vocabulary holds "/" itself)
+        absolute = [s for s in structured_strings(path, text) if re.match(r"[/~][\w.~-]", s)]
+        assert absolute == [], path.name
+
+
+def assert_umask_modes(out, reference_model_dir, tmp_path):
+    """Every file has the mode save_pretrained's config.json gets in a fresh dir (what open()
+    gives under the umask), every dir the mode of a fresh mkdir. (safetensors 0.8 writes its
+    own file 0600 whatever the umask, so its file is no reference.)"""
+    from transformers import AutoModelForCausalLM
+
+    fresh = tmp_path / "fresh-save"
+    AutoModelForCausalLM.from_pretrained(reference_model_dir).save_pretrained(fresh)
+    file_mode, dir_mode = stat.S_IMODE(os.stat(fresh / "config.json").st_mode), None
+    (tmp_path / "fresh-dir").mkdir()
+    dir_mode = stat.S_IMODE(os.stat(tmp_path / "fresh-dir").st_mode)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (file_mode, dir_mode) == (0o666 & ~umask, 0o777 & ~umask)
+    for path in [out, *out.rglob("*")]:
+        expected = dir_mode if path.is_dir() else file_mode
+        assert stat.S_IMODE(path.stat().st_mode) == expected, (path.name, oct(path.stat().st_mode))
+
+
+WEIGHTS = (".safetensors", ".gguf")
+
+
+def test_a_published_dir_names_no_absolute_path_and_has_normal_modes(
+    lora_run, tasks, tmp_path, tmp_path_factory, base_dir
+):
+    """Issue 22's "done when": published from a run dir in a temp folder, through the CLI, with
+    GGUF, evals (this model, the base) and a task given by its absolute path."""
+    from pathlib import Path
+
+    task_paths, _ = tasks
+    out = tmp_path / "published"
+    argv = ["publish", str(lora_run), "--out", str(out), "--gguf", "f16", "--quick"]
+    assert cli.main([*argv, "--task", task_paths[1]]) == 0
+    repo = Path(__file__).resolve().parents[3]
+    forbidden = [str(tmp_path), str(tmp_path_factory.getbasetemp()), str(repo), str(Path.home())]
+    assert_portable(out, forbidden)
+    assert_umask_modes(out, base_dir, tmp_path)
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert [link["ref"] for link in lineage["chain"]] == ["base", "runs/tiny-ft", "published"]
+    _, data = tasks
+    assert lineage["data"][0] == {"file": "qa.jsonl", "sha256": file_sha256(data)}
+    assert lineage["source_lineage"]["base"] == "base" and lineage["source_run"] == "runs/tiny-ft"
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["data"]["train"]["path"] == "qa.jsonl" and recipe["eval_tasks"][0] == "qa.yaml"
+    assert (out / "recipe.yaml").read_text().startswith("# Resolved from recipes/tiny-ft.yaml\n")
+
+
+def test_a_distilled_students_card_names_its_teacher_and_an_outside_base_by_name(
+    distill_run, tmp_path, tmp_path_factory, tiny_model_dir
+):
+    """The base lies outside the project (a session temp dir): it is named by its dir name."""
+    teacher = RunDir(tmp_path / "runs" / "teacher")
+    lineage = teacher.read_lineage()
+    teacher.lineage_file.write_text(json.dumps({**lineage, "base": str(tiny_model_dir)}))
+    out = publish(distill_run, tmp_path / "published-student", evaluate=False)
+    assert_portable(out, [str(tmp_path), str(tmp_path_factory.getbasetemp())])
+    published = json.loads((out / "lineage.json").read_text())
+    assert published["chain"][0]["ref"] == tiny_model_dir.name
+    assert published["teacher"] == "runs/teacher"
+    text = (out / "README.md").read_text()
+    assert "distilled from the teacher `runs/teacher`" in text
+    assert f"| base | `{tiny_model_dir.name}` |" in text
+
+
+def safetensors_dtypes(path):
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as weights:
+        return {weights.get_slice(key).get_dtype() for key in weights.keys()}
+
+
+def test_dtype_bf16_by_default_fp32_on_request_checks_and_gguf_in_fp32(lora_run, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    default = publish(lora_run, tmp_path / "bf16", gguf_types=["f16"], evaluate=False)
+    full = publish(lora_run, tmp_path / "fp32", dtype="fp32", evaluate=False)
+    assert safetensors_dtypes(default / "model.safetensors") == {"BF16"}
+    assert safetensors_dtypes(full / "model.safetensors") == {"F32"}
+    config = [json.loads((d / "config.json").read_text())["dtype"] for d in (default, full)]
+    assert config == ["bfloat16", "float32"]
+    lineages = [json.loads((d / "lineage.json").read_text()) for d in (default, full)]
+    assert [lineage["dtype"] for lineage in lineages] == ["bf16", "fp32"]
+    # the merge check ran on the fp32 weights both times: the same numbers, at fp32's precision
+    assert lineages[0]["merge"] == lineages[1]["merge"]
+    assert lineages[0]["merge"]["max_abs_logit_diff"] <= lineages[0]["merge"]["tolerance"]
+    card = (default / "README.md").read_text()
+    assert "Weights are bf16 safetensors" in card and "cast from fp32 to bf16" in card
+    # the GGUF was written from fp32, not from the bf16 cast
+    fp32, bf16 = load_file(full / "model.safetensors"), load_file(default / "model.safetensors")
+    assert torch.equal(fp32[MLP].to(torch.bfloat16), bf16[MLP])
+    gguf = AutoModelForCausalLM.from_pretrained(default, gguf_file="bf16-f16.gguf")
+    from_gguf = gguf.state_dict()[MLP]
+    assert torch.equal(from_gguf, fp32[MLP].half().float())
+    assert not torch.equal(from_gguf, bf16[MLP].float())
+
+
+MLP = "model.layers.0.mlp.down_proj.weight"  # no q/k reordering between the formats
+
+
+def test_an_unknown_dtype_is_one_line_before_any_work(lora_run, tmp_path, capsys):
+    with pytest.raises(StillError, match=r"unknown dtype 'int8' \(choose from bf16, fp16, fp32"):
+        publish(lora_run, tmp_path / "p", dtype="int8")
+    assert cli.main(["publish", str(lora_run), "--out", str(tmp_path / "p"), "--dtype", "f32"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "still: error: still publish: unknown choice for --dtype 'f32' (did you mean 'fp32'?)"
+    ]
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_cards_example_is_a_prompt_of_the_runs_own_non_python_data(lora_run, tmp_path):
+    """A run on the debpkgs domain: its card asks a debpkgs question, not a pydocs one."""
+    from pathlib import Path
+
+    debpkgs = Path(__file__).resolve().parents[3] / "data" / "debpkgs"
+    data = {
+        "train": {
+            "path": str(debpkgs / "train.jsonl"),
+            "format": "instruction",
+            "prompt": "question",
+            "response": "answer",
+        },
+        "eval": {"path": str(debpkgs / "validation.jsonl")},
+    }
+    lineage = RunDir(lora_run).read_lineage()
+    write_run(lora_run, {k: v for k, v in lineage.items() if k not in ("kind", "name")}, data=data)
+    first = json.loads((debpkgs / "validation.jsonl").read_text().splitlines()[0])
+    out = publish(lora_run, tmp_path / "published", evaluate=False)
+    card = (out / "README.md").read_text()
+    example = json.dumps({"role": "user", "content": first["question"]}, ensure_ascii=False)
+    assert "Debian package" in first["question"] and f"messages = [{example}]" in card
+    assert not any(question in card for question, _ in ROWS + EVAL_ROWS)
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["data"]["eval"]["path"] == "validation.jsonl"  # outside the project: a name
+
+
+def test_the_wandb_artifact_gets_the_portable_lineage_and_links_parents_by_local_dir(
+    distill_run, tmp_path, monkeypatch
+):
+    import still.tracking
+
+    calls = []
+    monkeypatch.setattr(
+        still.tracking, "log_published_model", lambda *args, **kwargs: calls.append(kwargs)
+    )
+    out = publish(distill_run, tmp_path / "published-student", evaluate=False)
+    (call,) = calls
+    assert call["parents"]["teacher"] == str((tmp_path / "runs" / "teacher").resolve())
+    assert call["parents"]["source_run"] == str(RunDir(distill_run).path.resolve())
+    assert json.loads((out / "lineage.json").read_text())["teacher"] == "runs/teacher"
