@@ -34,6 +34,7 @@ from still.recipe import DistillRecipe
 from still.rundir import RunDir
 from still.tracking import start_tracking
 from still.train import (
+    add_lora,
     collator_for,
     finish_run,
     lora_config,
@@ -56,11 +57,9 @@ def recipe_student(recipe: DistillRecipe, teacher, tokenizer, calibration):
     else:
         student, student_tokenizer = models.load_from_section(spec)
         report = None
-    if recipe.method == "lora":
-        from peft import get_peft_model
-
+    if recipe.method == "lora":  # add_lora: refuses a LoRA that would skip an MoE's experts
         tokens = train_token_ids(recipe.lora, student_tokenizer, recipe.data.chat_template)
-        student = get_peft_model(student, lora_config(recipe.lora, "lora", tokens))
+        student = add_lora(student, lora_config(recipe.lora, "lora", tokens))
     return student, student_tokenizer, report
 
 

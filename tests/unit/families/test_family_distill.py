@@ -181,3 +181,13 @@ def test_on_policy_samples_end_at_the_end_of_turn_token(name, tmp_path):
     assert end_of_turn in seen["stops"] and tokenizer.eos_token_id in seen["stops"]
     for row in sampled_labels.tolist():
         assert [token for token in row if token != -100] == [*answer, end_of_turn]
+
+
+def test_a_lora_student_of_a_moe_is_guarded_as_a_finetune_is(work, monkeypatch, capsys):
+    """distill's LoRA goes through still.train.add_lora too: no adapter that skips the experts."""
+    monkeypatch.chdir(work("qwen3_moe"))
+    assert cli.main(["run", "distill.yaml", "name=lora-moe", "method=lora"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("still: error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "lora.dropout: 0.05 cannot apply to Qwen3MoeForCausalLM's fused expert" in errors[0]
