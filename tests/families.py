@@ -142,7 +142,7 @@ FAMILY_LIST = [
         GEMMA3_TEMPLATE, eos="<eos>", pad="<pad>", bos="<bos>", end_of_turn="<end_of_turn>",
         stops=("<eos>", "<end_of_turn>"),
         config={
-            "head_dim": 8, "query_pre_attn_scalar": 256, "sliding_window": 4,
+            "head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 4,
             "layer_types": ["sliding_attention", "full_attention"],
         },
     ),

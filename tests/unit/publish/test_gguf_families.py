@@ -17,11 +17,15 @@ TEXTS = [
 # transformers' GGUF loader rebuilds a few config fields from class defaults instead of the
 # file (llama.cpp reads them from the file); the twins take the real models' values there:
 # Qwen3's head_dim 128, Qwen3-30B-A3B's 768-wide experts with normalised top-k weights, and
-# Gemma-3's five sliding layers to one global.
+# Gemma-3's five sliding layers to one global with query_pre_attn_scalar 256.
 REAL_VALUES = {
     "qwen3": {"head_dim": 128},
     "qwen3_moe": {"head_dim": 128, "moe_intermediate_size": 768, "norm_topk_prob": True},
-    "gemma3": {"layers": 6, "layer_types": ["sliding_attention"] * 5 + ["full_attention"]},
+    "gemma3": {
+        "layers": 6,
+        "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+        "query_pre_attn_scalar": 256,
+    },
 }
 # A q8_0 MoE moves its router's choices, so its drift is near the q8_0 tolerance at random init:
 # the exact check (the file equals the rounded model) is the proof there, in f16. q4_0 moves a
