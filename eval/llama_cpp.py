@@ -31,14 +31,13 @@ INSTALL_HINT = (
 )
 
 
-def runtime():
-    """The llama_cpp module, or a one-line error naming how to install it."""
+def runtime(needed_for: str = "scoring a GGUF file through llama.cpp"):
+    """The llama_cpp module, or a one-line error naming what needs it and how to install it."""
     try:
         import llama_cpp
     except ImportError:
         raise StillError(
-            "scoring a GGUF file through llama.cpp needs llama-cpp-python, which is not installed",
-            hint=INSTALL_HINT,
+            f"{needed_for} needs llama-cpp-python, which is not installed", hint=INSTALL_HINT
         ) from None
     return llama_cpp
 

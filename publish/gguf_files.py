@@ -41,8 +41,9 @@ def check_types(gguf_types, config) -> None:
         )
     if gguf_types and config is not None:
         arch_spec(config)
-    if any(t in LLAMA_CPP_TYPES for t in gguf_types):
-        runtime()
+    quantized = [t for t in gguf_types if t in LLAMA_CPP_TYPES]
+    if quantized:
+        runtime(f"GGUF {quantized[0]} (written by llama.cpp's quantizer)")
 
 
 def write_gguf(

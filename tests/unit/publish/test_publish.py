@@ -751,3 +751,43 @@ def test_the_wandb_artifact_gets_the_portable_lineage_and_links_parents_by_local
     assert call["parents"]["teacher"] == str((tmp_path / "runs" / "teacher").resolve())
     assert call["parents"]["source_run"] == str(RunDir(distill_run).path.resolve())
     assert json.loads((out / "lineage.json").read_text())["teacher"] == "runs/teacher"
+
+
+def test_gguf_files_get_an_on_device_table_measured_in_llama_cpp(lora_run, tmp_path, tasks):
+    if not os.environ.get("CI"):  # in CI the setup installs the runtime: fail, never skip
+        pytest.importorskip("llama_cpp")
+    types = ["q8_0", "q6_k"]
+    out = publish(lora_run, tmp_path / "o", gguf_types=types, compare=False, dtype="fp32")
+    lineage = json.loads((out / "lineage.json").read_text())
+    fp32 = lineage["gguf_fp32_reference"]
+    assert fp32["type"] == "fp32" and fp32["perplexity"] > 1 and fp32["prompt_tokens_per_s"] > 0
+    for report in lineage["gguf"]:
+        row = report["table"]
+        assert row["bytes"] == (out / report["file"]).stat().st_size < fp32["bytes"]
+        assert row["generate_tokens_per_s"] > 0 and row["perplexity"] > 1
+        cell = row["tasks"]["mc"]["acc"]  # scored through llama.cpp, paired with the fp32 scores
+        assert cell["low"] <= cell["delta"] <= cell["high"]
+        assert (out / "eval" / f"gguf-{report['type']}" / "mc.samples.jsonl").is_file()
+        assert report["llama_cpp"]["top1_agreement"] > 0.5
+    card = (out / "README.md").read_text()
+    section = card.split("## On-device: GGUF in llama.cpp")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["fp32", "q8_0", "q6_k"]
+    assert "mc acc" in rows[0] and "qa rouge_l" in rows[0]
+
+
+def test_k_quants_without_the_runtime_are_refused_before_any_work(lora_run, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_llama_cpp(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+    expected = r"^GGUF q4_k_m \(written by llama.cpp's quantizer\) needs llama-cpp-python"
+    with pytest.raises(StillError, match=expected):
+        publish(lora_run, tmp_path / "o", gguf_types=["q4_k_m"])
+    assert not (tmp_path / "o").exists()
