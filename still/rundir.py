@@ -239,6 +239,10 @@ def _data_files(recipe: Recipe) -> list[dict]:
             files.append({"path": source.path, "sha256": file_sha256(Path(source.path))})
         elif source is not None and source.hf:
             files.append({"hf": source.hf, "subset": source.subset, "split": source.split})
+        else:
+            continue
+        if source.holdout is not None:  # the split is drawn from the file, so this recreates it
+            files[-1]["holdout"] = source.holdout.model_dump()
     return files
 
 
