@@ -269,6 +269,20 @@ def _cmd_eval(args) -> int:
     )
 
 
+def _cmd_init(args) -> int:
+    from still.init import DEFAULT_BASE, init
+
+    init(
+        args.data,
+        test=args.test,
+        base=args.base or DEFAULT_BASE,
+        name=args.name,
+        group_by=args.group_by,
+        force=args.force,
+    )
+    return 0
+
+
 def _cmd_link(args) -> int:
     with quiet_imports():
         from still.wandb_logs import link_lineage
@@ -343,6 +357,7 @@ HANDLERS = {
     "compare": _cmd_compare,
     "eval": _cmd_eval,
     "generate": _cmd_generate,
+    "init": _cmd_init,
     "link": _cmd_link,
     "merge": _cmd_merge,
     "models": _cmd_models,

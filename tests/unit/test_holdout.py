@@ -53,8 +53,13 @@ def test_count_split_and_limits_apply_after_the_split(tmp_path):
     assert len(held) == 7 and len(train) == 53
     # a train limit does not move the held-out rows: the split is drawn over the whole file
     limited = DataSection(
-        train={"path": str(path), "format": "instruction", "prompt": "question",
-               "response": "answer", "limit": 10},
+        train={
+            "path": str(path),
+            "format": "instruction",
+            "prompt": "question",
+            "response": "answer",
+            "limit": 10,
+        },
         eval={"split": 7, "seed": 3, "limit": 4},
     )
     small_train, small_held = sides(limited)
