@@ -67,6 +67,13 @@ def _add_recipe_parsers(sub, handlers: dict) -> None:
     p.add_argument(
         "--strict", action="store_true", help="exit 3 if the forgetting check flags a drop"
     )
+    p.add_argument(
+        "--from",
+        dest="from_stage",
+        metavar="STAGE",
+        help="pipeline: run this stage again and every stage after it",
+    )
+    p.add_argument("--only", metavar="STAGE", help="pipeline: run this stage again, alone")
     p.set_defaults(handler=handlers["run"])
     _with_recipe(
         sub, "validate", "resolve a recipe (extends, overrides) and print it"
