@@ -5,8 +5,9 @@ completion) from the fields every row carries and refuses a file that fits none 
 one; checks each row as training would (`still/formats.py`), so a conversation without an
 assistant turn is refused here, at its line; measures the rows' token lengths under the base
 model's tokenizer and picks `max_len` from their p99 (the histogram is printed); and writes
-`recipes/<name>/` whole or not at all (`still/fsutil.py`): teacher, student and eval recipes
-and the task YAMLs, from the commented templates in `still/init_templates.py`.
+`recipes/<name>/` whole or not at all (`still/fsutil.py`): teacher, student and eval recipes,
+the pipeline that runs them in order, and the task YAMLs, from the commented templates in
+`still/init_templates.py`.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def init(
             atomic_write_text(staging / relative, text)
     for relative in init_templates.files(plan):
         print(f"still: wrote {target / relative}")
-    print(f"still: next: still run {target / 'teacher.yaml'}")
+    print(f"still: next: still run {target / 'pipeline.yaml'}")
     return target
 
 

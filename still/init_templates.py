@@ -214,6 +214,36 @@ metrics: [acc, acc_norm]
     return head + body
 
 
+def pipeline(plan: Plan) -> str:
+    return f"""\
+# Run: still run recipes/{plan.name}/pipeline.yaml
+# Written by `still init`. Every stage below is a plain recipe in this dir: teacher -> student
+# and student-sft -> eval. The references ${{stages.NAME.run_dir}} pass run dirs along and are
+# what a stage depends on. Run it again and complete, unchanged stages are skipped; edit a
+# recipe (or its data) and that stage and everything downstream of it run again.
+# `--from STAGE` or `--only STAGE` re-run part of it.
+kind: pipeline
+name: {plan.name}
+stages:
+  - {{name: teacher, recipe: teacher.yaml}}
+  - name: student
+    recipe: student.yaml
+    overrides: {{teacher.ref: "${{stages.teacher.run_dir}}"}}
+  - name: student-sft
+    recipe: student-sft.yaml
+    overrides: {{teacher.ref: "${{stages.teacher.run_dir}}"}}
+  - name: eval
+    recipe: eval.yaml
+    overrides:
+      models:
+        - {json.dumps(plan.base)}
+        - ${{stages.teacher.run_dir}}
+        - ${{stages.student.run_dir}}
+        - ${{stages.student-sft.run_dir}}
+      teacher: ${{stages.teacher.run_dir}}
+"""
+
+
 def files(plan: Plan) -> dict[str, str]:
     """{path relative to recipes/<name>/: text} for everything `still init` writes."""
     written = {
@@ -221,6 +251,7 @@ def files(plan: Plan) -> dict[str, str]:
         "student.yaml": student(plan),
         "student-sft.yaml": student_sft(plan),
         "eval.yaml": evaluation(plan),
+        "pipeline.yaml": pipeline(plan),
     }
     for kind in task_names(plan):
         written[f"tasks/{kind}.yaml"] = task(plan, kind)

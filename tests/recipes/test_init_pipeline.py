@@ -26,7 +26,7 @@ def init_and_validate(tmp_path, monkeypatch, fmt, base):
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS[fmt]))
     assert cli.main(["init", str(data), "--base", str(base), "--name", fmt]) == 0
     recipes = tmp_path / "recipes" / fmt
-    for recipe in ("teacher", "student", "student-sft", "eval"):
+    for recipe in ("teacher", "student", "student-sft", "eval", "pipeline"):
         assert cli.main(["validate", str(recipes / f"{recipe}.yaml")]) == 0  # tasks included
     return recipes
 
@@ -41,11 +41,17 @@ def test_init_teacher_runs(tmp_path, monkeypatch, tiny_model_dir, fmt):
     assert held["holdout"] == {"split": 0.1, "seed": 0, "group_by": None, "side": "held_out"}
 
 
-def test_init_instruction_runs_teacher_student_and_eval(tmp_path, monkeypatch, tiny_model_dir):
+def test_init_instruction_pipeline_runs_every_stage(tmp_path, monkeypatch, tiny_model_dir):
     recipes = init_and_validate(tmp_path, monkeypatch, "instruction", tiny_model_dir)
-    assert cli.main(["run", str(recipes / "teacher.yaml"), *STEPS]) == 0
-    for student in ("student", "student-sft"):
-        assert cli.main(["run", str(recipes / f"{student}.yaml"), *STEPS]) == 0
-    assert cli.main(["run", str(recipes / "eval.yaml"), "limit=2", "batch_size=2"]) == 0
+    for name, old, new in (
+        ("teacher", "max_steps: 50", "max_steps: 2"),
+        ("student", "max_steps: 60", "max_steps: 2"),
+        ("eval", "limit: 100", "limit: 2"),
+    ):
+        path = recipes / f"{name}.yaml"
+        path.write_text(
+            path.read_text().replace(old, new).replace("batch_size: 8", "batch_size: 4")
+        )
+    assert cli.main(["run", str(recipes / "pipeline.yaml")]) == 0
     compare = (tmp_path / "runs" / "instruction-compare" / "compare.md").read_text()
     assert "instruction-qa" in compare and "instruction-student" in compare

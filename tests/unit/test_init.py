@@ -113,6 +113,7 @@ def test_completion_data_gets_no_generate_task_and_says_why():
     written = init_templates.files(plan)
     assert sorted(written) == [
         "eval.yaml",
+        "pipeline.yaml",
         "student-sft.yaml",
         "student.yaml",
         "tasks/perplexity.yaml",
