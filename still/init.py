@@ -212,7 +212,7 @@ def init(
     examples = check_rows(str(data_path), detected, rows)
     _check_group_field(str(data_path), rows, group_by)
     if test is not None:
-        strict_rows(RowSource(path=test))  # readable, before anything is written
+        _check_test_file(test, detected)
     if tokenizer is None:
         from still.models import load_tokenizer
 
@@ -257,6 +257,17 @@ def init(
 def _ends_in_answer(example: dict) -> bool:
     messages = example["messages"]
     return len(messages) >= 2 and [m["role"] for m in messages[-2:]] == ["user", "assistant"]
+
+
+def _check_test_file(test: str, detected: Detected) -> None:
+    """The tasks render test rows with the training file's fields: they must be the same."""
+    found = detect_format(test, strict_rows(RowSource(path=test)))
+    if (found.format, found.fields) != (detected.format, detected.fields):
+        raise StillError(
+            f"{test}: format {found.format} ({found.reason}), but the training data is "
+            f"{detected.format} ({detected.reason})",
+            hint="give a test file with the training file's fields",
+        )
 
 
 def _check_group_field(path: str, rows, group_by: str | None) -> None:

@@ -85,6 +85,9 @@ def test_refuses_to_overwrite_without_force(tmp_path, monkeypatch, tiny_tokenize
     assert (target / "teacher.yaml").read_text() == "# edited\n"
     init("qa.jsonl", base="tiny", tokenizer=tiny_tokenizer, force=True)
     assert (target / "teacher.yaml").read_text().startswith("# Run: still run recipes/qa/")
+    write_rows(tmp_path / "t.jsonl", [{"prompt": q, "response": a} for q, a in QA])
+    with pytest.raises(StillError, match=r"t.jsonl: format instruction \(fields 'prompt'"):
+        init("qa.jsonl", base="tiny", tokenizer=tiny_tokenizer, test="t.jsonl", name="c")
     with pytest.raises(StillError, match="no field 'module' to group"):
         init("qa.jsonl", base="tiny", tokenizer=tiny_tokenizer, group_by="module", name="b")
     assert not (tmp_path / "recipes" / "b").exists()
