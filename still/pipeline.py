@@ -233,12 +233,23 @@ def _refuse_before_running(stages: list[Stage], selected: list[str], force: bool
                     f"stage '{stage.name}' needs stage '{name}', which has not run",
                     hint="run the pipeline without --from/--only first",
                 )
-        path = stage.run.path
-        if not force and path.exists() and any(path.iterdir()) and stage.run.read_stage() is None:
+        if not force and not _ours(stage):
             raise StillError(
-                f"stage '{stage.name}': run dir {path} exists and no pipeline wrote it",
+                f"stage '{stage.name}': run dir {stage.run.path} exists and holds a run of "
+                "another recipe",
                 hint="add --force to replace it, or change the stage's name",
             )
+
+
+def _ours(stage: Stage) -> bool:
+    """The stage may replace its run dir: empty, written by a pipeline, or a run of the same
+    recipe (one that failed, or one run by hand before the pipeline existed)."""
+    path = stage.run.path
+    if not path.exists() or not any(path.iterdir()) or stage.run.read_stage() is not None:
+        return True
+    return stage.recipe.source_path is not None and stage.run.recipe_source() == str(
+        stage.recipe.source_path
+    )
 
 
 def run(

@@ -133,3 +133,14 @@ def test_stage_names_are_unique(tmp_path, monkeypatch, capsys, twice):
         """,
     )
     assert f"stage name '{twice}' is used twice" in refused(path, capsys)
+
+
+def test_a_run_dir_of_another_recipe_is_not_replaced(tmp_path, monkeypatch, capsys):
+    path = setup(tmp_path, monkeypatch, "- {name: teacher, recipe: teacher.yaml}\n")
+    other = tmp_path / "runs" / "t"
+    other.mkdir(parents=True)
+    (other / "recipe.resolved.yaml").write_text("# Resolved from /elsewhere/other.yaml\n")
+    assert cli.main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'teacher': run dir runs/t exists and holds a run of another recipe" in err
+    assert "add --force" in err and (other / "recipe.resolved.yaml").exists()
