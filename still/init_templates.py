@@ -176,7 +176,8 @@ def task(plan: Plan, kind: str) -> str:
     head += f"# Written by `still init`. Rows: {rows}.\n"
     body = {
         "qa": f"""\
-# The last user turn answered in free text, scored against the reference answer.
+# The prompt (in chat rows, the last user turn) answered in free text, scored against the
+# reference answer.
 name: {plan.name}-qa
 type: generate
 data: {data}
