@@ -281,6 +281,13 @@ def run(
         started = time.monotonic()
         run_stage(stage.recipe)
         seconds = round(time.monotonic() - started, 1)
+        if stage.recipe.kind in MODEL_KINDS and stage.run.saved_model() is None:
+            # stopped early (SIGTERM saves a checkpoint and returns): nothing downstream may
+            # use it, and it is not recorded as complete
+            raise StillError(
+                f"stage '{stage.name}' stopped before it saved its model ({stage.run.path})",
+                hint="run the pipeline again to redo it, or --resume its recipe alone",
+            )
         record = {"pipeline": pipeline.name, "stage": stage.name, "key": key}
         stage.run.write_stage({**record, "run_id": uuid.uuid4().hex, "seconds": seconds})
         print(f"{line}: done in {seconds:.1f} s", flush=True)

@@ -144,3 +144,31 @@ def test_a_run_dir_of_another_recipe_is_not_replaced(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert "stage 'teacher': run dir runs/t exists and holds a run of another recipe" in err
     assert "add --force" in err and (other / "recipe.resolved.yaml").exists()
+
+
+def test_a_stage_that_stops_before_saving_ends_the_pipeline(tmp_path, monkeypatch, capsys):
+    from still import pipeline as pipelines
+    from still import recipe as recipe_module
+    from still.errors import StillError
+
+    path = setup(
+        tmp_path,
+        monkeypatch,
+        """\
+        - {name: teacher, recipe: teacher.yaml}
+        - name: student
+          recipe: teacher.yaml
+          overrides: {model.ref: "${stages.teacher.run_dir}", name: s}
+        """,
+    )
+    pipeline = recipe_module.load(path)
+    stages = pipelines.plan(pipeline)
+    ran = []
+
+    def stopped(recipe):  # as a SIGTERM'd run: a run dir with a checkpoint, no model
+        ran.append(recipe.name)
+        (tmp_path / "runs" / recipe.name / "checkpoints").mkdir(parents=True)
+
+    with pytest.raises(StillError, match="stage 'teacher' stopped before it saved its model"):
+        pipelines.run(pipeline, stages, stopped)
+    assert ran == ["t"] and stages[0].run.read_stage() is None
