@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 setup:
 	bash scripts/setup.sh dev
 
-# The quickstart on the built-in SmolLM2, offline: fine-tune a LoRA teacher on the bundled
-# Python-docs domain (and, as they land, eval / distill / compare / publish).
+# The quickstart on the built-in SmolLM2, offline: recipes/quickstart/pipeline.yaml fine-tunes a
+# LoRA teacher on the bundled Python-docs domain, distils two students and compares them all
+# (stages already complete and unchanged are skipped).
 demo:
 	bash scripts/setup.sh dev
 	bash scripts/quickstart.sh

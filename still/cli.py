@@ -24,6 +24,12 @@ def _cmd_validate(args) -> int:
     from still import recipe as recipe_module
 
     recipe = recipe_module.load(args.recipe, args.overrides)
+    if recipe.kind == "pipeline":
+        from still.pipeline import plan
+
+        plan(recipe)  # every stage loads and every reference resolves
+        print(recipe_module.to_yaml(recipe), end="")
+        return 0
     with quiet_imports():
         from eval.checks import check_eval_recipe, check_recipe_tasks
     # the task files a recipe names are part of it: validate reads them too
@@ -62,6 +68,11 @@ def _cmd_run(args) -> int:
     from still.rundir import open_run_dir
 
     recipe = recipe_module.load(args.recipe, args.overrides)
+    if recipe.kind == "pipeline":
+        return _run_pipeline(recipe, args)
+    if args.from_stage or args.only:
+        flag = "--from" if args.from_stage else "--only"
+        raise StillError(f"{flag} picks stages of a pipeline; {args.recipe} is kind: {recipe.kind}")
     if recipe.kind == "eval":
         with quiet_imports():
             from eval.run import run_eval_recipe
@@ -89,6 +100,47 @@ def _cmd_run(args) -> int:
         run_recipe(recipe, run, resume=args.resume)
     _leave_process_group()
     return _strict_exit(run) if args.strict else 0
+
+
+def _run_pipeline(pipeline, args) -> int:
+    """Plan and check every stage, then run or skip each in order (still/pipeline.py)."""
+    from still import pipeline as pipelines
+
+    for flag, given in (
+        ("--resume", args.resume),
+        ("--nproc", args.nproc),
+        ("--strict", args.strict),
+    ):
+        if given:
+            raise StillError(
+                f"{flag} applies to one recipe, not a pipeline",
+                hint="drop it, or run that stage's recipe alone",
+            )
+    stages = pipelines.plan(pipeline)
+    pipelines.preflight(stages)
+    done = pipelines.run(
+        pipeline, stages, _run_stage, start=args.from_stage, only=args.only, force=args.force
+    )
+    print(pipelines.summary(stages, done))
+    return 0
+
+
+def _run_stage(recipe) -> None:
+    """One pipeline stage, replacing what its run dir held (the pipeline decided it runs)."""
+    from still.rundir import open_run_dir
+
+    with quiet_imports():
+        if recipe.kind == "eval":
+            from eval.run import run_eval_recipe
+
+            run_eval_recipe(recipe, force=True)
+            return
+        if recipe.kind == "finetune":
+            from finetune.sft import run as run_recipe
+        else:
+            from distill.kd import run as run_recipe
+    with open_run_dir(recipe, force=True) as run:
+        run_recipe(recipe, run, resume=False)
 
 
 def _leave_process_group() -> None:
@@ -208,9 +260,10 @@ def _cmd_check(args) -> int:
     from still import recipe as recipe_module
 
     recipe = recipe_module.load(args.recipe, args.overrides)
-    if recipe.kind == "eval":
+    if recipe.kind in ("eval", "pipeline"):
         raise StillError(
-            "`still check` inspects finetune and distill recipes; this one is kind: eval"
+            f"`still check` inspects finetune and distill recipes; this one is kind: {recipe.kind}",
+            hint="check a stage's recipe" if recipe.kind == "pipeline" else None,
         )
     if args.probe is not None:
         from eval.checks import check_count
@@ -267,6 +320,20 @@ def _cmd_eval(args) -> int:
         force=args.force,
         backend=args.backend,
     )
+
+
+def _cmd_init(args) -> int:
+    from still.init import DEFAULT_BASE, init
+
+    init(
+        args.data,
+        test=args.test,
+        base=args.base or DEFAULT_BASE,
+        name=args.name,
+        group_by=args.group_by,
+        force=args.force,
+    )
+    return 0
 
 
 def _cmd_link(args) -> int:
@@ -343,6 +410,7 @@ HANDLERS = {
     "compare": _cmd_compare,
     "eval": _cmd_eval,
     "generate": _cmd_generate,
+    "init": _cmd_init,
     "link": _cmd_link,
     "merge": _cmd_merge,
     "models": _cmd_models,

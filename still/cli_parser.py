@@ -67,6 +67,13 @@ def _add_recipe_parsers(sub, handlers: dict) -> None:
     p.add_argument(
         "--strict", action="store_true", help="exit 3 if the forgetting check flags a drop"
     )
+    p.add_argument(
+        "--from",
+        dest="from_stage",
+        metavar="STAGE",
+        help="pipeline: run this stage again and every stage after it",
+    )
+    p.add_argument("--only", metavar="STAGE", help="pipeline: run this stage again, alone")
     p.set_defaults(handler=handlers["run"])
     _with_recipe(
         sub, "validate", "resolve a recipe (extends, overrides) and print it"
@@ -150,7 +157,28 @@ def _add_teacher_parsers(sub, handlers: dict) -> None:
     p.set_defaults(handler=handlers["generate"])
 
 
+def _add_init_parser(sub, handlers: dict) -> None:
+    p = sub.add_parser(
+        "init",
+        help="write a ready pipeline of recipes for a data file into recipes/<name>/",
+        description="Detect the data's format, pick max_len from its token lengths and write "
+        "commented teacher, student and eval recipes plus task YAMLs.",
+    )
+    p.add_argument("data", metavar="DATA", help="training data (.jsonl, .json, .csv, .parquet)")
+    p.add_argument("--test", metavar="TEST", help="a test file for the tasks (default: held out)")
+    p.add_argument("--base", metavar="REF", help="the base model (default: the built-in SmolLM2)")
+    p.add_argument("--name", metavar="N", help="recipes/<N>/ and the run names (default: data's)")
+    p.add_argument(
+        "--group-by",
+        metavar="FIELD",
+        help="hold out whole groups of this row field (no group on both sides)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing recipes/<name>/")
+    p.set_defaults(handler=handlers["init"])
+
+
 def _add_other_parsers(sub, handlers: dict) -> None:
+    _add_init_parser(sub, handlers)
     p = sub.add_parser(
         "link",
         help="online, after `wandb sync`: mark the W&B model artifacts "

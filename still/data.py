@@ -188,6 +188,22 @@ def _examples(data, source, split: str, stats: DataStats) -> list[dict]:
     return records
 
 
+def check_rows(data) -> None:
+    """Read and check every row of every split as `prepare` would, without a tokenizer: a
+    bad row (a conversation with no assistant turn, say) or a split left with no examples is
+    one StillError (a pipeline checks each stage's data before any stage starts)."""
+    for split, sources in (("train", data.train_sources()), ("eval", [data.eval])):
+        for source in sources:
+            if source is None:
+                continue
+            stats = DataStats()
+            if not _examples(data, source, split, stats):
+                raise StillError(
+                    f"{source.path or source.hf}: no usable examples ({_breakdown(data, stats)})",
+                    _no_examples_hint(data, stats),
+                )
+
+
 def _bad_row(data, stats: DataStats, origin: str, bad: BadRow) -> None:
     if data.on_bad_rows == "error":
         hint = (

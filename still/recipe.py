@@ -32,6 +32,7 @@ from still.distill_sections import (
 )
 from still.errors import StillError
 from still.ignored import refuse_ignored
+from still.pipeline_sections import PipelineRecipe
 from still.secrets import REDACTED, find_secret, redact, redact_value, secret_prefix
 from still.sections import (
     DataSection,
@@ -147,6 +148,7 @@ RECIPE_KINDS: dict[str, type[Section]] = {
     "finetune": FinetuneRecipe,
     "distill": DistillRecipe,
     "eval": EvalRecipe,
+    "pipeline": PipelineRecipe,
 }
 
 
@@ -161,6 +163,7 @@ PATH_KEYS: tuple[KeyPath, ...] = (
     ("eval_tasks", "*"),
     ("regression_tasks", "*"),
     ("tasks", "*"),
+    ("stages", "*", "recipe"),
 )
 
 
@@ -227,6 +230,13 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[KeyPath,
         chain = " -> ".join(p.name for p in (*seen, path))
         raise StillError(f"{path}: extends cycle: {chain}", hint="remove one of the extends: links")
     data, origins = _read_yaml(path)
+    return _extend(data, origins, path, seen)
+
+
+def _extend(
+    data: dict, origins: dict[KeyPath, Origin], path: Path, seen: tuple[Path, ...]
+) -> tuple[dict, dict[KeyPath, Origin]]:
+    """Resolve `data`'s paths against `path`'s dir and merge it over what it extends."""
     _resolve_paths(data, origins, path.parent)
     parent_ref = data.pop("extends", None)
     origins.pop(("extends",), None)
@@ -363,6 +373,22 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     if not recipe_path.exists():
         raise StillError(f"recipe file not found: {path}")
     data, origins = _load_chain(recipe_path, ())
+    return _validate(data, origins, recipe_path, overrides)
+
+
+def load_inline(
+    data: dict, origins: dict[KeyPath, Origin], path: str | Path, overrides: list[str] = ()
+) -> Recipe:
+    """A recipe written inside another file (a pipeline's `inline:` stage): its paths are
+    relative to that file, its key lines are that file's."""
+    path = Path(path).resolve()
+    merged, merged_origins = _extend(copy.deepcopy(data), dict(origins), path, (path,))
+    return _validate(merged, merged_origins, path, overrides)
+
+
+def _validate(
+    data: dict, origins: dict[KeyPath, Origin], recipe_path: Path, overrides
+) -> Recipe:
     for override in overrides:
         apply_override(data, origins, override)
     kind = data.get("kind")

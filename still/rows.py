@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from still.errors import StillError
+from still.holdout import split_rows
 from still.sections import RowSource
 
 
@@ -235,7 +236,13 @@ def _read_hub(source: RowSource) -> Iterator[Row]:
 
 # --------------------------------------------------------------------------- public API
 def read_rows(source: RowSource) -> Iterator[Row]:
-    """(origin, row or BadRow) for every row of the source, in order, up to `source.limit`."""
+    """(origin, row or BadRow) for every row of the source, in order, up to `source.limit`.
+    A source with a `holdout` reads its side of the split, drawn over every row first."""
+    if source.holdout is not None:
+        whole = source.model_copy(update={"holdout": None, "limit": None})
+        side = split_rows(read_rows(whole), source.holdout)
+        yield from side[: source.limit] if source.limit is not None else side
+        return
     if source.hf is not None:
         yield from _read_hub(source)
         return

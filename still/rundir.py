@@ -32,6 +32,7 @@ LINEAGE = "lineage.json"
 METRICS = "metrics.jsonl"
 TRACKER_RUN_ID = "wandb_run_id"
 REGRESSION = "regression.json"
+PIPELINE_STAGE = "pipeline-stage.json"  # written by a pipeline when its stage finished
 # The first line of the resolved recipe names the YAML it was resolved from.
 SOURCE_HEADER = "# Resolved from "
 
@@ -90,6 +91,10 @@ class RunDir:
     @property
     def regression_file(self) -> Path:
         return self.path / REGRESSION
+
+    @property
+    def stage_file(self) -> Path:
+        return self.path / PIPELINE_STAGE
 
     @property
     def launch_dir(self) -> Path:
@@ -200,6 +205,19 @@ class RunDir:
             raise StillError(f"{self.regression_file}: not a readable report ({error})") from None
         return report if isinstance(report, dict) else None
 
+    def read_stage(self) -> dict | None:
+        """What the pipeline that ran this dir recorded (None: no pipeline finished it)."""
+        if not self.stage_file.is_file():
+            return None
+        try:
+            record = json.loads(self.stage_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # damaged: the stage runs again
+        return record if isinstance(record, dict) else None
+
+    def write_stage(self, record: dict) -> None:
+        atomic_write_json(self.stage_file, record)
+
     def tracker_run_id(self) -> str | None:
         path = self.tracker_run_id_file
         if not path.is_file():
@@ -231,6 +249,16 @@ class RunDir:
         return lineage
 
 
+def input_files(recipe) -> list[dict]:
+    """The files a recipe reads, with their sha256: data (and its held-out split), task YAMLs."""
+    files = _data_files(recipe)
+    for name in ("eval_tasks", "regression_tasks", "tasks"):
+        for path in getattr(recipe, name, None) or ():
+            if Path(path).is_file():
+                files.append({"path": path, "sha256": file_sha256(Path(path))})
+    return files
+
+
 def _data_files(recipe: Recipe) -> list[dict]:
     files = []
     data = getattr(recipe, "data", None)
@@ -239,6 +267,10 @@ def _data_files(recipe: Recipe) -> list[dict]:
             files.append({"path": source.path, "sha256": file_sha256(Path(source.path))})
         elif source is not None and source.hf:
             files.append({"hf": source.hf, "subset": source.subset, "split": source.split})
+        else:
+            continue
+        if source.holdout is not None:  # the split is drawn from the file, so this recreates it
+            files[-1]["holdout"] = source.holdout.model_dump()
     return files
 
 

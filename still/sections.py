@@ -56,6 +56,36 @@ class LoraSection(Section):
 
 
 # --------------------------------------------------------------------------- data
+class Holdout(Section):
+    """A held-out split of a source's rows (`still/holdout.py` draws it)."""
+
+    split: int | float = Field(
+        description="The held-out side's size: a share of the rows (0.1) or a count (200)."
+    )
+    seed: int = Field(0, description="Seeds which rows (or groups) are held out.")
+    group_by: str | None = Field(
+        None,
+        description="A row field (e.g. module): whole groups go to one side, so no group lands "
+        "on both.",
+    )
+    side: Literal["held_out", "rest"] = Field(
+        "held_out", description="Which side this source reads: the held-out rows or the rest."
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _share_or_count(cls, value):
+        if isinstance(value, bool) or (isinstance(value, float) and not 0 < value < 1):
+            raise ValueError("a share must be between 0 and 1 (or give a count, e.g. 200)")
+        if isinstance(value, int) and value < 1:
+            raise ValueError("a count of held-out rows must be at least 1")
+        return value
+
+
+# The short form of a held-out eval split: `data.eval: {split: 0.1, seed: 0, group_by: module}`.
+HOLDOUT_KEYS = ("split", "seed", "group_by")
+
+
 class RowSource(Section):
     """Where rows come from: local files or a hub dataset (`still.rows` reads them)."""
 
@@ -66,9 +96,16 @@ class RowSource(Section):
     subset: str | None = Field(None, description="Dataset config name for `hf`.")
     split: str = Field("train", description="Split to read for `hf` datasets.")
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    holdout: Holdout | None = Field(
+        None,
+        description="Read one side of a seeded held-out split of these rows (drawn over all of "
+        "them, before limit). data.eval: {split: 0.1} writes it for the eval and train sources.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
+        if self.path is None and self.hf is None and self.holdout is not None:
+            return self  # data.eval's held-out split: DataSection fills in train's file
         if (self.path is None) == (self.hf is None):
             raise ValueError("give exactly one of 'path' (local files) or 'hf' (a dataset id)")
         return self
@@ -103,7 +140,11 @@ class DataSection(Section):
         "and limit (e.g. the teacher's written answers next to the dataset's). A source without "
         "a format takes train's format and fields.",
     )
-    eval: DataSource | None = Field(None, description="Held-out data for the periodic eval loss.")
+    eval: DataSource | None = Field(
+        None,
+        description="Held-out data for the periodic eval loss: a source, or a split of the "
+        "training file, {split: 0.1 | 200, seed: 0, group_by: FIELD, limit: N}.",
+    )
     max_len: int = Field(512, ge=8, description="Max tokens per example.")
     truncation: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with examples longer than max_len."
@@ -140,8 +181,23 @@ class DataSection(Section):
         "CPU cores.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_split(cls, value):
+        # `eval: {split: 0.1, ...}` (a number, no file): the short form of a held-out split
+        if not isinstance(value, dict) or not isinstance(value.get("eval"), dict):
+            return value
+        spec = value["eval"]
+        share = spec.get("split")
+        if "path" in spec or "hf" in spec or not isinstance(share, int | float):
+            return value
+        holdout = {key: spec[key] for key in HOLDOUT_KEYS if key in spec}
+        rest = {key: item for key, item in spec.items() if key not in HOLDOUT_KEYS}
+        return {**value, "eval": {**rest, "holdout": holdout}}
+
     @model_validator(mode="after")
     def _defaults(self):
+        _split_off_train(self)
         train = self.train
         if train.format is None:
             train.format = "chat"
@@ -161,6 +217,19 @@ class DataSection(Section):
     def train_sources(self) -> list[DataSource]:
         """train, then each mix source: the rows of the train split, in this order."""
         return [self.train, *self.mix]
+
+
+def _split_off_train(data: DataSection) -> None:
+    """A held-out eval source without a file takes train's file; train reads the rest."""
+    held = data.eval
+    if held is None or held.holdout is None or (held.path or held.hf):
+        return
+    if data.train.holdout is not None:
+        raise ValueError("data.train already reads a held-out split: give data.eval a file")
+    for name in ("path", "hf", "subset", "split"):
+        setattr(held, name, getattr(data.train, name))
+    held.holdout.side = "held_out"
+    data.train.holdout = held.holdout.model_copy(update={"side": "rest"})
 
 
 def _inherit_fields(source: DataSource, train: DataSource) -> None:

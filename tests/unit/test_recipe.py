@@ -130,7 +130,7 @@ def test_yaml_1_1_booleans_stay_words_in_overrides(tmp_path):
         ("train.lr.x=1", r"bad override 'train.lr.x=1': 'train.lr' is not a section"),
         (
             "kind=finetun",
-            r"kind must be one of finetune \| distill \| eval, got 'finetun' "
+            r"kind must be one of finetune \| distill \| eval \| pipeline, got 'finetun' "
             r"\(did you mean 'finetune'\?\)",
         ),
     ],
@@ -177,7 +177,7 @@ def test_resolved_yaml_round_trips(tmp_path):
 def test_json_schema_covers_every_kind():
     schema = recipe_module.json_schema()
     titles = {entry["title"] for entry in schema["oneOf"]}
-    assert titles == {"FinetuneRecipe", "DistillRecipe", "EvalRecipe"}
+    assert titles == {"FinetuneRecipe", "DistillRecipe", "EvalRecipe", "PipelineRecipe"}
     json.dumps(schema)
 
 
