@@ -21,6 +21,7 @@ import logging
 import math
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -109,6 +110,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(rows), desc=task.name, disable=not progress, unit="q")
+    started = time.monotonic()
     try:
         with torch.inference_mode():
             samples = SCORERS[task.type](model, tokenizer, task, rows, contexts, batch_size, bar)
@@ -125,6 +127,9 @@ def evaluate(
         "metrics": _finite(task, model_name or model_hash, samples, _summarise(task, samples)),
         "batch_size": batch_size,
         "limit": limit,
+        # What a cascade's cost estimate reads: scoring wall time and the model's size.
+        "seconds": round(time.monotonic() - started, 3),
+        "n_params": sum(p.numel() for p in model.parameters()) or None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return store_results(cache_entry, out_dir, task.name, summary, samples, model_name)

@@ -269,6 +269,21 @@ def _cmd_eval(args) -> int:
     )
 
 
+def _cmd_cascade(args) -> int:
+    from still import recipe as recipe_module
+
+    recipe = recipe_module.load(args.recipe, args.overrides)
+    if recipe.kind != "eval":
+        raise StillError(
+            f"{args.recipe} is a {recipe.kind} recipe",
+            hint="`still cascade` takes an eval recipe with a cascade: section",
+        )
+    with quiet_imports():
+        from eval.run import run_cascade
+
+    return run_cascade(recipe, force=args.force, limit=args.limit)
+
+
 def _cmd_link(args) -> int:
     with quiet_imports():
         from still.wandb_logs import link_lineage
@@ -339,6 +354,7 @@ def _publish_flags(args) -> list[str]:
 
 HANDLERS = {
     "cache": _cmd_cache,
+    "cascade": _cmd_cascade,
     "check": _cmd_check,
     "compare": _cmd_compare,
     "eval": _cmd_eval,

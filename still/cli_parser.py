@@ -80,6 +80,12 @@ def _add_recipe_parsers(sub, handlers: dict) -> None:
         "(a few minutes on a CPU for a small model; nothing is kept)",
     )
     p.set_defaults(handler=handlers["check"])
+    p = _with_recipe(
+        sub, "cascade", "measure a student-first cascade: an eval recipe with a cascade: section"
+    )
+    p.add_argument("--limit", type=int, help="score only the first N rows of each task")
+    p.add_argument("--force", action="store_true", help="ignore cached results")
+    p.set_defaults(handler=handlers["cascade"])
 
 
 def _add_publish_parsers(sub, handlers: dict) -> None:
