@@ -13,23 +13,25 @@ from eval.cascade import SIGNALS
 from still.fsutil import atomic_write_bytes, atomic_write_json
 
 
-def write_report(out_dir: Path, student: str, teacher: str, tasks: list[dict]) -> dict:
-    """Write the four files for the analysed `tasks`; returns the cascade.json content."""
+def write_report(out_dir: Path, student: str, teacher: str, tasks: list[dict], serve=None) -> dict:
+    """Write the four files for the analysed `tasks`; returns the cascade.json content.
+    `serve` (model references and the generation settings of each task, by task name) makes
+    the `serve` section `still serve` reads: the first generate task's winning signal."""
     out_dir = Path(out_dir)
-    first = tasks[0]
-    winner = first["signals"][first["winner"]]
-    report = {
-        "student": student,
-        "teacher": teacher,
-        # What `still serve` applies: the first task's winning signal and its threshold.
-        "serve": {
-            "signal": first["winner"],
-            "direction": SIGNALS[first["winner"]][0],
-            "threshold": winner["calibration"]["threshold"],
-            "task": first["task"],
-        },
-        "tasks": tasks,
-    }
+    report = {"student": student, "teacher": teacher, "serve": None, "tasks": tasks}
+    generated = [task for task in tasks if task["type"] == "generate"]
+    if serve is not None and generated:
+        task = generated[0]
+        report["serve"] = {
+            "student": serve["student"],
+            "teacher": serve["teacher"],
+            "task": task["task"],
+            "signal": task["winner"],
+            "direction": SIGNALS[task["winner"]][0],
+            # defer when direction × signal < threshold; null: defer every request
+            "threshold": task["signals"][task["winner"]]["calibration"]["threshold"],
+            **serve["generation"][task["task"]],
+        }
     report = _jsonable(report)
     rendered = {
         "cascade.md": markdown(report).encode("utf-8"),

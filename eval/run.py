@@ -212,6 +212,12 @@ def check_cascade(recipe, tasks) -> None:
         signals_for(task.type, recipe.cascade.signals, task.name)
 
 
+def _absolute_ref(ref: str) -> str:
+    """A model reference that still names the model from another directory (`still serve`)."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
 def run_cascade(recipe, *, force: bool = False, limit: int | None = None) -> int:
     """`still cascade R.yaml`: score the cascade's student and teacher on the recipe's tasks
     (from the cache when unchanged) and write the cascade report."""
@@ -254,7 +260,19 @@ def cascade_report(recipe, tasks, result_dirs: dict) -> dict:
         for task in tasks
     ]
     out_dir = Path(recipe.output_dir) / recipe.name / "cascade"
-    report = write_report(out_dir, display_name(student), display_name(teacher), analysed)
+    serve = {
+        "student": _absolute_ref(student),
+        "teacher": _absolute_ref(teacher),
+        "generation": {
+            task.name: {
+                "max_new_tokens": task.generation.max_new_tokens,
+                "stop": list(task.generation.stop),
+            }
+            for task in tasks
+            if task.type == "generate"
+        },
+    }
+    report = write_report(out_dir, display_name(student), display_name(teacher), analysed, serve)
     for task in report["tasks"]:
         chosen = task["signals"][task["winner"]]["test"]
         low, high = chosen["deferral"]["ci"]

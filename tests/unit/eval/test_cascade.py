@@ -125,7 +125,7 @@ def test_report_from_two_models_samples(tmp_path):
     assert cost["flops_per_request"]["saved"] > 0 and cost["seconds_per_request"]["saved"] > 0
     report = write_report(tmp_path / "out", "s", "t", [task])
     on_disk = json.loads((tmp_path / "out" / "cascade.json").read_text())
-    assert on_disk == report and report["serve"]["signal"] == task["winner"]
+    assert on_disk == report and report["serve"] is None  # no model references given
     assert (tmp_path / "out" / "cascade.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "cascade-reliability.png").stat().st_size > 0
     assert "**(chosen)**" in (tmp_path / "out" / "cascade.md").read_text()
@@ -170,6 +170,9 @@ def test_still_cascade_end_to_end_and_its_one_line_refusal(
     assert main(["cascade", str(recipe)]) == 0
     report = json.loads((tmp_path / "runs" / "casc" / "cascade" / "cascade.json").read_text())
     assert report["tasks"][0]["signals"]["mean_logprob"]["curve"][0][0] == 0.0
+    serve = report["serve"]
+    assert serve["student"] == str(tiny_model_dir) and serve["max_new_tokens"] == 4
+    assert serve["signal"] == report["tasks"][0]["winner"]
     assert "still: cascade on qa:" in capsys.readouterr().out
     bad = cascade_recipe(tmp_path, tiny_model_dir, tiny_model_dir_4layers, ", signals: [margin]")
     assert main(["cascade", str(bad)]) == 2
