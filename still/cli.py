@@ -284,6 +284,30 @@ def _cmd_cascade(args) -> int:
     return run_cascade(recipe, force=args.force, limit=args.limit)
 
 
+def _cmd_serve(args) -> int:
+    try:
+        with quiet_imports():
+            from publish.serve import serve
+    except ModuleNotFoundError as missing:
+        if missing.name not in ("fastapi", "uvicorn", "starlette"):
+            raise
+        raise StillError(
+            f"`still serve` needs {missing.name}, which is not installed",
+            hint="pip install 'still[serve]'",
+        ) from None
+
+    return serve(
+        Path(args.cascade),
+        host=args.host,
+        port=args.port,
+        teacher_url=args.teacher_url,
+        teacher_model=args.teacher_model,
+        on_teacher_error=args.on_teacher_error,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+    )
+
+
 def _cmd_link(args) -> int:
     with quiet_imports():
         from still.wandb_logs import link_lineage
@@ -365,6 +389,7 @@ HANDLERS = {
     "publish": _cmd_publish,
     "run": _cmd_run,
     "schema": _cmd_schema,
+    "serve": _cmd_serve,
     "validate": _cmd_validate,
 }
 
