@@ -159,3 +159,51 @@ def test_still_serve_over_real_http_with_uvicorn(student, endpoint):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.slow
+def test_defers_to_a_real_transformers_serve_teacher(student, tiny_model_dir_4layers, tmp_path):
+    """The deferral target is `transformers serve` (the [serving] extra) on localhost, as for
+    sequence-level KD; its greedy answer is the local teacher's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from publish.serve import Decoding, LocalTeacher
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    executable = Path(sys.executable).with_name("transformers")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [str(executable), "serve", "--device", "cpu", "--host", "127.0.0.1", "--port",
+               str(port), "--dtype", "float32", str(tiny_model_dir_4layers)]  # fmt: skip
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as up:
+                    if up.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "serve.log"
+            ).read_text()[-2000:]
+            time.sleep(0.5)
+        teacher = EndpointTeacher(f"http://127.0.0.1:{port}/v1", str(tiny_model_dir_4layers), 60)
+        app = TestClient(build_app(Cascade(settings(0.0), *student, teacher, "fail")))
+        body = app.post("/v1/chat/completions", json={"messages": MESSAGES}).json()
+        assert body["still"]["answered_by"] == "teacher"
+        local = LocalTeacher(str(tiny_model_dir_4layers)).answer(MESSAGES, Decoding(6, []))
+        assert body["choices"][0]["message"]["content"] == local
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
