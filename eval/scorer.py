@@ -84,22 +84,32 @@ def generate_texts(model, tokenizer, encoded: list[list[int]], settings, batch_s
     """The text generated after each encoded prompt, cut at the first stop string (not
     stripped). `settings` is a task's `Generation` (max_new_tokens, stop, sampling, seed).
     A model that scores itself (eval/llama_cpp.py) generates with its own runtime."""
-    texts, _ = generate_with_signals(model, tokenizer, encoded, settings, batch_size, bar)
+    texts, _ = generate_with_signals(
+        model, tokenizer, encoded, settings, batch_size, bar, with_signals=False
+    )
     return texts
 
 
 def generate_with_signals(
-    model, tokenizer, encoded: list[list[int]], settings, batch_size, bar=None
+    model,
+    tokenizer,
+    encoded: list[list[int]],
+    settings,
+    batch_size,
+    bar=None,
+    *,
+    with_signals: bool = True,
 ) -> tuple[list[str], list[dict | None]]:
     """`generate_texts`, and for each answer its confidence signals (`answer_signals`), or None
-    where the runtime gives no token log-probs (a model that scores itself: llama.cpp)."""
+    where the runtime gives no token log-probs (a model that scores itself: llama.cpp) or
+    `with_signals` is off (the logits of every step cost memory: batch × steps × vocabulary)."""
     if getattr(model, "scores_itself", False):
         stop_ids = models.stop_token_ids(model, tokenizer)
         texts = model.generate_texts(encoded, settings, stop_ids, bar)
         return texts, [None] * len(texts)
     config = generation_config(model, tokenizer, settings)
     # The model's own distribution at each step, before any sampling warper, for the signals.
-    config.return_dict_in_generate, config.output_logits = True, True
+    config.return_dict_in_generate, config.output_logits = True, with_signals
     stop_ids = set(models.stop_token_ids(model, tokenizer) or [])
     device = next(model.parameters()).device
     texts: list[str] = [""] * len(encoded)
@@ -121,9 +131,11 @@ def generate_with_signals(
             )
         generated = output.sequences[:, width:]
         decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
-        logits = torch.stack(output.logits, dim=1)  # (batch, steps, vocab)
+        logits = torch.stack(output.logits, dim=1) if with_signals else None  # batch, step, vocab
         for row, (i, text) in enumerate(zip(batch, decoded)):
             texts[i] = cut_at_stop(text, stop)
+            if logits is None:
+                continue
             tokens = generated[row].tolist()
             n_answer = answer_length(tokenizer, tokens, stop_ids, stop)
             signals[i] = answer_signals(logits[row, :n_answer], generated[row, :n_answer])
