@@ -174,6 +174,11 @@ def test_still_cascade_end_to_end_and_its_one_line_refusal(
     assert serve["student"] == str(tiny_model_dir) and serve["max_new_tokens"] == 4
     assert serve["signal"] == report["tasks"][0]["winner"]
     assert "still: cascade on qa:" in capsys.readouterr().out
+    (tmp_path / "runs" / "casc" / "cascade" / "cascade.json").unlink()
+    assert main(["run", str(recipe)]) == 0  # the cascade: section of an eval recipe: cached
+    assert json.loads((tmp_path / "runs" / "casc" / "cascade" / "cascade.json").read_text())
+    assert (tmp_path / "runs" / "casc" / "compare.md").is_file()
+    assert "cache hit" in capsys.readouterr().err
     bad = cascade_recipe(tmp_path, tiny_model_dir, tiny_model_dir_4layers, ", signals: [margin]")
     assert main(["cascade", str(bad)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
