@@ -104,6 +104,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _saved(share: float) -> str:
+    return f"{share:.1%} saved" if share >= 0 else f"{-share:.1%} more than the teacher alone"
+
+
 def _cost_lines(cost: dict) -> list[str]:
     lines = [f"- requests the teacher never sees: {cost['teacher_never_sees']:.1%}"]
     flops = cost.get("flops_per_request")
@@ -111,7 +115,7 @@ def _cost_lines(cost: dict) -> list[str]:
         lines.append(
             f"- generation FLOPs per request (2 × parameters × answer tokens): teacher alone "
             f"{flops['teacher_only']:.3g}, cascade {flops['cascade']:.3g} "
-            f"({flops['saved']:.1%} saved)"
+            f"({_saved(flops['saved'])})"
         )
     seconds = cost.get("seconds_per_request")
     if seconds:
@@ -119,7 +123,7 @@ def _cost_lines(cost: dict) -> list[str]:
             f"- seconds per request, from the measured scoring time (batch "
             f"{seconds['batch_size']}): student {seconds['student']:.3f}, teacher alone "
             f"{seconds['teacher_only']:.3f}, cascade {seconds['cascade']:.3f} "
-            f"({seconds['saved']:.1%} saved)"
+            f"({_saved(seconds['saved'])})"
         )
     if not flops and not seconds:
         lines.append("- FLOPs and latency: not recorded in these results (scored before they were)")

@@ -184,3 +184,26 @@ def test_still_cascade_end_to_end_and_its_one_line_refusal(
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("still: error: cascade: signal 'margin' cannot be given")
     assert "Traceback" not in "\n".join(error)
+
+
+def test_cascade_is_logged_to_wandb_like_compare(
+    tmp_path, tiny_model_dir, tiny_model_dir_4layers, monkeypatch
+):
+    pytest.importorskip("wandb")
+    from wandb_records import offline_runs
+
+    from still.cli import main
+
+    for key in ("WANDB_API_KEY", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR", "WANDB_RUN_GROUP"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("STILL_CACHE", str(tmp_path / "cache"))
+    for key in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_ARTIFACT_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(key, str(tmp_path / "wandb-home" / key.lower()))
+    recipe = cascade_recipe(tmp_path, tiny_model_dir, tiny_model_dir_4layers)
+    recipe.write_text(recipe.read_text() + "track: {wandb: {project: still-test}}\n")
+    assert main(["cascade", str(recipe)]) == 0
+    (run,) = offline_runs(tmp_path / "runs" / "casc" / "cascade")
+    table = run.table("cascade/table")
+    assert table["columns"][:3] == ["task", "signal", "auroc"] and len(table["data"]) == 3
+    assert any(key.startswith("cascade/cascade") for row in run.history for key in row)
