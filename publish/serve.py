@@ -179,14 +179,19 @@ def build_app(cascade: Cascade, *, max_queue: int = 8, model_name: str = "still-
         try:
             body = await request.json()
             messages = body["messages"]
-            if not isinstance(messages, list) or not messages:
+            if not isinstance(messages, list) or not messages or not all(map(_message, messages)):
                 raise ValueError
         except (ValueError, KeyError, TypeError):
-            return error(400, "the body must be JSON with a non-empty 'messages' list")
+            return error(
+                400, "the body must be JSON with a non-empty 'messages' list of {role, content}"
+            )
+        max_tokens = body.get("max_tokens")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            return error(400, f"max_tokens must be a positive integer, got {max_tokens!r}")
         if not slots.acquire(blocking=False):
             return error(503, f"queue full: {max_queue} requests waiting or running")
         try:
-            result = await run_in_threadpool(cascade.answer, messages, body.get("max_tokens"))
+            result = await run_in_threadpool(cascade.answer, messages, max_tokens)
         except StillError as failure:
             return error(502, f"teacher failed and on_teacher_error is fail: {failure}")
         finally:
@@ -199,6 +204,14 @@ def build_app(cascade: Cascade, *, max_queue: int = 8, model_name: str = "still-
         return JSONResponse(_completion(completion_id, model_name, result), headers=headers)
 
     return app
+
+
+def _message(message) -> bool:
+    return (
+        isinstance(message, dict)
+        and isinstance(message.get("role"), str)
+        and isinstance(message.get("content"), str)
+    )
 
 
 def _completion(completion_id: str, model_name: str, result: dict) -> dict:

@@ -101,6 +101,9 @@ def test_bad_requests_and_a_full_queue_are_refused(student, endpoint):
     app = client(student, endpoint.url, threshold=-1e9)
     assert app.post("/v1/chat/completions", json={"messages": []}).status_code == 400
     assert app.post("/v1/chat/completions", content=b"not json").status_code == 400
+    assert app.post("/v1/chat/completions", json={"messages": [{"role": 1}]}).status_code == 400
+    bad_max = {"messages": MESSAGES, "max_tokens": "many"}
+    assert "max_tokens must be" in app.post("/v1/chat/completions", json=bad_max).text
     assert app.get("/health").json() == {"status": "ok"}
     slow = FakeEndpoint(200, lambda request, headers: time.sleep(1.0) or teacher_reply(0, 0))
     try:
