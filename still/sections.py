@@ -356,5 +356,5 @@ class CascadeSection(Section):
     @model_validator(mode="after")
     def _one_target(self):
         if (self.target_quality is None) == (self.max_deferral is None):
-            raise ValueError("cascade: set exactly one of target_quality and max_deferral")
+            raise ValueError("set exactly one of target_quality and max_deferral")
         return self
