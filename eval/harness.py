@@ -21,6 +21,7 @@ import logging
 import math
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -33,15 +34,16 @@ from eval.scorer import (
     continuation_logliks,
     encode,
     encode_pair,
-    generate_texts,
+    generate_with_signals,
 )
 from eval.tasks import TaskSpec, build_context, fewshot_rows, select_shots, task_hash
 from eval.templates import row_choices, row_gold, row_target
 from still.errors import StillError
 from still.fsutil import atomic_write_json, atomic_write_text, json_text
 
-# Bump when a change here can change a score: old cache entries then stop matching.
-HARNESS_VERSION = "1"
+# Bump when a change here can change a score or the samples' format: old cache entries then
+# stop matching. 2: per-answer confidence `signals` in the samples (eval/cascade.py reads them).
+HARNESS_VERSION = "2"
 BOOTSTRAP_SAMPLES = 1000
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(rows), desc=task.name, disable=not progress, unit="q")
+    started = time.monotonic()
     try:
         with torch.inference_mode():
             samples = SCORERS[task.type](model, tokenizer, task, rows, contexts, batch_size, bar)
@@ -124,6 +127,9 @@ def evaluate(
         "metrics": _finite(task, model_name or model_hash, samples, _summarise(task, samples)),
         "batch_size": batch_size,
         "limit": limit,
+        # What a cascade's cost estimate reads: scoring wall time and the model's size.
+        "seconds": round(time.monotonic() - started, 3),
+        "n_params": sum(p.numel() for p in model.parameters()) or None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return store_results(cache_entry, out_dir, task.name, summary, samples, model_name)
@@ -190,7 +196,9 @@ def _warn_if_not_fp32(model) -> None:
 
 def score_generate(model, tokenizer, task, rows, contexts, batch_size, bar) -> list[dict]:
     encoded = [encode(tokenizer, context) for context in contexts]
-    texts = generate_texts(model, tokenizer, encoded, task.generation, batch_size, bar)
+    texts, signals = generate_with_signals(
+        model, tokenizer, encoded, task.generation, batch_size, bar
+    )
     predictions = [text.strip() for text in texts]
     samples = []
     for i, row in enumerate(rows):
@@ -198,7 +206,10 @@ def score_generate(model, tokenizer, task, rows, contexts, batch_size, bar) -> l
         scores = {
             name: GENERATE_METRICS[name](predictions[i], target, task) for name in task.metrics
         }
-        samples.append(_sample(i, row, contexts[i], target, {"prediction": predictions[i]}, scores))
+        extra = {"prediction": predictions[i]}
+        if signals[i] is not None:  # None: the runtime gives no token log-probs (llama.cpp)
+            extra["signals"] = signals[i]
+        samples.append(_sample(i, row, contexts[i], target, extra, scores))
     return samples
 
 
@@ -217,6 +228,7 @@ def score_multiple_choice(model, tokenizer, task, rows, contexts, batch_size, ba
             m: CHOICE_METRICS[m](logliks[i], choices_per_row[i], golds[i]) for m in task.metrics
         }
         extra = {"choices": choices_per_row[i], "label": golds[i], "logliks": logliks[i]}
+        extra["signals"] = choice_signals(logliks[i])
         samples.append(_sample(i, row, contexts[i], choices_per_row[i][golds[i]], extra, scores))
     return samples
 
@@ -235,6 +247,18 @@ def score_perplexity(model, tokenizer, task, rows, contexts, batch_size, bar) ->
         extra = {"loglik": logliks[i][0], "n_tokens": n_tokens}
         samples.append(_sample(i, row, contexts[i], targets[i], extra, {"loss": loss}))
     return samples
+
+
+def choice_signals(logliks: list[float]) -> dict:
+    """Confidence of a multiple-choice answer: the log-likelihood margin between the top two
+    choices, and the top choice's probability with the choices renormalised (softmax)."""
+    ranked = sorted(logliks, reverse=True)
+    top = ranked[0]
+    normaliser = sum(math.exp(value - top) for value in ranked)
+    signals = {"top_prob": 1.0 / normaliser}
+    if len(ranked) > 1:
+        signals["margin"] = ranked[0] - ranked[1]
+    return signals
 
 
 SCORERS = {

@@ -133,7 +133,9 @@ def run_eval_recipe(
     check_count(limit, "--limit")
     check_count(batch_size, "--batch-size")
     limit = limit if limit is not None else recipe.limit  # an explicit 0 is refused, not dropped
-    check_eval_recipe(recipe, limit=limit)  # models named, every task and row: before any load
+    tasks = check_eval_recipe(recipe, limit=limit)  # models, every task and row: before any load
+    if recipe.cascade is not None:
+        check_cascade(recipe, tasks)
     check_backend(recipe.models, backend)
     out_root = Path(recipe.output_dir) / recipe.name
     names = [display_name(ref) for ref in recipe.models]
@@ -176,7 +178,116 @@ def run_eval_recipe(
         if tracking.start_wandb(recipe, out_root, job_type="compare", name=recipe.name) is not None:
             wandb_logs.log_comparison(out_root)
             tracking.finish_wandb()
+    if recipe.cascade is not None:
+        by_ref = dict(zip(recipe.models, result_dirs))
+        cascade_report(recipe, tasks, {ref: by_ref[ref] for ref in cascade_models(recipe)})
     return 0
+
+
+def cascade_models(recipe) -> tuple[str, str]:
+    """(student, teacher) of an eval recipe's `cascade:` section, each one of its models."""
+    settings = recipe.cascade
+    student = model_among(settings.student, recipe.models, "cascade.student", at="cascade.student")
+    teacher = model_among(settings.teacher, recipe.models, "cascade.teacher", at="cascade.teacher")
+    if display_name(student) == display_name(teacher):
+        raise StillError(
+            f"cascade: the student and the teacher are the same model ({student})",
+            hint="a cascade defers from a small model to a different, stronger one",
+        )
+    return student, teacher
+
+
+def check_cascade(recipe, tasks) -> None:
+    """Before any model loads: the cascade's models, and every task gives the signals asked."""
+    from eval.cascade import signals_for
+
+    cascade_models(recipe)
+    for task in tasks:
+        if isinstance(task, LmEvalTask):
+            raise StillError(
+                f"cascade: {task.ref} is an lm-eval task; a cascade reads our task YAMLs' "
+                "per-answer signals",
+                hint="list task YAMLs of type generate or multiple_choice in tasks",
+            )
+        signals_for(task.type, recipe.cascade.signals, task.name)
+
+
+def _absolute_ref(ref: str) -> str:
+    """A model reference that still names the model from another directory (`still serve`)."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
+def run_cascade(recipe, *, force: bool = False, limit: int | None = None) -> int:
+    """`still cascade R.yaml`: score the cascade's student and teacher on the recipe's tasks
+    (from the cache when unchanged) and write the cascade report."""
+    if recipe.cascade is None:
+        raise StillError(
+            f"recipe {recipe.name} has no cascade: section",
+            hint="add cascade: {student: ..., teacher: ..., target_quality: 0.95}",
+        )
+    check_count(limit, "--limit")
+    limit = limit if limit is not None else recipe.limit
+    tasks = check_eval_recipe(recipe, limit=limit)
+    check_cascade(recipe, tasks)
+    out_root = Path(recipe.output_dir) / recipe.name
+    result_dirs = {}
+    for ref in cascade_models(recipe):
+        result_dirs[ref] = out_root / display_name(ref)
+        evaluate_model(
+            ref,
+            recipe.tasks,
+            out_dir=result_dirs[ref],
+            batch_size=recipe.batch_size,
+            limit=limit,
+            use_cache=not force,
+            name=display_name(ref),
+        )
+    cascade_report(recipe, tasks, result_dirs)
+    return 0
+
+
+def cascade_report(recipe, tasks, result_dirs: dict) -> dict:
+    """Analyse the scored student and teacher on every task; write out_root/cascade/."""
+    from eval.cascade import analyse_task
+    from eval.cascade_report import write_report
+
+    student, teacher = cascade_models(recipe)
+    analysed = [
+        analyse_task(
+            result_dirs[student], result_dirs[teacher], task.name, task.type, recipe.cascade
+        )
+        for task in tasks
+    ]
+    out_dir = Path(recipe.output_dir) / recipe.name / "cascade"
+    serve = {
+        "student": _absolute_ref(student),
+        "teacher": _absolute_ref(teacher),
+        "generation": {
+            task.name: {
+                "max_new_tokens": task.generation.max_new_tokens,
+                "stop": list(task.generation.stop),
+            }
+            for task in tasks
+            if task.type == "generate"
+        },
+    }
+    report = write_report(out_dir, display_name(student), display_name(teacher), analysed, serve)
+    for task in report["tasks"]:
+        chosen = task["signals"][task["winner"]]["test"]
+        low, high = chosen["deferral"]["ci"]
+        share = chosen["share_of_teacher"]["value"]
+        print(
+            f"still: cascade on {task['task']}: {task['winner']} defers "
+            f"{chosen['deferral']['value']:.1%} [{low:.1%}, {high:.1%}] of test questions for "
+            f"{chosen['quality']['value']:.3f} {task['metric']} "
+            f"({'—' if share is None else f'{share:.1%}'} of the teacher's)"
+        )
+    print(f"still: cascade report in {out_dir}")
+    if tracking.start_wandb(recipe, out_dir, job_type="cascade", name=f"{recipe.name}-cascade"):
+        wandb_logs.log_cascade(out_dir)
+        tracking.finish_wandb()
+    return report
 
 
 def _named(wanted: str | None, refs: list[str], role: str) -> str | None:

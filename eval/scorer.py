@@ -84,11 +84,36 @@ def generate_texts(model, tokenizer, encoded: list[list[int]], settings, batch_s
     """The text generated after each encoded prompt, cut at the first stop string (not
     stripped). `settings` is a task's `Generation` (max_new_tokens, stop, sampling, seed).
     A model that scores itself (eval/llama_cpp.py) generates with its own runtime."""
+    texts, _ = generate_with_signals(
+        model, tokenizer, encoded, settings, batch_size, bar, with_signals=False
+    )
+    return texts
+
+
+def generate_with_signals(
+    model,
+    tokenizer,
+    encoded: list[list[int]],
+    settings,
+    batch_size,
+    bar=None,
+    *,
+    with_signals: bool = True,
+) -> tuple[list[str], list[dict | None]]:
+    """`generate_texts`, and for each answer its confidence signals (`answer_signals`), or None
+    where the runtime gives no token log-probs (a model that scores itself: llama.cpp) or
+    `with_signals` is off (the logits of every step cost memory: batch × steps × vocabulary)."""
     if getattr(model, "scores_itself", False):
-        return model.generate_texts(encoded, settings, models.stop_token_ids(model, tokenizer), bar)
+        stop_ids = models.stop_token_ids(model, tokenizer)
+        texts = model.generate_texts(encoded, settings, stop_ids, bar)
+        return texts, [None] * len(texts)
     config = generation_config(model, tokenizer, settings)
+    # The model's own distribution at each step, before any sampling warper, for the signals.
+    config.return_dict_in_generate, config.output_logits = True, with_signals
+    stop_ids = set(models.stop_token_ids(model, tokenizer) or [])
     device = next(model.parameters()).device
     texts: list[str] = [""] * len(encoded)
+    signals: list[dict | None] = [None] * len(encoded)
     for batch_number, batch in enumerate(
         batches_longest_first([len(ids) for ids in encoded], batch_size)
     ):
@@ -104,12 +129,45 @@ def generate_texts(model, tokenizer, encoded: list[list[int]], settings, batch_s
                 generation_config=config,
                 stopping_criteria=stopping,
             )
-        decoded = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-        for i, text in zip(batch, decoded):
+        generated = output.sequences[:, width:]
+        decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        logits = torch.stack(output.logits, dim=1) if with_signals else None  # batch, step, vocab
+        for row, (i, text) in enumerate(zip(batch, decoded)):
             texts[i] = cut_at_stop(text, stop)
+            if logits is None:
+                continue
+            tokens = generated[row].tolist()
+            n_answer = answer_length(tokenizer, tokens, stop_ids, stop)
+            signals[i] = answer_signals(logits[row, :n_answer], generated[row, :n_answer])
         if bar is not None:
             bar.update(len(batch))
-    return texts
+    return texts, signals
+
+
+def answer_length(tokenizer, tokens: list[int], stop_ids: set[int], stop: list[str]) -> int:
+    """How many generated tokens make the answer: up to and including the first end-of-turn id
+    or the token that completes a stop string; the padding after a finished row is not read."""
+    for n, token in enumerate(tokens, start=1):
+        if token in stop_ids:
+            return n
+        if stop and any(s in tokenizer.decode(tokens[:n], skip_special_tokens=True) for s in stop):
+            return n
+    return len(tokens)
+
+
+def answer_signals(step_logits: torch.Tensor, token_ids: torch.Tensor) -> dict:
+    """Confidence signals of one generated answer from the logits that chose its tokens:
+    mean and minimum token log-probability and mean entropy (nats) of the next-token
+    distribution, over the answer's tokens."""
+    log_probs = torch.log_softmax(step_logits.float(), dim=-1)
+    token_logprobs = log_probs.gather(-1, token_ids.to(log_probs.device)[:, None])[:, 0]
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return {
+        "mean_logprob": float(token_logprobs.mean()),
+        "min_logprob": float(token_logprobs.min()),
+        "mean_entropy": float(entropy.mean()),
+        "n_tokens": len(token_ids),
+    }
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

@@ -336,6 +336,45 @@ def _cmd_init(args) -> int:
     return 0
 
 
+def _cmd_cascade(args) -> int:
+    from still import recipe as recipe_module
+
+    recipe = recipe_module.load(args.recipe, args.overrides)
+    if recipe.kind != "eval":
+        raise StillError(
+            f"{args.recipe} is a {recipe.kind} recipe",
+            hint="`still cascade` takes an eval recipe with a cascade: section",
+        )
+    with quiet_imports():
+        from eval.run import run_cascade
+
+    return run_cascade(recipe, force=args.force, limit=args.limit)
+
+
+def _cmd_serve(args) -> int:
+    try:
+        with quiet_imports():
+            from publish.serve import serve
+    except ModuleNotFoundError as missing:
+        if missing.name not in ("fastapi", "uvicorn", "starlette"):
+            raise
+        raise StillError(
+            f"`still serve` needs {missing.name}, which is not installed",
+            hint="pip install 'still[serve]'",
+        ) from None
+
+    return serve(
+        Path(args.cascade),
+        host=args.host,
+        port=args.port,
+        teacher_url=args.teacher_url,
+        teacher_model=args.teacher_model,
+        on_teacher_error=args.on_teacher_error,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+    )
+
+
 def _cmd_link(args) -> int:
     with quiet_imports():
         from still.wandb_logs import link_lineage
@@ -406,6 +445,7 @@ def _publish_flags(args) -> list[str]:
 
 HANDLERS = {
     "cache": _cmd_cache,
+    "cascade": _cmd_cascade,
     "check": _cmd_check,
     "compare": _cmd_compare,
     "eval": _cmd_eval,
@@ -417,6 +457,7 @@ HANDLERS = {
     "publish": _cmd_publish,
     "run": _cmd_run,
     "schema": _cmd_schema,
+    "serve": _cmd_serve,
     "validate": _cmd_validate,
 }
 

@@ -87,9 +87,37 @@ def _add_recipe_parsers(sub, handlers: dict) -> None:
         "(a few minutes on a CPU for a small model; nothing is kept)",
     )
     p.set_defaults(handler=handlers["check"])
+    p = _with_recipe(
+        sub, "cascade", "measure a student-first cascade: an eval recipe with a cascade: section"
+    )
+    p.add_argument("--limit", type=int, help="score only the first N rows of each task")
+    p.add_argument("--force", action="store_true", help="ignore cached results")
+    p.set_defaults(handler=handlers["cascade"])
 
 
 def _add_publish_parsers(sub, handlers: dict) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a measured cascade as an OpenAI-compatible chat endpoint on localhost",
+    )
+    p.add_argument("cascade", help="the cascade.json that `still cascade` wrote")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--teacher-url",
+        help="defer to this OpenAI-compatible endpoint (…/v1) instead of loading the teacher",
+    )
+    p.add_argument("--teacher-model", help="model name the endpoint expects (default: teacher)")
+    p.add_argument(
+        "--on-teacher-error",
+        choices=["student", "fail"],
+        default="student",
+        help="teacher unreachable: answer with the student and say so, or fail the request",
+    )
+    p.add_argument("--max-queue", type=int, default=8, help="requests waiting or running")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the teacher")
+    p.set_defaults(handler=handlers["serve"])
+
     p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model")
     p.add_argument("run", help="run dir with an adapter/")
     p.add_argument("--out", required=True, help="output dir for the merged model")

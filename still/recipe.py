@@ -35,6 +35,7 @@ from still.ignored import refuse_ignored
 from still.pipeline_sections import PipelineRecipe
 from still.secrets import REDACTED, find_secret, redact, redact_value, secret_prefix
 from still.sections import (
+    CascadeSection,
     DataSection,
     DistributedSection,
     FinetuneTrainSection,
@@ -141,6 +142,9 @@ class EvalRecipe(RecipeBase):
     limit: int | None = Field(None, ge=1, description="Score only the first N rows of each task.")
     reference: str | None = Field(None, description="Model the comparison is made against.")
     teacher: str | None = Field(None, description="Teacher, for teacher-retention %.")
+    cascade: CascadeSection | None = Field(
+        None, description="Measure a student-first cascade (`still cascade`): see docs/cascade.md."
+    )
 
 
 Recipe = FinetuneRecipe | DistillRecipe | EvalRecipe

@@ -391,3 +391,39 @@ class DistributedSection(Section):
                 f"machine_rank {self.machine_rank} is not below num_machines {self.num_machines}"
             )
         return self
+
+
+# --------------------------------------------------------------------------- cascade
+class CascadeSection(Section):
+    """Small model first, teacher when unsure: the cascade an eval recipe measures
+    (`still cascade R.yaml`), and that `still serve CASCADE.json` then serves."""
+
+    student: str = Field(description="The model that answers first; one of the recipe's models.")
+    teacher: str = Field(description="The model deferred to; one of the recipe's models.")
+    metric: str | None = Field(
+        None, description="Per-question quality the cascade keeps; default: the task's first."
+    )
+    signals: list[str] | None = Field(
+        None,
+        description="Confidence signals to measure (mean_logprob, min_logprob, mean_entropy for "
+        "generate; margin, top_prob for multiple_choice); default: all the task type gives.",
+    )
+    correct_at: float = Field(
+        0.5, description="A student answer counts as correct at metric >= this (AUROC, ECE)."
+    )
+    calibration: float = Field(
+        0.5, gt=0, lt=1, description="Share of the questions in the calibration split."
+    )
+    seed: int = Field(0, description="Seed of the calibration/test split and the bootstrap.")
+    target_quality: float | None = Field(
+        None, gt=0, description="Reach this share of the teacher's score (e.g. 0.95)."
+    )
+    max_deferral: float | None = Field(
+        None, ge=0, le=1, description="Defer at most this share of the questions (e.g. 0.3)."
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.target_quality is None) == (self.max_deferral is None):
+            raise ValueError("set exactly one of target_quality and max_deferral")
+        return self

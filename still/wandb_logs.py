@@ -87,6 +87,41 @@ def log_comparison(out_dir: Path) -> None:
         warn("comparison logging", exc)
 
 
+def log_cascade(out_dir: Path) -> None:
+    """cascade.json as a table (one row per task × signal) and the two PNGs, into the active
+    run, like `log_comparison`."""
+    import wandb
+
+    if wandb.run is None:
+        return
+    try:
+        report = json.loads((Path(out_dir) / "cascade.json").read_text(encoding="utf-8"))
+        columns = ["task", "signal", "auroc", "ece", "test_deferral", "test_quality", "share"]
+        rows = [
+            [
+                task["task"],
+                name,
+                signal["auroc"],
+                signal["ece"],
+                signal["test"]["deferral"]["value"],
+                signal["test"]["quality"]["value"],
+                signal["test"]["share_of_teacher"]["value"],
+            ]
+            for task in report["tasks"]
+            for name, signal in task["signals"].items()
+        ]
+        logged = {"cascade/table": wandb.Table(columns=columns, data=rows)}
+        for image in ("cascade.png", "cascade-reliability.png"):
+            if (Path(out_dir) / image).is_file():
+                logged[f"cascade/{image.removesuffix('.png')}"] = wandb.Image(
+                    str(Path(out_dir) / image)
+                )
+        wandb.run.log(logged)
+        wandb.run.summary.update({"cascade/signal": report["serve"]["signal"]})
+    except Exception as exc:  # noqa: BLE001
+        warn("cascade logging", exc)
+
+
 def log_comparison_run(out_dir: Path, *, project: str, group: str | None = None, inputs=()) -> None:
     """`still compare --wandb PROJECT`: a comparison run holding compare.json and compare.png."""
     settings = WandbSection(project=project, group=group)

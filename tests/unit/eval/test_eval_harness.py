@@ -180,6 +180,8 @@ def test_result_files_have_the_documented_shape(model_and_tokenizer, tasks, tmp_
         "limit",
         "created",
         "model_name",
+        "seconds",
+        "n_params",
     }
     assert (
         on_disk["n"] == 5
@@ -189,7 +191,10 @@ def test_result_files_have_the_documented_shape(model_and_tokenizer, tasks, tmp_
     assert set(on_disk["metrics"]) == {"acc", "acc_norm"}
     assert set(on_disk["metrics"]["acc"]) == {"mean", "stderr"}
     assert [s["idx"] for s in samples] == list(range(5)) and samples[0]["id"] == "c0"
-    assert {"prompt", "target", "logliks", "choices", "label", "metrics"} <= set(samples[0])
+    assert {"prompt", "target", "logliks", "choices", "label", "metrics", "signals"} <= set(
+        samples[0]
+    )
+    assert on_disk["n_params"] == sum(p.numel() for p in model.parameters())
 
 
 def test_tokenizer_without_pad_token_is_not_modified(model_and_tokenizer, tasks, tmp_path):
