@@ -154,15 +154,3 @@ def _expert_hook(module, module_name: str, tensor_name, add):
 
     return module.register_forward_hook(hook)
 
-
-def k_quant_misfits(model) -> list[str]:
-    """Matrices whose rows are not whole k-quant super-blocks (256): llama.cpp writes them in a
-    fallback type, so a k-quant file of this model is larger and closer to q5_0/q8_0."""
-    import torch
-
-    return [
-        name
-        for name, parameter in model.named_parameters()
-        if parameter.dim() >= 2 and parameter.shape[-1] % QK_K and "embed" not in name
-        and isinstance(parameter, torch.Tensor)
-    ]

@@ -7,12 +7,11 @@ Heavy imports (torch, transformers) happen inside the verbs, so `still validate`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
 
-from still import cli_args, cli_parser
+from still import cli_args, cli_core, cli_parser
 from still.errors import StillError
 from still.launch import LaunchFailed, quiet_imports
 from still.secrets import redact
@@ -35,31 +34,6 @@ def _cmd_validate(args) -> int:
     # the task files a recipe names are part of it: validate reads them too
     (check_eval_recipe if recipe.kind == "eval" else check_recipe_tasks)(recipe)
     print(recipe_module.to_yaml(recipe), end="")
-    return 0
-
-
-def _cmd_schema(args) -> int:
-    from still.recipe import json_schema
-
-    print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
-    return 0
-
-
-def _cmd_models(args) -> int:
-    from still.builtins import cache_dir, describe_builtins
-
-    for row in describe_builtins():
-        state = (
-            f"installed {row['installed']}"
-            if row["installed"]
-            else f"not installed: {row['install']}"
-        )
-        cached = f"converted: {row['cached']}" if row["cached"] else "not converted yet"
-        print(
-            f"{row['ref']:32} {row['description']}\n"
-            f"{'':32} {state}; {cached}; license {row['license']}"
-        )
-    print(f"cache: {cache_dir()}")
     return 0
 
 
@@ -322,20 +296,6 @@ def _cmd_eval(args) -> int:
     )
 
 
-def _cmd_init(args) -> int:
-    from still.init import DEFAULT_BASE, init
-
-    init(
-        args.data,
-        test=args.test,
-        base=args.base or DEFAULT_BASE,
-        name=args.name,
-        group_by=args.group_by,
-        force=args.force,
-    )
-    return 0
-
-
 def _cmd_cascade(args) -> int:
     from still import recipe as recipe_module
 
@@ -373,16 +333,6 @@ def _cmd_serve(args) -> int:
         max_queue=args.max_queue,
         timeout_s=args.timeout,
     )
-
-
-def _cmd_link(args) -> int:
-    with quiet_imports():
-        from still.wandb_logs import link_lineage
-
-    for run_dir in args.runs:
-        parents = link_lineage(Path(run_dir))
-        print(f"still: {run_dir}: linked {', '.join(parents) or 'no still-run parents'}")
-    return 0
 
 
 def _cmd_compare(args) -> int:
@@ -450,13 +400,13 @@ HANDLERS = {
     "compare": _cmd_compare,
     "eval": _cmd_eval,
     "generate": _cmd_generate,
-    "init": _cmd_init,
-    "link": _cmd_link,
+    "init": cli_core.init_verb,
+    "link": cli_core.link,
     "merge": _cmd_merge,
-    "models": _cmd_models,
+    "models": cli_core.models,
     "publish": _cmd_publish,
     "run": _cmd_run,
-    "schema": _cmd_schema,
+    "schema": cli_core.schema,
     "serve": _cmd_serve,
     "validate": _cmd_validate,
 }

@@ -10,6 +10,7 @@ In CI the runtime is installed by the setup, so a missing one fails here instead
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -161,17 +162,8 @@ def test_still_eval_scores_the_files_through_llama_cpp(files, trained, tmp_path)
 
 
 def test_eval_of_a_gguf_without_the_runtime_is_a_one_line_error(files, tmp_path, monkeypatch):
-    import builtins
-
     out, _ = files
-    real_import = builtins.__import__
-
-    def no_llama_cpp(name, *args, **kwargs):
-        if name == "llama_cpp":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError
     tasks = write_tasks(tmp_path)
     with pytest.raises(StillError, match="needs llama-cpp-python, which is not installed"):
         evaluate_model(str(out / "m-q8_0.gguf"), tasks, out_dir=tmp_path / "x")

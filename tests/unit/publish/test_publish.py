@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 
 import pytest
 import torch
@@ -777,16 +778,7 @@ def test_gguf_files_get_an_on_device_table_measured_in_llama_cpp(lora_run, tmp_p
 
 
 def test_k_quants_without_the_runtime_are_refused_before_any_work(lora_run, tmp_path, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_llama_cpp(name, *args, **kwargs):
-        if name == "llama_cpp":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError
     expected = r"^GGUF q4_k_m \(written by llama.cpp's quantizer\) needs llama-cpp-python"
     with pytest.raises(StillError, match=expected):
         publish(lora_run, tmp_path / "o", gguf_types=["q4_k_m"])
