@@ -5,7 +5,14 @@ family's at most once, whichever test asks first.
 """
 
 import pytest
-from families import build_tokenizer, chat_rows, save_twin, write_finetune_recipe
+from families import (
+    FAMILIES,
+    build_model,
+    build_tokenizer,
+    chat_rows,
+    save_twin,
+    write_finetune_recipe,
+)
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +26,22 @@ def family_tokenizer():
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tokenizers(family_tokenizer):
+    """family name -> its tokenizer, for every family."""
+    return {name: family_tokenizer(name) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def teachers(tokenizers):
+    """family name -> a 4-layer twin (hidden 32): the teacher the carve and width tests cut
+    (carving and pruning leave it unchanged)."""
+    return {
+        name: build_model(name, tokenizers[name], layers=4, hidden=32, seed=1).eval()
+        for name in FAMILIES
+    }
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from families import FAMILIES, FAMILY, build_model, build_tokenizer
+from families import FAMILIES, FAMILY, build_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -15,19 +15,6 @@ from distill.student import carve_student
 from still.distill_sections import StudentInit
 
 LAYERS = "model.layers."
-
-
-@pytest.fixture(scope="module")
-def tokenizers():
-    return {name: build_tokenizer(name) for name in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def teachers(tokenizers):
-    return {
-        name: build_model(name, tokenizers[name], layers=4, hidden=32, seed=1).eval()
-        for name in FAMILIES
-    }
 
 
 def token_batch(tokenizer, rows: int = 2, length: int = 12, seed: int = 0) -> dict:

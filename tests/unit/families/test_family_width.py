@@ -5,7 +5,7 @@ its class, and Qwen3-MoE, whose experts have no cut, is refused in one line."""
 
 import pytest
 import torch
-from families import DENSE, FAMILIES, build_model, build_tokenizer
+from families import DENSE, build_model
 from test_family_carve import is_tied, logits, token_batch
 from transformers import AutoModelForCausalLM
 
@@ -15,19 +15,6 @@ from still.distill_sections import StudentInit
 from still.errors import StillError
 
 WIDTH_PRUNABLE = DENSE  # every dense family; qwen3_moe is refused
-
-
-@pytest.fixture(scope="module")
-def tokenizers():
-    return {name: build_tokenizer(name) for name in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def teachers(tokenizers):
-    return {
-        name: build_model(name, tokenizers[name], layers=4, hidden=32, seed=1).eval()
-        for name in FAMILIES
-    }
 
 
 def _dead_channels(model, hidden_drop, mlp_drop, heads_drop, full: Shape):
