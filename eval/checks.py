@@ -94,14 +94,14 @@ def check_tasks(
 
 
 def _check_lm_eval(ref, earlier: list):
-    """An lm-eval task (name or YAML), built with its data; its leaf names are new."""
+    """An lm-eval task (name or YAML), built with its data; the names of its results are new."""
     from eval.lm_eval_tasks import check_lm_eval_task
 
     task = check_lm_eval_task(ref)
     taken = {getattr(t, "name", None) for t in earlier} | {
-        leaf for t in earlier for leaf in getattr(t, "leaves", [])
+        leaf for t in earlier for leaf in getattr(t, "outputs", [])
     }
-    clash = sorted(set(task.leaves) & taken)
+    clash = sorted(set(task.outputs) & taken)
     if clash:
         raise StillError(
             f"{ref}: task name '{clash[0]}' is listed twice",

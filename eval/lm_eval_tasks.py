@@ -44,12 +44,19 @@ class LmEvalTask:
     ref: str  # as written
     spec: str | dict  # a registered name, or the YAML's config (data paths made absolute)
     leaves: list[str] = field(default_factory=list)
+    # groups with an aggregate (mmlu, mmlu_stem): their leaf tasks, each written as a result
+    groups: dict[str, list[str]] = field(default_factory=dict)
     digest: str = ""  # over every leaf's config and documents
     source: str = ""
 
     @property
     def name(self) -> str:
         return self.spec if isinstance(self.spec, str) else str(self.spec.get("task"))
+
+    @property
+    def outputs(self) -> list[str]:
+        """The results it writes: one per leaf task, then one per aggregating group."""
+        return self.leaves + sorted(self.groups)
 
 
 def is_lm_eval_task(ref: str | Path) -> bool:
@@ -98,6 +105,11 @@ def check_lm_eval_task(ref: str | Path, manager=None) -> LmEvalTask:
         spec = target
     loaded = _load(manager, spec, ref)
     task = LmEvalTask(ref=ref, spec=spec, leaves=sorted(loaded["tasks"]), source=ref)
+    task.groups = {
+        name: sorted(t.task_name for t in group.get_all_tasks())
+        for name, group in (loaded.get("groups") or {}).items()
+        if group.aggregate_metric_list
+    }
     task.digest = _digest(loaded["tasks"])
     return task
 
@@ -112,10 +124,13 @@ def _config_from_yaml(path: Path) -> dict:
     if "task" not in config:
         raise StillError(f"{path}: an lm-eval task config needs `task:` (its name)")
     config = copy.deepcopy(config)
-    if config.get("dataset_path") in LOCAL_BUILDERS:
-        kwargs = config.setdefault("dataset_kwargs", {}) or {}
-        config["dataset_kwargs"] = kwargs
-        kwargs["data_files"] = _absolute(kwargs.get("data_files"), path.resolve().parent, path)
+    # a group (`task:` is a list) reads no data itself; the tasks written inline in it do
+    members = config["task"] if isinstance(config["task"], list) else [config]
+    for one in (member for member in members if isinstance(member, dict)):
+        if one.get("dataset_path") in LOCAL_BUILDERS:
+            kwargs = one.setdefault("dataset_kwargs", {}) or {}
+            one["dataset_kwargs"] = kwargs
+            kwargs["data_files"] = _absolute(kwargs.get("data_files"), path.resolve().parent, path)
     return config
 
 
@@ -136,7 +151,7 @@ def _absolute(files, base: Path, source: Path):
 def _load(manager, spec, ref: str) -> dict:
     """lm-eval builds the task, which loads its dataset: a hub dataset offline is one line."""
     try:
-        return manager.load([spec])
+        return manager.load([buildable(manager, spec)])
     except StillError:
         raise
     except Exception as exc:  # noqa: BLE001 - datasets/hub raise many types when offline
@@ -153,6 +168,24 @@ def _load(manager, spec, ref: str) -> dict:
         raise StillError(
             f"{ref}: lm-eval could not build the task: {type(exc).__name__}: {first_line}"
         ) from None
+
+
+def buildable(manager, spec):
+    """What lm-eval's TaskManager is given for `spec`. A group read from its YAML (`task:` a
+    list) is built here as lm-eval's own Group of its members: lm-eval 0.4.13 applies a group
+    *dict*'s own keys (group, aggregate_metric_list) to each member task and fails, while the
+    YAML's path would read relative data_files from the working dir instead of the YAML's."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("task"), list):
+        return spec
+    from lm_eval.api.group import Group
+
+    group = Group.from_config(spec)
+    for member in spec["task"]:
+        loaded = manager.load([member])
+        top = loaded["groups"].get(member) if isinstance(member, str) else None
+        for item in [top] if top is not None else loaded["tasks"].values():
+            group.add(item)
+    return group
 
 
 def _dataset_named(manager, spec) -> str | None:
@@ -213,16 +246,34 @@ def run_lm_eval_task(model, tokenizer, task: LmEvalTask, *, batch_size: int, lim
     lm = StillLM(model=model, tokenizer=tokenizer, batch_size=batch_size)
     output = simple_evaluate(
         model=lm,
-        tasks=[task.spec],
+        tasks=[buildable(manager, task.spec)],
         task_manager=manager,
         limit=limit,
         log_samples=True,
         bootstrap_iters=BOOTSTRAP_ITERS,
     )
-    return {
+    found = {
         leaf: (_summary(output["results"][leaf]), [_sample(s) for s in _sorted(output, leaf)])
         for leaf in task.leaves
     }
+    aggregates = output.get("groups") or {}
+    for group, leaves in task.groups.items():
+        if group in aggregates:
+            found[group] = (_summary(aggregates[group]), _group_samples(found, leaves))
+    return found
+
+
+def _group_samples(found: dict, leaves: list[str]) -> list[dict]:
+    """A group's documents: its leaves' in order, numbered anew, each id naming its leaf, so
+    `still compare` pairs the same documents of the group across models. The paired mean is
+    over documents, as lm-eval's size-weighted aggregate (mmlu) is."""
+    samples, numbers = [], {}
+    for leaf in leaves:
+        for sample in found[leaf][1]:  # a document logged once per filter keeps one number
+            number = numbers.setdefault((leaf, sample["idx"]), len(numbers))
+            own = sample["id"] if sample.get("id") is not None else sample["idx"]
+            samples.append({**sample, "idx": number, "id": f"{leaf}/{own}", "task": leaf})
+    return samples
 
 
 def _sorted(output: dict, leaf: str) -> list[dict]:

@@ -375,8 +375,8 @@ def evaluate_lm_eval(
     out_dir = Path(out_dir)
     variant = f"lm-eval-{lm_eval.__version__}-limit-{limit or 'all'}"
     entry = cache_entry_for(cache_dir, model_hash, task.digest, variant)
-    if is_cached(entry, task.leaves):
-        return [reuse_cached(entry, leaf, out_dir, model_name) for leaf in task.leaves]
+    if is_cached(entry, task.outputs):
+        return [reuse_cached(entry, leaf, out_dir, model_name) for leaf in task.outputs]
     summaries = []
     for leaf, (found, raw_samples) in lm_eval_tasks.run_lm_eval_task(
         model, tokenizer, task, batch_size=batch_size, limit=limit

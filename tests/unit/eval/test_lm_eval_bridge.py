@@ -75,15 +75,16 @@ def lm_eval_run(backend: str, model_args: str, task_yaml: Path, batch_size: int 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from eval.lm_eval_tasks import check_lm_eval_task
+    from eval.lm_eval_tasks import buildable, check_lm_eval_task
 
     # the YAML as still reads it (data_files relative to the YAML), so both see the same docs
     spec = check_lm_eval_task(task_yaml).spec
+    manager = TaskManager(include_defaults=False)
     return simple_evaluate(
         model=backend,
         model_args=model_args,
-        tasks=[spec],
-        task_manager=TaskManager(include_defaults=False),
+        tasks=[buildable(manager, spec)],
+        task_manager=manager,
         batch_size=batch_size,
         device="cpu",
         log_samples=True,
@@ -182,6 +183,56 @@ def test_results_are_cached_and_compared_over_the_same_docs(
     text = json.dumps(table)
     assert "tiny_mc" in text and "acc_norm" in text
     assert "[" in (tmp_path / "cmp" / "compare.md").read_text()  # the paired CI column
+
+
+GROUP = """group: tiny_group
+task:
+  - task: tiny_group_q
+    dataset_path: json
+    dataset_kwargs: {data_files: {test: data/docs.jsonl}}
+    test_split: test
+    output_type: multiple_choice
+    doc_to_text: "Question: {{question}}\\nAnswer:"
+    doc_to_choice: choices
+    doc_to_target: label
+    metric_list: [{metric: acc}]
+  - task: tiny_group_text
+    dataset_path: json
+    dataset_kwargs: {data_files: {test: data/docs.jsonl}}
+    test_split: test
+    output_type: multiple_choice
+    doc_to_text: "{{text}}"
+    doc_to_choice: choices
+    doc_to_target: label
+    metric_list: [{metric: acc}]
+aggregate_metric_list: [{metric: acc, weight_by_size: true}]
+"""
+
+
+def test_a_group_writes_its_aggregate_and_pairs_over_all_its_documents(
+    tiny_model_dir, tiny_model_dir_4layers, task_dir, tmp_path
+):
+    """A group YAML (mmlu's shape: inline tasks, data relative to it, an aggregate): one result
+    per leaf and one for the group, whose mean is lm-eval's aggregate and the mean over all
+    its documents, each with an id naming its leaf, so `still compare` pairs the group."""
+    (task_dir / "group.yaml").write_text(GROUP)
+    theirs = lm_eval_run(
+        "hf", f"pretrained={tiny_model_dir},dtype=float32", task_dir / "group.yaml"
+    )
+    out = still_eval(tiny_model_dir, str(task_dir / "group.yaml"), tmp_path / "a")
+    leaves = [read_samples(out, name) for name in ("tiny_group_q", "tiny_group_text")]
+    group = json.loads((out / "tiny_group.json").read_text())
+    samples = read_samples(out, "tiny_group")
+    assert group["n"] == len(samples) == 18 and [s["idx"] for s in samples] == list(range(18))
+    assert [s["id"] for s in samples][:2] == ["tiny_group_q/d0", "tiny_group_q/d1"]
+    assert samples[9]["id"] == "tiny_group_text/d0"
+    assert [s["metrics"] for s in samples] == [s["metrics"] for s in leaves[0] + leaves[1]]
+    mean = sum(s["metrics"]["acc"] for s in samples) / 18
+    assert group["metrics"]["acc"]["mean"] == pytest.approx(mean, abs=1e-9)
+    assert mean == pytest.approx(theirs["groups"]["tiny_group"]["acc,none"], abs=1e-6)
+    other = still_eval(tiny_model_dir_4layers, str(task_dir / "group.yaml"), tmp_path / "b")
+    assert cli.main(["compare", str(out), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    assert "tiny_group" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
 def test_an_lm_eval_yaml_is_told_from_ours(task_dir):
