@@ -20,11 +20,12 @@ from pathlib import Path
 from eval.llama_cpp import runtime_version
 from publish import hub as hub_client
 from publish.card import build_card
-from publish.gguf_files import check_types, write_gguf
+from publish.gguf_files import KQuantSource, check_types, write_gguf
 from publish.gguf_table import measure_files, score_files
 from publish.lineage import base_of, license_of, local_parents, published_lineage
 from publish.merge import DTYPES, check_texts, merged_model, refuse_existing_out, save_model
 from publish.portable import Project
+from publish.quantize import LLAMA_CPP_TYPES
 from publish.samples import FALLBACK, Samples, calibration_texts, run_samples
 from still import models
 from still.errors import StillError
@@ -132,8 +133,21 @@ def _build(
     model, tokenizer, result.merge = merged_model(result.run_dir, result.samples)
     # GGUF from the fp32 weights, so before the cast; and before the evals: an architecture
     # the export refuses fails in seconds, not minutes.
-    for gguf_type in gguf_types:
-        result.gguf.append(_write_gguf(model, tokenizer, staging, gguf_type, result))
+    k_quants = KQuantSource(
+        model,
+        tokenizer,
+        staging,
+        name=result.out.name,
+        license=license_of(result.lineage),
+        calibration=(
+            calibration_texts(RunDir(result.run_dir))
+            if any(t in LLAMA_CPP_TYPES for t in gguf_types)
+            else []
+        ),
+    )
+    with k_quants:  # one f32 source and importance matrix for every k-quant type
+        for gguf_type in gguf_types:
+            result.gguf.append(_write_gguf(model, tokenizer, staging, gguf_type, result, k_quants))
     if result.gguf and runtime_version() is not None:  # the on-device table, from fp32 too
         held_out = list(run_samples(RunDir(result.run_dir), count=TABLE_TEXTS).texts)
         result.gguf_fp32 = measure_files(model, tokenizer, staging, result.gguf, held_out)
@@ -203,7 +217,9 @@ def _check_tasks(tasks: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- GGUF
-def _write_gguf(model, tokenizer, staging: Path, gguf_type: str, result: Publication) -> dict:
+def _write_gguf(
+    model, tokenizer, staging: Path, gguf_type: str, result: Publication, k_quants: KQuantSource
+) -> dict:
     name = result.out.name
     path = staging / f"{name}-{gguf_type}.gguf"
     report = write_gguf(
@@ -214,7 +230,7 @@ def _write_gguf(model, tokenizer, staging: Path, gguf_type: str, result: Publica
         name=name,
         license=license_of(result.lineage),
         texts=check_texts(tokenizer, result.samples),
-        calibration=calibration_texts(RunDir(result.run_dir)),
+        k_quants=k_quants,
         check_tokenizer=not result.gguf,  # the tokenizer is the same in every file: once
     )
     exact = report["exact_max_abs_diff"]

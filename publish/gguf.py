@@ -153,9 +153,9 @@ def _refuse_unblockable(model, gguf_type: str) -> None:
         {
             parameter.shape[-1]
             for name, parameter in model.named_parameters()
-            if parameter.dim() >= 2 and parameter.shape[-1] % _BLOCK and not name.endswith(
-                _F32_MATRICES
-            )
+            if parameter.dim() >= 2
+            and parameter.shape[-1] % _BLOCK
+            and not name.endswith(_F32_MATRICES)
         }
     )
     if odd:

@@ -46,6 +46,36 @@ def check_types(gguf_types, config) -> None:
         runtime(f"GGUF {quantized[0]} (written by llama.cpp's quantizer)")
 
 
+class KQuantSource:
+    """The f32 GGUF and the importance matrix every k-quant of one publish is quantized from.
+    Made on first use and once (for an 8B model the f32 file is 32 GB and the matrix a pass
+    over the calibration texts), and removed when the `with` block ends."""
+
+    def __init__(self, model, tokenizer, directory: Path, *, name, license, calibration):
+        self.model, self.tokenizer, self.calibration = model, tokenizer, calibration
+        self.name, self.license = name, license
+        self.path = Path(directory) / f".{name}.f32.gguf"
+        self.imatrix: dict | None = None
+
+    def __enter__(self) -> KQuantSource:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def prepare(self) -> tuple[Path, dict]:
+        if self.imatrix is None:
+            model = self.model
+            export_gguf(
+                model, self.tokenizer, self.path, "f32", name=self.name, license=self.license
+            )
+            check_config(self.path, model.config)
+            self.imatrix = importance_matrix(
+                model, self.tokenizer, self.calibration, tensor_namer(model)
+            )
+        return self.path, self.imatrix
+
+
 def write_gguf(
     model,
     tokenizer,
@@ -55,25 +85,22 @@ def write_gguf(
     name: str,
     license: str | None,
     texts: list[str],
-    calibration: list[str],
+    k_quants: KQuantSource | None,
     check_tokenizer: bool,
 ) -> dict:
-    """Write `path` as `gguf_type` from the fp32 `model`, check it; returns the report."""
+    """Write `path` as `gguf_type` from the fp32 `model`, check it; returns the report. A
+    k-quant is made from `k_quants`, shared by every type of the publish."""
     from eval.llama_cpp import runtime_version
 
     if gguf_type in LLAMA_CPP_TYPES:
-        source = path.with_name(f".{path.stem}.f32.gguf")
-        try:
-            export_gguf(model, tokenizer, source, "f32", name=name, license=license)
-            check_config(source, model.config)
-            imatrix = importance_matrix(model, tokenizer, calibration, tensor_namer(model))
-            quantize(source, path, gguf_type, imatrix=imatrix)
-        finally:
-            source.unlink(missing_ok=True)
+        if k_quants is None:
+            raise ValueError(f"{gguf_type} is quantized from a KQuantSource")
+        source, imatrix = k_quants.prepare()
+        quantize(source, path, gguf_type, imatrix=imatrix)
         report = verify_gguf(
             path, model, tokenizer, gguf_type, texts, check_tokenizer=check_tokenizer, exact=False
         )
-        report["imatrix"] = {"tensors": len(imatrix), "texts": len(calibration)}
+        report["imatrix"] = {"tensors": len(imatrix), "texts": len(k_quants.calibration)}
     else:
         export_gguf(model, tokenizer, path, gguf_type, name=name, license=license)
         check_config(path, model.config)

@@ -106,7 +106,7 @@ def _greedy_agreement(runner, reference_model, tokenizer, prompt: str) -> float:
             do_sample=False,
             eos_token_id=sorted(stops),
             pad_token_id=models.pad_token_id(tokenizer),
-        )[0, len(ids):].tolist()
+        )[0, len(ids) :].tolist()
     runner.llm.reset()
     theirs = []
     for token in runner.llm.generate(ids, temp=0.0, repeat_penalty=1.0, min_p=0.0):
@@ -119,4 +119,3 @@ def _greedy_agreement(runner, reference_model, tokenizer, prompt: str) -> float:
             break
         same += 1
     return same / max(1, len(output))
-

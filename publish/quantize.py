@@ -98,8 +98,10 @@ def importance_matrix(model, tokenizer, texts: list[str], tensor_name) -> dict[s
                 add(name, x.pow(2).sum(0), torch.tensor([x.shape[0]]))
 
             hooks.append(module.register_forward_hook(linear_hook))
-        elif hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and hasattr(
-            module, "num_experts"
+        elif (
+            hasattr(module, "gate_up_proj")
+            and hasattr(module, "down_proj")
+            and hasattr(module, "num_experts")
         ):
             hooks.append(_expert_hook(module, module_name, tensor_name, add))
     try:
@@ -153,4 +155,3 @@ def _expert_hook(module, module_name: str, tensor_name, add):
             add(down, inner.reshape(-1), count)
 
     return module.register_forward_hook(hook)
-

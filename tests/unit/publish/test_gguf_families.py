@@ -63,15 +63,18 @@ def test_family_tensors_land_under_llama_cpp_names(tmp_path):
         "qwen3": {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"},
         "phi3": {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight", "output.weight"},
         "qwen3_moe": {
-            "blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight",
-            "blk.0.ffn_down_exps.weight", "blk.0.ffn_gate_inp.weight",
+            "blk.0.ffn_gate_exps.weight",
+            "blk.0.ffn_up_exps.weight",
+            "blk.0.ffn_down_exps.weight",
+            "blk.0.ffn_gate_inp.weight",
         },
         "llama3": {"output.weight"},
     }
     for family, names in expected.items():
         model, tokenizer = twin(family)
-        path = gguf_export.export_gguf(model, tokenizer, tmp_path / f"{family}.gguf", "q8_0",
-                                       name=family)
+        path = gguf_export.export_gguf(
+            model, tokenizer, tmp_path / f"{family}.gguf", "q8_0", name=family
+        )
         types = tensor_types(path)
         assert names <= set(types), family
         if family == "qwen3_moe":
@@ -111,9 +114,15 @@ def test_fields_the_loader_would_read_back_wrong_are_refused_by_name(
         ("phi3", {"partial_rotary_factor": 0.75}, "partial rotary"),
         (
             "phi3",
-            {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
-                                 "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
-                                 "original_max_position_embeddings": 256}},
+            {
+                "rope_parameters": {
+                    "rope_type": "longrope",
+                    "rope_theta": 1e4,
+                    "short_factor": [1.0] * 4,
+                    "long_factor": [1.0] * 4,
+                    "original_max_position_embeddings": 256,
+                }
+            },
             "rope scaling 'longrope'",
         ),
     ],

@@ -18,7 +18,7 @@ import torch
 from tiny_models import CORPUS, QA, build_tiny_llama, build_tiny_tokenizer
 
 from eval.run import evaluate_model
-from publish.gguf_files import write_gguf
+from publish.gguf_files import KQuantSource, write_gguf
 from publish.llama_cpp_check import TOLERANCES, check_in_llama_cpp
 from still.errors import StillError
 
@@ -65,19 +65,61 @@ def files(trained, tmp_path_factory):
     model, tokenizer, _, _ = trained
     out = tmp_path_factory.mktemp("gguf")
     reports = {}
-    for gguf_type in ("q8_0", "q4_k_m"):
-        reports[gguf_type] = write_gguf(
-            model,
-            tokenizer,
-            out / f"m-{gguf_type}.gguf",
-            gguf_type,
-            name="tiny",
-            license=None,
-            texts=TEXTS,
-            calibration=CORPUS,
-            check_tokenizer=True,
-        )
+    with KQuantSource(model, tokenizer, out, name="m", license=None, calibration=CORPUS) as source:
+        for gguf_type in ("q8_0", "q4_k_m"):
+            reports[gguf_type] = write_gguf(
+                model,
+                tokenizer,
+                out / f"m-{gguf_type}.gguf",
+                gguf_type,
+                name="tiny",
+                license=None,
+                texts=TEXTS,
+                k_quants=source,
+                check_tokenizer=True,
+            )
     return out, reports
+
+
+def test_several_k_quants_share_one_f32_source_and_importance_matrix(
+    trained, tmp_path, monkeypatch
+):
+    """q6_k and q4_k_m of one publish: the f32 GGUF is written once and the importance matrix
+    computed once (for an 8B model, a 32 GB file and a pass over the calibration texts), and
+    the f32 file is gone when the block ends."""
+    import publish.gguf_files as gguf_files
+
+    model, tokenizer, _, _ = trained
+    made = {"imatrix": 0, "f32": 0}
+    real_matrix, real_export = gguf_files.importance_matrix, gguf_files.export_gguf
+
+    def counting_matrix(*args, **kwargs):
+        made["imatrix"] += 1
+        return real_matrix(*args, **kwargs)
+
+    def counting_export(model, tokenizer, path, gguf_type, **kwargs):
+        made["f32"] += gguf_type == "f32"
+        return real_export(model, tokenizer, path, gguf_type, **kwargs)
+
+    monkeypatch.setattr(gguf_files, "importance_matrix", counting_matrix)
+    monkeypatch.setattr(gguf_files, "export_gguf", counting_export)
+    with KQuantSource(model, tokenizer, tmp_path, name="m", license=None, calibration=CORPUS) as k:
+        for gguf_type in ("q6_k", "q4_k_m"):
+            report = write_gguf(
+                model,
+                tokenizer,
+                tmp_path / f"m-{gguf_type}.gguf",
+                gguf_type,
+                name="m",
+                license=None,
+                texts=TEXTS,
+                k_quants=k,
+                check_tokenizer=False,
+            )
+            assert report["imatrix"]["tensors"] == 2 * 7
+        assert k.path.is_file()
+    assert made == {"imatrix": 1, "f32": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-q4_k_m.gguf", "m-q6_k.gguf"]
 
 
 def test_the_model_learned_something(trained):
