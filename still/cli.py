@@ -79,6 +79,7 @@ def _cmd_run(args) -> int:
 def _run_pipeline(pipeline, args) -> int:
     """Plan and check every stage, then run or skip each in order (still/pipeline.py)."""
     from still import pipeline as pipelines
+    from still import pipeline_run
 
     for flag, given in (
         ("--resume", args.resume),
@@ -91,30 +92,63 @@ def _run_pipeline(pipeline, args) -> int:
                 hint="drop it, or run that stage's recipe alone",
             )
     stages = pipelines.plan(pipeline)
-    pipelines.preflight(stages)
-    done = pipelines.run(
+    pipelines.preflight(stages, _check_stage)
+    done = pipeline_run.run(
         pipeline, stages, _run_stage, start=args.from_stage, only=args.only, force=args.force
     )
-    print(pipelines.summary(stages, done))
+    print(pipeline_run.summary(stages, done))
     return 0
 
 
-def _run_stage(recipe) -> None:
-    """One pipeline stage, replacing what its run dir held (the pipeline decided it runs)."""
+def _check_stage(stage) -> None:
+    """What a publish or cascade stage's verb would refuse, checked before any stage runs."""
+    with quiet_imports():
+        if stage.kind == "publish":
+            from eval.checks import check_tasks
+            from publish.gguf_files import check_types
+
+            check_types(stage.recipe.gguf, None)
+            check_tasks(stage.recipe.tasks)
+        elif stage.kind == "cascade":
+            from eval.checks import check_eval_recipe
+            from eval.run import check_cascade
+
+            check_cascade(stage.recipe, check_eval_recipe(stage.recipe))
+
+
+def _run_stage(stage) -> None:
+    """One pipeline stage, replacing what its dir held (the pipeline decided it runs)."""
+    import argparse
+    import shutil
+
     from still.rundir import open_run_dir
 
+    recipe = stage.recipe
     with quiet_imports():
-        if recipe.kind == "eval":
-            from eval.run import run_eval_recipe
+        if stage.kind == "publish":
+            flags = {"no_eval": not recipe.eval, "no_compare": not recipe.compare, "force": True}
+            options = {**recipe.model_dump(), "task": recipe.tasks, **flags, "dry_run": False}
+            return _cmd_publish(argparse.Namespace(**options))
+        if stage.kind == "cache":
+            from distill.cache import build_cache
 
-            run_eval_recipe(recipe, force=True)
-            return
+            shutil.rmtree(stage.path, ignore_errors=True)  # a cache of another teacher or data
+            for report in build_cache(recipe):
+                print(f"still: teacher cache {stage.path} {report.summary()}")
+            return None
+        if stage.kind in ("eval", "cascade"):
+            from eval.run import run_cascade, run_eval_recipe
+
+            if stage.kind == "cascade":  # scores of unchanged models come from the eval cache
+                return run_cascade(recipe)
+            return run_eval_recipe(recipe, force=True)
         if recipe.kind == "finetune":
             from finetune.sft import run as run_recipe
         else:
             from distill.kd import run as run_recipe
     with open_run_dir(recipe, force=True) as run:
         run_recipe(recipe, run, resume=False)
+    return None
 
 
 def _leave_process_group() -> None:

@@ -148,6 +148,7 @@ def test_a_run_dir_of_another_recipe_is_not_replaced(tmp_path, monkeypatch, caps
 
 def test_a_stage_that_stops_before_saving_ends_the_pipeline(tmp_path, monkeypatch, capsys):
     from still import pipeline as pipelines
+    from still import pipeline_run
     from still import recipe as recipe_module
     from still.errors import StillError
 
@@ -165,10 +166,10 @@ def test_a_stage_that_stops_before_saving_ends_the_pipeline(tmp_path, monkeypatc
     stages = pipelines.plan(pipeline)
     ran = []
 
-    def stopped(recipe):  # as a SIGTERM'd run: a run dir with a checkpoint, no model
-        ran.append(recipe.name)
-        (tmp_path / "runs" / recipe.name / "checkpoints").mkdir(parents=True)
+    def stopped(stage):  # as a SIGTERM'd run: a run dir with a checkpoint, no model
+        ran.append(stage.recipe.name)
+        (stage.path / "checkpoints").mkdir(parents=True)
 
     with pytest.raises(StillError, match="stage 'teacher' stopped before it saved its model"):
-        pipelines.run(pipeline, stages, stopped)
+        pipeline_run.run(pipeline, stages, stopped)
     assert ran == ["t"] and stages[0].run.read_stage() is None
