@@ -244,7 +244,7 @@ def _cascade_stage(pipeline: PipelineRecipe, index: int, run_dirs: dict[str, str
         raise StillError(
             f"{_at(pipeline, 'stages', index, 'cascade')}: stage '{spec.name}' analyses a cascade, "
             f"but its recipe {problem}",
-            hint="give an eval recipe with cascade: {student: ..., teacher: ...} (`still cascade`)",
+            hint="give it an eval recipe with cascade: {student, teacher, ...}, as still cascade",
         )
     return recipe
 
@@ -327,6 +327,11 @@ def preflight(stages: list[Stage], check_stage: Callable[[Stage], None] | None =
         try:
             if check_stage is not None:
                 check_stage(stage)
+        except StillError as error:
+            raise StillError(
+                f"{stage.at}: stage '{stage.name}': {error.message}", error.hint
+            ) from None
+        try:
             if stage.kind not in MODEL_KINDS:
                 continue
             if launch.plan(stage.recipe.distributed, None).needs_launcher:
