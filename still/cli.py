@@ -72,7 +72,7 @@ def _cmd_run(args) -> int:
             else:
                 from distill.kd import run as run_recipe
         run_recipe(recipe, run, resume=args.resume)
-    _leave_process_group()
+    cli_core.leave_process_group()
     return _strict_exit(run) if args.strict else 0
 
 
@@ -94,7 +94,12 @@ def _run_pipeline(pipeline, args) -> int:
     stages = pipelines.plan(pipeline)
     pipelines.preflight(stages, _check_stage)
     done = pipeline_run.run(
-        pipeline, stages, _run_stage, start=args.from_stage, only=args.only, force=args.force
+        pipeline,
+        stages,
+        lambda stage: _run_stage(stage, force=args.force),
+        start=args.from_stage,
+        only=args.only,
+        force=args.force,
     )
     print(pipeline_run.summary(stages, done))
     return 0
@@ -116,7 +121,7 @@ def _check_stage(stage) -> None:
             check_cascade(stage.recipe, check_eval_recipe(stage.recipe))
 
 
-def _run_stage(stage) -> None:
+def _run_stage(stage, *, force: bool = False) -> None:
     """One pipeline stage, replacing what its dir held (the pipeline decided it runs)."""
     import argparse
     import shutil
@@ -126,7 +131,10 @@ def _run_stage(stage) -> None:
     recipe = stage.recipe
     with quiet_imports():
         if stage.kind == "publish":
-            flags = {"no_eval": not recipe.eval, "no_compare": not recipe.compare, "force": True}
+            # the pipeline replaces its own published dir; it uploads over a hub repo only
+            # where this stage uploaded before (it has a record) or the pipeline ran with --force
+            flags = {"no_eval": not recipe.eval, "no_compare": not recipe.compare}
+            flags |= {"force": force or stage.run.read_stage() is not None, "replace_out": True}
             options = {**recipe.model_dump(), "task": recipe.tasks, **flags, "dry_run": False}
             return _cmd_publish(argparse.Namespace(**options))
         if stage.kind == "cache":
@@ -149,32 +157,6 @@ def _run_stage(stage) -> None:
     with open_run_dir(recipe, force=True) as run:
         run_recipe(recipe, run, resume=False)
     return None
-
-
-def _leave_process_group() -> None:
-    """Under a launcher: wait for every rank (the main one may still be scoring eval_tasks),
-    close the process group, and end the process without interpreter teardown.
-
-    A rank whose gloo threads are still referenced at teardown (DDP's reducer held in a
-    reference cycle, say) dies in C++ with "terminate called without an active exception".
-    The barrier and destroy_process_group alone still let that happen in CI (1 of 14 two-process
-    runs); by now the run dir is complete and closed, so nothing is lost by skipping teardown.
-    """
-    import gc
-    import logging
-    import os
-
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    gc.collect()  # drop cycles that still hold the process group before it is destroyed
-    dist.barrier()
-    dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _launch(recipe, plan, args) -> int:
@@ -407,6 +389,7 @@ def _cmd_publish(args) -> int:
         dtype=args.dtype,
         hub=args.hub,
         force=args.force,
+        replace_out=getattr(args, "replace_out", False),
         quick=args.quick,
         evaluate=not args.no_eval,
         compare=not args.no_compare,
