@@ -24,9 +24,10 @@ def _cmd_validate(args) -> int:
 
     recipe = recipe_module.load(args.recipe, args.overrides)
     if recipe.kind == "pipeline":
-        from still.pipeline import plan
+        from still.pipeline import check_stages, plan
 
-        plan(recipe)  # every stage loads and every reference resolves
+        # every stage loads, every reference resolves, and each verb's own checks pass
+        check_stages(plan(recipe), _check_stage)
         print(recipe_module.to_yaml(recipe), end="")
         return 0
     with quiet_imports():

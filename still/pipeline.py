@@ -35,12 +35,12 @@ from still.yaml_errors import where
 
 REFERENCE = re.compile(r"\$\{stages\.([^}]*)\}")
 MODEL_KINDS = ("finetune", "distill")
-# What a stage that is not a model leaves, for the error that refuses using it as one.
+# Why a stage that is not a finetune or distill stage cannot be used as a model.
 NOT_A_MODEL = {
-    "eval": "an eval run",
-    "cache": "a teacher cache",
-    "publish": "a published dir",
-    "cascade": "a cascade report",
+    "eval": "is an eval run: it has no model",
+    "cache": "is a teacher cache: it has no model",
+    "cascade": "is a cascade report: it has no model",
+    "publish": "is a published dir, not a run: refer to the stage it publishes",
 }
 
 
@@ -275,9 +275,8 @@ def _refuse_non_model(stage_name: str, at: str, key: str, target: Stage) -> None
     if key == "publish.run":
         uses = f"publishes stage '{target.name}', but"
     raise StillError(
-        f"{at}: stage '{stage_name}' {uses} '{target.name}' is {NOT_A_MODEL[target.kind]}: it "
-        "has no model",
-        hint="refer to a finetune or distill stage",
+        f"{at}: stage '{stage_name}' {uses} '{target.name}' {NOT_A_MODEL[target.kind]}",
+        hint=None if target.kind == "publish" else "refer to a finetune or distill stage",
     )
 
 
@@ -317,23 +316,30 @@ def _refuse_shared_dirs(stages: list[Stage]) -> None:
                 )
 
 
-def preflight(stages: list[Stage], check_stage: Callable[[Stage], None] | None = None) -> None:
-    """Each stage's data read and checked, one process each, and what `check_stage` (from
-    still/cli.py: GGUF types, task files) finds, before anything runs."""
-    from still import data as still_data
-    from still import launch
-
+def check_stages(stages: list[Stage], check_stage: Callable[[Stage], None]) -> None:
+    """What each stage's verb would refuse (`check_stage` from still/cli.py: GGUF types, task
+    files, a cascade's signals), as one line at the stage."""
     for stage in stages:
         try:
-            if check_stage is not None:
-                check_stage(stage)
+            check_stage(stage)
         except StillError as error:
             raise StillError(
                 f"{stage.at}: stage '{stage.name}': {error.message}", error.hint
             ) from None
+
+
+def preflight(stages: list[Stage], check_stage: Callable[[Stage], None] | None = None) -> None:
+    """The verbs' checks, then each training stage's data read and checked and one process
+    each, before anything runs."""
+    from still import data as still_data
+    from still import launch
+
+    if check_stage is not None:
+        check_stages(stages, check_stage)
+    for stage in stages:
+        if stage.kind not in MODEL_KINDS:
+            continue
         try:
-            if stage.kind not in MODEL_KINDS:
-                continue
             if launch.plan(stage.recipe.distributed, None).needs_launcher:
                 raise StillError(
                     "needs several processes; a pipeline runs its stages in one",
