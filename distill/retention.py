@@ -13,7 +13,6 @@ from eval.compare import compare
 from eval.run import evaluate_model, evaluate_run
 from still.rundir import RunDir
 
-RETENTION_DIR = "retention"
 TEACHER_NAME = "teacher"
 
 
@@ -24,7 +23,7 @@ def evaluate_with_retention(teacher_ref: str):
         if not task_paths:
             return
         evaluate_run(run, task_paths)
-        out = run.path / RETENTION_DIR
+        out = run.retention_dir
         evaluate_model(teacher_ref, task_paths, out_dir=out / TEACHER_NAME, name=TEACHER_NAME)
         print(f"still: retention of {run.name} against its teacher ({out / 'compare.md'}):")
         compare(

@@ -71,6 +71,7 @@ def publish(
     dtype: str = "bf16",
     hub: str | None = None,
     force: bool = False,
+    replace_out: bool = False,
     quick: bool = False,
     evaluate: bool = True,
     compare: bool = True,
@@ -83,12 +84,14 @@ def publish(
 
     The merged model is scored on `tasks` (task YAMLs), else on the recipe's `eval_tasks`.
     Its safetensors are `dtype` (bf16, fp16, fp32); the merge check and GGUF use fp32.
+    `force` replaces `out` and uploads over an existing hub repo; `replace_out` (a pipeline
+    stage re-publishing into its own dir) replaces `out` only.
     """
     source, out = _finished_run(Path(run)), Path(out)
     check_types(gguf_types, None)
     if dtype not in DTYPES:
         raise StillError(f"unknown dtype '{dtype}'", hint=f"choose from {', '.join(DTYPES)}")
-    refuse_existing_out(out, force)
+    refuse_existing_out(out, force or replace_out)
     if dry_run and not hub:
         raise StillError("--dry-run shows a hub upload; it needs --hub ORG/NAME")
     api = None
@@ -113,7 +116,7 @@ def publish(
         _check_tasks(result.tasks)
     result.samples = run_samples(source)
     # an empty dir already there passed refuse_existing_out and is replaced, as with --force
-    with staged_dir(out, replace=force or out.exists()) as staging:
+    with staged_dir(out, replace=force or replace_out or out.exists()) as staging:
         published = _build(result, staging, gguf_types, evaluate=evaluate, compare=compare)
     print(f"still: published {source.path} to {out}")
     from still.tracking import log_published_model

@@ -24,9 +24,10 @@ def _cmd_validate(args) -> int:
 
     recipe = recipe_module.load(args.recipe, args.overrides)
     if recipe.kind == "pipeline":
-        from still.pipeline import plan
+        from still.pipeline import check_stages, plan
 
-        plan(recipe)  # every stage loads and every reference resolves
+        # every stage loads, every reference resolves, and each verb's own checks pass
+        check_stages(plan(recipe), _check_stage)
         print(recipe_module.to_yaml(recipe), end="")
         return 0
     with quiet_imports():
@@ -72,13 +73,14 @@ def _cmd_run(args) -> int:
             else:
                 from distill.kd import run as run_recipe
         run_recipe(recipe, run, resume=args.resume)
-    _leave_process_group()
+    cli_core.leave_process_group()
     return _strict_exit(run) if args.strict else 0
 
 
 def _run_pipeline(pipeline, args) -> int:
     """Plan and check every stage, then run or skip each in order (still/pipeline.py)."""
     from still import pipeline as pipelines
+    from still import pipeline_run
 
     for flag, given in (
         ("--resume", args.resume),
@@ -91,56 +93,71 @@ def _run_pipeline(pipeline, args) -> int:
                 hint="drop it, or run that stage's recipe alone",
             )
     stages = pipelines.plan(pipeline)
-    pipelines.preflight(stages)
-    done = pipelines.run(
-        pipeline, stages, _run_stage, start=args.from_stage, only=args.only, force=args.force
+    pipelines.preflight(stages, _check_stage)
+    done = pipeline_run.run(
+        pipeline,
+        stages,
+        lambda stage: _run_stage(stage, force=args.force),
+        start=args.from_stage,
+        only=args.only,
+        force=args.force,
     )
-    print(pipelines.summary(stages, done))
+    print(pipeline_run.summary(stages, done))
     return 0
 
 
-def _run_stage(recipe) -> None:
-    """One pipeline stage, replacing what its run dir held (the pipeline decided it runs)."""
+def _check_stage(stage) -> None:
+    """What a publish or cascade stage's verb would refuse, checked before any stage runs."""
+    with quiet_imports():
+        if stage.kind == "publish":
+            from eval.checks import check_tasks
+            from publish.gguf_files import check_types
+
+            check_types(stage.recipe.gguf, None)
+            check_tasks(stage.recipe.tasks)
+        elif stage.kind == "cascade":
+            from eval.checks import check_eval_recipe
+            from eval.run import check_cascade
+
+            check_cascade(stage.recipe, check_eval_recipe(stage.recipe))
+
+
+def _run_stage(stage, *, force: bool = False) -> None:
+    """One pipeline stage, replacing what its dir held (the pipeline decided it runs)."""
+    import argparse
+    import shutil
+
     from still.rundir import open_run_dir
 
+    recipe = stage.recipe
     with quiet_imports():
-        if recipe.kind == "eval":
-            from eval.run import run_eval_recipe
+        if stage.kind == "publish":
+            # the pipeline replaces its own published dir; it uploads over a hub repo only
+            # where this stage uploaded before (it has a record) or the pipeline ran with --force
+            flags = {"no_eval": not recipe.eval, "no_compare": not recipe.compare}
+            flags |= {"force": force or stage.run.read_stage() is not None, "replace_out": True}
+            options = {**recipe.model_dump(), "task": recipe.tasks, **flags, "dry_run": False}
+            return _cmd_publish(argparse.Namespace(**options))
+        if stage.kind == "cache":
+            from distill.cache import build_cache
 
-            run_eval_recipe(recipe, force=True)
-            return
+            shutil.rmtree(stage.path, ignore_errors=True)  # a cache of another teacher or data
+            for report in build_cache(recipe):
+                print(f"still: teacher cache {stage.path} {report.summary()}")
+            return None
+        if stage.kind in ("eval", "cascade"):
+            from eval.run import run_cascade, run_eval_recipe
+
+            if stage.kind == "cascade":  # scores of unchanged models come from the eval cache
+                return run_cascade(recipe)
+            return run_eval_recipe(recipe, force=True)
         if recipe.kind == "finetune":
             from finetune.sft import run as run_recipe
         else:
             from distill.kd import run as run_recipe
     with open_run_dir(recipe, force=True) as run:
         run_recipe(recipe, run, resume=False)
-
-
-def _leave_process_group() -> None:
-    """Under a launcher: wait for every rank (the main one may still be scoring eval_tasks),
-    close the process group, and end the process without interpreter teardown.
-
-    A rank whose gloo threads are still referenced at teardown (DDP's reducer held in a
-    reference cycle, say) dies in C++ with "terminate called without an active exception".
-    The barrier and destroy_process_group alone still let that happen in CI (1 of 14 two-process
-    runs); by now the run dir is complete and closed, so nothing is lost by skipping teardown.
-    """
-    import gc
-    import logging
-    import os
-
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    gc.collect()  # drop cycles that still hold the process group before it is destroyed
-    dist.barrier()
-    dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    return None
 
 
 def _launch(recipe, plan, args) -> int:
@@ -373,6 +390,7 @@ def _cmd_publish(args) -> int:
         dtype=args.dtype,
         hub=args.hub,
         force=args.force,
+        replace_out=getattr(args, "replace_out", False),
         quick=args.quick,
         evaluate=not args.no_eval,
         compare=not args.no_compare,

@@ -1,10 +1,11 @@
 """The verbs that need only the core (no training, eval or publish package): `schema`,
-`models`, `init`, `link`. still/cli.py dispatches to them; kept apart to hold cli.py under the
-house size limit."""
+`models`, `init`, `link`, and the end of `run` under a launcher (`leave_process_group`).
+still/cli.py dispatches to them; kept apart to hold cli.py under the house size limit."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from still.launch import quiet_imports
@@ -57,3 +58,29 @@ def link(args) -> int:
         parents = link_lineage(Path(run_dir))
         print(f"still: {run_dir}: linked {', '.join(parents) or 'no still-run parents'}")
     return 0
+
+
+def leave_process_group() -> None:
+    """Under a launcher: wait for every rank (the main one may still be scoring eval_tasks),
+    close the process group, and end the process without interpreter teardown.
+
+    A rank whose gloo threads are still referenced at teardown (DDP's reducer held in a
+    reference cycle, say) dies in C++ with "terminate called without an active exception".
+    The barrier and destroy_process_group alone still let that happen in CI (1 of 14 two-process
+    runs); by now the run dir is complete and closed, so nothing is lost by skipping teardown.
+    """
+    import gc
+    import logging
+    import os
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()  # drop cycles that still hold the process group before it is destroyed
+    dist.barrier()
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

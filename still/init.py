@@ -21,8 +21,9 @@ from pathlib import Path
 from still import formats, init_templates
 from still.errors import StillError
 from still.fsutil import atomic_write_text, staged_dir
+from still.holdout import side_indices
 from still.rows import strict_rows
-from still.sections import DataSource, RowSource
+from still.sections import DataSource, Holdout, RowSource
 
 PROMPT_FIELDS = ("prompt", "instruction", "question", "query")
 RESPONSE_FIELDS = ("response", "output", "answer", "completion")
@@ -211,6 +212,7 @@ def init(
     detected = detect_format(str(data_path), rows)
     examples = check_rows(str(data_path), detected, rows)
     _check_group_field(str(data_path), rows, group_by)
+    _check_split(rows, group_by, test)
     if test is not None:
         _check_test_file(test, detected)
     if tokenizer is None:
@@ -268,6 +270,14 @@ def _check_test_file(test: str, detected: Detected) -> None:
             f"{detected.format} ({detected.reason})",
             hint="give a test file with the training file's fields",
         )
+
+
+def _check_split(rows, group_by: str | None, test: str | None) -> None:
+    """The eval (and, without --test, test) rows can be held out of this file, grouped or not:
+    drawn once here so a file too small for them is refused before anything is written."""
+    size = held_out_size(len(rows))
+    split = Holdout(split=size, test=None if test else size, group_by=group_by)
+    side_indices(rows, split)
 
 
 def _check_group_field(path: str, rows, group_by: str | None) -> None:

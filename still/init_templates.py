@@ -37,9 +37,12 @@ def _flow(mapping: dict) -> str:
     return "{" + ", ".join(f"{key}: {json.dumps(value)}" for key, value in mapping.items()) + "}"
 
 
-def _held_out(plan: Plan) -> dict:
-    spec = {"split": plan.held_out, "seed": 0}
-    return {**spec, "group_by": plan.group_by} if plan.group_by else spec
+def _held_out(plan: Plan, side: str | None = None) -> dict:
+    """The split every recipe and task names: eval rows, and test rows unless --test gave a
+    file; a task reads `side`."""
+    spec = {"split": plan.held_out, **({} if plan.test else {"test": plan.held_out}), "seed": 0}
+    spec = {**spec, "group_by": plan.group_by} if plan.group_by else spec
+    return {**spec, "side": side} if side else spec
 
 
 def _data_section(plan: Plan) -> str:
@@ -48,14 +51,19 @@ def _data_section(plan: Plan) -> str:
         if isinstance(plan.held_out, float)
         else (f"{plan.held_out} rows")
     )
-    grouped = f"; whole '{plan.group_by}' groups, none on both sides" if plan.group_by else ""
+    grouped = f"; whole '{plan.group_by}' groups, none on two sides" if plan.group_by else ""
+    tests = (
+        "the tasks in tasks/ score the --test file"
+        if plan.test
+        else f"test: {share} more for the tasks in tasks/ to score; training reads neither"
+    )
     train = _flow({"path": plan.data, "format": plan.format, **plan.fields})
     return f"""\
 data:
   # format {plan.format}: {plan.reason} in every one of the {plan.rows} rows
   train: {train}
   # {share} held out for the eval loss (seeded: the same rows on every run{grouped});
-  # the tasks in tasks/ score these rows too, unless `still init --test` named a test file
+  # {tests}
   eval: {_flow(_held_out(plan))}
   # the rows' token lengths under {plan.base}: p50 {plan.p50}, p99 {plan.p99}, longest
   # {plan.longest}; max_len is the p99 rounded up to a multiple of 32, so about 1% of the rows
@@ -152,8 +160,8 @@ def _task_data(plan: Plan) -> tuple[str, str]:
     if plan.test:
         return _flow({"path": os.path.join("..", plan.test)}), "the --test file"
     spec = {"path": os.path.join("..", plan.data), "holdout": "HOLDOUT"}
-    line = _flow(spec).replace('"HOLDOUT"', _flow(_held_out(plan)))
-    return line, "the rows the recipes hold out (data.eval), drawn the same way"
+    line = _flow(spec).replace('"HOLDOUT"', _flow(_held_out(plan, side="test")))
+    return line, "the test rows the recipes hold out (data.eval's test), drawn the same way"
 
 
 def _prompt_target(plan: Plan) -> tuple[str, str]:

@@ -168,6 +168,8 @@ PATH_KEYS: tuple[KeyPath, ...] = (
     ("regression_tasks", "*"),
     ("tasks", "*"),
     ("stages", "*", "recipe"),
+    ("stages", "*", "cascade"),
+    ("stages", "*", "publish", "tasks", "*"),
 )
 
 

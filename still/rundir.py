@@ -93,6 +93,11 @@ class RunDir:
         return self.path / REGRESSION
 
     @property
+    def retention_dir(self) -> Path:
+        """A distill run's teacher scored on its eval_tasks, and compare.md between them."""
+        return self.path / "retention"
+
+    @property
     def stage_file(self) -> Path:
         return self.path / PIPELINE_STAGE
 

@@ -62,28 +62,44 @@ class Holdout(Section):
     split: int | float = Field(
         description="The held-out side's size: a share of the rows (0.1) or a count (200)."
     )
+    test: int | float | None = Field(
+        None,
+        description="A test side for tasks, beside the eval side: a share (0.1) or a count; "
+        "drawn after it from the same seeded order, so training reads neither.",
+    )
     seed: int = Field(0, description="Seeds which rows (or groups) are held out.")
     group_by: str | None = Field(
         None,
         description="A row field (e.g. module): whole groups go to one side, so no group lands "
         "on both.",
     )
-    side: Literal["held_out", "rest"] = Field(
-        "held_out", description="Which side this source reads: the held-out rows or the rest."
+    side: Literal["held_out", "test", "rest"] = Field(
+        "held_out",
+        description="Which side this source reads: the held-out (eval) rows, the test rows, or "
+        "the rest (training).",
     )
 
-    @field_validator("split")
+    @field_validator("split", "test")
     @classmethod
     def _share_or_count(cls, value):
+        if value is None:
+            return value
         if isinstance(value, bool) or (isinstance(value, float) and not 0 < value < 1):
             raise ValueError("a share must be between 0 and 1 (or give a count, e.g. 200)")
         if isinstance(value, int) and value < 1:
             raise ValueError("a count of held-out rows must be at least 1")
         return value
 
+    @model_validator(mode="after")
+    def _test_side_needs_a_size(self):
+        if self.side == "test" and self.test is None:
+            raise ValueError("side 'test' reads the test rows: give their size, e.g. test: 0.1")
+        return self
 
-# The short form of a held-out eval split: `data.eval: {split: 0.1, seed: 0, group_by: module}`.
-HOLDOUT_KEYS = ("split", "seed", "group_by")
+
+# The short form of a held-out eval split: `data.eval: {split: 0.1, seed: 0, group_by: module}`
+# (with `test: 0.1`, a test side for tasks too).
+HOLDOUT_KEYS = ("split", "test", "seed", "group_by")
 
 
 class RowSource(Section):
@@ -143,7 +159,8 @@ class DataSection(Section):
     eval: DataSource | None = Field(
         None,
         description="Held-out data for the periodic eval loss: a source, or a split of the "
-        "training file, {split: 0.1 | 200, seed: 0, group_by: FIELD, limit: N}.",
+        "training file, {split: 0.1 | 200, seed: 0, group_by: FIELD, limit: N}; test: 0.1 also "
+        "holds out test rows for tasks (holdout: {..., side: test}), which training skips too.",
     )
     max_len: int = Field(512, ge=8, description="Max tokens per example.")
     truncation: Literal["truncate", "drop"] = Field(

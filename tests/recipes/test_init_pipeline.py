@@ -38,7 +38,13 @@ def test_init_teacher_runs(tmp_path, monkeypatch, tiny_model_dir, fmt):
     run = RunDir(tmp_path / "runs" / f"{fmt}-teacher")
     assert run.saved_model() is not None
     held = run.read_lineage()["data"][1]
-    assert held["holdout"] == {"split": 0.1, "seed": 0, "group_by": None, "side": "held_out"}
+    assert held["holdout"] == {
+        "split": 0.1,
+        "test": 0.1,
+        "seed": 0,
+        "group_by": None,
+        "side": "held_out",
+    }
 
 
 def test_init_instruction_pipeline_runs_every_stage(tmp_path, monkeypatch, tiny_model_dir):

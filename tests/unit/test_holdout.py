@@ -131,3 +131,60 @@ def test_lineage_records_the_split_and_a_task_reads_the_same_rows(tmp_path):
     )
     held = [row["question"] for row in task_rows(load_task(task))]
     assert held == sides(recipe.data)[1]
+
+
+def test_a_test_side_is_distinct_deterministic_and_leaves_eval_as_it_was(tmp_path):
+    from eval.tasks import load_task, task_rows
+
+    path = rows_file(tmp_path)
+    train0, held0 = sides(section(path, split=0.1, seed=4))
+    data = section(path, split=0.1, test=0.1, seed=4)
+    train, held = sides(data)
+    assert held == held0  # adding a test side does not move the eval rows
+    assert data.train.holdout.test == 0.1 and len(train) == 48
+    # a task reads the test side: distinct from eval and train, together the whole file
+    task = tmp_path / "qa.yaml"
+    task.write_text(
+        "name: qa\ntype: generate\nprompt: '{{ question }}'\ntarget: '{{ answer }}'\n"
+        "data: {path: train.jsonl, holdout: {split: 0.1, test: 0.1, seed: 4, side: test}}\n"
+    )
+    test = [row["question"] for row in task_rows(load_task(task))]
+    assert len(test) == 6 and test == [row["question"] for row in task_rows(load_task(task))]
+    assert not set(test) & set(held) and not set(test) & set(train)
+    assert len(set(train) | set(held) | set(test)) == 60
+    assert set(test) <= set(train0)  # without a test side these rows were trained on
+
+
+def test_a_grouped_test_side_shares_no_group_and_is_recorded_in_lineage(tmp_path):
+    rows_file(tmp_path, count=60, modules=12)
+    path = tmp_path / "r.yaml"
+    spec = "{split: 0.2, test: 0.2, seed: 1, group_by: module}"
+    path.write_text(RECIPE.replace("EVAL", spec))
+    recipe = recipe_module.load(path)
+    data = recipe.data
+    test_source = data.eval.model_copy(
+        update={"holdout": data.eval.holdout.model_copy(update={"side": "test"})}
+    )
+    modules = [
+        {row["module"] for _, row in strict_rows(source)}
+        for source in (data.train, data.eval, test_source)
+    ]
+    assert all(modules) and len(set.union(*modules)) == 12
+    assert not modules[0] & modules[1] and not modules[0] & modules[2]
+    assert not modules[1] & modules[2]
+    files = _data_files(recipe)
+    assert files[0]["holdout"]["test"] == 0.2 and files[0]["holdout"]["side"] == "rest"
+
+
+def test_a_test_side_needs_its_size_and_room(tmp_path):
+    path = rows_file(tmp_path, count=10, modules=2)
+    with pytest.raises(StillError, match="leaves nothing to train on"):
+        strict_rows(section(path, split=0.2, test=0.2, group_by="module").eval)
+    with pytest.raises(StillError, match="leaves nothing to train on"):
+        strict_rows(section(path, split=5, test=5).eval)
+    from pydantic import ValidationError
+
+    from still.sections import Holdout
+
+    with pytest.raises(ValidationError, match="side 'test' reads the test rows"):
+        Holdout(split=0.1, side="test")

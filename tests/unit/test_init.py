@@ -123,3 +123,24 @@ def test_completion_data_gets_no_generate_task_and_says_why():
         "teacher.yaml",
     ]
     assert "No generate task: completion rows have no question" in written["eval.yaml"]
+
+
+def test_without_test_the_tasks_score_a_test_split_distinct_from_eval(
+    tmp_path, monkeypatch, tiny_tokenizer
+):
+    from eval.tasks import load_task, task_rows
+    from still import recipe as recipe_module
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"question": f"{q} ({n})", "answer": a} for n in range(4) for q, a in QA]
+    write_rows(tmp_path / "qa.jsonl", rows)
+    target = init("qa.jsonl", base="tiny", tokenizer=tiny_tokenizer)
+    teacher = recipe_module.load(target / "teacher.yaml")
+    assert teacher.data.eval.holdout.test == 0.1
+    train = {row["question"] for _, row in strict_rows(teacher.data.train)}
+    held = {row["question"] for _, row in strict_rows(teacher.data.eval)}
+    test = [row["question"] for row in task_rows(load_task(target / "tasks" / "qa.yaml"))]
+    assert len(held) == len(test) == 3 and len(train) == 26
+    assert not set(test) & held and not set(test) & train
+    with_file = init("qa.jsonl", base="tiny", tokenizer=tiny_tokenizer, test="qa.jsonl", name="f")
+    assert "test:" not in (with_file / "teacher.yaml").read_text().split("eval:")[1][:40]

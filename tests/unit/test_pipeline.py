@@ -148,6 +148,7 @@ def test_a_run_dir_of_another_recipe_is_not_replaced(tmp_path, monkeypatch, caps
 
 def test_a_stage_that_stops_before_saving_ends_the_pipeline(tmp_path, monkeypatch, capsys):
     from still import pipeline as pipelines
+    from still import pipeline_run
     from still import recipe as recipe_module
     from still.errors import StillError
 
@@ -165,10 +166,34 @@ def test_a_stage_that_stops_before_saving_ends_the_pipeline(tmp_path, monkeypatc
     stages = pipelines.plan(pipeline)
     ran = []
 
-    def stopped(recipe):  # as a SIGTERM'd run: a run dir with a checkpoint, no model
-        ran.append(recipe.name)
-        (tmp_path / "runs" / recipe.name / "checkpoints").mkdir(parents=True)
+    def stopped(stage):  # as a SIGTERM'd run: a run dir with a checkpoint, no model
+        ran.append(stage.recipe.name)
+        (stage.path / "checkpoints").mkdir(parents=True)
 
     with pytest.raises(StillError, match="stage 'teacher' stopped before it saved its model"):
-        pipelines.run(pipeline, stages, stopped)
+        pipeline_run.run(pipeline, stages, stopped)
     assert ran == ["t"] and stages[0].run.read_stage() is None
+
+
+def test_a_publish_stage_replaces_its_dir_and_uploads_over_only_its_own_hub_repo(
+    tmp_path, monkeypatch
+):
+    import publish.flow
+    from still.pipeline import Stage
+    from still.pipeline_sections import PublishStage
+
+    calls = []
+    monkeypatch.setattr(publish.flow, "publish", lambda run, out, **options: calls.append(options))
+    out = tmp_path / "published"
+    options = PublishStage(run="runs/s", out=str(out), gguf=["q8_0"], hub="me/s", eval=False)
+    stage = Stage("publish", "publish", options, out, "pipeline.yaml:9")
+    cli._run_stage(stage)  # the first upload: an existing hub repo is refused, not replaced
+    assert calls[-1]["replace_out"] and not calls[-1]["force"]
+    assert calls[-1]["gguf_types"] == ["q8_0"] and calls[-1]["evaluate"] is False
+    out.mkdir()
+    stage.run.write_stage({"run_id": "earlier"})  # this stage published (and uploaded) before
+    cli._run_stage(stage)
+    assert calls[-1]["force"]
+    (out / "pipeline-stage.json").unlink()
+    cli._run_stage(stage, force=True)  # still run pipeline.yaml --force
+    assert calls[-1]["force"]

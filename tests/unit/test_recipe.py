@@ -197,4 +197,8 @@ def test_every_shipped_yaml_loads_and_says_how_to_run(path):
 
         load_task(path)
     else:
-        recipe_module.load(path)
+        recipe = recipe_module.load(path)
+        if recipe.kind == "pipeline":
+            from still.pipeline import plan
+
+            plan(recipe)  # every stage loads and every reference resolves
