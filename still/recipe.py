@@ -392,9 +392,7 @@ def load_inline(
     return _validate(merged, merged_origins, path, overrides)
 
 
-def _validate(
-    data: dict, origins: dict[KeyPath, Origin], recipe_path: Path, overrides
-) -> Recipe:
+def _validate(data: dict, origins: dict[KeyPath, Origin], recipe_path: Path, overrides) -> Recipe:
     for override in overrides:
         apply_override(data, origins, override)
     kind = data.get("kind")
