@@ -163,8 +163,10 @@ def test_write_configs_writes_reusable_files(tmp_path):
     deepspeed_file = Path(config["deepspeed_config"]["deepspeed_config_file"])
     assert json.loads(deepspeed_file.read_text())["zero_optimization"]["stage"] == 2
     script = (tmp_path / "launch" / "launch.sh").read_text()
+    # the elastic agent's SIGTERM-to-SIGKILL grace is bounded by distributed.timeout_s
     assert script.splitlines()[-1].startswith(
-        f"accelerate launch --config_file {config_file} -m still.cli run "
+        f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT=30 accelerate launch --config_file {config_file} "
+        "-m still.cli run "
     )
     assert "'name=a b'" in script  # quoted for the shell
     assert os.access(tmp_path / "launch" / "launch.sh", os.X_OK)
@@ -207,3 +209,15 @@ def test_nproc_inside_a_launch_is_refused(tiny_model_dir, tmp_path, monkeypatch,
     assert cli.main(["run", str(recipe), "--nproc", "2"]) == 2
     assert "--nproc under `accelerate launch`" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_restarts_and_timeout_reach_the_launcher():
+    """max_restarts goes to torchrun's elastic agent (through accelerate launch), timeout_s
+    bounds the agent's grace before SIGKILL."""
+    argv = launch.command(Path("a.yaml"), "r.yaml", [], max_restarts=2)
+    assert argv[argv.index("--max_restarts") + 1] == "2" and argv.index(
+        "--max_restarts"
+    ) < argv.index("-m")
+    assert "--max_restarts" not in launch.command(Path("a.yaml"), "r.yaml", [])
+    assert launch.launcher_env(dist(timeout_s=10)) == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "10"}
+    assert launch.launcher_env(dist()) == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "30"}
