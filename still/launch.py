@@ -209,6 +209,10 @@ def accelerate_config(
             "deepspeed_config_file": str(deepspeed_file),
             "zero3_init_flag": launch.strategy == "zero3",
         }
+        if launch.num_machines > 1:
+            # One launcher per machine (torchrun's agent), as `still run` runs on each; accelerate's
+            # default, pdsh, would instead ssh from machine 0 with DeepSpeed's own launcher.
+            config["deepspeed_config"]["deepspeed_multinode_launcher"] = "standard"
         return config
     config["mixed_precision"] = mixed_precision
     if launch.strategy == "fsdp":

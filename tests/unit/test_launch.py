@@ -147,6 +147,11 @@ def test_accelerate_config_per_strategy(tmp_path):
     )
     assert (multi["num_processes"], multi["num_machines"], multi["machine_rank"]) == (16, 2, 1)
     assert (multi["main_process_ip"], multi["main_process_port"]) == ("10.1.2.3", 29600)
+    zero3 = launch.accelerate_config(
+        nodes, launch.LaunchPlan("zero3", 8, 2), mixed_precision="bf16", deepspeed_file=Path("d")
+    )
+    # every machine runs its own launcher (not accelerate's default: pdsh from machine 0)
+    assert zero3["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
 
 
 def test_write_configs_writes_reusable_files(tmp_path):
