@@ -252,9 +252,10 @@ class SignalStop(TrainerCallback):
     Handlers are installed only for the duration of train() and only in the main thread
     (Python allows signal handlers nowhere else); a second Ctrl-C interrupts at once.
 
-    Under a launcher, a rank that has not stopped `min(30, distributed.timeout_s)` s after the
-    signal exits by itself: it is stuck (its step stalled, or a peer died and the collective
-    hangs), and the elastic agent that signalled it would only SIGKILL it after a fixed 30 s.
+    Under a launcher, a rank that has not stopped `distributed.timeout_s` after the signal exits
+    by itself: it is stuck (its step stalled, or a peer died and the collective hangs); its
+    step and save must fit in that time anyway, since their collectives time out after it. (The
+    elastic agent, when it is the one stopping the processes, SIGKILLs them after 30 s.)
     """
 
     SIGNALS = ("SIGTERM", "SIGINT")
@@ -292,7 +293,7 @@ class SignalStop(TrainerCallback):
         if threading.current_thread() is not threading.main_thread():
             return
         if inside_launch():  # TrainingArguments.ddp_timeout is distributed.timeout_s
-            self._grace_s = float(min(30, args.ddp_timeout))
+            self._grace_s = float(args.ddp_timeout)
         for name in self.SIGNALS:
             signum = getattr(signal, name)
             self._previous[signum] = signal.signal(signum, self._handle)

@@ -376,8 +376,8 @@ class DistributedSection(Section):
         1800,
         ge=1,
         description="Longest wait for the other ranks in one collective (the process group's "
-        "timeout) before a rank gives up; a stopping launcher also gives its processes at most "
-        "min(timeout_s, 30) s before killing them. Must exceed a checkpoint's write time.",
+        "timeout) before a rank gives up, and for a signalled rank to stop; the launcher gives "
+        "its processes at most min(timeout_s, 30) s. Must exceed a checkpoint's write time.",
     )
     max_restarts: int = Field(
         0,
