@@ -268,8 +268,14 @@ def write_configs(
 
 def launcher_env(dist: DistributedSection) -> dict[str, str]:
     """The elastic agent's grace between SIGTERM and SIGKILL when it stops the processes (after
-    a rank failed, or on a signal): torch's 30 s, or less when timeout_s is shorter."""
-    return {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(min(30, dist.timeout_s))}
+    a rank failed, or on a signal): torch's 30 s, or less when timeout_s is shorter. With
+    restarts, where its c10d rendezvous runs (torchrun's --rdzv-endpoint; accelerate has no flag
+    for it on one machine): machine 0's address and main_process_port."""
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(min(30, dist.timeout_s))}
+    if dist.max_restarts:
+        host = dist.main_process_ip or "127.0.0.1"
+        env["PET_RDZV_ENDPOINT"] = f"{host}:{dist.main_process_port}"
+    return env
 
 
 def command(
@@ -282,8 +288,13 @@ def command(
 ) -> list[str]:
     """The `accelerate launch` command line that runs this recipe in every process."""
     child = ["-m", "still.cli", "run", str(Path(recipe_path).resolve()), *overrides]
-    # torchrun's elastic agent restarts the whole group; the restarted processes resume
-    restarts = ["--max_restarts", str(max_restarts)] if max_restarts else []
+    # torchrun's elastic agent restarts the whole group; the restarted processes resume. Its
+    # static rendezvous (accelerate's default) keeps one store across restarts in torch 2.13,
+    # where a restarted rank can read a dead peer's address (gloo: "Connection refused"); c10d
+    # starts a fresh round for each restart. (A config file's rdzv_backend loses to the flag's
+    # default, so it is a flag.)
+    restarts = ["--max_restarts", str(max_restarts), "--rdzv_backend", "c10d"]
+    restarts = restarts if max_restarts else []
     return [
         "accelerate",
         "launch",
@@ -367,40 +378,51 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-# The elastic agent's report of a failed worker starts with this log line (then its traceback
-# and the failure table): read by rank_failures, not shown.
-_AGENT_REPORT = re.compile(rb"^[EW]\d{4} .*elastic/multiprocessing/api\.py:\d+\] failed")
+# The elastic agent logs this line when a worker failed; if it then gives up (no restarts
+# left) its traceback and failure table follow, ending the output: read by rank_failures, not
+# shown. A restart instead goes on with the workers' output, and what was held is shown.
+_AGENT_FAILED = re.compile(rb"^[EW]\d{4} .*elastic/multiprocessing/api\.py:\d+\] failed")
+_TRACEBACK_LINE = re.compile(rb"^(Traceback |  File |    |\s*\^+\s*$)")
 _LINE_END = re.compile(rb"[\r\n]")
 
 
 def _pass_stderr_through(fd: int) -> tuple[bool, bytes]:
     """Copy the launcher's stderr to ours, line by line (a progress bar's \\r ends one too), up
-    to a `still: error:` line or the agent's failure report; returns (a user error was seen,
-    everything after that point)."""
-    pending, silenced, user_error, rest, agent = b"", False, False, b"", b""
+    to a `still: error:` line or the agent's final report; returns (a user error was seen, the
+    agent's lines and report)."""
+    pending, user_error, report = b"", False, b""
+    held: list[bytes] | None = None  # lines after the agent's "failed", until we know more
+    silenced = False
     while chunk := os.read(fd, 1 << 16):
-        if silenced:
-            rest += chunk
-            continue
         pending += chunk
         while not silenced and (end := _LINE_END.search(pending)):
             line, pending = pending[: end.end()], pending[end.end() :]
+            if held is not None:
+                if b"ChildFailedError" in line:
+                    silenced = True
+                    continue
+                if _TRACEBACK_LINE.match(line):
+                    held.append(line)
+                    continue
+                sys.stderr.buffer.write(b"".join(held))  # a restart: show what was held
+                held = None
+            if b"elastic/multiprocessing/api.py" in line:
+                report += line
             if b"still: error:" in line:
                 sys.stderr.buffer.write(line)
                 silenced = user_error = True
-            elif _AGENT_REPORT.match(line):
-                rest, silenced = agent + line, True
+            elif _AGENT_FAILED.match(line):
+                held = [line]
             else:
-                agent += line if b"elastic/multiprocessing/api.py" in line else b""
                 sys.stderr.buffer.write(line)
         if silenced:
-            rest += pending
+            report += pending
             pending = b""
         sys.stderr.buffer.flush()
     if not silenced:
-        sys.stderr.buffer.write(pending)
+        sys.stderr.buffer.write(b"".join(held or []) + pending)
         sys.stderr.buffer.flush()
-    return user_error, rest
+    return user_error, report
 
 
 def launched_as() -> str:

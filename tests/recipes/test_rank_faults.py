@@ -16,6 +16,7 @@ import pytest
 from launched import (
     alive,
     finish_machines,
+    free_port,
     losses,
     rank_pids,
     run,
@@ -120,8 +121,9 @@ def test_max_restarts_restarts_the_group_from_the_last_checkpoint(root):
     name = "restarted"
     logs = (open(root / f"{name}.out", "w"), open(root / f"{name}.err", "w"))
     # every rank must join the restarted group within timeout_s: on 2 busy cores the restarted
-    # processes' imports alone can take 30 s
+    # processes' imports alone can take 30 s. The agents' c10d rendezvous: main_process_port.
     restarts = ["distributed.max_restarts=1", "distributed.timeout_s=120"]
+    restarts.append(f"distributed.main_process_port={free_port()}")
     args = still("finetune.yaml", f"name={name}", *COMMON, *restarts, "--nproc", "2")
     launcher = start(root, args, None, logs)
     wait_for(_first_checkpoint(root, name).exists, 300, launcher)

@@ -223,6 +223,37 @@ def test_restarts_and_timeout_reach_the_launcher():
     assert argv[argv.index("--max_restarts") + 1] == "2" and argv.index(
         "--max_restarts"
     ) < argv.index("-m")
+    assert argv[argv.index("--rdzv_backend") + 1] == "c10d"  # a fresh rendezvous per restart
     assert "--max_restarts" not in launch.command(Path("a.yaml"), "r.yaml", [])
+    with_restarts = launch.launcher_env(dist(max_restarts=1, main_process_port=29611))
+    assert with_restarts["PET_RDZV_ENDPOINT"] == "127.0.0.1:29611"
     assert launch.launcher_env(dist(timeout_s=10)) == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "10"}
     assert launch.launcher_env(dist()) == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "30"}
+
+
+def _through(text: bytes, capfd) -> tuple[bool, bytes, str]:
+    read, write = os.pipe()
+    os.write(write, text)
+    os.close(write)
+    user_error, report = launch._pass_stderr_through(read)
+    os.close(read)
+    return user_error, report, capfd.readouterr().err
+
+
+AGENT = b"E1206 22:00:00.0 1 torch/distributed/elastic/multiprocessing/api.py:1002] failed (x)\n"
+
+
+def test_the_agents_final_report_is_read_not_shown_but_a_restart_shows_what_followed(capfd):
+    final = (
+        b"step 1\r"
+        + AGENT
+        + b'Traceback (most recent call last):\n  File "x", line 1\n    run()\n    ^^^^\n'
+        + b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+        + b"  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 7)\n"
+    )
+    user_error, report, shown = _through(final, capfd)
+    assert not user_error and shown == "step 1\r"
+    assert AGENT in report and b"exitcode  : -9 (pid: 7)" in report
+    # with restarts left the agent goes on: the workers' next lines show, and what was held
+    _, _, shown = _through(b"step 1\n" + AGENT + b"[rank0]: resuming\n", capfd)
+    assert shown == "step 1\n" + AGENT.decode() + "[rank0]: resuming\n"
