@@ -275,6 +275,9 @@ def launcher_env(dist: DistributedSection) -> dict[str, str]:
     if dist.max_restarts:
         host = dist.main_process_ip or "127.0.0.1"
         env["PET_RDZV_ENDPOINT"] = f"{host}:{dist.main_process_port}"
+        # The agent's shared TCPStore outlives a restart, with the dead ranks' addresses in it
+        # under the same keys; opted out, each round's rank 0 hosts a fresh store.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return env
 
 
@@ -291,8 +294,8 @@ def command(
     # torchrun's elastic agent restarts the whole group; the restarted processes resume. Its
     # static rendezvous (accelerate's default) keeps one store across restarts in torch 2.13,
     # where a restarted rank can read a dead peer's address (gloo: "Connection refused"); c10d
-    # starts a fresh round for each restart. (A config file's rdzv_backend loses to the flag's
-    # default, so it is a flag.)
+    # with an unshared store (launcher_env) gives each restart a fresh one. (A config file's
+    # rdzv_backend loses to the flag's default, so it is a flag.)
     restarts = ["--max_restarts", str(max_restarts), "--rdzv_backend", "c10d"]
     restarts = restarts if max_restarts else []
     return [

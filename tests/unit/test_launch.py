@@ -227,6 +227,7 @@ def test_restarts_and_timeout_reach_the_launcher():
     assert "--max_restarts" not in launch.command(Path("a.yaml"), "r.yaml", [])
     with_restarts = launch.launcher_env(dist(max_restarts=1, main_process_port=29611))
     assert with_restarts["PET_RDZV_ENDPOINT"] == "127.0.0.1:29611"
+    assert with_restarts["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     assert launch.launcher_env(dist(timeout_s=10)) == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "10"}
     assert launch.launcher_env(dist()) == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "30"}
 
