@@ -28,7 +28,8 @@ from transformers import TrainerCallback
 
 from still.errors import StillError
 from still.fsutil import atomic_write_json, atomic_write_text, file_sha256, umask_modes
-from still.launch import is_main_process
+from still.launch import inside_launch, is_main_process
+from still.rank_failures import LOST_CONTACT_EXIT
 from still.rundir import RunDir
 
 MARKER = "still-complete.json"
@@ -250,6 +251,11 @@ class SignalStop(TrainerCallback):
 
     Handlers are installed only for the duration of train() and only in the main thread
     (Python allows signal handlers nowhere else); a second Ctrl-C interrupts at once.
+
+    Under a launcher, a rank that has not stopped `distributed.timeout_s` after the signal exits
+    by itself: it is stuck (its step stalled, or a peer died and the collective hangs); its
+    step and save must fit in that time anyway, since their collectives time out after it. (The
+    elastic agent, when it is the one stopping the processes, SIGKILLs them after 30 s.)
     """
 
     SIGNALS = ("SIGTERM", "SIGINT")
@@ -258,20 +264,36 @@ class SignalStop(TrainerCallback):
         self.received: str | None = None
         self.stopped_at: int | None = None
         self._previous: dict = {}
+        self._grace_s: float | None = None
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.received is not None and name == "SIGINT":
             raise KeyboardInterrupt
+        if self.received is None and self._grace_s is not None:
+            timer = threading.Timer(self._grace_s, self._give_up, args=(name,))
+            timer.daemon = True
+            timer.start()
         self.received = self.received or name
         print(
             f"still: {name} received: saving a checkpoint after this step, then stopping",
             file=sys.stderr,
         )
 
+    def _give_up(self, name: str) -> None:
+        rank = os.environ.get("RANK", "0")
+        print(
+            f"still: rank {rank} had not stopped {self._grace_s:g} s after {name}; exiting",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(LOST_CONTACT_EXIT)
+
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is not threading.main_thread():
             return
+        if inside_launch():  # TrainingArguments.ddp_timeout is distributed.timeout_s
+            self._grace_s = float(args.ddp_timeout)
         for name in self.SIGNALS:
             signum = getattr(signal, name)
             self._previous[signum] = signal.signal(signum, self._handle)

@@ -42,6 +42,8 @@ def _cmd_run(args) -> int:
     from still import recipe as recipe_module
     from still.rundir import open_run_dir
 
+    if cli_core.place_on_machines(args):  # a hostfile without --node-rank: the plan only
+        return 0
     recipe = recipe_module.load(args.recipe, args.overrides)
     if recipe.kind == "pipeline":
         return _run_pipeline(recipe, args)
@@ -62,6 +64,9 @@ def _cmd_run(args) -> int:
                 hint="drop --nproc, or run `still run` without accelerate launch",
             )
         launch.note_launcher_mismatch(recipe.distributed)
+        launch.join_process_group(recipe.distributed)
+        # a group that torchrun's elastic agent restarted continues from its checkpoint
+        args.resume = args.resume or launch.restart_count() > 0
     else:
         plan = launch.plan(recipe.distributed, args.nproc)
         if plan.needs_launcher:
@@ -72,7 +77,11 @@ def _cmd_run(args) -> int:
                 from finetune.sft import run as run_recipe
             else:
                 from distill.kd import run as run_recipe
-        run_recipe(recipe, run, resume=args.resume)
+        try:
+            run_recipe(recipe, run, resume=args.resume)
+        except Exception as exc:
+            cli_core.exit_if_lost_contact(exc)
+            raise
     cli_core.leave_process_group()
     return _strict_exit(run) if args.strict else 0
 
@@ -180,13 +189,14 @@ def _launch(recipe, plan, args) -> int:
         config = launch.write_configs(
             dist, plan, launch_dir, mixed_precision=mixed_precision, command=[]
         )
-        launch.launch(config, args.recipe, args.overrides, None, resume=args.resume)
+        cli_core.start_processes(config, args, plan, dist, run=None)
         return 0
     with open_run_dir(recipe, resume=args.resume, force=args.force) as run:
-        run_dir = run.path
         launch_dir = run.launch_dir.resolve()
         config_file = launch_dir / "accelerate.yaml"
-        by_hand = launch.command(config_file, args.recipe, args.overrides)
+        by_hand = launch.command(
+            config_file, args.recipe, args.overrides, max_restarts=dist.max_restarts
+        )
         launch.write_configs(
             dist, plan, launch_dir, mixed_precision=mixed_precision, command=by_hand
         )
@@ -195,7 +205,7 @@ def _launch(recipe, plan, args) -> int:
             f"configs in {launch_dir}"
         )
         # LaunchFailed cleans up the run dir on its way out, unless the run saved something
-        launch.launch(config_file, args.recipe, args.overrides, run_dir, resume=args.resume)
+        cli_core.start_processes(config_file, args, plan, dist, run=run)
     return _strict_exit(run) if args.strict else 0
 
 
@@ -468,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"still: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except LaunchFailed as exc:
+        if exc.reason:
+            print(f"still: error: {exc.reason}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         print("still: interrupted", file=sys.stderr)

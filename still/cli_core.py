@@ -5,6 +5,8 @@ still/cli.py dispatches to them; kept apart to hold cli.py under the house size 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -71,7 +73,6 @@ def leave_process_group() -> None:
     """
     import gc
     import logging
-    import os
 
     import torch.distributed as dist
 
@@ -84,3 +85,66 @@ def leave_process_group() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# --------------------------------------------------------------------------- several machines
+def place_on_machines(args) -> bool:
+    """`still run` with --nodes-file/--slurm/--rdzv-endpoint: print each machine's command and
+    add this machine's `distributed.*` overrides; True when there is no machine to run (a
+    hostfile without --node-rank: the plan only)."""
+    from still import nodes
+
+    machines = nodes.from_args(args)
+    if machines is None:
+        return False
+    if not machines.machine_rank:  # machine 0 (or a plan only) prints every machine's part
+        lines = nodes.commands(machines, args.recipe, args.overrides, args.resume)
+        print(f"still: {len(lines)} machine(s) from {machines.source}:", *lines, sep="\n  ")
+    if machines.machine_rank is None:
+        return True
+    args.overrides = [*args.overrides, *machines.overrides(machines.machine_rank)]
+    return False
+
+
+def start_processes(config_file: Path, args, plan, dist, *, run) -> None:
+    """`accelerate launch` this machine's processes (still.launch); when a rank fails, its one
+    line gains the last complete checkpoint and the command that resumes."""
+    from still import launch
+
+    run_dir = run.path if run is not None else None
+    try:
+        launch.launch(
+            config_file, args.recipe, args.overrides, run_dir,
+            resume=args.resume, dist=dist, world_size=plan.total_processes,
+        )  # fmt: skip
+    except launch.LaunchFailed as exc:
+        if exc.reason:
+            exc.reason += "; " + _resume_advice(run, args)
+        raise
+
+
+def _resume_advice(run, args) -> str:
+    from still.checkpoint import MARKER, list_checkpoints
+
+    argv = ["still", "run", args.recipe, *args.overrides]
+    argv += ["--nproc", str(args.nproc)] if args.nproc else []
+    advice = "resume with: " + " ".join(shlex.quote(a) for a in [*argv, "--resume"])
+    if run is None:  # another machine holds the run dir
+        return advice
+    complete = [c for c in list_checkpoints(run.checkpoints) if (c / MARKER).exists()]
+    last = f"last complete checkpoint: {complete[0].name}" if complete else "no checkpoint yet"
+    return f"{last}; {advice}"
+
+
+def exit_if_lost_contact(exc: BaseException) -> None:
+    """In a launched rank: a collective failed because another rank died or stalled. Say so in
+    one line and exit LOST_CONTACT_EXIT at once (no teardown: the process group is broken), so
+    the launcher names the rank that failed first, not this one."""
+    from still import rank_failures
+
+    if not rank_failures.is_lost_contact(exc):
+        return
+    print(rank_failures.lost_contact_line(int(os.environ.get("RANK", "0")), exc), file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(rank_failures.LOST_CONTACT_EXIT)

@@ -54,6 +54,22 @@ def _with_recipe(sub, name: str, help_text: str):
     return p
 
 
+def _add_node_flags(p) -> None:
+    """Several machines, as a scheduler names them (still/nodes.py)."""
+    p.add_argument(
+        "--nodes-file",
+        metavar="PATH",
+        help="hostfile, one `HOST [slots=N]` per line, machine 0 first: prints each machine's "
+        "command; with --node-rank K also runs machine K's part",
+    )
+    p.add_argument(
+        "--slurm", action="store_true", help="machines from SLURM's variables (inside srun)"
+    )
+    p.add_argument("--nnodes", type=int, metavar="N", help="machines in the job (as torchrun)")
+    p.add_argument("--node-rank", type=int, metavar="K", help="this machine's rank (as torchrun)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="machine 0's address (as torchrun)")
+
+
 def _add_recipe_parsers(sub, handlers: dict) -> None:
     p = _with_recipe(sub, "run", "run a recipe (finetune, distill or eval)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
@@ -64,6 +80,7 @@ def _add_recipe_parsers(sub, handlers: dict) -> None:
         metavar="N",
         help="processes on this machine (one per GPU), launched through accelerate",
     )
+    _add_node_flags(p)
     p.add_argument(
         "--strict", action="store_true", help="exit 3 if the forgetting check flags a drop"
     )

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from still import rank_failures
 from still.errors import StillError
 from still.sections import DistributedSection
 
@@ -89,6 +91,25 @@ def inside_launch() -> bool:
         or env.get("ACCELERATE_USE_FSDP") == "true"
         or LAUNCHED_RUN_DIR_ENV in env
     )
+
+
+def join_process_group(dist: DistributedSection) -> None:
+    """Under a launcher: create the process group now, with `distributed.timeout_s` as the
+    timeout of every collective (a rank that stalls then fails its peers in bounded time).
+
+    Data preparation (accelerate's `local_main_process_first`) would otherwise create it first,
+    with the 30-minute default; Trainer later reuses this one (`ddp_timeout` says the same).
+    """
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    PartialState(timeout=timedelta(seconds=dist.timeout_s))
+
+
+def restart_count() -> int:
+    """How often torchrun's elastic agent has restarted this process group (0: first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def _visible_gpus() -> int:
@@ -188,6 +209,10 @@ def accelerate_config(
             "deepspeed_config_file": str(deepspeed_file),
             "zero3_init_flag": launch.strategy == "zero3",
         }
+        if launch.num_machines > 1:
+            # One launcher per machine (torchrun's agent), as `still run` runs on each; accelerate's
+            # default, pdsh, would instead ssh from machine 0 with DeepSpeed's own launcher.
+            config["deepspeed_config"]["deepspeed_multinode_launcher"] = "standard"
         return config
     config["mixed_precision"] = mixed_precision
     if launch.strategy == "fsdp":
@@ -230,8 +255,10 @@ def write_configs(
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     if command:
         script = launch_dir / "launch.sh"
+        env = " ".join(f"{k}={v}" for k, v in launcher_env(dist).items())
         script.write_text(
             "#!/bin/sh\n# Written by `still run`: the same job with plain accelerate.\n"
+            + f"{env} "
             + " ".join(shlex.quote(part) for part in command)
             + "\n"
         )
@@ -239,34 +266,71 @@ def write_configs(
     return config_file
 
 
+def launcher_env(dist: DistributedSection) -> dict[str, str]:
+    """The elastic agent's grace between SIGTERM and SIGKILL when it stops the processes (after
+    a rank failed, or on a signal): torch's 30 s, or less when timeout_s is shorter. With
+    restarts, where its c10d rendezvous runs (torchrun's --rdzv-endpoint; accelerate has no flag
+    for it on one machine): machine 0's address and main_process_port."""
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(min(30, dist.timeout_s))}
+    if dist.max_restarts:
+        host = dist.main_process_ip or "127.0.0.1"
+        env["PET_RDZV_ENDPOINT"] = f"{host}:{dist.main_process_port}"
+        # The agent's shared TCPStore outlives a restart, with the dead ranks' addresses in it
+        # under the same keys; opted out, each round's rank 0 hosts a fresh store.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return env
+
+
 def command(
-    config_file: Path, recipe_path: str, overrides: list[str], *, resume: bool = False
+    config_file: Path,
+    recipe_path: str,
+    overrides: list[str],
+    *,
+    resume: bool = False,
+    max_restarts: int = 0,
 ) -> list[str]:
     """The `accelerate launch` command line that runs this recipe in every process."""
     child = ["-m", "still.cli", "run", str(Path(recipe_path).resolve()), *overrides]
+    # torchrun's elastic agent restarts the whole group; the restarted processes resume. Its
+    # static rendezvous (accelerate's default) keeps one store across restarts in torch 2.13,
+    # where a restarted rank can read a dead peer's address (gloo: "Connection refused"); c10d
+    # with an unshared store (launcher_env) gives each restart a fresh one. (A config file's
+    # rdzv_backend loses to the flag's default, so it is a flag.)
+    restarts = ["--max_restarts", str(max_restarts), "--rdzv_backend", "c10d"]
+    restarts = restarts if max_restarts else []
     return [
         "accelerate",
         "launch",
         "--config_file",
         str(config_file),
+        *restarts,
         *child,
         *(["--resume"] if resume else []),
     ]
 
 
 class LaunchFailed(Exception):
-    """The launched processes exited with `code`; they have printed their own error."""
+    """The launched processes exited with `code`; a user error was printed by them, a failed
+    rank is named in `reason` (rank_failures.describe) for the CLI to print as one line."""
 
-    def __init__(self, code: int):
-        super().__init__(f"launched processes exited with {code}")
+    def __init__(self, code: int, reason: str | None = None):
+        super().__init__(reason or f"launched processes exited with {code}")
         self.code = code
+        self.reason = reason
 
 
 def launch(
-    config_file: Path, recipe_path: str, overrides: list[str], run_dir: Path | None, *, resume: bool
+    config_file: Path,
+    recipe_path: str,
+    overrides: list[str],
+    run_dir: Path | None,
+    *,
+    resume: bool,
+    dist: DistributedSection,
+    world_size: int,
 ) -> None:
     """Run `accelerate launch`; LaunchFailed(2) when a process stopped on a user error, else
-    LaunchFailed(its exit code) when it failed.
+    LaunchFailed(its exit code, which rank failed) when it failed.
 
     SIGTERM/SIGINT are passed on (the workers stop with a checkpoint). stderr is passed through
     as it comes, up to the first `still: error:` line: the same error from the other ranks and
@@ -276,9 +340,11 @@ def launch(
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        *command(config_file, recipe_path, overrides, resume=resume)[2:],
+        *command(
+            config_file, recipe_path, overrides, resume=resume, max_restarts=dist.max_restarts
+        )[2:],
     ]
-    env = dict(os.environ)
+    env = dict(os.environ) | launcher_env(dist)
     if run_dir is not None:  # the processes take this already opened run dir as theirs
         env[LAUNCHED_RUN_DIR_ENV] = str(Path(run_dir).resolve())
     process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
@@ -292,13 +358,18 @@ def launch(
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        user_error = _pass_stderr_through(process.stderr.fileno())
+        user_error, report = _pass_stderr_through(process.stderr.fileno())
         code = process.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if code != 0 and user_error:
+        raise LaunchFailed(2)
     if code != 0:
-        raise LaunchFailed(2 if user_error else code)
+        text = report.decode(errors="replace")
+        failures, stopped = rank_failures.parse_failures(text), rank_failures.stopped_pids(text)
+        reason = rank_failures.describe(failures, stopped, world_size, dist.timeout_s)
+        raise LaunchFailed(code, reason)
 
 
 def _children(pid: int) -> list[int]:
@@ -310,26 +381,51 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _pass_stderr_through(fd: int) -> bool:
-    marker, pending, silenced = b"still: error:", b"", False
+# The elastic agent logs this line when a worker failed; if it then gives up (no restarts
+# left) its traceback and failure table follow, ending the output: read by rank_failures, not
+# shown. A restart instead goes on with the workers' output, and what was held is shown.
+_AGENT_FAILED = re.compile(rb"^[EW]\d{4} .*elastic/multiprocessing/api\.py:\d+\] failed")
+_TRACEBACK_LINE = re.compile(rb"^(Traceback |  File |    |\s*\^+\s*$)")
+_LINE_END = re.compile(rb"[\r\n]")
+
+
+def _pass_stderr_through(fd: int) -> tuple[bool, bytes]:
+    """Copy the launcher's stderr to ours, line by line (a progress bar's \\r ends one too), up
+    to a `still: error:` line or the agent's final report; returns (a user error was seen, the
+    agent's lines and report)."""
+    pending, user_error, report = b"", False, b""
+    held: list[bytes] | None = None  # lines after the agent's "failed", until we know more
+    silenced = False
     while chunk := os.read(fd, 1 << 16):
-        if silenced:
-            continue
         pending += chunk
-        at = pending.find(marker)
-        if at >= 0 and b"\n" in pending[at:]:
-            sys.stderr.buffer.write(pending[: pending.index(b"\n", at) + 1])
-            silenced = True
-        elif at < 0:
-            # keep a tail that could be the start of the marker; write the rest now
-            keep = len(marker) - 1
-            sys.stderr.buffer.write(pending[:-keep] if len(pending) > keep else b"")
-            pending = pending[-keep:] if len(pending) > keep else pending
+        while not silenced and (end := _LINE_END.search(pending)):
+            line, pending = pending[: end.end()], pending[end.end() :]
+            if held is not None:
+                if b"ChildFailedError" in line:
+                    silenced = True
+                    continue
+                if _TRACEBACK_LINE.match(line):
+                    held.append(line)
+                    continue
+                sys.stderr.buffer.write(b"".join(held))  # a restart: show what was held
+                held = None
+            if b"elastic/multiprocessing/api.py" in line:
+                report += line
+            if b"still: error:" in line:
+                sys.stderr.buffer.write(line)
+                silenced = user_error = True
+            elif _AGENT_FAILED.match(line):
+                held = [line]
+            else:
+                sys.stderr.buffer.write(line)
+        if silenced:
+            report += pending
+            pending = b""
         sys.stderr.buffer.flush()
     if not silenced:
-        sys.stderr.buffer.write(pending)
+        sys.stderr.buffer.write(b"".join(held or []) + pending)
         sys.stderr.buffer.flush()
-    return silenced
+    return user_error, report
 
 
 def launched_as() -> str:

@@ -389,6 +389,19 @@ class DistributedSection(Section):
         "parameters, gradients and optimizer state together.",
     )
     nvme_path: str | None = Field(None, description="A fast local dir for NVMe offload.")
+    timeout_s: int = Field(
+        1800,
+        ge=1,
+        description="Longest wait for the other ranks in one collective (the process group's "
+        "timeout) before a rank gives up, and for a signalled rank to stop; the launcher gives "
+        "its processes at most min(timeout_s, 30) s. Must exceed a checkpoint's write time.",
+    )
+    max_restarts: int = Field(
+        0,
+        ge=0,
+        description="Restart the processes this many times after a rank fails (torchrun's "
+        "elastic agent); each restart resumes from the last complete checkpoint.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self):

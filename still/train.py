@@ -107,6 +107,8 @@ def training_arguments(
         run_name=recipe.name,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # the process group exists by now (launch.join_process_group); same timeout, one source
+        ddp_timeout=recipe.distributed.timeout_s,
         use_cpu=not torch.cuda.is_available(),
         **precision_flags(train),
         **kernel_flags(train),

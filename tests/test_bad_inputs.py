@@ -5,9 +5,10 @@ Each case in tests/bad_inputs/cases*.yaml (one file per class of input) is a dir
 (recipe, data, task files) run through `still.cli.main` in-process with the case dir as cwd.
 `{TINY}`-style placeholders in its files and argv are replaced by models built here (see
 `models`); `patch` names a monkeypatch for conditions a file cannot express (a package that is
-not installed).
+not installed); `env` sets environment variables (a scheduler's).
 """
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -116,6 +117,10 @@ def test_bad_input(case, models, tmp_path, monkeypatch, capsys):
             path.write_text(fill(path.read_text(), models))
     if case.get("patch"):
         PATCHES[case["patch"]](monkeypatch)
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)  # a case sees only the scheduler variables it names
+    for name, value in case.get("env", {}).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.chdir(work)
     before = snapshot(work)
 

@@ -6,68 +6,20 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from launched import losses as _losses
+from launched import run as _run
+from launched import still as _still
+from launched import write_recipe as _recipe
 
 from still import models
 from still.rundir import RunDir
 
 pytestmark = pytest.mark.multiproc
-
-
-def _recipe(path: Path, kind: str, model_dir: Path, teacher_dir: Path) -> Path:
-    data = path / "train.jsonl"
-    rows = [
-        ("What does json.dumps do?", "Serialize obj to a JSON formatted str."),
-        ("What does abs do?", "Return the absolute value."),
-        ("What does len do?", "Return the number of items."),
-        ("What does min do?", "Return the smallest item."),
-    ] * 2
-    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
-    head = (
-        f'kind: finetune\nname: x\nmodel: {{ref: "{model_dir}"}}\n'
-        "lora: {r: 4, alpha: 8, dropout: 0.0}\n"
-    )
-    if kind == "distill":
-        head = (
-            f'kind: distill\nname: x\nteacher: {{ref: "{teacher_dir}"}}\n'
-            "student: {init: {keep_layers: [0, 3]}}\n"
-            "distill: {loss: forward_kl, temperature: 2.0}\n"
-        )
-    (path / "ppl.yaml").write_text(
-        "name: ppl\ntype: perplexity\ndata: {path: train.jsonl}\nprompt: '{{ question }}'\n"
-        "target: '{{ answer }}'\nmetrics: [loss]\n"
-    )
-    recipe = path / f"{kind}.yaml"
-    recipe.write_text(
-        head
-        + textwrap.dedent("""\
-        data:
-          train: {path: train.jsonl, format: instruction, prompt: question, response: answer}
-          max_len: 64
-        train: {lr: 1.0e-2, batch_size: 2, max_steps: 4, warmup_ratio: 0.0, seed: 3}
-        """)
-    )
-    return recipe
-
-
-def _run(cwd: Path, args: list[str]) -> None:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def _losses(run_dir: Path) -> list[float]:
-    return [row["loss"] for row in RunDir(run_dir).metrics() if "loss" in row]
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +55,6 @@ def _assert_same_run(run_dir: Path, baseline: Path, kind: str) -> None:
     ours, _ = models.load_model(str(run_dir))
     reference, _ = models.load_model(str(baseline))
     assert torch.allclose(ours(ids).logits, reference(ids).logits, atol=1e-3)
-
-
-def _still(*args: str) -> list[str]:
-    return [sys.executable, "-m", "still.cli", "run", *args]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])

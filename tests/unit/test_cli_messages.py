@@ -141,7 +141,8 @@ def test_a_missing_required_flag_is_one_line_with_usage(tmp_path, capsys, monkey
         (
             ["run", "r.yaml", "--xyzzy"],
             "still run: unknown flag --xyzzy (flags of still run: -h --help --resume --force "
-            "--nproc --strict --from --only)",
+            "--nproc --nodes-file --slurm --nnodes --node-rank --rdzv-endpoint --strict --from "
+            "--only)",
         ),
         (["eval", "--modle", "m"], "still eval: unknown flag --modle (did you mean --model?)"),
     ],

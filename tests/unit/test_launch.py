@@ -147,6 +147,11 @@ def test_accelerate_config_per_strategy(tmp_path):
     )
     assert (multi["num_processes"], multi["num_machines"], multi["machine_rank"]) == (16, 2, 1)
     assert (multi["main_process_ip"], multi["main_process_port"]) == ("10.1.2.3", 29600)
+    zero3 = launch.accelerate_config(
+        nodes, launch.LaunchPlan("zero3", 8, 2), mixed_precision="bf16", deepspeed_file=Path("d")
+    )
+    # every machine runs its own launcher (not accelerate's default: pdsh from machine 0)
+    assert zero3["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
 
 
 def test_write_configs_writes_reusable_files(tmp_path):
@@ -163,8 +168,10 @@ def test_write_configs_writes_reusable_files(tmp_path):
     deepspeed_file = Path(config["deepspeed_config"]["deepspeed_config_file"])
     assert json.loads(deepspeed_file.read_text())["zero_optimization"]["stage"] == 2
     script = (tmp_path / "launch" / "launch.sh").read_text()
+    # the elastic agent's SIGTERM-to-SIGKILL grace is bounded by distributed.timeout_s
     assert script.splitlines()[-1].startswith(
-        f"accelerate launch --config_file {config_file} -m still.cli run "
+        f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT=30 accelerate launch --config_file {config_file} "
+        "-m still.cli run "
     )
     assert "'name=a b'" in script  # quoted for the shell
     assert os.access(tmp_path / "launch" / "launch.sh", os.X_OK)
@@ -207,3 +214,47 @@ def test_nproc_inside_a_launch_is_refused(tiny_model_dir, tmp_path, monkeypatch,
     assert cli.main(["run", str(recipe), "--nproc", "2"]) == 2
     assert "--nproc under `accelerate launch`" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_restarts_and_timeout_reach_the_launcher():
+    """max_restarts goes to torchrun's elastic agent (through accelerate launch), timeout_s
+    bounds the agent's grace before SIGKILL."""
+    argv = launch.command(Path("a.yaml"), "r.yaml", [], max_restarts=2)
+    assert argv[argv.index("--max_restarts") + 1] == "2" and argv.index(
+        "--max_restarts"
+    ) < argv.index("-m")
+    assert argv[argv.index("--rdzv_backend") + 1] == "c10d"  # a fresh rendezvous per restart
+    assert "--max_restarts" not in launch.command(Path("a.yaml"), "r.yaml", [])
+    with_restarts = launch.launcher_env(dist(max_restarts=1, main_process_port=29611))
+    assert with_restarts["PET_RDZV_ENDPOINT"] == "127.0.0.1:29611"
+    assert with_restarts["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert launch.launcher_env(dist(timeout_s=10)) == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "10"}
+    assert launch.launcher_env(dist()) == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "30"}
+
+
+def _through(text: bytes, capfd) -> tuple[bool, bytes, str]:
+    read, write = os.pipe()
+    os.write(write, text)
+    os.close(write)
+    user_error, report = launch._pass_stderr_through(read)
+    os.close(read)
+    return user_error, report, capfd.readouterr().err
+
+
+AGENT = b"E1206 22:00:00.0 1 torch/distributed/elastic/multiprocessing/api.py:1002] failed (x)\n"
+
+
+def test_the_agents_final_report_is_read_not_shown_but_a_restart_shows_what_followed(capfd):
+    final = (
+        b"step 1\r"
+        + AGENT
+        + b'Traceback (most recent call last):\n  File "x", line 1\n    run()\n    ^^^^\n'
+        + b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+        + b"  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 7)\n"
+    )
+    user_error, report, shown = _through(final, capfd)
+    assert not user_error and shown == "step 1\r"
+    assert AGENT in report and b"exitcode  : -9 (pid: 7)" in report
+    # with restarts left the agent goes on: the workers' next lines show, and what was held
+    _, _, shown = _through(b"step 1\n" + AGENT + b"[rank0]: resuming\n", capfd)
+    assert shown == "step 1\n" + AGENT.decode() + "[rank0]: resuming\n"
