@@ -1,5 +1,6 @@
 """The verbs that need only the core (no training, eval or publish package): `schema`,
-`models`, `init`, `link`, and the end of `run` under a launcher (`leave_process_group`).
+`models`, `init`, `link`; and the parts of `run` across processes and machines: this machine's
+place in a hostfile or SLURM job, the launch, a lost rank and the end under a launcher.
 still/cli.py dispatches to them; kept apart to hold cli.py under the house size limit."""
 
 from __future__ import annotations
